@@ -1,0 +1,236 @@
+"""The benchmark grid: models x tasks x seeds -> a tidy results table.
+
+Each grid cell (model, task, seed) is written atomically to `DIR/cells/` when it
+finishes, so an interrupted run resumes where it stopped. `results.csv` and
+`summary.csv` are rebuilt from the cells at the end.
+
+Two reference rows are scored on the same test conditions as the models:
+`ceiling` (split-half noise ceiling: the mean of one random half of each condition's
+cells scored against the other half, as cell-eval does; pessimistic, since each half
+has half the cells) and, for simulated data, `oracle` (the noise-free truth scored
+against the observed pseudobulk).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import tracemalloc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import _io
+from .data import DataKeys, PerturbationData, load
+from .errors import ScdcaInputError
+from .metrics import METRICS, ScoringInput, score
+from .models import MODELS, make_model
+from .splits import TASKS, Split, make_splits
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]
+REFERENCES = ("ceiling", "oracle")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything that defines a benchmark run; saved as `DIR/config.json`."""
+
+    data: str
+    out: str
+    models: list[str] = field(default_factory=lambda: ["control", "train_mean", "additive", "ridge", "knn"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    seeds: list[int] = field(default_factory=lambda: list(range(5)))
+    metrics: list[str] = field(default_factory=lambda: METRICS.names())
+    k: int = 20
+    n_top_genes: int | None = None
+    keys: DataKeys = field(default_factory=DataKeys)
+    references: bool = True
+
+    def __post_init__(self):
+        self.models = MODELS.parse_list(self.models, arg="models")
+        self.metrics = METRICS.parse_list(self.metrics, arg="metrics")
+        tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
+        tasks = list(TASKS) if tasks == ["all"] else [t.strip() for t in tasks]
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise ScdcaInputError(f"tasks: unknown task(s) {bad!r}; choose from {', '.join(TASKS)} (or 'all')")
+        self.tasks = tasks
+        if isinstance(self.seeds, int):
+            if self.seeds < 1:
+                raise ScdcaInputError(f"seeds: {self.seeds!r}; use at least 1")
+            self.seeds = list(range(self.seeds))
+        if isinstance(self.keys, dict):
+            self.keys = DataKeys(**self.keys)
+
+    def identity(self) -> dict:
+        """The settings that must match for a run to resume into an existing folder."""
+        return {"data": os.path.abspath(self.data), "k": self.k, "n_top_genes": self.n_top_genes,
+                "keys": asdict(self.keys), "metrics": self.metrics}
+
+
+def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run the grid and write results.csv, summary.csv, predictions/, splits/, config.json.
+
+    Args:
+        cfg: the benchmark definition.
+        data: already-loaded data (skips reading `cfg.data`).
+        progress: show a progress bar.
+    Returns:
+        The tidy results table (one row per test condition and metric).
+    """
+    out = Path(cfg.out)
+    _check_resume(cfg, out)
+    if data is None:
+        data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes)
+    _io.write_json(out / "config.json", {**asdict(cfg), "identity": cfg.identity()})
+
+    splits: dict[tuple[str, int], list[Split]] = {}
+    for task in cfg.tasks:
+        for seed in cfg.seeds:
+            splits[task, seed] = make_splits(data, task, seed)
+            for s in splits[task, seed]:
+                s.save(out / "splits" / f"{s.name}.json")
+
+    names = list(cfg.models) + ([r for r in REFERENCES if r != "oracle" or data.truth is not None]
+                                if cfg.references else [])
+    grid = [(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in names]
+    bar = tqdm(grid, desc="benchmark", unit="cell", disable=not progress)
+    for model, task, seed in bar:
+        cell = out / "cells" / f"{model}__{task}__seed{seed}.csv"
+        if cell.exists():
+            continue
+        bar.set_postfix_str(f"{model} / {task} / seed {seed}")
+        _run_cell(cfg, data, model, task, seed, splits[task, seed], out)
+
+    results = collect(out, grid)
+    _io.write_csv(out / "results.csv", results)
+    _io.write_csv(out / "summary.csv", summarize(results))
+    return results
+
+
+def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
+    path = out / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text()).get("identity")
+    if saved != json.loads(json.dumps(cfg.identity())):
+        raise ScdcaInputError(
+            f"out: {str(out)!r} holds a benchmark with different settings ({saved}); "
+            f"use a new --out folder, or delete this one to start over."
+        )
+
+
+def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
+    rows, preds, costs = [], [], []
+    for split in splits:
+        test = data.subset(split.test)
+        observed = test.mean
+        t0 = time.perf_counter()
+        tracemalloc.start()
+        if model_name == "ceiling":
+            if test.half_a is None:
+                tracemalloc.stop()
+                return _write_cell(out, model_name, task, seed, pd.DataFrame(columns=RESULT_COLUMNS), None, [])
+            ok = ~np.isnan(test.half_a).any(1)
+            test = data.subset(np.asarray(split.test)[ok])
+            pred, observed = test.half_a, test.half_b
+            extra = {}
+        elif model_name == "oracle":
+            pred, extra = test.truth, {}
+        else:
+            model = make_model(model_name)
+            model.fit(data.subset(split.train))
+            pred = np.asarray(model.predict(data.subset(test.ids, observed=False)), dtype=np.float32)
+            extra = model.cost()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        seconds = time.perf_counter() - t0
+        costs.append({"model": model_name, "task": task, "seed": seed, "held_out": split.held_out,
+                      "seconds": seconds, "peak_python_mb": peak / 2**20, **extra})
+        if pred.shape != observed.shape:
+            raise RuntimeError(f"{model_name} predicted shape {pred.shape}, expected {observed.shape}")
+        rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
+        preds.append((split, test, pred, observed))
+    _write_cell(out, model_name, task, seed, pd.concat(rows, ignore_index=True), preds, costs, k=cfg.k)
+
+
+def score_conditions(test: PerturbationData, pred, observed, model, split: Split, k, metrics) -> pd.DataFrame:
+    """Score one split's predictions -> tidy rows (one per condition and metric)."""
+    cond = test.conditions
+    inp = ScoringInput(
+        pred=pred, observed=observed, control=test.control_for(cond["cell_line"]),
+        degs=[test.degs[i] for i in test.ids], groups=cond["cell_line"].to_numpy(), k=k,
+    )
+    values = score(inp, metrics)
+    frames = [
+        pd.DataFrame({"model": model, "task": split.task, "seed": split.seed, "held_out": split.held_out,
+                      "cell_line": cond["cell_line"].to_numpy(), "drug": cond["drug"].to_numpy(),
+                      "dose": cond["dose"].to_numpy(), "metric": name, "value": v})
+        for name, v in values.items()
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str = "", n_degs: int = 50) -> ad.AnnData:
+    """Predictions as AnnData: X = prediction, layers observed/control, uns['degs']."""
+    cond = test.conditions
+    adata = ad.AnnData(
+        X=np.asarray(pred, dtype=np.float32),
+        obs=pd.DataFrame({"cell_line": cond["cell_line"].to_numpy(), "drug": cond["drug"].to_numpy(),
+                          "dose": cond["dose"].to_numpy(), "held_out": held_out}, index=list(test.ids)),
+        var=pd.DataFrame(index=[str(g) for g in test.genes]),
+    )
+    adata.layers["observed"] = np.asarray(observed, dtype=np.float32)
+    adata.layers["control"] = test.control_for(cond["cell_line"]).astype(np.float32)
+    adata.uns["degs"] = {i: np.asarray(test.genes[test.degs[i][:n_degs]]).astype(str) for i in test.ids}
+    return adata
+
+
+def _write_cell(out, model, task, seed, rows, preds, costs, k=20):
+    stem = f"{model}__{task}__seed{seed}"
+    if preds:
+        adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 50)) for s, t, p, o in preds]
+        merged = ad.concat(adatas, merge="same", uns_merge="unique") if len(adatas) > 1 else adatas[0]
+        if len(adatas) > 1:
+            merged.uns["degs"] = {k_: v for a in adatas for k_, v in a.uns["degs"].items()}
+        _io.write_h5ad(out / "predictions" / f"{stem}.h5ad", merged)
+    _io.write_csv(out / "costs" / f"{stem}.csv", pd.DataFrame(costs))
+    _io.write_csv(out / "cells" / f"{stem}.csv", rows)  # last: marks the cell done
+
+
+def collect(out: Path, grid) -> pd.DataFrame:
+    frames = []
+    for model, task, seed in grid:
+        path = Path(out) / "cells" / f"{model}__{task}__seed{seed}.csv"
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df["held_out"] = df["held_out"].fillna("")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)[RESULT_COLUMNS] if frames else pd.DataFrame(columns=RESULT_COLUMNS)
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard error over seeds: conditions are averaged within each split,
+
+    held-out lines within each seed, then seeds give mean, se and n.
+    """
+    per_split = results.groupby(["model", "task", "metric", "seed", "held_out"], as_index=False)["value"].mean()
+    per_seed = per_split.groupby(["model", "task", "metric", "seed"], as_index=False)["value"].mean()
+    g = per_seed.groupby(["model", "task", "metric"])["value"]
+    summary = pd.DataFrame({"mean": g.mean(), "se": g.sem(ddof=1), "n": g.count()}).reset_index()
+    return summary[["model", "task", "metric", "mean", "se", "n"]]
+
+
+def format_summary(summary: pd.DataFrame, metrics=("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank")) -> str:
+    """A wide text table: rows model x task, columns metrics as 'mean ± se'."""
+    s = summary[summary["metric"].isin(metrics)].copy()
+    s["cell"] = [f"{m:.3f} ± {e:.3f}" if np.isfinite(e) else f"{m:.3f}" for m, e in zip(s["mean"], s["se"])]
+    wide = s.pivot_table(index=["task", "model"], columns="metric", values="cell", aggfunc="first")
+    wide = wide[[m for m in metrics if m in wide.columns]]
+    return wide.to_string()

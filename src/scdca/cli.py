@@ -1,0 +1,103 @@
+"""Command line: `scdca simulate | benchmark`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .errors import LeakageError, ScdcaInputError
+
+
+def _add_keys(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("obs/var keys (defaults match chemCPA's sci-Plex3 file)")
+    g.add_argument("--cell-line-key", default="cell_type")
+    g.add_argument("--drug-key", default="condition")
+    g.add_argument("--smiles-key", default="SMILES")
+    g.add_argument("--dose-key", default="dose_val")
+    g.add_argument("--control-key", default="control")
+    g.add_argument("--gene-symbols-key", default=None)
+    g.add_argument("--layer", default=None, help="read expression from this layer instead of X")
+
+
+def _keys(args):
+    from .data import DataKeys
+
+    return DataKeys(cell_line=args.cell_line_key, drug=args.drug_key, smiles=args.smiles_key,
+                    dose=args.dose_key, control=args.control_key, gene_symbols=args.gene_symbols_key,
+                    layer=args.layer)
+
+
+def cmd_simulate(args) -> None:
+    from . import _io
+    from .datasets import SimulationConfig, simulate
+
+    smiles = None
+    if args.smiles:
+        with open(args.smiles) as fh:
+            smiles = [line.split()[0] for line in fh if line.strip() and not line.startswith("#")]
+    cfg = SimulationConfig(n_drugs=args.drugs, n_cell_lines=args.cell_lines, n_genes=args.genes,
+                           cells_per_condition=args.cells, smiles=smiles)
+    t0 = time.perf_counter()
+    adata = simulate(cfg, seed=args.seed)
+    _io.write_h5ad(args.out, adata)
+    print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "
+          f"{adata.obs['condition'].nunique() - 1} drugs, {adata.obs['cell_type'].nunique()} cell lines "
+          f"({time.perf_counter() - t0:.1f} s)")
+
+
+def cmd_benchmark(args) -> None:
+    from .benchmark import BenchmarkConfig, format_summary, run, summarize
+
+    cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
+                          seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
+                          keys=_keys(args))
+    t0 = time.perf_counter()
+    results = run(cfg, progress=not args.quiet)
+    print(format_summary(summarize(results)))
+    print(f"\nwrote {args.out}/results.csv, summary.csv, predictions/, splits/ ({time.perf_counter() - t0:.1f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scdca", description="Drug perturbation prediction with scDCA.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="write the built-in simulated sci-Plex-like dataset")
+    s.add_argument("--out", required=True, help="output .h5ad path")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--drugs", type=int, default=120)
+    s.add_argument("--cell-lines", type=int, default=3)
+    s.add_argument("--genes", type=int, default=1000)
+    s.add_argument("--cells", type=int, default=30, help="cells per condition")
+    s.add_argument("--smiles", default=None, help="file with one SMILES per line to use as the drugs")
+    s.set_defaults(func=cmd_simulate)
+
+    b = sub.add_parser("benchmark", help="run models x tasks x seeds and score them")
+    b.add_argument("--data", required=True, help=".h5ad (single-cell or pseudobulk)")
+    b.add_argument("--out", required=True, help="output folder (resumes if it exists)")
+    b.add_argument("--models", default="control,train_mean,additive,ridge,knn")
+    b.add_argument("--tasks", default="all")
+    b.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
+    b.add_argument("--metrics", default="all")
+    b.add_argument("--k", type=int, default=20, help="top-k DEGs for the *_deg metrics")
+    b.add_argument("--n-top-genes", type=int, default=None, help="keep the top-N highly variable genes")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_keys(b)
+    b.set_defaults(func=cmd_benchmark)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except (ScdcaInputError, LeakageError) as err:
+        print(f"scdca {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,524 @@
+"""From AnnData to pseudobulk perturbation data.
+
+Everything downstream of this module works on :class:`PerturbationData`: one row
+per condition (cell line x drug x dose) holding the mean log1p expression of its
+cells, plus each cell line's control (vehicle) mean. Obs columns are read here,
+by the names in :class:`DataKeys`, and nowhere else.
+
+Single-cell and already-pseudobulk (bulk, L1000-style) inputs follow the same
+path: rows are grouped by condition; a condition with one row simply has n=1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from typing import Literal, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import ScdcaInputError
+from .molecules import canonicalize
+
+log = logging.getLogger(__name__)
+
+CONTROL_NAMES = ("control", "dmso", "vehicle", "ctrl")
+TRUTH_KEY = "scdca_truth"
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """Where scdca finds things in an AnnData. Defaults match chemCPA's sci-Plex3 file.
+
+    Args:
+        cell_line: obs column with the cell line (or cell type).
+        drug: obs column with the drug name; vehicle cells may be named 'control'/'DMSO'.
+        smiles: obs column with each drug's SMILES.
+        dose: obs column with the dose (any unit; used as given).
+        control: obs column flagging vehicle cells (1/True). If the column is absent,
+            cells whose drug is one of 'control', 'DMSO', 'vehicle', 'ctrl' are controls.
+        degs_uns: uns key with precomputed DEGs (dict: '<line>_<drug>_<dose>' -> genes).
+        gene_symbols: var column with gene symbols; None uses var_names.
+        layer: layer to read expression from; None uses X.
+    """
+
+    cell_line: str = "cell_type"
+    drug: str = "condition"
+    smiles: str = "SMILES"
+    dose: str = "dose_val"
+    control: str = "control"
+    degs_uns: str = "rank_genes_groups_cov"
+    gene_symbols: str | None = None
+    layer: str | None = None
+
+
+def condition_id(cell_line: str, drug: str, dose: float) -> str:
+    """The id of a condition, as chemCPA's `cov_drug_dose_name`: 'A549_Dacinostat_0.1'."""
+    return f"{cell_line}_{drug}_{float(dose)}"
+
+
+@dataclass
+class PerturbationData:
+    """Pseudobulk perturbation data: what every model, split and metric consumes.
+
+    Attributes:
+        genes: gene names, shape (G,).
+        conditions: one row per condition, indexed by condition id, with columns
+            cell_line, drug, dose, smiles, n_cells.
+        mean: observed mean log1p expression, (N, G); None when observations were withheld.
+        std: observed per-gene standard deviation across cells, (N, G) (NaN when n_cells=1).
+        controls: one row per cell line (index) with column n_cells.
+        control_mean: (L, G) mean control expression per cell line, rows ordered as `controls`.
+        control_std: (L, G).
+        degs: condition id -> gene indices ranked by differential expression vs control.
+        half_a, half_b: (N, G) means of two random halves of each condition's cells
+            (split-half noise ceiling); None when not available.
+        truth: (N, G) noise-free expected means (simulated data only).
+    """
+
+    genes: np.ndarray
+    conditions: pd.DataFrame
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    controls: pd.DataFrame
+    control_mean: np.ndarray
+    control_std: np.ndarray
+    degs: dict[str, np.ndarray] = field(default_factory=dict)
+    half_a: np.ndarray | None = None
+    half_b: np.ndarray | None = None
+    truth: np.ndarray | None = None
+    annotations: pd.DataFrame | None = None  # per-drug extra columns (e.g. hidden mechanism)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.conditions.index)
+
+    @property
+    def cell_lines(self) -> list[str]:
+        return list(self.controls.index)
+
+    @property
+    def drugs(self) -> list[str]:
+        return sorted(self.conditions["drug"].unique())
+
+    def drug_smiles(self) -> dict[str, str]:
+        return dict(zip(self.conditions["drug"], self.conditions["smiles"]))
+
+    def control_for(self, cell_lines: Sequence[str]) -> np.ndarray:
+        """Control mean expression for each given cell line -> (n, G)."""
+        idx = self.controls.index.get_indexer(list(cell_lines))
+        if (idx < 0).any():
+            missing = sorted({c for c, i in zip(cell_lines, idx) if i < 0})
+            raise ScdcaInputError(f"no control expression for cell line(s) {missing!r}")
+        return self.control_mean[idx]
+
+    def delta(self) -> np.ndarray:
+        """Observed change from the line's control, (N, G)."""
+        if self.mean is None:
+            raise RuntimeError("observations were withheld from this PerturbationData")
+        return self.mean - self.control_for(self.conditions["cell_line"])
+
+    def subset(self, ids: Sequence[str], *, observed: bool = True) -> "PerturbationData":
+        """The conditions `ids`, with all controls. `observed=False` drops every observation,
+
+        which is what a model's `predict` receives, so it cannot peek at test data.
+        """
+        ids = list(ids)
+        pos = self.conditions.index.get_indexer(ids)
+        if (pos < 0).any():
+            bad = [i for i, p in zip(ids, pos) if p < 0][:10]
+            raise ScdcaInputError(f"unknown condition id(s) {bad!r}")
+
+        def take(a):
+            return None if (a is None or not observed) else a[pos]
+
+        return replace(
+            self,
+            conditions=self.conditions.iloc[pos].copy(),
+            mean=take(self.mean),
+            std=take(self.std),
+            half_a=take(self.half_a),
+            half_b=take(self.half_b),
+            truth=take(self.truth),
+            degs={i: self.degs[i] for i in ids if i in self.degs} if observed else {},
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read(path: str | os.PathLike) -> ad.AnnData:
+    """Read an .h5ad file with a clear error when it is missing or not AnnData."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ScdcaInputError(f"data: file {path!r} does not exist; pass the path of an .h5ad file")
+    if not path.endswith(".h5ad"):
+        raise ScdcaInputError(f"data: {path!r} is not an .h5ad file; convert it with anndata first")
+    return ad.read_h5ad(path)
+
+
+def load(
+    adata: ad.AnnData | str | os.PathLike,
+    *,
+    keys: DataKeys = DataKeys(),
+    genes: Sequence[str] | None = None,
+    n_top_genes: int | None = None,
+    n_degs: int | None = None,
+    normalize: Literal["auto", "counts", "log"] = "auto",
+    seed: int = 0,
+) -> PerturbationData:
+    """Turn single-cell or pseudobulk AnnData into :class:`PerturbationData`.
+
+    Args:
+        adata: AnnData or path to an .h5ad file.
+        keys: where to find cell line, drug, SMILES, dose and control flags.
+        genes: keep exactly these genes (in this order).
+        n_top_genes: otherwise keep the top-N highly variable genes (scanpy, on log data).
+        n_degs: keep only the top-N ranked DEGs per condition (None keeps the full ranking).
+        normalize: 'counts' applies normalize_total(1e4) + log1p, 'log' uses values as given,
+            'auto' detects raw counts (non-negative integers with a maximum above 30).
+        seed: seed for the split-half assignment of each condition's cells.
+
+    Returns:
+        PerturbationData with conditions, control means, DEGs and split halves.
+
+    Example:
+        >>> data = scdca.data.load("sciplex3.h5ad", n_top_genes=2000)
+    """
+    if not isinstance(adata, ad.AnnData):
+        adata = read(adata)
+    obs = _validated_obs(adata, keys)
+    gene_names = _validated_genes(adata, keys)
+    X = _validated_matrix(adata, keys)
+
+    if normalize == "auto":
+        normalize = "counts" if _looks_like_counts(X) else "log"
+    if normalize == "counts":
+        log.info("data: raw counts detected; applying normalize_total(1e4) + log1p")
+        X = _normalize_log1p(X)
+    elif normalize != "log":
+        raise ScdcaInputError(f"normalize: {normalize!r} is not one of 'auto', 'counts', 'log'")
+
+    keep = _select_genes(X, gene_names, genes=genes, n_top_genes=n_top_genes)
+    X = X[:, keep]
+    gene_names = gene_names[keep]
+
+    # Condition table ---------------------------------------------------------------
+    is_ctrl = obs["_control"].to_numpy()
+    treated = obs.loc[~is_ctrl]
+    lines_all = sorted(obs["_cell_line"].unique())
+    lines_ctrl = set(obs.loc[is_ctrl, "_cell_line"])
+    no_ctrl = [c for c in lines_all if c not in lines_ctrl]
+    if no_ctrl:
+        raise ScdcaInputError(
+            f"{keys.cell_line}: cell line(s) {no_ctrl!r} have no control cells; every line needs "
+            f"vehicle cells (flag them in obs[{keys.control!r}] or name their drug 'control'), "
+            f"or drop these lines."
+        )
+    if len(treated) == 0:
+        raise ScdcaInputError("data: no perturbed (non-control) cells found; check the control flag")
+
+    smiles = _drug_smiles(treated, keys)
+
+    cond_ids = np.array(
+        [condition_id(c, d, x) for c, d, x in zip(treated["_cell_line"], treated["_drug"], treated["_dose"])]
+    )
+    codes, uniq = pd.factorize(cond_ids, sort=True)
+    first = pd.Series(np.arange(len(cond_ids))).groupby(codes).first().to_numpy()
+    conditions = pd.DataFrame(
+        {
+            "cell_line": treated["_cell_line"].to_numpy()[first],
+            "drug": treated["_drug"].to_numpy()[first],
+            "dose": treated["_dose"].to_numpy()[first].astype(float),
+        },
+        index=pd.Index(uniq, name="condition_id"),
+    )
+    conditions["smiles"] = conditions["drug"].map(smiles)
+    conditions["n_cells"] = np.bincount(codes, minlength=len(uniq))
+
+    rows_t = np.flatnonzero(~is_ctrl)
+    mean, std = _group_stats(X[rows_t], codes, len(uniq))
+    half_a, half_b = _split_half_means(X[rows_t], codes, len(uniq), seed=seed)
+
+    ctrl_rows = np.flatnonzero(is_ctrl)
+    ctrl_codes = pd.Index(lines_all).get_indexer(obs["_cell_line"].to_numpy()[ctrl_rows])
+    control_mean, control_std = _group_stats(X[ctrl_rows], ctrl_codes, len(lines_all))
+    controls = pd.DataFrame(
+        {"n_cells": np.bincount(ctrl_codes, minlength=len(lines_all))},
+        index=pd.Index(lines_all, name="cell_line"),
+    )
+
+    data = PerturbationData(
+        genes=np.asarray(gene_names, dtype=object),
+        conditions=conditions,
+        mean=mean,
+        std=std,
+        controls=controls,
+        control_mean=control_mean,
+        control_std=control_std,
+        half_a=half_a,
+        half_b=half_b,
+    )
+    data.degs = _degs(data, adata.uns.get(keys.degs_uns), n_degs=n_degs)
+    data.truth = _truth(adata.uns.get(TRUTH_KEY), data)
+    data.annotations = _drug_annotations(adata)
+    return data
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
+    needed = {"cell_line": keys.cell_line, "drug": keys.drug, "dose": keys.dose}
+    missing = [f"{arg}={col!r}" for arg, col in needed.items() if col not in adata.obs.columns]
+    if missing:
+        raise ScdcaInputError(
+            f"obs column(s) not found: {', '.join(missing)}. Available obs columns: "
+            f"{list(adata.obs.columns)!r}. Pass the right names via DataKeys "
+            f"(CLI: --cell-line-key, --drug-key, --dose-key)."
+        )
+    obs = pd.DataFrame(index=adata.obs_names)
+    obs["_cell_line"] = adata.obs[keys.cell_line].astype(str).to_numpy()
+    obs["_drug"] = adata.obs[keys.drug].astype(str).to_numpy()
+    if keys.control in adata.obs.columns:
+        flag = adata.obs[keys.control]
+        try:
+            is_ctrl = flag.astype(float).fillna(0).to_numpy() > 0
+        except (TypeError, ValueError):
+            is_ctrl = flag.astype(str).str.lower().isin(["true", "yes", "control"]).to_numpy()
+    else:
+        is_ctrl = obs["_drug"].str.lower().isin(CONTROL_NAMES).to_numpy()
+    obs["_control"] = is_ctrl
+    dose = pd.to_numeric(adata.obs[keys.dose], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(dose) & ~is_ctrl
+    if bad.any():
+        examples = adata.obs[keys.dose].to_numpy()[bad][:5]
+        raise ScdcaInputError(
+            f"obs[{keys.dose!r}]: {bad.sum()} perturbed cell(s) have a missing or non-numeric dose, "
+            f"e.g. {list(examples)!r}; give every perturbed cell a numeric dose."
+        )
+    obs["_dose"] = np.where(is_ctrl, 0.0, dose)
+    if keys.smiles in adata.obs.columns:
+        obs["_smiles"] = adata.obs[keys.smiles].to_numpy()
+    else:
+        raise ScdcaInputError(
+            f"obs column {keys.smiles!r} (SMILES) not found. Available obs columns: "
+            f"{list(adata.obs.columns)!r}. Pass the SMILES column via DataKeys(smiles=...) "
+            f"(CLI: --smiles-key)."
+        )
+    return obs
+
+
+def _validated_genes(adata: ad.AnnData, keys: DataKeys) -> np.ndarray:
+    if keys.gene_symbols is not None:
+        if keys.gene_symbols not in adata.var.columns:
+            raise ScdcaInputError(
+                f"gene_symbols: var column {keys.gene_symbols!r} not found; available: "
+                f"{list(adata.var.columns)!r}"
+            )
+        names = adata.var[keys.gene_symbols].astype(str).to_numpy()
+    else:
+        names = adata.var_names.astype(str).to_numpy()
+    dup = pd.Index(names)[pd.Index(names).duplicated()].unique()
+    if len(dup):
+        raise ScdcaInputError(
+            f"gene names are not unique: {list(dup[:10])!r} appear more than once. "
+            f"Make them unique (adata.var_names_make_unique()) or sum duplicates first."
+        )
+    return names.astype(object)
+
+
+def _validated_matrix(adata: ad.AnnData, keys: DataKeys):
+    if keys.layer is not None:
+        if keys.layer not in adata.layers:
+            raise ScdcaInputError(
+                f"layer: {keys.layer!r} not in adata.layers ({list(adata.layers)!r})"
+            )
+        X = adata.layers[keys.layer]
+    else:
+        X = adata.X
+    if X is None:
+        raise ScdcaInputError("data: adata.X is empty; pass a layer with expression values")
+    if hasattr(X, "to_memory"):
+        X = X.to_memory()
+    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+    values = X.data if sp.issparse(X) else X
+    if not np.isfinite(values).all():
+        n = int((~np.isfinite(values)).sum())
+        raise ScdcaInputError(
+            f"expression contains {n} NaN or infinite value(s); remove or impute them before loading."
+        )
+    if (values < 0).any():
+        raise ScdcaInputError(
+            f"expression contains negative values (min {float(values.min()):.3g}); scdca needs raw "
+            f"counts or log1p-normalised expression. If X was scaled (z-scored), pass the unscaled "
+            f"data via a layer (DataKeys(layer=...), CLI --layer)."
+        )
+    return X
+
+
+def _looks_like_counts(X) -> bool:
+    values = X.data if sp.issparse(X) else X.ravel()
+    if values.size == 0:
+        return False
+    sample = values[:: max(1, values.size // 200_000)]
+    return bool(np.all(sample == np.round(sample)) and sample.max() > 30)
+
+
+def _normalize_log1p(X, target_sum: float = 1e4):
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
+    if sp.issparse(X):
+        X = sp.diags(scale) @ X
+        X.data = np.log1p(X.data)
+        return X.tocsr()
+    return np.log1p(X * scale[:, None])
+
+
+def _select_genes(X, names, *, genes, n_top_genes) -> np.ndarray:
+    if genes is not None:
+        index = pd.Index(names)
+        pos = index.get_indexer(list(genes))
+        if (pos < 0).any():
+            missing = [g for g, p in zip(genes, pos) if p < 0]
+            raise ScdcaInputError(
+                f"genes: {len(missing)} requested gene(s) are not in the data, e.g. {missing[:10]!r}"
+            )
+        return pos
+    if n_top_genes is None or n_top_genes >= X.shape[1]:
+        return np.arange(X.shape[1])
+    import scanpy as sc
+
+    tmp = ad.AnnData(X)
+    sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
+    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+
+
+def _drug_smiles(treated: pd.DataFrame, keys: DataKeys) -> dict[str, str]:
+    per_drug: dict[str, str | None] = {}
+    for drug, smi in zip(treated["_drug"], treated["_smiles"]):
+        if per_drug.get(drug) is None and isinstance(smi, str) and smi.strip() and smi != "nan":
+            per_drug[drug] = smi
+        else:
+            per_drug.setdefault(drug, None)
+    return canonicalize(per_drug, arg=f"obs[{keys.smiles!r}]")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _indicator(codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
+    n = len(codes)
+    return sp.csr_matrix((np.ones(n, dtype=np.float32), (codes, np.arange(n))), shape=(n_groups, n))
+
+
+def _dense(A) -> np.ndarray:
+    return A.toarray() if sp.issparse(A) else np.asarray(A)
+
+
+def _group_stats(X, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group mean and sample standard deviation (ddof=1; NaN for groups of one)."""
+    M = _indicator(codes, n_groups)
+    counts = np.asarray(M.sum(axis=1)).ravel()[:, None]
+    X2 = X.multiply(X) if sp.issparse(X) else X.astype(np.float64) ** 2
+    s1, s2 = (_dense(M @ A).astype(np.float64) for A in (X, X2))
+    mean = s1 / counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = (s2 - counts * mean**2) / (counts - 1)
+    var = np.where(counts > 1, np.maximum(var, 0.0), np.nan)
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+def _split_half_means(X, codes: np.ndarray, n_groups: int, *, seed: int):
+    """Means of two random halves of each group's rows; None if no group has two rows."""
+    counts = np.bincount(codes, minlength=n_groups)
+    if counts.max() < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(codes))
+    # rank of each row within its group, in random order
+    sorted_idx = order[np.argsort(codes[order], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[sorted_idx] = np.arange(len(codes)) - np.repeat(starts, counts)
+    in_a = rank < (counts[codes] // 2)
+    in_b = ~in_a
+    mean_a, _ = _group_stats(X[np.flatnonzero(in_a)], codes[in_a], n_groups)
+    mean_b, _ = _group_stats(X[np.flatnonzero(in_b)], codes[in_b], n_groups)
+    single = counts < 2
+    mean_a[single] = np.nan
+    mean_b[single] = np.nan
+    return mean_a, mean_b
+
+
+def welch_t(mean1, std1, n1, mean0, std0, n0) -> np.ndarray:
+    """Welch's t statistic of group 1 vs group 0 from summary statistics (as scanpy's 't-test')."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(std1**2 / n1 + std0**2 / n0)
+        t = (mean1 - mean0) / se
+    return np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def rank_degs(data: PerturbationData) -> dict[str, np.ndarray]:
+    """Rank every gene per condition by |Welch t| against the same line's control.
+
+    Matches scanpy `rank_genes_groups(method='t-test', rankby_abs=True, reference=control)`
+    run within each cell line. When a condition or its control has a single row (bulk
+    input), genes are ranked by the absolute change from control instead.
+    """
+    ctrl_pos = data.controls.index.get_indexer(data.conditions["cell_line"])
+    n1 = data.conditions["n_cells"].to_numpy()[:, None].astype(float)
+    n0 = data.controls["n_cells"].to_numpy()[ctrl_pos][:, None].astype(float)
+    m0, s0 = data.control_mean[ctrl_pos], data.control_std[ctrl_pos]
+    score = welch_t(data.mean, data.std, n1, m0, s0, n0)
+    bulk = (n1[:, 0] < 2) | (n0[:, 0] < 2)
+    score[bulk] = (data.mean - m0)[bulk]
+    # stable sort on -|score|, ties broken by gene order
+    order = np.argsort(-np.abs(score), axis=1, kind="stable").astype(np.int32)
+    return dict(zip(data.ids, order))
+
+
+def _degs(data: PerturbationData, given, *, n_degs: int | None) -> dict[str, np.ndarray]:
+    computed = rank_degs(data)
+    if isinstance(given, dict) and given:
+        gene_pos = pd.Index(data.genes)
+        n_used = 0
+        for cid in data.ids:
+            if cid in given:
+                pos = gene_pos.get_indexer([str(g) for g in np.asarray(given[cid]).ravel()])
+                pos = pos[pos >= 0]
+                if len(pos):
+                    computed[cid] = pos.astype(np.int32)
+                    n_used += 1
+        log.info("data: took DEGs for %d of %d conditions from uns", n_used, len(data.ids))
+    if n_degs is not None:
+        computed = {k: v[:n_degs] for k, v in computed.items()}
+    return computed
+
+
+def _truth(stored, data: PerturbationData) -> np.ndarray | None:
+    if not isinstance(stored, dict) or "ids" not in stored or "mean" not in stored:
+        return None
+    ids = pd.Index([str(i) for i in stored["ids"]])
+    genes = pd.Index([str(g) for g in stored["genes"]])
+    rows = ids.get_indexer(data.ids)
+    cols = genes.get_indexer([str(g) for g in data.genes])
+    if (rows < 0).any() or (cols < 0).any():
+        return None
+    return np.asarray(stored["mean"], dtype=np.float32)[np.ix_(rows, cols)]
+
+
+def _drug_annotations(adata: ad.AnnData) -> pd.DataFrame | None:
+    table = adata.uns.get("drug_annotations")
+    if isinstance(table, pd.DataFrame):
+        return table
+    if isinstance(table, dict) and "drug" in table:
+        return pd.DataFrame(table).set_index("drug")
+    return None

@@ -1,0 +1,388 @@
+"""The built-in simulated dataset: sci-Plex-like single cells with a known truth.
+
+Generative model (all randomness from one seed)
+-----------------------------------------------
+Molecules. Real compounds from RDKit's bundled NCI set (`rdkit/Data/NCI/first_5K.smi`)
+or user-given SMILES. Each gets a hidden *mechanism* from substructure rules and
+physicochemical descriptors (`MECHANISMS`), checked in order. No model is ever given
+the mechanism: fingerprints see substructures only indirectly, and descriptors
+(logP, ring counts) are not a fingerprint feature, so no encoder wins by construction.
+
+Drugs. Activity is drawn per drug with a mechanism-specific probability (many drugs
+are inactive, as in sci-Plex). An active drug has amplitude A_d (log-normal),
+potency EC50_d (log-normal around 1 uM, shifted by logP) and Hill slope n_d.
+
+Genes. G genes; P gene programs (sparse signed loading vectors over 20-60 genes).
+A mechanism's effect v_m is a weighted sum of programs; the broad 'hdac_like'
+mechanism uses four programs at double strength and moves hundreds of genes.
+Each drug adds its own deviation e_d on its mechanism's genes plus a weak random
+extra program, so drugs sharing a mechanism differ.
+
+Cell lines. Latent state z_c ~ N(0, I_r). Control log-expression is
+base + W z_c. A line's sensitivity to mechanism m is
+s_cm = exp(kappa * u_cm), where u_cm is the standardised mean of W z_c over
+the mechanism's 15 target genes: sensitivity is readable from control expression,
+so a model that reads the control can transfer to an unseen line.
+
+Conditions. log-rate(c, d, dose) = base + W z_c
+    + s_cm * A_d * hill(dose; EC50_d, n_d) * (v_m + e_d + eta_cd)
+with eta_cd a small unpredictable line x drug interaction. Rates are normalised
+to proportions (softmax over genes).
+
+Cells. Library size L ~ LogNormal(log(mean_library_size), 0.35); counts
+~ NegativeBinomial(mean = L p_g, dispersion theta). X holds raw counts.
+
+Truth. `uns['scdca_truth']` stores, per condition, the exact expectation of the
+pseudobulk that `scdca.data.load` computes (mean of log1p(1e4 * counts / total))
+in the limit of infinitely many cells, by summing the NB pmf (and an asymptotic
+formula for large means) over 5 Gauss-Hermite nodes of the library size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.special import digamma
+
+from .data import TRUTH_KEY, condition_id
+from .errors import ScdcaInputError
+
+# name, rule, number of programs, strength, probability of being active
+MECHANISMS: list[tuple[str, str, int, float, float]] = [
+    ("hdac_like", "hydroxamic acid, or anilide with >= 2 aromatic rings", 4, 2.0, 0.95),
+    ("dna_damage", "aromatic nitro group", 2, 1.0, 0.6),
+    ("electrophile", "Michael acceptor or quinone", 2, 1.0, 0.6),
+    ("nuclear_receptor", "steroid core, or logP > 4.5 without nitrogen", 1, 1.0, 0.6),
+    ("kinase_like", ">= 3 aromatic rings including an aromatic nitrogen", 2, 1.0, 0.7),
+    ("acid_metabolic", "carboxylic acid", 1, 0.8, 0.3),
+    ("amine_gpcr", "basic aliphatic amine", 1, 0.8, 0.4),
+    ("none", "anything else", 1, 0.6, 0.2),
+]
+# share of drugs per mechanism when sampling from the NCI pool (stratified)
+_MECH_SHARE = dict(
+    hdac_like=0.10, dna_damage=0.10, electrophile=0.12, nuclear_receptor=0.08,
+    kinase_like=0.12, acid_metabolic=0.12, amine_gpcr=0.16, none=0.20,
+)
+_SMARTS = {
+    "hydroxamic": "[CX3](=O)[NX3][OX2H1]",
+    "anilide": "c[NH]C(=O)",
+    "nitro_ar": "a[N+](=O)[O-]",
+    "michael": "C=CC(=O)[#6,#7,#8]",
+    "quinone": "O=C1C=CC(=O)C=C1",
+    "steroid": "C1CCC2C(C1)CCC1C2CCC2CCCC12",
+    "cooh": "C(=O)[OH]",
+    "basic_amine": "[NX3;!$(NC=O);!$(N-a);!$(N-S);!$(N-[#7,#8])]([#6])",
+    "arom_n": "n",
+}
+
+
+@dataclass
+class SimulationConfig:
+    """Settings of the simulator. Defaults make the demo dataset (~45k cells x 1000 genes)."""
+
+    n_drugs: int = 120
+    n_cell_lines: int = 3
+    n_genes: int = 1000
+    doses_nM: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
+    cells_per_condition: int = 30
+    control_cells: int = 300
+    n_programs: int = 16
+    latent_dim: int = 4
+    kappa: float = 0.7
+    interaction_sd: float = 0.1
+    drug_noise_sd: float = 0.35
+    mean_library_size: float = 3000.0
+    dispersion: float = 5.0
+    smiles: Sequence[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.n_cell_lines < 2:
+            raise ScdcaInputError(f"n_cell_lines: {self.n_cell_lines!r} is too few; use >= 2")
+        if self.cells_per_condition < 2:
+            raise ScdcaInputError(
+                f"cells_per_condition: {self.cells_per_condition!r}; use >= 2 so a noise ceiling exists"
+            )
+        if self.n_genes < 50:
+            raise ScdcaInputError(f"n_genes: {self.n_genes!r} is too few; use >= 50")
+
+
+def nci_smiles() -> list[tuple[str, str]]:
+    """(name, SMILES) of the 5,000 NCI compounds that ship inside the RDKit wheel."""
+    import rdkit
+
+    path = os.path.join(os.path.dirname(rdkit.__file__), "Data", "NCI", "first_5K.smi")
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) >= 2:
+                out.append((f"NCI{parts[1]}", parts[0]))
+    return out
+
+
+def assign_mechanism(mol) -> str:
+    """The hidden mechanism class of an RDKit molecule (first matching rule in `MECHANISMS`)."""
+    from rdkit import Chem
+    from rdkit.Chem import Descriptors, rdMolDescriptors
+
+    def has(name):
+        return mol.HasSubstructMatch(Chem.MolFromSmarts(_SMARTS[name]))
+
+    n_arom = rdMolDescriptors.CalcNumAromaticRings(mol)
+    logp = Descriptors.MolLogP(mol)
+    has_n = any(a.GetSymbol() == "N" for a in mol.GetAtoms())
+    if has("hydroxamic") or (has("anilide") and n_arom >= 2):
+        return "hdac_like"
+    if has("nitro_ar"):
+        return "dna_damage"
+    if has("michael") or has("quinone"):
+        return "electrophile"
+    if has("steroid") or (logp > 4.5 and not has_n):
+        return "nuclear_receptor"
+    if n_arom >= 3 and has("arom_n"):
+        return "kinase_like"
+    if has("cooh"):
+        return "acid_metabolic"
+    if has("basic_amine"):
+        return "amine_gpcr"
+    return "none"
+
+
+def _druglike_pool():
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    allowed = {"C", "N", "O", "S", "F", "Cl", "Br", "I", "P"}
+    pool = []
+    for name, smi in nci_smiles():
+        mol = Chem.MolFromSmiles(smi)
+        if mol is None or not 12 <= mol.GetNumHeavyAtoms() <= 50:
+            continue
+        if len(Chem.GetMolFrags(mol)) > 1 or any(a.GetSymbol() not in allowed for a in mol.GetAtoms()):
+            continue
+        pool.append((name, Chem.MolToSmiles(mol), mol))
+    return pool
+
+
+def _choose_drugs(cfg: SimulationConfig, rng: np.random.Generator):
+    """(names, canonical SMILES, mechanisms, logP) of the simulated drugs."""
+    from rdkit import Chem
+    from rdkit.Chem import Descriptors
+
+    if cfg.smiles is not None:
+        chosen = []
+        bad = []
+        for i, smi in enumerate(cfg.smiles):
+            mol = Chem.MolFromSmiles(smi)
+            if mol is None:
+                bad.append(smi)
+            else:
+                chosen.append((f"drug{i:04d}", Chem.MolToSmiles(mol), mol))
+        if bad:
+            raise ScdcaInputError(f"smiles: RDKit cannot parse {bad[:10]!r}; fix or remove them")
+    else:
+        pool = _druglike_pool()
+        by_mech: dict[str, list] = {}
+        for item in pool:
+            by_mech.setdefault(assign_mechanism(item[2]), []).append(item)
+        chosen = []
+        for mech, share in _MECH_SHARE.items():
+            items = by_mech.get(mech, [])
+            k = min(len(items), int(round(share * cfg.n_drugs)))
+            chosen += [items[i] for i in rng.choice(len(items), size=k, replace=False)]
+        rest = [p for p in pool if p[0] not in {c[0] for c in chosen}]
+        while len(chosen) < cfg.n_drugs:  # rounding shortfall
+            chosen.append(rest.pop(int(rng.integers(len(rest)))))
+        chosen = chosen[: cfg.n_drugs]
+        chosen.sort(key=lambda t: t[0])
+    names = [c[0] for c in chosen]
+    smiles = [c[1] for c in chosen]
+    mechs = [assign_mechanism(c[2]) for c in chosen]
+    logp = np.array([Descriptors.MolLogP(c[2]) for c in chosen])
+    return names, smiles, mechs, logp
+
+
+def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.AnnData:
+    """Simulate a sci-Plex-like single-cell drug screen (see the module docstring).
+
+    Args:
+        config: simulator settings; defaults give the demo dataset.
+        seed: random seed; the same seed gives the same AnnData.
+
+    Returns:
+        AnnData of raw counts with chemCPA-style obs columns (`cell_type`, `condition`,
+        `SMILES`, `dose` in nM, `dose_val` = dose / 10 uM, `control`, `cov_drug_dose_name`),
+        `uns['scdca_truth']` (noise-free condition means) and `uns['drug_annotations']`.
+
+    Example:
+        >>> adata = scdca.datasets.simulate(seed=0)
+    """
+    cfg = config or SimulationConfig()
+    rng = np.random.default_rng(seed)
+    G, P, R = cfg.n_genes, cfg.n_programs, cfg.latent_dim
+    mech_names = [m[0] for m in MECHANISMS]
+
+    names, smiles, mechs, logp = _choose_drugs(cfg, rng)
+    D = len(names)
+
+    # genes and programs -------------------------------------------------------------
+    base = rng.normal(0.0, 1.2, G)
+    programs = np.zeros((P, G))
+    for p in range(P):
+        genes = rng.choice(G, size=int(rng.integers(20, 61)), replace=False)
+        direction = rng.choice([-1.0, 1.0])
+        programs[p, genes] = rng.normal(0.6 * direction, 0.5, genes.size)
+    mech_vec = np.zeros((len(MECHANISMS), G))
+    for i, (_, _, n_prog, strength, _) in enumerate(MECHANISMS):
+        chosen = rng.choice(P, size=n_prog, replace=False)
+        mech_vec[i] = strength * (programs[chosen] * rng.uniform(0.5, 1.0, (n_prog, 1))).sum(0)
+
+    # cell lines ---------------------------------------------------------------------
+    W = rng.normal(0.0, 0.6, (G, R)) * (rng.random((G, R)) < 0.3)
+    z = rng.normal(0.0, 1.0, (cfg.n_cell_lines, R))
+    line_shift = z @ W.T  # (C, G)
+    targets = [rng.choice(np.flatnonzero(np.abs(W).sum(1) > 0), size=15, replace=False) for _ in MECHANISMS]
+    u = np.stack([line_shift[:, t].mean(1) for t in targets], axis=1)  # (C, M)
+    u_sd = np.array([np.sqrt((W[t] ** 2).sum(1).mean() / len(t)) for t in targets])  # sd under z~N(0,I)
+    sensitivity = np.exp(cfg.kappa * np.clip(u / u_sd, -2.5, 2.5))  # (C, M)
+    lines = [f"line{chr(ord('A') + i)}" if i < 26 else f"line{i}" for i in range(cfg.n_cell_lines)]
+
+    # drugs ----------------------------------------------------------------------------
+    m_idx = np.array([mech_names.index(m) for m in mechs])
+    p_active = np.array([MECHANISMS[i][4] for i in m_idx])
+    active = rng.random(D) < p_active
+    amplitude = np.where(active, rng.lognormal(np.log(0.8), 0.4, D), 0.0)
+    log10_ec50 = np.clip(3.0 - 0.25 * (logp - 2.8) + rng.normal(0, 0.6, D), 1.0, 5.0)
+    hill_n = rng.uniform(0.8, 2.0, D)
+    drug_vec = np.zeros((D, G))
+    for d in range(D):
+        support = np.flatnonzero(mech_vec[m_idx[d]] != 0)
+        drug_vec[d] = mech_vec[m_idx[d]]
+        drug_vec[d, support] += rng.normal(0, cfg.drug_noise_sd, support.size)
+        drug_vec[d] += rng.uniform(0.1, 0.3) * programs[rng.integers(P)]
+
+    # conditions: truth of the log-rates -------------------------------------------------
+    rows, logits = [], []
+    for c, line in enumerate(lines):
+        rows.append((line, "control", 0.0, None))
+        logits.append(base + line_shift[c])
+    for c, line in enumerate(lines):
+        for d in range(D):
+            eta = rng.normal(0, cfg.interaction_sd, G) * (drug_vec[d] != 0)
+            for dose in cfg.doses_nM:
+                hill = dose**hill_n[d] / (dose**hill_n[d] + (10 ** log10_ec50[d]) ** hill_n[d])
+                effect = sensitivity[c, m_idx[d]] * amplitude[d] * hill * (drug_vec[d] + eta)
+                rows.append((line, names[d], float(dose), d))
+                logits.append(base + line_shift[c] + effect)
+    logits = np.asarray(logits)
+    prop = np.exp(logits - logits.max(1, keepdims=True))
+    prop /= prop.sum(1, keepdims=True)  # (K, G)
+
+    # cells ------------------------------------------------------------------------------
+    n_cells = np.array([cfg.control_cells if r[1] == "control" else cfg.cells_per_condition for r in rows])
+    cond_of_cell = np.repeat(np.arange(len(rows)), n_cells)
+    lib = rng.lognormal(np.log(cfg.mean_library_size), 0.35, cond_of_cell.size)
+    counts = _sample_counts(prop, cond_of_cell, lib, cfg.dispersion, rng)
+
+    obs = pd.DataFrame(
+        {
+            "cell_type": [rows[k][0] for k in cond_of_cell],
+            "condition": [rows[k][1] for k in cond_of_cell],
+            "SMILES": [smiles[rows[k][3]] if rows[k][3] is not None else "" for k in cond_of_cell],
+            "dose": [rows[k][2] for k in cond_of_cell],
+        }
+    )
+    obs["dose_val"] = obs["dose"] / 1e4
+    obs["control"] = (obs["condition"] == "control").astype(int)
+    obs["cov_drug_dose_name"] = [
+        f"{a}_{b}_{float(v)}" for a, b, v in zip(obs["cell_type"], obs["condition"], obs["dose_val"])
+    ]
+    for col in ("cell_type", "condition", "SMILES", "cov_drug_dose_name"):
+        obs[col] = obs[col].astype("category")
+    obs.index = [f"cell{i:06d}" for i in range(len(obs))]
+    genes = [f"g{i:04d}" for i in range(G)]
+    adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes))
+
+    truth = _expected_log_normalised(prop, cfg.mean_library_size, 0.35, cfg.dispersion)
+    treated = [k for k, r in enumerate(rows) if r[1] != "control"]
+    adata.uns[TRUTH_KEY] = {
+        "ids": np.array([condition_id(rows[k][0], rows[k][1], rows[k][2] / 1e4) for k in treated]),
+        "genes": np.array(genes),
+        "mean": truth[treated].astype(np.float32),
+        "control_ids": np.array(lines),
+        "control_mean": truth[: len(lines)].astype(np.float32),
+    }
+    adata.uns["drug_annotations"] = {
+        "drug": np.array(names),
+        "mechanism": np.array(mechs),
+        "active": active.astype(int),
+        "amplitude": amplitude,
+        "ec50_nM": 10**log10_ec50,
+        "hill_n": hill_n,
+    }
+    adata.uns["cell_line_sensitivity"] = {
+        "cell_line": np.array(lines),
+        **{m: sensitivity[:, i] for i, m in enumerate(mech_names)},
+    }
+    params = {k: v for k, v in asdict(cfg).items() if k != "smiles"}
+    params["doses_nM"] = list(cfg.doses_nM)
+    adata.uns["simulation"] = {"seed": seed, **params, "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K"}
+    return adata
+
+
+def _sample_counts(prop, cond_of_cell, lib, theta, rng) -> sp.csr_matrix:
+    """Gamma-Poisson (negative binomial) counts, built in chunks as a sparse matrix."""
+    chunks = []
+    for start in range(0, cond_of_cell.size, 4096):
+        sl = slice(start, start + 4096)
+        mu = prop[cond_of_cell[sl]] * lib[sl, None]  # (b, G)
+        rate = rng.gamma(theta, mu / theta)
+        chunks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
+    return sp.vstack(chunks).tocsr()
+
+
+def _expected_log_normalised(prop, mean_lib, lib_sd, theta, target=1e4) -> np.ndarray:
+    """E[log1p(target * X / L)] for X ~ NB(L * prop, theta), log L ~ N(log mean_lib, lib_sd^2).
+
+    Uses the cell's library size L as its total (they differ by O(1/sqrt(L))). Exact pmf
+    summation where the NB mean is <= 30; above that the gamma-mixture asymptote
+    log(c mu) + digamma(theta) - log(theta) + theta / ((theta - 1) c mu).
+    """
+    nodes, weights = np.polynomial.hermite_e.hermegauss(5)
+    weights = weights / weights.sum()
+    out = np.zeros_like(prop, dtype=np.float64)
+    for x, w in zip(nodes, weights):
+        L = mean_lib * np.exp(lib_sd * x)
+        c = target / L
+        mu = prop * L
+        val = np.empty_like(mu)
+        big = mu > 30
+        val[big] = np.log(c * mu[big]) + digamma(theta) - np.log(theta) + theta / ((theta - 1) * c * mu[big])
+        val[~big] = _nb_expect_log1p(mu[~big], theta, c)
+        out += w * val
+    return out
+
+
+def _nb_expect_log1p(mu: np.ndarray, theta: float, c: float, tol: float = 1e-9) -> np.ndarray:
+    """sum_k P(X=k) log1p(c k) for X ~ NB(mu, theta), by the pmf recurrence until mass < tol."""
+    q = mu / (theta + mu)
+    pk = (1.0 - q) ** theta  # P(X=0)
+    acc = np.zeros_like(mu)
+    mass = pk.copy()
+    idx = np.arange(mu.size)
+    k = 0
+    while idx.size:
+        pk = pk * (k + theta) / (k + 1) * q[idx]
+        k += 1
+        acc[idx] += pk * np.log1p(c * k)
+        mass[idx] += pk
+        keep = 1.0 - mass[idx] > tol
+        idx, pk = idx[keep], pk[keep]
+        if k > 2000:  # unreachable for mu <= 30; guards against an infinite loop
+            break
+    return acc

@@ -1,0 +1,8 @@
+"""Models behind one interface: `fit(train)` and `predict(query)`.
+
+Importing this package registers every built-in model in `MODELS`.
+"""
+from . import baselines  # noqa: F401  (registers the baselines)
+from .base import MODELS, PerturbationModel, make_model
+
+__all__ = ["MODELS", "PerturbationModel", "make_model"]

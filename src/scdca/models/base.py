@@ -1,0 +1,41 @@
+"""The one interface every model follows, baselines and scDCA alike."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..data import PerturbationData
+from ..registry import Registry
+
+
+class PerturbationModel(ABC):
+    """Predicts the mean expression of (cell line, drug, dose) conditions.
+
+    `fit` sees only training conditions (with observations) and every line's control.
+    `predict` sees the requested conditions without observations, so a model cannot
+    read test data even by mistake.
+    """
+
+    name: ClassVar[str] = "model"
+
+    @abstractmethod
+    def fit(self, train: PerturbationData) -> "PerturbationModel":
+        """Learn from the training conditions; returns self."""
+
+    @abstractmethod
+    def predict(self, query: PerturbationData) -> np.ndarray:
+        """Predicted mean log1p expression, shape (len(query.ids), n_genes)."""
+
+    def cost(self) -> dict[str, Any]:
+        """What fitting cost (trainable parameters etc.); empty for closed-form baselines."""
+        return {}
+
+
+MODELS: Registry[type[PerturbationModel]] = Registry("model")
+
+
+def make_model(name: str, **kwargs) -> PerturbationModel:
+    """Build a registered model by name (unknown names list the choices)."""
+    return MODELS.get(name)(**kwargs)

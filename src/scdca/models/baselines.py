@@ -1,0 +1,171 @@
+"""Simple baselines that an honest benchmark must include (see docs/evaluation notes).
+
+All predict a change from the cell line's control and add it back, so they share
+one helper that indexes the training changes by drug, line and dose.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+from ..data import PerturbationData
+from ..molecules import morgan_fingerprints, tanimoto
+from .base import MODELS, PerturbationModel
+
+
+class _Changes:
+    """Training changes from control, indexed for the fallbacks the baselines need."""
+
+    def __init__(self, train: PerturbationData):
+        cond = train.conditions
+        self.delta = train.delta()  # (N, G)
+        self.global_mean = self.delta.mean(0)
+        self.by_line = {c: self.delta[(cond["cell_line"] == c).to_numpy()].mean(0) for c in cond["cell_line"].unique()}
+        self._idx: dict[tuple, list[int]] = defaultdict(list)
+        for i, (d, c, x) in enumerate(zip(cond["drug"], cond["cell_line"], cond["dose"])):
+            self._idx[(d, c, x)].append(i)
+            self._idx[(d, None, x)].append(i)
+            self._idx[(d, None, None)].append(i)
+        self.drugs = sorted(cond["drug"].unique())
+
+    def line_mean(self, line: str) -> np.ndarray:
+        return self.by_line.get(line, self.global_mean)
+
+    def drug_change(self, drug: str, line: str | None, dose: float | None):
+        """Mean training change of `drug` (optionally in `line`, at `dose`), or None if unobserved."""
+        rows = self._idx.get((drug, line, dose), [])
+        return self.delta[rows].mean(0) if rows else None
+
+
+@MODELS.register("control")
+class ControlBaseline(PerturbationModel):
+    """Predicts no change: the cell line's control expression."""
+
+    name = "control"
+
+    def fit(self, train):
+        return self
+
+    def predict(self, query):
+        return query.control_for(query.conditions["cell_line"]).copy()
+
+
+@MODELS.register("train_mean")
+class TrainMeanBaseline(PerturbationModel):
+    """Control + the mean change over the line's training perturbations (global mean for unseen lines)."""
+
+    name = "train_mean"
+
+    def fit(self, train):
+        self._changes = _Changes(train)
+        return self
+
+    def predict(self, query):
+        lines = query.conditions["cell_line"]
+        delta = np.stack([self._changes.line_mean(c) for c in lines])
+        return query.control_for(lines) + delta
+
+
+@MODELS.register("additive")
+class AdditiveBaseline(PerturbationModel):
+    """Control + the drug's mean change at that dose in other lines; else the line's mean change."""
+
+    name = "additive"
+
+    def fit(self, train):
+        self._changes = _Changes(train)
+        return self
+
+    def predict(self, query):
+        cond = query.conditions
+        out = []
+        for c, d, x in zip(cond["cell_line"], cond["drug"], cond["dose"]):
+            delta = self._changes.drug_change(d, None, x)
+            if delta is None:
+                delta = self._changes.drug_change(d, None, None)
+            out.append(self._changes.line_mean(c) if delta is None else delta)
+        return query.control_for(cond["cell_line"]) + np.stack(out)
+
+
+def _dose_feature(dose: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    t = (np.log10(np.maximum(dose, 1e-12)) - lo) / max(hi - lo, 1e-12)
+    return np.clip(t, 0.0, 1.0)
+
+
+@MODELS.register("ridge")
+class RidgeBaseline(PerturbationModel):
+    """Ridge regression from [Morgan bits, bits x dose, line one-hot, dose] to the change.
+
+    The penalty is chosen on the training conditions by efficient leave-one-out (RidgeCV).
+    """
+
+    name = "ridge"
+
+    def __init__(self, *, radius: int = 2, n_bits: int = 2048, alphas=tuple(np.logspace(-1, 4, 11))):
+        self.radius, self.n_bits, self.alphas = radius, n_bits, alphas
+
+    def _features(self, data: PerturbationData) -> np.ndarray:
+        cond = data.conditions
+        fp = morgan_fingerprints(list(cond["smiles"]), radius=self.radius, n_bits=self.n_bits).astype(np.float32)
+        t = _dose_feature(cond["dose"].to_numpy(float), self._lo, self._hi)[:, None]
+        onehot = (cond["cell_line"].to_numpy()[:, None] == np.array(self._lines)[None, :]).astype(np.float32)
+        return np.hstack([fp, fp * t, onehot, t])
+
+    def fit(self, train):
+        from sklearn.linear_model import RidgeCV
+
+        logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
+        self._lo, self._hi = float(logd.min()), float(logd.max())
+        self._lines = sorted(train.conditions["cell_line"].unique())
+        self._model = RidgeCV(alphas=self.alphas).fit(self._features(train), train.delta())
+        return self
+
+    def predict(self, query):
+        delta = self._model.predict(self._features(query))
+        return query.control_for(query.conditions["cell_line"]) + delta
+
+
+@MODELS.register("knn")
+class KnnBaseline(PerturbationModel):
+    """Control + the Tanimoto-weighted mean change of the k most similar training drugs.
+
+    A neighbour's change is taken in the same line at the same dose when observed, else
+    averaged over lines at that dose, else over all its observations. A drug observed in
+    training (in other lines) is its own nearest neighbour.
+    """
+
+    name = "knn"
+
+    def __init__(self, *, k: int = 5):
+        self.k = k
+
+    def fit(self, train):
+        self._changes = _Changes(train)
+        smiles = train.drug_smiles()
+        self._drugs = self._changes.drugs
+        self._fps = morgan_fingerprints([smiles[d] for d in self._drugs])
+        return self
+
+    def _neighbour_change(self, drug, line, dose):
+        for key in ((drug, line, dose), (drug, None, dose), (drug, None, None)):
+            delta = self._changes.drug_change(*key)
+            if delta is not None:
+                return delta
+        raise AssertionError("every training drug has at least one observation")
+
+    def predict(self, query):
+        cond = query.conditions
+        qs = pd.Series(query.drug_smiles())
+        q_drugs = list(qs.index)
+        sim = tanimoto(morgan_fingerprints(list(qs.values)), self._fps)  # (n_query_drugs, n_train_drugs)
+        row_of = {d: i for i, d in enumerate(q_drugs)}
+        out = []
+        for c, d, x in zip(cond["cell_line"], cond["drug"], cond["dose"]):
+            s = sim[row_of[d]]
+            nn = np.argsort(-s, kind="stable")[: self.k]
+            w = s[nn] if s[nn].sum() > 0 else np.ones(len(nn))
+            changes = np.stack([self._neighbour_change(self._drugs[j], c, x) for j in nn])
+            out.append((w[:, None] * changes).sum(0) / w.sum())
+        return query.control_for(cond["cell_line"]) + np.stack(out)

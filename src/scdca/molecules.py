@@ -1,0 +1,107 @@
+"""Molecules: SMILES canonicalisation, Morgan fingerprints and Tanimoto similarity.
+
+RDKit is the only chemistry dependency. Fingerprints are returned as dense uint8
+arrays so that similarity over many molecules is one matrix product.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import ScdcaInputError
+
+
+def _rdkit():
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")  # parse failures are reported by us, by drug name
+    return Chem
+
+
+@lru_cache(maxsize=100_000)
+def canonical_smiles(smiles: str) -> str | None:
+    """Canonical isomeric SMILES, or None if RDKit cannot parse it.
+
+    CXSMILES extensions (`... |&1:3|`) are accepted, as in the sci-Plex compound table.
+    """
+    Chem = _rdkit()
+    if not isinstance(smiles, str) or not smiles.strip():
+        return None
+    mol = Chem.MolFromSmiles(smiles.strip())
+    if mol is None:
+        return None
+    return Chem.MolToSmiles(mol)
+
+
+def canonicalize(drug_smiles: Mapping[str, str], *, arg: str = "SMILES") -> dict[str, str]:
+    """Canonicalise every drug's SMILES; one error lists every drug that fails.
+
+    Args:
+        drug_smiles: drug name -> SMILES.
+        arg: the column or argument the SMILES came from, named in the error.
+    Returns:
+        drug name -> canonical SMILES.
+    """
+    out, missing, bad = {}, [], []
+    for drug, smi in drug_smiles.items():
+        if smi is None or (isinstance(smi, float) and np.isnan(smi)) or str(smi).strip() == "":
+            missing.append(drug)
+            continue
+        can = canonical_smiles(str(smi))
+        if can is None:
+            bad.append(f"{drug} ({smi!r})")
+        else:
+            out[drug] = can
+    if missing:
+        raise ScdcaInputError(
+            f"{arg}: {len(missing)} drug(s) have no SMILES: {missing[:20]!r}. "
+            f"Add a SMILES for each drug, or drop these drugs before loading."
+        )
+    if bad:
+        raise ScdcaInputError(
+            f"{arg}: RDKit cannot parse the SMILES of {len(bad)} drug(s): {', '.join(bad[:20])}. "
+            f"Fix or remove these SMILES."
+        )
+    return out
+
+
+def morgan_fingerprints(
+    smiles: Sequence[str], *, radius: int = 2, n_bits: int = 2048
+) -> np.ndarray:
+    """Morgan (ECFP-like) bit vectors.
+
+    Returns:
+        uint8 array of shape (n, n_bits).
+    """
+    Chem = _rdkit()
+    from rdkit.Chem import rdFingerprintGenerator
+
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
+    out = np.zeros((len(smiles), n_bits), dtype=np.uint8)
+    for i, smi in enumerate(smiles):
+        mol = Chem.MolFromSmiles(smi)
+        if mol is None:
+            raise ScdcaInputError(f"smiles[{i}]: RDKit cannot parse {smi!r}; fix or remove it")
+        out[i] = gen.GetFingerprintAsNumPy(mol)
+    return out
+
+
+def tanimoto(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Tanimoto similarity between every row of `a` (n, bits) and of `b` (m, bits) -> (n, m)."""
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+    inter = a @ b.T  # (n, m)
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sim = np.where(union > 0, inter / union, 0.0)
+    return sim.astype(np.float32)
+
+
+def max_train_similarity(test_smiles: Sequence[str], train_smiles: Sequence[str]) -> np.ndarray:
+    """For each test molecule, its maximum Tanimoto similarity (Morgan r=2, 2048 bits) to training."""
+    if len(train_smiles) == 0:
+        return np.zeros(len(test_smiles), dtype=np.float32)
+    sim = tanimoto(morgan_fingerprints(test_smiles), morgan_fingerprints(train_smiles))
+    return sim.max(axis=1)
