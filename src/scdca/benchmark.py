@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import _io
-from .data import DataKeys, PerturbationData, load
+from .data import DataKeys, PerturbationData, load, rank_degs
 from .errors import ScdcaInputError
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS, make_model
@@ -141,6 +141,7 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
             ok = ~np.isnan(test.half_a).any(1)
             test = data.subset(np.asarray(split.test)[ok])
             pred, observed = test.half_a, test.half_b
+            test.degs = half_b_degs(test)
             extra = {}
         elif model_name == "oracle":
             pred, extra = test.truth, {}
@@ -159,6 +160,21 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
         rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
         preds.append((split, test, pred, observed))
     _write_cell(out, model_name, task, seed, pd.concat(rows, ignore_index=True), preds, costs, k=cfg.k)
+
+
+def half_b_degs(test: PerturbationData) -> dict[str, np.ndarray]:
+    """DEGs ranked from half B (the 'observation') alone, as models' DEGs come from theirs.
+
+    The prediction (half A) then plays no part in choosing the genes, exactly as for a
+    model. Ranking on the full data would pick genes where both halves happen to agree
+    and inflate the ceiling. Uses the full-data standard deviation with half the cells.
+    """
+    half = PerturbationData(
+        genes=test.genes, conditions=test.conditions.assign(n_cells=test.conditions["n_cells"] // 2),
+        mean=test.half_b, std=test.std, controls=test.controls,
+        control_mean=test.control_mean, control_std=test.control_std,
+    )
+    return rank_degs(half)
 
 
 def score_conditions(test: PerturbationData, pred, observed, model, split: Split, k, metrics) -> pd.DataFrame:
@@ -189,17 +205,25 @@ def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str
     )
     adata.layers["observed"] = np.asarray(observed, dtype=np.float32)
     adata.layers["control"] = test.control_for(cond["cell_line"]).astype(np.float32)
-    adata.uns["degs"] = {i: np.asarray(test.genes[test.degs[i][:n_degs]]).astype(str) for i in test.ids}
+    adata.uns["degs"] = deg_table(test, n_degs)
     return adata
+
+
+def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
+    """Condition id (index) -> its ranked DEG names in columns '1'..'n' ('' past the end)."""
+    rows = {}
+    for i in test.ids:
+        names = [str(g) for g in test.genes[test.degs[i][:n_degs]]]
+        rows[i] = names + [""] * (n_degs - len(names))
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[str(r + 1) for r in range(n_degs)])
 
 
 def _write_cell(out, model, task, seed, rows, preds, costs, k=20):
     stem = f"{model}__{task}__seed{seed}"
     if preds:
         adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 50)) for s, t, p, o in preds]
-        merged = ad.concat(adatas, merge="same", uns_merge="unique") if len(adatas) > 1 else adatas[0]
-        if len(adatas) > 1:
-            merged.uns["degs"] = {k_: v for a in adatas for k_, v in a.uns["degs"].items()}
+        merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
+        merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
         _io.write_h5ad(out / "predictions" / f"{stem}.h5ad", merged)
     _io.write_csv(out / "costs" / f"{stem}.csv", pd.DataFrame(costs))
     _io.write_csv(out / "cells" / f"{stem}.csv", rows)  # last: marks the cell done

@@ -90,7 +90,7 @@ class SimulationConfig:
     n_genes: int = 1000
     doses_nM: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
     cells_per_condition: int = 30
-    control_cells: int = 300
+    control_cells: int = 1000
     n_programs: int = 16
     latent_dim: int = 4
     kappa: float = 0.7
@@ -231,7 +231,7 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.Ann
     D = len(names)
 
     # genes and programs -------------------------------------------------------------
-    base = rng.normal(0.0, 1.2, G)
+    base = rng.normal(0.0, 0.7, G)
     programs = np.zeros((P, G))
     for p in range(P):
         genes = rng.choice(G, size=int(rng.integers(20, 61)), replace=False)
@@ -256,7 +256,7 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.Ann
     m_idx = np.array([mech_names.index(m) for m in mechs])
     p_active = np.array([MECHANISMS[i][4] for i in m_idx])
     active = rng.random(D) < p_active
-    amplitude = np.where(active, rng.lognormal(np.log(0.8), 0.4, D), 0.0)
+    amplitude = np.where(active, rng.lognormal(np.log(1.2), 0.4, D), 0.0)
     log10_ec50 = np.clip(3.0 - 0.25 * (logp - 2.8) + rng.normal(0, 0.6, D), 1.0, 5.0)
     hill_n = rng.uniform(0.8, 2.0, D)
     drug_vec = np.zeros((D, G))

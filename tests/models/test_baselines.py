@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from scdca.data import condition_id
+from scdca.errors import ScdcaInputError
+from scdca.models import MODELS, make_model
+
+from ..conftest import make_pb
+
+CTRL = {"L1": np.array([1.0, 1.0, 1.0]), "L2": np.array([2.0, 2.0, 2.0])}
+
+
+def predict(model, data, train_keys, query_keys):
+    ids = [condition_id(*k) for k in train_keys], [condition_id(*k) for k in query_keys]
+    model.fit(data.subset(ids[0]))
+    return model.predict(data.subset(ids[1], observed=False))
+
+
+def test_predict_never_sees_observations():
+    data = make_pb({("L1", "aspirin", 1.0): [1, 0, 0]}, control=CTRL)
+    q = data.subset(data.ids, observed=False)
+    assert q.mean is None and q.truth is None and q.degs == {}
+
+
+def test_control_predicts_the_line_control():
+    data = make_pb({("L1", "aspirin", 1.0): [1, 0, 0], ("L2", "aspirin", 1.0): [3, 0, 0]}, control=CTRL)
+    p = predict(make_model("control"), data, [("L1", "aspirin", 1.0)], [("L2", "aspirin", 1.0)])
+    np.testing.assert_allclose(p, [[2, 2, 2]])
+
+
+def test_train_mean_averages_the_lines_training_changes():
+    delta = {("L1", "aspirin", 1.0): [1, 0, 0], ("L1", "caffeine", 1.0): [3, 2, 0],
+             ("L2", "aspirin", 1.0): [9, 9, 9], ("L1", "ibuprofen", 1.0): [0, 0, 0]}
+    data = make_pb(delta, control=CTRL)
+    p = predict(make_model("train_mean"), data, list(delta)[:3], [("L1", "ibuprofen", 1.0)])
+    np.testing.assert_allclose(p, [[1 + 2, 1 + 1, 1 + 0]])
+    # an unseen line falls back to the mean change over all training conditions
+    data3 = make_pb({**delta, ("L3", "aspirin", 1.0): [0, 0, 0]}, control={**CTRL, "L3": np.zeros(3)})
+    p3 = predict(make_model("train_mean"), data3, list(delta)[:3], [("L3", "aspirin", 1.0)])
+    np.testing.assert_allclose(p3, [[13 / 3, 11 / 3, 3]])
+
+
+def test_additive_transfers_the_drugs_change_from_other_lines():
+    delta = {("L1", "aspirin", 1.0): [1, -1, 0], ("L2", "aspirin", 1.0): [5, 5, 5],
+             ("L1", "caffeine", 1.0): [0, 2, 0], ("L2", "caffeine", 1.0): [0, 0, 0]}
+    data = make_pb(delta, control=CTRL)
+    p = predict(make_model("additive"), data, [("L1", "aspirin", 1.0), ("L1", "caffeine", 1.0)],
+                [("L2", "aspirin", 1.0), ("L2", "caffeine", 1.0)])
+    np.testing.assert_allclose(p, [[3, 1, 2], [2, 4, 2]])
+
+
+def test_additive_falls_back_to_the_mean_change_for_unseen_drugs():
+    delta = {("L1", "aspirin", 1.0): [2, 0, 0], ("L1", "caffeine", 1.0): [0, 2, 0], ("L1", "ibuprofen", 1.0): [7, 7, 7]}
+    data = make_pb(delta, control=CTRL)
+    p = predict(make_model("additive"), data, list(delta)[:2], [("L1", "ibuprofen", 1.0)])
+    np.testing.assert_allclose(p, [[2, 2, 1]])
+
+
+def test_knn_uses_the_identical_molecule_first():
+    # paracetamol is given aspirin's SMILES, so its nearest neighbour is aspirin (similarity 1)
+    delta = {("L1", "aspirin", 1.0): [4, 0, 0], ("L1", "caffeine", 1.0): [0, 4, 0], ("L1", "paracetamol", 1.0): [0, 0, 0]}
+    smiles = {"paracetamol": "CC(=O)Oc1ccccc1C(=O)O"}
+    data = make_pb(delta, control=CTRL, smiles=smiles)
+    p = predict(make_model("knn", k=1), data, list(delta)[:2], [("L1", "paracetamol", 1.0)])
+    np.testing.assert_allclose(p, [[5, 1, 1]])
+    # with k=2 the result is the similarity-weighted mean of both neighbours
+    p2 = predict(make_model("knn", k=2), data, list(delta)[:2], [("L1", "paracetamol", 1.0)])
+    assert p2[0, 0] > p2[0, 1] > 1.0
+
+
+def test_ridge_learns_a_line_specific_shift():
+    rng = np.random.default_rng(0)
+    drugs = ["aspirin", "caffeine", "ibuprofen", "paracetamol"]
+    delta = {(c, d, x): ([1.0, 0, 0] if c == "L1" else [0, -1.0, 0]) for c in CTRL for d in drugs for x in (0.1, 1.0)}
+    data = make_pb(delta, control=CTRL)
+    train = [k for k in delta if k[1] != "paracetamol"]
+    p = predict(make_model("ridge", alphas=(1e-3,)), data, train, [("L1", "paracetamol", 1.0), ("L2", "paracetamol", 0.1)])
+    np.testing.assert_allclose(p, [[2, 1, 1], [2, 1, 2]], atol=0.05)
+
+
+def test_registry_lists_baselines_and_rejects_unknown_names():
+    assert {"control", "train_mean", "additive", "ridge", "knn"} <= set(MODELS.names())
+    with pytest.raises(ScdcaInputError, match="unknown model 'gpt'.*additive"):
+        make_model("gpt")

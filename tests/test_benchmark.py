@@ -1,0 +1,99 @@
+import os
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from scdca._io import atomic_path, write_csv
+from scdca.benchmark import RESULT_COLUMNS, BenchmarkConfig, run, summarize
+from scdca.errors import ScdcaInputError
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_sim, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchmarkConfig(data="tiny.h5ad", out=str(out), models=["control", "additive"],
+                          tasks=["unseen_drug", "unseen_cell_zeroshot"], seeds=2, k=5)
+    results = run(cfg, data=tiny_data, progress=False)
+    return cfg, out, results, tiny_data
+
+
+def test_results_are_tidy_with_one_row_per_condition_and_metric(bench):
+    cfg, out, results, data = bench
+    assert list(results.columns) == RESULT_COLUMNS
+    on_disk = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert len(on_disk) == len(results)
+    # zero-shot: every condition of every line is tested exactly once per seed
+    z = results[(results.model == "control") & (results.task == "unseen_cell_zeroshot") & (results.metric == "mse")]
+    assert len(z) == 2 * len(data.ids)
+    assert set(results["model"]) == {"control", "additive", "ceiling", "oracle"}
+
+
+def test_summary_is_mean_and_se_over_seeds(bench):
+    cfg, out, results, data = bench
+    summary = pd.read_csv(out / "summary.csv")
+    row = summary[(summary.model == "additive") & (summary.task == "unseen_drug") & (summary.metric == "mse")].iloc[0]
+    per_seed = results[(results.model == "additive") & (results.task == "unseen_drug") & (results.metric == "mse")] \
+        .groupby("seed")["value"].mean()
+    assert row["n"] == 2
+    assert row["mean"] == pytest.approx(per_seed.mean())
+    assert row["se"] == pytest.approx(per_seed.std(ddof=1) / np.sqrt(2))
+
+
+def test_control_has_zero_change_correlation_and_oracle_beats_it(bench):
+    _, out, _, _ = bench
+    s = pd.read_csv(out / "summary.csv").set_index(["model", "task", "metric"])["mean"]
+    assert s["control", "unseen_drug", "pearson_delta_deg"] == 0.0
+    assert s["oracle", "unseen_drug", "mse"] < s["control", "unseen_drug", "mse"]
+
+
+def test_prediction_files_carry_observed_control_and_degs(bench):
+    _, out, _, data = bench
+    p = ad.read_h5ad(out / "predictions" / "additive__unseen_cell_zeroshot__seed0.h5ad")
+    assert p.n_obs == len(data.ids) and list(p.var_names) == list(data.genes)
+    assert {"observed", "control"} <= set(p.layers)
+    cid = p.obs_names[0]
+    np.testing.assert_allclose(p.layers["observed"][0], data.mean[data.ids.index(cid)], rtol=1e-6)
+    assert p.uns["degs"].loc[cid].iloc[0] == data.genes[data.degs[cid][0]]
+    assert set(p.obs["held_out"]) == set(data.cell_lines)
+    assert (out / "splits" / "unseen_drug__seed1.json").exists()
+
+
+def test_resume_skips_finished_cells_and_redoes_missing_ones(bench, tiny_data):
+    cfg, out, results, _ = bench
+    done = out / "cells" / "control__unseen_drug__seed0.csv"
+    redo = out / "cells" / "additive__unseen_drug__seed1.csv"
+    t_done = os.path.getmtime(done)
+    redo.unlink()
+    again = run(cfg, data=tiny_data, progress=False)
+    assert os.path.getmtime(done) == t_done
+    assert redo.exists()
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), results.reset_index(drop=True))
+
+
+def test_resume_into_a_folder_with_other_settings_is_refused(bench, tiny_data):
+    cfg, out, _, _ = bench
+    other = BenchmarkConfig(data="tiny.h5ad", out=str(out), models=["control"], tasks=["unseen_drug"], seeds=1, k=7)
+    with pytest.raises(ScdcaInputError, match="different settings"):
+        run(other, data=tiny_data, progress=False)
+
+
+def test_unknown_model_task_metric_names_are_refused_with_choices(tmp_path):
+    with pytest.raises(ScdcaInputError, match="models: unknown model.*'gpt'.*knn"):
+        BenchmarkConfig(data="x.h5ad", out=str(tmp_path), models="control,gpt")
+    with pytest.raises(ScdcaInputError, match="tasks: unknown task.*unseen_pair"):
+        BenchmarkConfig(data="x.h5ad", out=str(tmp_path), tasks="unseen_moon")
+    with pytest.raises(ScdcaInputError, match="metrics: unknown metric.*r2_deg"):
+        BenchmarkConfig(data="x.h5ad", out=str(tmp_path), metrics="accuracy")
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    write_csv(target, pd.DataFrame({"a": [1]}))
+    assert target.read_text() == "a\n1\n"

@@ -1,0 +1,177 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scdca.data import DataKeys, condition_id, load, rank_degs
+from scdca.errors import ScdcaInputError
+
+from .conftest import make_cells
+
+
+def test_condition_id_matches_chemcpa_cov_drug_dose_name():
+    assert condition_id("A549", "Dacinostat", 0.1) == "A549_Dacinostat_0.1"
+    assert condition_id("K562", "x", 1) == "K562_x_1.0"
+
+
+def test_pseudobulk_mean_std_count_match_pandas_groupby():
+    adata = make_cells(n_per=4, counts=False)
+    data = load(adata, normalize="log")
+    df = pd.DataFrame(adata.X, index=adata.obs_names)
+    key = adata.obs["cell_type"].astype(str) + "|" + adata.obs["condition"].astype(str)
+    g = df.groupby(key.values)
+    cid = condition_id("L2", "caffeine", 1.0)
+    row = data.ids.index(cid)
+    np.testing.assert_allclose(data.mean[row], g.mean().loc["L2|caffeine"].to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(data.std[row], g.std(ddof=1).loc["L2|caffeine"].to_numpy(), rtol=1e-4)
+    assert data.conditions.loc[cid, "n_cells"] == 4
+    np.testing.assert_allclose(data.control_for(["L1"])[0], g.mean().loc["L1|control"].to_numpy(), rtol=1e-5)
+    assert data.controls.loc["L1", "n_cells"] == 8
+
+
+def test_counts_are_detected_and_log_normalised():
+    adata = make_cells(counts=True)
+    data = load(adata)
+    x = adata.X[adata.obs["condition"].eq("aspirin").to_numpy() & adata.obs["cell_type"].eq("L1").to_numpy()]
+    expected = np.log1p(x / x.sum(1, keepdims=True) * 1e4).mean(0)
+    np.testing.assert_allclose(data.mean[data.ids.index("L1_aspirin_1.0")], expected, rtol=1e-5)
+
+
+def test_log_data_is_used_as_given_and_sparse_input_works():
+    adata = make_cells(counts=False)
+    dense = load(adata)
+    adata.X = sp.csr_matrix(adata.X)
+    sparse = load(adata)
+    np.testing.assert_allclose(dense.mean, sparse.mean, rtol=1e-6)
+    assert dense.mean.max() <= 1.0  # values in [0, 1): not treated as counts
+
+
+def test_split_halves_partition_each_condition():
+    adata = make_cells(n_per=6, counts=False)
+    data = load(adata)
+    # the mean of two equal halves is the full mean
+    np.testing.assert_allclose((data.half_a + data.half_b) / 2, data.mean, rtol=1e-5)
+    assert not np.allclose(data.half_a, data.half_b)
+
+
+def test_pseudobulk_input_has_one_row_per_condition_and_ranks_degs_by_change():
+    obs = pd.DataFrame({"cell_type": ["L1", "L1"], "condition": ["control", "aspirin"],
+                        "dose_val": [0.0, 1.0], "SMILES": ["", "CC(=O)Oc1ccccc1C(=O)O"], "control": [1, 0]},
+                       index=["ctrl", "asp"])
+    X = np.array([[1.0, 1.0, 1.0], [1.5, 0.2, 1.1]], dtype=np.float32)
+    data = load(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["a", "b", "c"])))
+    assert data.conditions["n_cells"].tolist() == [1]
+    assert np.isnan(data.std).all()
+    assert data.degs["L1_aspirin_1.0"].tolist() == [1, 0, 2]  # |-0.8| > |0.5| > |0.1|
+    assert data.half_a is None
+
+
+def test_rank_degs_matches_scanpy_t_test():
+    import scanpy as sc
+
+    adata = make_cells(n_per=30, genes=40, counts=False, seed=3)
+    adata.X[adata.obs["condition"].eq("aspirin").to_numpy()] *= np.linspace(0.5, 1.5, 40).astype(np.float32)
+    data = load(adata)
+    sub = adata[adata.obs["cell_type"] == "L1"].copy()
+    sc.tl.rank_genes_groups(sub, "condition", groups=["aspirin"], reference="control", method="t-test",
+                            rankby_abs=True, n_genes=40)
+    expected = [str(g) for g in sub.uns["rank_genes_groups"]["names"]["aspirin"][:10]]
+    ours = [str(data.genes[i]) for i in data.degs["L1_aspirin_1.0"][:10]]
+    assert ours == expected
+
+
+def test_degs_from_uns_are_used_when_present():
+    adata = make_cells(counts=False)
+    adata.uns["rank_genes_groups_cov"] = {"L1_aspirin_1.0": np.array(["G3", "G0", "NOT_A_GENE"])}
+    data = load(adata)
+    assert data.degs["L1_aspirin_1.0"].tolist() == [3, 0]
+    assert len(data.degs["L2_aspirin_1.0"]) == 5  # computed for the others
+
+
+def test_gene_selection_by_list_and_by_hvg():
+    adata = make_cells(counts=False, genes=30)
+    data = load(adata, genes=["G5", "G2"])
+    assert data.genes.tolist() == ["G5", "G2"]
+    assert load(adata, n_top_genes=10).n_genes == 10
+    with pytest.raises(ScdcaInputError, match="not in the data.*NOPE"):
+        load(adata, genes=["G1", "NOPE"])
+
+
+def test_custom_keys_and_control_by_drug_name():
+    adata = make_cells(counts=False)
+    adata.obs = adata.obs.rename(columns={"cell_type": "line", "condition": "drug", "dose_val": "uM",
+                                          "SMILES": "smi"}).drop(columns="control")
+    data = load(adata, keys=DataKeys(cell_line="line", drug="drug", dose="uM", smiles="smi"))
+    assert len(data.ids) == 4 and data.cell_lines == ["L1", "L2"]
+
+
+def test_simulated_truth_is_loaded_and_close_to_observations(tiny_data):
+    assert tiny_data.truth is not None and tiny_data.truth.shape == tiny_data.mean.shape
+    # 6 cells per condition: the truth is near, not equal to, the observation
+    err = np.abs(tiny_data.truth - tiny_data.mean).mean()
+    assert 0.0 < err < 0.3
+
+
+# --- bad input: one test per kind ---------------------------------------------------------
+
+
+def test_error_missing_obs_column_lists_available():
+    adata = make_cells()
+    del adata.obs["dose_val"]
+    with pytest.raises(ScdcaInputError, match=r"dose='dose_val'.*Available obs columns.*cell_type"):
+        load(adata)
+
+
+def test_error_cell_line_without_controls():
+    adata = make_cells()
+    keep = ~((adata.obs["cell_type"] == "L2") & (adata.obs["control"] == 1)).to_numpy()
+    with pytest.raises(ScdcaInputError, match=r"\['L2'\] have no control cells"):
+        load(adata[keep].copy())
+
+
+def test_error_drug_without_smiles():
+    adata = make_cells()
+    adata.obs["SMILES"] = adata.obs["SMILES"].astype(object)
+    adata.obs.loc[adata.obs["condition"] == "caffeine", "SMILES"] = np.nan
+    with pytest.raises(ScdcaInputError, match=r"have no SMILES: \['caffeine'\]"):
+        load(adata)
+
+
+def test_error_unparseable_smiles_lists_drugs():
+    adata = make_cells()
+    adata.obs["SMILES"] = adata.obs["SMILES"].astype(object)
+    adata.obs.loc[adata.obs["condition"] == "caffeine", "SMILES"] = "C1CC(("
+    adata.obs.loc[adata.obs["condition"] == "aspirin", "SMILES"] = "not a smiles"
+    with pytest.raises(ScdcaInputError, match=r"cannot parse the SMILES of 2 drug\(s\): aspirin.*caffeine"):
+        load(adata)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_error_nan_or_inf_values(bad):
+    adata = make_cells(counts=False)
+    adata.X[0, 0] = bad
+    with pytest.raises(ScdcaInputError, match="NaN or infinite"):
+        load(adata)
+
+
+def test_error_negative_values_suggest_layer():
+    adata = make_cells(counts=False)
+    adata.X[1, 2] = -0.5
+    with pytest.raises(ScdcaInputError, match="negative values.*--layer"):
+        load(adata)
+
+
+def test_error_duplicate_gene_names():
+    adata = make_cells()
+    adata.var_names = ["G0", "G1", "G1", "G3", "G4"]
+    with pytest.raises(ScdcaInputError, match=r"not unique: \['G1'\]"):
+        load(adata)
+
+
+def test_error_missing_file_and_wrong_suffix(tmp_path):
+    with pytest.raises(ScdcaInputError, match="does not exist"):
+        load(tmp_path / "nope.h5ad")
+    (tmp_path / "x.csv").write_text("a\n")
+    with pytest.raises(ScdcaInputError, match="not an .h5ad"):
+        load(tmp_path / "x.csv")
