@@ -12,6 +12,7 @@ $(BIN)/scdca: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps rxnfp==0.1.0
 	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
 
@@ -23,7 +24,8 @@ test: $(BIN)/scdca
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/scdca
-	$(BIN)/python bench/benchmark_grid.py
+	$(BIN)/python bench/encoders.py
+	$(BIN)/python bench/novelty_sciplex.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

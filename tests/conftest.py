@@ -1,6 +1,11 @@
 """Shared tiny fixtures: a few real molecules, a tiny simulated screen, hand-made tables."""
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("SCDCA_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "scdca"))
+
 import anndata as ad
 import numpy as np
 import pandas as pd

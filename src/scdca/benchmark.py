@@ -30,7 +30,7 @@ from .data import DataKeys, PerturbationData, load, rank_degs
 from .errors import ScdcaInputError
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS, make_model
-from .splits import TASKS, Split, make_splits
+from .splits import ALL_TASKS, TASKS, Split, make_splits
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class BenchmarkConfig:
         self.metrics = METRICS.parse_list(self.metrics, arg="metrics")
         tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
         tasks = list(TASKS) if tasks == ["all"] else [t.strip() for t in tasks]
-        bad = [t for t in tasks if t not in TASKS]
+        bad = [t for t in tasks if t not in ALL_TASKS]
         if bad or not tasks:
-            raise ScdcaInputError(f"tasks: unknown task(s) {bad!r}; choose from {', '.join(TASKS)} (or 'all')")
+            raise ScdcaInputError(f"tasks: unknown task(s) {bad!r}; choose from {', '.join(ALL_TASKS)} (or 'all')")
         self.tasks = tasks
         if isinstance(self.seeds, int):
             if self.seeds < 1:

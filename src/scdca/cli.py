@@ -58,6 +58,47 @@ def cmd_benchmark(args) -> None:
     print(f"\nwrote {args.out}/results.csv, summary.csv, predictions/, splits/ ({time.perf_counter() - t0:.1f} s)")
 
 
+def cmd_embed(args) -> None:
+    from .encoders import get_encoder, read_molecule_list, write_table
+
+    names, smiles = read_molecule_list(args.input)
+    encoder = get_encoder(args.encoder, **({"cache_dir": None} if args.no_cache else {}))
+    t0 = time.perf_counter()
+    emb = encoder.encode(smiles, names=names)
+    write_table(args.out, names, smiles, emb)
+    print(f"wrote {args.out}: {len(names)} molecules x {emb.shape[1]} dims with {encoder.identifier} "
+          f"({encoder.n_computed} computed, {len(names) - encoder.n_computed} from cache; "
+          f"{time.perf_counter() - t0:.1f} s)")
+
+
+def cmd_novelty(args) -> None:
+    import numpy as np
+
+    from .encoders import read_molecule_list
+    from .molecules import canonicalize, novelty_table
+
+    names, smiles = read_molecule_list(args.input)
+    mols = canonicalize(dict(zip(names, smiles)), arg=args.input)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(names))
+    n_test = int(round(args.test_fraction * len(names)))
+    test = {names[i]: mols[names[i]] for i in order[:n_test]}
+    train = {names[i]: mols[names[i]] for i in order[n_test:]}
+    table = novelty_table(train, test)
+    hist, edges = np.histogram(table["max_tanimoto"], bins=np.linspace(0, 1, 11))
+    print(f"{len(test)} test vs {len(train)} training molecules (seed {args.seed}); "
+          f"max Tanimoto to training (Morgan r=2, 2048 bits):")
+    for h, lo, hi in zip(hist, edges[:-1], edges[1:]):
+        print(f"  [{lo:.1f}, {hi:.1f}) {h:4d} {'#' * int(h)}")
+    below = (table["max_tanimoto"] < 0.4).mean()
+    print(f"below 0.4: {below:.0%}; median {table['max_tanimoto'].median():.2f}; "
+          f"scaffold also in training: {table['scaffold_in_train'].mean():.0%}")
+    if args.out:
+        from . import _io
+
+        _io.write_csv(args.out, table.reset_index())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scdca", description="Drug perturbation prediction with scDCA.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -85,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_keys(b)
     b.set_defaults(func=cmd_benchmark)
+    e = sub.add_parser("embed", help="precompute molecule embeddings into a table (the table: encoder format)")
+    e.add_argument("--input", required=True, help="CSV with drug/name and smiles columns, or a .smi file")
+    e.add_argument("--encoder", default="morgan", help="morgan | chemnet | hf:<folder> | table:<file>")
+    e.add_argument("--out", required=True, help="output .csv or .parquet")
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    e.set_defaults(func=cmd_embed)
+
+    n = sub.add_parser("novelty", help="max Tanimoto of test to training molecules for a random drug split")
+    n.add_argument("--input", required=True, help="CSV with drug/name and smiles columns, or a .smi file")
+    n.add_argument("--test-fraction", type=float, default=0.3)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--out", default=None, help="optional CSV with one row per test molecule")
+    n.set_defaults(func=cmd_novelty)
     return p
 
 

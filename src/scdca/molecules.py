@@ -105,3 +105,41 @@ def max_train_similarity(test_smiles: Sequence[str], train_smiles: Sequence[str]
         return np.zeros(len(test_smiles), dtype=np.float32)
     sim = tanimoto(morgan_fingerprints(test_smiles), morgan_fingerprints(train_smiles))
     return sim.max(axis=1)
+
+
+def scaffold(smiles: str) -> str:
+    """Bemis-Murcko scaffold (canonical SMILES; '' for acyclic molecules)."""
+    from rdkit.Chem.Scaffolds import MurckoScaffold
+
+    Chem = _rdkit()
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ScdcaInputError(f"smiles: RDKit cannot parse {smiles!r}")
+    return Chem.MolToSmiles(MurckoScaffold.GetScaffoldForMol(mol))
+
+
+def novelty_table(train: Mapping[str, str], test: Mapping[str, str]):
+    """Per test drug: its most similar training drug and their Tanimoto similarity (Morgan r=2, 2048).
+
+    Args:
+        train, test: drug name -> SMILES.
+    Returns:
+        DataFrame indexed by test drug with columns max_tanimoto, nearest_train_drug,
+        scaffold, scaffold_in_train.
+    """
+    import pandas as pd
+
+    tr_names, te_names = list(train), list(test)
+    sim = tanimoto(morgan_fingerprints([test[d] for d in te_names]), morgan_fingerprints([train[d] for d in tr_names]))
+    best = sim.argmax(1) if tr_names else np.zeros(len(te_names), dtype=int)
+    train_scaffolds = {scaffold(train[d]) for d in tr_names}
+    te_scaf = [scaffold(test[d]) for d in te_names]
+    return pd.DataFrame(
+        {
+            "max_tanimoto": sim.max(1) if tr_names else np.zeros(len(te_names)),
+            "nearest_train_drug": [tr_names[j] if tr_names else "" for j in best],
+            "scaffold": te_scaf,
+            "scaffold_in_train": [s in train_scaffolds and s != "" for s in te_scaf],
+        },
+        index=pd.Index(te_names, name="drug"),
+    )

@@ -19,8 +19,11 @@ from ._io import write_json
 from .data import PerturbationData
 from .errors import LeakageError, ScdcaInputError
 
-Task = Literal["unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot"]
+Task = Literal["unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot", "unseen_scaffold"]
 TASKS: tuple[str, ...] = ("unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot")
+# Extra tasks run only when named: not part of the paper's four ('all').
+EXTRA_TASKS: tuple[str, ...] = ("unseen_scaffold",)
+ALL_TASKS = TASKS + EXTRA_TASKS
 CELL_TASKS = ("unseen_cell_fewshot", "unseen_cell_zeroshot")
 
 
@@ -74,8 +77,8 @@ def make_splits(
     Returns:
         A list of audited splits.
     """
-    if task not in TASKS:
-        raise ScdcaInputError(f"task: unknown task {task!r}; choose from {', '.join(TASKS)} (or 'all')")
+    if task not in ALL_TASKS:
+        raise ScdcaInputError(f"task: unknown task {task!r}; choose from {', '.join(ALL_TASKS)} (or 'all')")
     cond = data.conditions
     splits: list[Split] = []
     if task == "unseen_drug":
@@ -83,6 +86,24 @@ def make_splits(
         drugs = np.array(sorted(cond["drug"].unique()))
         n_test = int(round(frac * len(drugs)))
         test_drugs = set(_rng(task, seed).choice(drugs, size=n_test, replace=False))
+        is_test = cond["drug"].isin(test_drugs).to_numpy()
+        splits.append(_split(data, task, seed, "", is_test))
+    elif task == "unseen_scaffold":
+        # whole Bemis-Murcko scaffolds go to test, in random order, until >= 30% of drugs
+        from .molecules import scaffold
+
+        frac = 0.3 if test_fraction is None else test_fraction
+        smiles = data.drug_smiles()
+        drugs = sorted(smiles)
+        groups: dict[str, list[str]] = {}
+        for d in drugs:
+            groups.setdefault(scaffold(smiles[d]) or f"acyclic:{d}", []).append(d)
+        order = list(groups)
+        test_drugs: set[str] = set()
+        for i in _rng(task, seed).permutation(len(order)):
+            if len(test_drugs) >= frac * len(drugs):
+                break
+            test_drugs.update(groups[order[i]])
         is_test = cond["drug"].isin(test_drugs).to_numpy()
         splits.append(_split(data, task, seed, "", is_test))
     elif task == "unseen_pair":
@@ -136,10 +157,18 @@ def audit(split: Split, data: PerturbationData, *, fewshot_fraction: float = 0.1
     both = set(split.train) & set(split.test)
     if both:
         raise LeakageError(f"{split.name}: {len(both)} condition(s) in train and test, e.g. {sorted(both)[:3]}")
-    if split.task == "unseen_drug":
+    if split.task in ("unseen_drug", "unseen_scaffold"):
         leaked = set(train["drug"]) & set(test["drug"])
         if leaked:
             raise LeakageError(f"{split.name}: test drug(s) {sorted(leaked)[:5]} appear in training")
+        if split.task == "unseen_scaffold":
+            from .molecules import scaffold
+
+            smiles = data.drug_smiles()
+            scaf = lambda ds: {scaffold(smiles[d]) for d in ds} - {""}  # noqa: E731
+            shared = scaf(set(train["drug"])) & scaf(set(test["drug"]))
+            if shared:
+                raise LeakageError(f"{split.name}: scaffold(s) {sorted(shared)[:3]} in train and test")
     elif split.task == "unseen_pair":
         leaked = set(zip(train["drug"], train["cell_line"])) & set(zip(test["drug"], test["cell_line"]))
         if leaked:
@@ -162,4 +191,4 @@ def audit(split: Split, data: PerturbationData, *, fewshot_fraction: float = 0.1
                     f"more than the few-shot budget {allowed}"
                 )
     else:
-        raise ScdcaInputError(f"task: unknown task {split.task!r}; choose from {', '.join(TASKS)}")
+        raise ScdcaInputError(f"task: unknown task {split.task!r}; choose from {', '.join(ALL_TASKS)}")
