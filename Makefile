@@ -12,7 +12,7 @@ $(BIN)/scdca: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps rxnfp==0.1.0
+	$(BIN)/pip install --quiet --no-deps rxnfp==0.1.0 scgpt==0.2.4
 	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
 
