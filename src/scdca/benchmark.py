@@ -52,6 +52,7 @@ class BenchmarkConfig:
     n_top_genes: int | None = None
     keys: DataKeys = field(default_factory=DataKeys)
     references: bool = True
+    model_options: dict = field(default_factory=dict)  # keyword arguments for the torch models (scdca & co.)
 
     def __post_init__(self):
         self.models = MODELS.parse_list(self.models, arg="models")
@@ -72,7 +73,7 @@ class BenchmarkConfig:
     def identity(self) -> dict:
         """The settings that must match for a run to resume into an existing folder."""
         return {"data": os.path.abspath(self.data), "k": self.k, "n_top_genes": self.n_top_genes,
-                "keys": asdict(self.keys), "metrics": self.metrics}
+                "keys": asdict(self.keys), "metrics": self.metrics, "model_options": self.model_options}
 
 
 def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress: bool = True) -> pd.DataFrame:
@@ -115,6 +116,13 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     return results
 
 
+def _make(name: str, options: dict):
+    from .models.scdca import ScDCAModel
+
+    cls = MODELS.get(name)
+    return cls(**options) if issubclass(cls, ScDCAModel) else cls()
+
+
 def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
     path = out / "config.json"
     if not path.exists():
@@ -146,7 +154,7 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
         elif model_name == "oracle":
             pred, extra = test.truth, {}
         else:
-            model = make_model(model_name)
+            model = _make(model_name, cfg.model_options)
             model.fit(data.subset(split.train))
             pred = np.asarray(model.predict(data.subset(test.ids, observed=False)), dtype=np.float32)
             extra = model.cost()

@@ -49,9 +49,12 @@ def cmd_simulate(args) -> None:
 def cmd_benchmark(args) -> None:
     from .benchmark import BenchmarkConfig, format_summary, run, summarize
 
+    options = {k: v for k, v in {"backbone": args.backbone, "encoder": args.encoder, "epochs": args.epochs,
+                                 "max_steps": args.max_steps, "lr": args.lr, "device": args.device}.items()
+               if v is not None}
     cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
                           seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
-                          keys=_keys(args))
+                          keys=_keys(args), model_options=options)
     t0 = time.perf_counter()
     results = run(cfg, progress=not args.quiet)
     print(format_summary(summarize(results)))
@@ -99,6 +102,17 @@ def cmd_novelty(args) -> None:
         _io.write_csv(args.out, table.reset_index())
 
 
+def cmd_pretrain(args) -> None:
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(layers=args.layers, dim=args.dim, heads=args.heads, genes=args.genes, steps=args.steps,
+                         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device)
+    s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet)
+    print(f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
+          f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
+          f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean ({s['seconds_this_run']:.0f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scdca", description="Drug perturbation prediction with scDCA.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -124,8 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--k", type=int, default=20, help="top-k DEGs for the *_deg metrics")
     b.add_argument("--n-top-genes", type=int, default=None, help="keep the top-N highly variable genes")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = b.add_argument_group("scDCA and its variants (scdca, scdca_nores, scdca_noskip, finetune, concat, feature)")
+    g.add_argument("--backbone", default=None, help="backbone checkpoint folder (scdca pretrain writes one)")
+    g.add_argument("--encoder", default=None, help="molecule encoder: chemnet (default), morgan, hf:DIR, table:FILE")
+    g.add_argument("--epochs", type=int, default=None, help="default 20 (paper)")
+    g.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps per fit (CPU budgets)")
+    g.add_argument("--lr", type=float, default=None, help="default 1e-4 (paper)")
+    g.add_argument("--device", default=None)
     _add_keys(b)
     b.set_defaults(func=cmd_benchmark)
+    t = sub.add_parser("pretrain", help="pretrain a backbone (masked expression) on the cells of an AnnData")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds train_state.pt)")
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--dim", type=int, default=128)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--genes", type=int, default=None, help="keep the top-N highly variable genes")
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--seq-len", type=int, default=128, help="genes per training example")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--quiet", action="store_true")
+    _add_keys(t)
+    t.set_defaults(func=cmd_pretrain)
+
     e = sub.add_parser("embed", help="precompute molecule embeddings into a table (the table: encoder format)")
     e.add_argument("--input", required=True, help="CSV with drug/name and smiles columns, or a .smi file")
     e.add_argument("--encoder", default="morgan", help="morgan | chemnet | hf:<folder> | table:<file>")

@@ -1,0 +1,77 @@
+"""The drug-conditional adapter (scDCA, eq. 5) and the modules that inject a drug.
+
+After transformer layer l, with hidden states h_l (B, T, D) and drug condition c (B, C):
+
+    b_l    = f_l(c)                              two-layer molecule projection, (B, D)
+    down   = W_down h_l + b_l[:, :r]             (B, T, r)   r = bottleneck
+    z      = res_net(down)                       residual block in the bottleneck
+    up     = W_up z + b_l                        (B, T, D)
+    h_l+1  = h_l + up                            (skip=True, our default)
+    h_l+1  = up                                  (skip=False, the equations as printed)
+
+The skip connection plus zero-initialised W_up and last layer of f_l make the adapted
+model equal the frozen backbone at step 0 (as LoRA starts at the base model). Without
+it the first step would feed zeros to every frozen layer after the first adapter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class AdapterConfig:
+    d_model: int
+    cond_dim: int  # molecule embedding + dose features
+    bottleneck: int = 16
+    proj_hidden: int = 64
+    residual: bool = True  # False: a plain nonlinearity in the bottleneck (Houlsby-style ablation)
+    skip: bool = True  # False: replace h_l by the adapter output, as eq. 5 is printed
+
+
+class BottleneckResBlock(nn.Module):
+    def __init__(self, r: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(r, r), nn.Linear(r, r)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, r) -> (B, T, r)
+        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+class DrugConditionalAdapter(nn.Module):
+    """One adapter; wraps nothing itself: the model calls it on each layer's output."""
+
+    def __init__(self, cfg: AdapterConfig):
+        super().__init__()
+        if cfg.bottleneck > cfg.d_model:
+            raise ValueError(f"bottleneck {cfg.bottleneck} exceeds d_model {cfg.d_model}")
+        self.cfg = cfg
+        self.mol_proj = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.proj_hidden), nn.GELU(),
+                                      nn.Linear(cfg.proj_hidden, cfg.d_model))  # f_l
+        self.down = nn.Linear(cfg.d_model, cfg.bottleneck, bias=False)
+        self.mid = BottleneckResBlock(cfg.bottleneck) if cfg.residual else nn.GELU()
+        self.up = nn.Linear(cfg.bottleneck, cfg.d_model, bias=False)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.mol_proj[-1].weight)
+        nn.init.zeros_(self.mol_proj[-1].bias)
+
+    def forward(self, h: Tensor, cond: Tensor) -> Tensor:  # (B, T, D), (B, C) -> (B, T, D)
+        b = self.mol_proj(cond)  # (B, D)
+        down = self.down(h) + b[:, None, : self.cfg.bottleneck]  # (B, T, r)
+        up = self.up(self.mid(down)) + b[:, None, :]  # (B, T, D)
+        return h + up if self.cfg.skip else up
+
+
+def count_parameters(module: nn.Module) -> dict[str, float]:
+    """Total and trainable parameter counts and the trainable percentage."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

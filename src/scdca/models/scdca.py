@@ -1,0 +1,336 @@
+"""scDCA and the paper's comparison models, behind the common model interface.
+
+Variants (all predict the perturbed pseudobulk of every in-vocabulary gene from the
+line's control pseudobulk and the drug condition; MSE loss):
+
+- `scdca`        frozen backbone + a drug-conditional adapter after every layer + MLP head
+- `scdca_nores`  as scdca with a plain nonlinearity instead of the residual block (ablation)
+- `finetune`     eq. 4: a projection of the drug added to every input token; all weights train
+- `concat`       frozen backbone; drug concatenated to each gene's final hidden state -> head
+- `feature`      frozen backbone's mean cell embedding + drug -> a separately trained MLP
+
+The drug condition is the molecule embedding (standardised over training drugs) with the
+dose appended as t = scaled log10(dose) in [0, 1]; the molecule projection f_l sees both,
+so dose can modulate every adapter. Genes missing from the backbone vocabulary are not
+modelled: their prediction is the control value (no change), and fit logs how many.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .. import _io
+from ..adapters import AdapterConfig, DrugConditionalAdapter, count_parameters, freeze
+from ..backbone import Backbone, load as load_backbone, weights_hash
+from ..data import PerturbationData
+from ..encoders import get_encoder
+from ..errors import ScdcaInputError
+from .base import MODELS, PerturbationModel
+
+log = logging.getLogger(__name__)
+
+Variant = Literal["adapter", "finetune", "concat", "feature"]
+
+
+@dataclass
+class ScDCAConfig:
+    """Architecture and training settings. Training defaults are the paper's (Adam, lr 1e-4,
+    batch 16, 20 epochs) plus early stopping on a 10% validation split of training drugs."""
+
+    variant: str = "adapter"
+    bottleneck: int = 16
+    proj_hidden: int = 16  # f_l hidden width; 16 keeps whole-human scDCA under 1% trainable
+    residual: bool = True
+    skip: bool = True
+    train_head: bool = False  # the paper trains only f_l, W_down, W_up and res_net; the head is the
+    #                           backbone's pretrained expression decoder, frozen
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-4
+    val_fraction: float = 0.1
+    patience: int = 5
+    max_steps: int | None = None  # stop after this many optimiser steps in total (CPU budgets)
+    seed: int = 0
+
+
+class ScDCANet(nn.Module):
+    """The torch module: backbone (shared, frozen unless finetune) + the variant's trainable parts."""
+
+    def __init__(self, backbone: Backbone, gene_ids: Tensor, cond_dim: int, cfg: ScDCAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.register_buffer("gene_ids", gene_ids.long(), persistent=False)  # (T,)
+        D = backbone.cfg.d_model
+        if cfg.variant != "finetune":
+            freeze(backbone)
+        if cfg.variant == "adapter":
+            acfg = AdapterConfig(D, cond_dim, cfg.bottleneck, cfg.proj_hidden, cfg.residual, cfg.skip)
+            self.adapters = nn.ModuleList(DrugConditionalAdapter(acfg) for _ in range(backbone.cfg.nlayers))
+            # the pretrained expression decoder; a trainable copy only if asked
+            self.head = copy.deepcopy(backbone.decoder).requires_grad_(True) if cfg.train_head else backbone.decoder
+        elif cfg.variant == "finetune":
+            self.mol_in = nn.Linear(cond_dim, D)
+            nn.init.zeros_(self.mol_in.weight)
+            nn.init.zeros_(self.mol_in.bias)
+        elif cfg.variant == "concat":
+            self.head = nn.Sequential(nn.Linear(D + cond_dim, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(),
+                                      nn.Linear(D, 1))
+        elif cfg.variant == "feature":
+            n = len(gene_ids)
+            self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n))
+        else:
+            raise ScdcaInputError(f"variant: {cfg.variant!r} is not one of adapter, finetune, concat, feature")
+
+    def frozen_hidden(self, values: Tensor) -> Tensor:
+        """h_L of the frozen backbone for control inputs (B, T) -> (B, T, D); cacheable per line."""
+        ids = self.gene_ids.expand(values.shape[0], -1)
+        with torch.no_grad():
+            return self.backbone.encode(ids, values)
+
+    def forward(self, values: Tensor, cond: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """values (B, T) control expression, cond (B, C) -> predicted expression (B, T)."""
+        v = self.cfg.variant
+        if v in ("concat", "feature"):
+            h = hidden if hidden is not None else self.frozen_hidden(values)  # (B, T, D)
+            if v == "concat":
+                c = cond[:, None, :].expand(-1, h.shape[1], -1)
+                return self.head(torch.cat([h, c], -1)).squeeze(-1)
+            return self.head(torch.cat([h.mean(1), cond], -1))
+        ids = self.gene_ids.expand(values.shape[0], -1)
+        h = self.backbone.embed(ids, values)  # (B, T, D)
+        if v == "finetune":
+            h = h + self.mol_in(cond)[:, None, :]
+            return self.backbone.decoder(self.backbone.transformer_encoder(h))
+        for layer, adapter in zip(self.backbone.transformer_encoder.layers, self.adapters):
+            h = adapter(layer(h), cond)
+        return self.head(h)
+
+
+class ScDCAModel(PerturbationModel):
+    """scDCA behind the common interface: `fit(train)` then `predict(query)`.
+
+    Args:
+        backbone: checkpoint folder (scGPT format; `scdca pretrain` writes one).
+        encoder: molecule encoder spec ('chemnet', 'morgan', 'hf:<folder>', 'table:<file>').
+        device: 'cpu', 'cuda', ... (default: cuda if available).
+        progress: show a progress bar while training.
+        **config: fields of ScDCAConfig.
+    """
+
+    name = "scdca"
+    variant: str = "adapter"
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, *, backbone: str | None = None, encoder: str = "chemnet", device: str | None = None,
+                 progress: bool = False, **config):
+        if backbone is None:
+            raise ScdcaInputError(f"model {self.name!r} needs a backbone checkpoint folder: pass backbone=... "
+                                  f"(CLI: --backbone DIR; `scdca pretrain` makes one)")
+        self.backbone_path, self.encoder_spec, self.progress = backbone, encoder, progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg = ScDCAConfig(**{"variant": self.variant, **self.defaults, **config})
+        self._cost: dict[str, Any] = {}
+
+    # -- inputs ------------------------------------------------------------------------
+    def _conditions(self, data: PerturbationData) -> np.ndarray:
+        cond = data.conditions
+        smiles = list(cond["smiles"])
+        emb = self._encoder.encode(smiles, names=list(cond["drug"]))
+        emb = (emb - self._emb_mean) / self._emb_std
+        t = (np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12)) - self._dose_lo) / self._dose_span
+        return np.hstack([emb, np.clip(t, 0, 1)[:, None]]).astype(np.float32)  # (N, C)
+
+    def _setup(self, train: PerturbationData) -> None:
+        self._encoder = get_encoder(self.encoder_spec)
+        drugs = train.drug_smiles()
+        emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
+        self._emb_mean, self._emb_std = emb.mean(0), emb.std(0) + 1e-6
+        logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
+        self._dose_lo, self._dose_span = float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
+        backbone = load_backbone(self.backbone_path, device=self.device)
+        self._backbone_hash = weights_hash(backbone)
+        mapping = backbone.vocab.map_genes(train.genes)
+        if len(mapping.ids) == 0:
+            raise ScdcaInputError("none of the data's genes are in the backbone vocabulary; check gene symbols "
+                                  "(--gene-symbols-key) or pretrain a backbone on these genes")
+        self._kept, self._genes = mapping.kept, np.asarray(train.genes)
+        cond_dim = emb.shape[1] + 1
+        torch.manual_seed(self.cfg.seed)
+        self.net = ScDCANet(backbone, torch.from_numpy(mapping.ids), cond_dim, self.cfg).to(self.device)
+
+    # -- training ----------------------------------------------------------------------
+    def fit(self, train: PerturbationData) -> "ScDCAModel":
+        t_start = time.perf_counter()
+        self._setup(train)
+        cfg = self.cfg
+        cond = torch.from_numpy(self._conditions(train))
+        target = torch.from_numpy(train.mean[:, self._kept])  # (N, T)
+        line_idx = torch.from_numpy(train.controls.index.get_indexer(train.conditions["cell_line"]))
+        controls = torch.from_numpy(train.control_mean[:, self._kept])  # (L, T)
+        hidden = self._line_hidden(controls)
+
+        rng = np.random.default_rng(cfg.seed)
+        drugs = np.array(sorted(train.conditions["drug"].unique()))
+        n_val = int(round(cfg.val_fraction * len(drugs))) if len(drugs) >= 5 else 0
+        val_drugs = set(rng.choice(drugs, size=n_val, replace=False)) if n_val else set()
+        is_val = train.conditions["drug"].isin(val_drugs).to_numpy()
+        tr_idx, va_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        self._cost = {**{f"params_{k}": v for k, v in count_parameters(self.net).items()}}
+        log.info("%s: %d trainable of %d parameters (%.3f%%)", self.name, self._cost["params_trainable"],
+                 self._cost["params_total"], self._cost["params_trainable_pct"])
+        best, best_state, bad_epochs, step = float("inf"), None, 0, 0
+        bar = tqdm(range(cfg.epochs), desc=self.name, unit="epoch", disable=not self.progress)
+        for epoch in bar:
+            self.net.train()
+            order = rng.permutation(tr_idx)
+            for s in range(0, len(order), cfg.batch_size):
+                b = order[s : s + cfg.batch_size]
+                pred = self._forward(controls, hidden, line_idx[b], cond[b])
+                loss = ((pred - target[b].to(self.device)) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+            val = self._loss(controls, hidden, line_idx, cond, target, va_idx) if len(va_idx) else loss.item()
+            bar.set_postfix(train=f"{loss.item():.4f}", val=f"{val:.4f}")
+            if val < best - 1e-6:
+                best, bad_epochs = val, 0
+                best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+            else:
+                bad_epochs += 1
+            if bad_epochs >= cfg.patience or (cfg.max_steps is not None and step >= cfg.max_steps):
+                break
+        if best_state is not None:
+            self.net.load_state_dict(best_state, strict=False)
+        self._cost.update(epochs_run=epoch + 1, steps=step, best_val_mse=best,
+                          train_seconds=time.perf_counter() - t_start)
+        return self
+
+    def _line_hidden(self, controls: Tensor) -> Tensor | None:
+        if self.cfg.variant not in ("concat", "feature"):
+            return None
+        return self.net.frozen_hidden(controls.to(self.device))  # (L, T, D): frozen, so once per line
+
+    def _forward(self, controls, hidden, lines, cond) -> Tensor:
+        h = hidden[lines] if hidden is not None else None
+        return self.net(controls[lines].to(self.device), cond.to(self.device), h)
+
+    def _loss(self, controls, hidden, line_idx, cond, target, idx) -> float:
+        self.net.eval()
+        total = 0.0
+        with torch.no_grad():
+            for s in range(0, len(idx), 64):
+                b = idx[s : s + 64]
+                pred = self._forward(controls, hidden, line_idx[b], cond[b])
+                total += float(((pred - target[b].to(self.device)) ** 2).sum())
+        return total / (len(idx) * target.shape[1])
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        names = {n for n, p in self.net.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.net.state_dict().items() if k in names}
+
+    # -- prediction --------------------------------------------------------------------
+    def predict(self, query: PerturbationData) -> np.ndarray:
+        if not hasattr(self, "net"):
+            raise RuntimeError("call fit() (or ScDCAModel.load) before predict()")
+        if list(query.genes) != list(self._genes):
+            raise ScdcaInputError("query genes differ from the genes the model was trained on")
+        cond = torch.from_numpy(self._conditions(query))
+        controls_all = query.control_for(query.conditions["cell_line"])  # (N, G)
+        controls = torch.from_numpy(controls_all[:, self._kept])
+        out = controls_all.copy()
+        self.net.eval()
+        preds = []
+        with torch.no_grad():
+            for s in range(0, len(cond), 64):
+                c = controls[s : s + 64].to(self.device)
+                hidden = self.net.frozen_hidden(c) if self.cfg.variant in ("concat", "feature") else None
+                preds.append(self.net(c, cond[s : s + 64].to(self.device), hidden).float().cpu().numpy())
+        out[:, self._kept] = np.concatenate(preds) if preds else np.zeros((0, int(self._kept.sum())))
+        return out
+
+    def cost(self) -> dict[str, Any]:
+        return dict(self._cost)
+
+    # -- save / load -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Save only what was trained (safetensors) + config, genes, encoder id, backbone hash."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self._trainable_state().items()}
+        with _io.atomic_path(folder / "trained.safetensors") as tmp:
+            save_file(state, str(tmp))
+        meta = {"model": self.name, "config": asdict(self.cfg), "backbone": os.path.abspath(self.backbone_path),
+                "backbone_sha256": self._backbone_hash, "encoder": self.encoder_spec,
+                "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
+                "kept": self._kept.tolist(), "emb_mean": self._emb_mean.tolist(), "emb_std": self._emb_std.tolist(),
+                "dose_lo": self._dose_lo, "dose_span": self._dose_span, "cost": self._cost}
+        _io.write_json(folder / "model.json", meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCAModel":
+        """Load a saved model; refuses a backbone whose weights differ from the one it was trained on."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not (folder / "model.json").exists():
+            raise ScdcaInputError(f"{str(folder)!r} has no model.json; is it a folder written by ScDCAModel.save?")
+        meta = json.loads((folder / "model.json").read_text())
+        klass = MODELS.get(meta["model"])
+        model = klass(backbone=backbone or meta["backbone"], encoder=meta["encoder"], device=device,
+                      **{k: v for k, v in meta["config"].items() if k != "variant"})
+        bb = load_backbone(model.backbone_path, device=model.device)
+        if weights_hash(bb) != meta["backbone_sha256"]:
+            raise ScdcaInputError(f"backbone {model.backbone_path!r} differs from the one this model was trained on "
+                                  f"(weights hash mismatch); pass the original backbone folder")
+        model._encoder = get_encoder(model.encoder_spec)
+        if model._encoder.identifier != meta["encoder_identifier"]:
+            raise ScdcaInputError(f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
+                                  f"training ({meta['encoder_identifier']!r})")
+        model._backbone_hash = meta["backbone_sha256"]
+        model._genes, model._kept = np.array(meta["genes"], dtype=object), np.array(meta["kept"], dtype=bool)
+        model._emb_mean = np.array(meta["emb_mean"], dtype=np.float32)
+        model._emb_std = np.array(meta["emb_std"], dtype=np.float32)
+        model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
+        mapping = bb.vocab.map_genes(model._genes)
+        model.net = ScDCANet(bb, torch.from_numpy(mapping.ids), len(model._emb_mean) + 1, model.cfg).to(model.device)
+        missing = model.net.load_state_dict(load_file(str(folder / "trained.safetensors")), strict=False)
+        if missing.unexpected_keys:
+            raise ScdcaInputError(f"saved weights do not fit this model: {missing.unexpected_keys[:5]}")
+        model._cost = meta.get("cost", {})
+        return model
+
+
+def _variant(name: str, variant: str, doc: str, **defaults):
+    cls = type(f"ScDCA_{name}", (ScDCAModel,), {"name": name, "variant": variant, "defaults": defaults,
+                                                  "__doc__": doc})
+    MODELS.add(name, cls)
+    return cls
+
+
+MODELS.add("scdca", ScDCAModel)
+_variant("scdca_nores", "adapter", "scDCA with a plain nonlinearity in the bottleneck (Houlsby-style).",
+         residual=False)
+_variant("scdca_noskip", "adapter", "scDCA with eq. 5 as printed: the adapter output replaces h_l.", skip=False)
+_variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
+_variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
+_variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")

@@ -1,0 +1,218 @@
+"""Pretrain a backbone with scGPT's masked-expression objective where no weights exist.
+
+Each training example is one cell: a random subset of `seq_len` genes (tokens) with
+their log1p-normalised values; a share `mask_ratio` of the values is replaced by
+`mask_value` and the model predicts them (MSE on masked positions only). Values are
+fed continuously, as scGPT's perturbation fine-tuning and scDCA do (scGPT's own
+pretraining binned them). A <cls> token (value 0) leads every sequence.
+
+The run writes a checkpoint folder in scGPT's release format (`best_model.pt`,
+`args.json`, `vocab.json`) that `scdca.backbone.load` reads, keeping the weights with
+the best validation loss. It is resumable: `train_state.pt` is saved atomically every
+`save_every` steps and a rerun continues from it to the same result.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from . import _io
+from .backbone import Backbone, BackboneConfig, GeneVocab, save
+from .data import DataKeys, _looks_like_counts, _normalize_log1p, _select_genes, _validated_genes, _validated_matrix, read
+from .errors import ScdcaInputError
+
+log = logging.getLogger(__name__)
+MASK_VALUE = -1.0  # scGPT's mask_value
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of `scdca pretrain`. Defaults give the small demo backbone (~0.6M parameters)."""
+
+    layers: int = 4
+    dim: int = 128
+    heads: int = 4
+    d_hid: int | None = None  # defaults to dim, as in scGPT_human
+    genes: int | None = None  # keep the top-N highly variable genes (None: all)
+    seq_len: int = 128  # genes per training example
+    mask_ratio: float = 0.4
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3
+    dropout: float = 0.1
+    val_fraction: float = 0.1
+    val_cells: int = 512
+    eval_every: int = 100
+    save_every: int = 50
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise ScdcaInputError(f"mask_ratio: {self.mask_ratio!r} must be in (0, 1)")
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ScdcaInputError("steps, batch_size must be >= 1 and seq_len >= 2")
+
+
+def _expression(adata: ad.AnnData, keys: DataKeys, n_genes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Log-normalised dense float32 expression (cells x genes) and gene names."""
+    genes = _validated_genes(adata, keys)
+    X = _validated_matrix(adata, keys)
+    if _looks_like_counts(X):
+        X = _normalize_log1p(X)
+    keep = _select_genes(X, genes, genes=None, n_top_genes=n_genes)
+    X = X[:, keep]
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    return X.astype(np.float32), genes[keep]
+
+
+class _Batches:
+    """Deterministic masked examples: gene subset, masked values, targets."""
+
+    def __init__(self, X: np.ndarray, gene_ids: np.ndarray, cfg: PretrainConfig, vocab: GeneVocab):
+        self.X, self.gene_ids, self.cfg = X, gene_ids, cfg
+        self.cls_id = vocab["<cls>"]
+        self.seq = min(cfg.seq_len, X.shape[1])
+
+    def make(self, cells: np.ndarray, rng: np.random.Generator):
+        B, S = len(cells), self.seq
+        cols = np.stack([rng.choice(self.X.shape[1], size=S, replace=False) for _ in range(B)])  # (B, S)
+        values = self.X[cells[:, None], cols]  # (B, S)
+        masked = rng.random((B, S)) < self.cfg.mask_ratio
+        masked[np.arange(B), rng.integers(S, size=B)] = True  # at least one masked gene per cell
+        inp = np.where(masked, MASK_VALUE, values)
+        ids = np.concatenate([np.full((B, 1), self.cls_id), self.gene_ids[cols]], 1)
+        inp = np.concatenate([np.zeros((B, 1), np.float32), inp], 1)
+        mask = np.concatenate([np.zeros((B, 1), bool), masked], 1)
+        target = np.concatenate([np.zeros((B, 1), np.float32), values], 1)
+        return (torch.from_numpy(ids).long(), torch.from_numpy(inp.astype(np.float32)),
+                torch.from_numpy(mask), torch.from_numpy(target.astype(np.float32)), cols)
+
+
+def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
+             *, keys: DataKeys = DataKeys(), progress: bool = True, _stop_after: int | None = None) -> dict:
+    """Pretrain a backbone on the cells of any AnnData; returns the run summary.
+
+    Args:
+        data: AnnData (counts or log-normalised) or path to .h5ad.
+        out: output folder (checkpoint, logs; resumes from `train_state.pt` if present).
+        cfg: settings.
+        keys: only `layer` and `gene_symbols` are used.
+        progress: show a progress bar.
+        _stop_after: for tests: stop abruptly (KeyboardInterrupt) after this many steps of this run.
+    Returns:
+        dict with the best validation loss, the gene-mean baseline on the same masked
+        values, steps, seconds and parameter count (also written to `pretrain_summary.json`).
+
+    Example:
+        >>> scdca.pretrain.pretrain("cells.h5ad", "models/demo_backbone")
+    """
+    out = Path(out)
+    adata = data if isinstance(data, ad.AnnData) else read(data)
+    X, genes = _expression(adata, keys, cfg.genes)
+    n_cells = X.shape[0]
+    if n_cells < 10:
+        raise ScdcaInputError(f"data: {n_cells} cells are too few to pretrain on; use >= 10")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(n_cells)
+    n_val = max(1, min(cfg.val_cells, int(round(cfg.val_fraction * n_cells))))
+    val_cells, train_cells = order[:n_val], order[n_val:]
+    vocab = GeneVocab.from_genes(genes)
+    gene_ids = np.array([vocab[g] for g in genes], dtype=np.int64)
+    batches = _Batches(X, gene_ids, cfg, vocab)
+
+    bcfg = BackboneConfig(ntoken=len(vocab), d_model=cfg.dim, nhead=cfg.heads, d_hid=cfg.d_hid or cfg.dim,
+                          nlayers=cfg.layers, dropout=cfg.dropout, pad_token_id=vocab["<pad>"])
+    torch.manual_seed(cfg.seed)
+    model = Backbone(bcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
+
+    # fixed validation examples and the gene-mean baseline on exactly those masked values
+    val = batches.make(val_cells, np.random.default_rng([cfg.seed, 1]))
+    gene_mean = X[train_cells].mean(0)
+    base_pred = np.concatenate([np.zeros((n_val, 1), np.float32), gene_mean[val[4]]], 1)
+    baseline = float(((torch.from_numpy(base_pred) - val[3])[val[2]] ** 2).mean())
+
+    state_path = out / "train_state.pt"
+    step, best, history = 0, float("inf"), []
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg) or state["genes"] != list(map(str, genes)):
+            raise ScdcaInputError(f"out: {str(out)!r} holds a pretraining run with other settings or data; "
+                                  f"use a new --out folder or delete it to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, best, history = state["step"], state["best"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("pretrain: resuming at step %d", step)
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not progress)
+    t0 = time.perf_counter()
+    start = step
+    while step < cfg.steps:
+        if _stop_after is not None and step - start >= _stop_after:
+            raise KeyboardInterrupt(f"stopped after step {step}")
+        # batch composition depends only on (seed, step): identical after a resume
+        brng = np.random.default_rng([cfg.seed, 2, step])
+        cells = train_cells[brng.integers(len(train_cells), size=cfg.batch_size)]
+        ids, inp, mask, target, _ = batches.make(cells, brng)
+        model.train()
+        pred = model(ids.to(device), inp.to(device))["pred"]
+        loss = ((pred - target.to(device))[mask.to(device)] ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_loss = _evaluate(model, val, device)
+            history.append({"step": step, "train_loss": float(loss.item()), "val_loss": val_loss,
+                            "gene_mean_baseline": baseline})
+            if val_loss < best:
+                best = val_loss
+                save(model, vocab, out, extra_args={"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len})
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            with _io.atomic_path(state_path) as tmp:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "step": step, "best": best, "history": history, "torch_rng": torch.get_rng_state(),
+                            "config": asdict(cfg), "genes": list(map(str, genes))}, tmp)
+    bar.close()
+    summary = {"best_val_loss": best, "gene_mean_baseline_val_loss": baseline, "steps": step,
+               "seconds_this_run": time.perf_counter() - t0, "parameters": n_params, "genes": len(genes),
+               "train_cells": int(len(train_cells)), "val_cells": int(n_val), "config": asdict(cfg)}
+    _io.write_csv(out / "pretrain_log.csv", pd.DataFrame(history))
+    _io.write_json(out / "pretrain_summary.json", summary)
+    return summary
+
+
+def _evaluate(model: Backbone, val, device) -> float:
+    ids, inp, mask, target, _ = val
+    model.eval()
+    losses, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids), 64):
+            pred = model(ids[s:s + 64].to(device), inp[s:s + 64].to(device))["pred"].cpu()
+            err = (pred - target[s:s + 64])[mask[s:s + 64]] ** 2
+            losses += float(err.sum())
+            n += int(err.numel())
+    return losses / n

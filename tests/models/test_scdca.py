@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from scdca.adapters import AdapterConfig, DrugConditionalAdapter, count_parameters
+from scdca.backbone import Backbone, BackboneConfig, GeneVocab, load, save, weights_hash
+from scdca.errors import ScdcaInputError
+from scdca.models import make_model
+from scdca.models.scdca import ScDCAModel, ScDCANet, ScDCAConfig
+from scdca.splits import make_splits
+
+FAST = dict(encoder="morgan:bits=128", epochs=3, batch_size=8, lr=1e-3, patience=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tiny_data, tmp_path_factory):
+    torch.manual_seed(0)
+    vocab = GeneVocab.from_genes(list(tiny_data.genes)[:-5])  # the last 5 genes are out of vocabulary
+    model = Backbone(BackboneConfig(ntoken=len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=2, dropout=0.0,
+                                    pad_token_id=vocab["<pad>"]))
+    folder = tmp_path_factory.mktemp("bb")
+    save(model, vocab, folder)
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCDCA_CACHE", str(tmp_path / "cache"))
+
+
+def test_adapter_starts_as_identity_and_both_paths_get_gradients():
+    ad = DrugConditionalAdapter(AdapterConfig(d_model=8, cond_dim=5, bottleneck=4))
+    h, c = torch.randn(2, 3, 8), torch.randn(2, 5)
+    out = ad(h, c)
+    torch.testing.assert_close(out, h)
+    out.pow(2).sum().backward()  # zero-init layers still receive gradient
+    assert ad.up.weight.grad.abs().sum() > 0 and ad.mol_proj[-1].weight.grad.abs().sum() > 0
+
+
+def test_step_zero_equals_the_frozen_backbone(tiny_backbone):
+    bb = load(tiny_backbone)
+    ids = torch.arange(20)
+    net = ScDCANet(bb, ids, cond_dim=7, cfg=ScDCAConfig())
+    values = torch.rand(3, 20)
+    with torch.no_grad():
+        expected = bb(ids.expand(3, -1), values)["pred"]
+        got = net(values, torch.randn(3, 7))
+    torch.testing.assert_close(got, expected)
+
+
+def test_training_changes_only_adapters_and_head(tiny_data, tiny_backbone):
+    split = make_splits(tiny_data, "unseen_drug", 0)[0]
+    model = make_model("scdca", backbone=tiny_backbone, **FAST)
+    model.fit(tiny_data.subset(split.train))
+    after = model.net.backbone
+    assert weights_hash(after) == weights_hash(load(tiny_backbone))
+    fresh = ScDCANet(load(tiny_backbone), model.net.gene_ids, model.net.adapters[0].cfg.cond_dim, model.cfg)
+    changed = {k for k, v in model.net.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])}
+    assert changed and all(k.startswith("adapters.") for k in changed)
+    c = model.cost()
+    assert 0 < c["params_trainable"] < c["params_total"] and c["steps"] > 0
+
+
+def test_predict_unseen_drugs_and_unseen_line_zero_shot(tiny_data, tiny_backbone):
+    split = [s for s in make_splits(tiny_data, "unseen_cell_zeroshot", 0)][0]
+    model = make_model("scdca", backbone=tiny_backbone, **FAST).fit(tiny_data.subset(split.train))
+    query = tiny_data.subset(split.test, observed=False)
+    pred = model.predict(query)
+    assert pred.shape == (len(split.test), tiny_data.n_genes) and np.isfinite(pred).all()
+    control = query.control_for(query.conditions["cell_line"])
+    np.testing.assert_array_equal(pred[:, -5:], control[:, -5:])  # out-of-vocabulary genes: no change
+    assert not np.allclose(pred[:, :-5], control[:, :-5])
+
+
+def test_save_load_gives_identical_predictions_and_refuses_another_backbone(tiny_data, tiny_backbone, tmp_path):
+    split = make_splits(tiny_data, "unseen_drug", 1)[0]
+    model = make_model("scdca", backbone=tiny_backbone, **FAST).fit(tiny_data.subset(split.train))
+    model.save(tmp_path / "m")
+    again = ScDCAModel.load(tmp_path / "m")
+    q = tiny_data.subset(split.test, observed=False)
+    np.testing.assert_allclose(again.predict(q), model.predict(q), rtol=1e-6, atol=1e-6)
+    other = load(tiny_backbone)
+    with torch.no_grad():
+        other.decoder.fc[0].bias.add_(1.0)
+    save(other, other.vocab, tmp_path / "other_bb")
+    with pytest.raises(ScdcaInputError, match="differs from the one this model was trained on"):
+        ScDCAModel.load(tmp_path / "m", backbone=str(tmp_path / "other_bb"))
+
+
+@pytest.mark.parametrize("name", ["scdca_nores", "scdca_noskip", "finetune", "concat", "feature"])
+def test_every_variant_fits_and_predicts(name, tiny_data, tiny_backbone):
+    split = make_splits(tiny_data, "unseen_pair", 0)[0]
+    model = make_model(name, backbone=tiny_backbone, **{**FAST, "epochs": 1})
+    pred = model.fit(tiny_data.subset(split.train)).predict(tiny_data.subset(split.test, observed=False))
+    assert pred.shape == (len(split.test), tiny_data.n_genes) and np.isfinite(pred).all()
+    if name == "finetune":
+        assert weights_hash(model.net.backbone) != weights_hash(load(tiny_backbone))
+
+
+def test_trainable_fraction_at_whole_human_size_is_below_one_percent():
+    bb = Backbone(BackboneConfig(ntoken=60697, d_model=512, nhead=8, d_hid=512, nlayers=12, pad_token_id=60694))
+    net = ScDCANet(bb, torch.arange(2000), cond_dim=768 + 1, cfg=ScDCAConfig())
+    c = count_parameters(net)
+    assert c["trainable_pct"] < 1.0, c
+
+
+def test_missing_backbone_is_a_clear_error():
+    with pytest.raises(ScdcaInputError, match="needs a backbone"):
+        make_model("scdca")
