@@ -97,3 +97,16 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_csv(target, pd.DataFrame({"a": [1]}))
     assert target.read_text() == "a\n1\n"
+
+
+def test_benchmark_writes_a_report_with_a_deg_sweep(bench):
+    _, out, results, _ = bench
+    page = (out / "report.html").read_text()
+    assert "DEG-size sweep" in page and "Paired t-tests" in page
+    from scdca.report import deg_sweep
+
+    sweep = deg_sweep(out, ks=(5, "all"))
+    # k=5 in the sweep equals the benchmark's own r2_deg at k=5
+    ours = sweep[(sweep.model == "additive") & (sweep.task == "unseen_drug") & (sweep.k == "5")]["value"].item()
+    r = results[(results.model == "additive") & (results.task == "unseen_drug") & (results.metric == "r2_deg")]
+    assert ours == pytest.approx(r.groupby("seed")["value"].mean().mean(), rel=1e-6)

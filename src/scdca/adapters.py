@@ -64,10 +64,11 @@ class DrugConditionalAdapter(nn.Module):
         return h + up if self.cfg.skip else up
 
 
-def count_parameters(module: nn.Module) -> dict[str, float]:
-    """Total and trainable parameter counts and the trainable percentage."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+def count_parameters(module: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict[str, float]:
+    """Total and trainable parameter counts and the trainable percentage (names in `exclude` skipped)."""
+    named = [(n, p) for n, p in module.named_parameters() if not n.startswith(exclude)]
+    total = sum(p.numel() for _, p in named)
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
     return {"total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}
 
 

@@ -53,6 +53,7 @@ class BenchmarkConfig:
     keys: DataKeys = field(default_factory=DataKeys)
     references: bool = True
     model_options: dict = field(default_factory=dict)  # keyword arguments for the torch models (scdca & co.)
+    report: bool = True  # write report.html / report.md at the end
 
     def __post_init__(self):
         self.models = MODELS.parse_list(self.models, arg="models")
@@ -113,6 +114,10 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     results = collect(out, grid)
     _io.write_csv(out / "results.csv", results)
     _io.write_csv(out / "summary.csv", summarize(results))
+    if cfg.report:
+        from .report import build
+
+        build(out)
     return results
 
 
@@ -229,7 +234,7 @@ def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
 def _write_cell(out, model, task, seed, rows, preds, costs, k=20):
     stem = f"{model}__{task}__seed{seed}"
     if preds:
-        adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 50)) for s, t, p, o in preds]
+        adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200)) for s, t, p, o in preds]
         merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
         merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
         _io.write_h5ad(out / "predictions" / f"{stem}.h5ad", merged)

@@ -49,9 +49,7 @@ def cmd_simulate(args) -> None:
 def cmd_benchmark(args) -> None:
     from .benchmark import BenchmarkConfig, format_summary, run, summarize
 
-    options = {k: v for k, v in {"backbone": args.backbone, "encoder": args.encoder, "epochs": args.epochs,
-                                 "max_steps": args.max_steps, "lr": args.lr, "device": args.device}.items()
-               if v is not None}
+    options = _model_options(args)
     cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
                           seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
                           keys=_keys(args), model_options=options)
@@ -113,6 +111,88 @@ def cmd_pretrain(args) -> None:
           f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean ({s['seconds_this_run']:.0f} s)")
 
 
+def _model_options(args) -> dict:
+    return {k: v for k, v in {"backbone": args.backbone, "encoder": args.encoder, "epochs": args.epochs,
+                              "max_steps": args.max_steps, "lr": args.lr, "device": args.device}.items()
+            if v is not None}
+
+
+def cmd_train(args) -> None:
+    from .data import load
+    from .models import MODELS
+    from .models.scdca import ScDCAModel
+
+    cls = MODELS.get(args.model)
+    if not issubclass(cls, ScDCAModel):
+        raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train scdca or a variant "
+                              f"(scdca, scdca_nores, scdca_noskip, finetune, concat, feature)")
+    data = load(args.data, keys=_keys(args), n_top_genes=args.n_top_genes)
+    model = cls(progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint", **_model_options(args))
+    model.fit(data)
+    model.save(args.out)
+    c = model.cost()
+    print(f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
+          f"({c['params_trainable_pct']:.2f}%), {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}")
+
+
+def _load_model(args):
+    from .models.scdca import ScDCAModel
+
+    return ScDCAModel.load(args.model, backbone=args.backbone, device=args.device)
+
+
+def _controls_arg(args, model) -> dict | None:
+    if not args.control:
+        return None
+    from .predict import control_from_anndata
+
+    name = args.control_name or args.control.rsplit("/", 1)[-1].removesuffix(".h5ad")
+    return {name: control_from_anndata(args.control, model._genes)}
+
+
+def cmd_predict(args) -> None:
+    from . import _io
+    from .encoders import read_molecule_list
+    from .predict import predict
+
+    model = _load_model(args)
+    if args.smiles:
+        smiles, names = args.smiles, args.name or args.smiles
+    else:
+        names, smiles = read_molecule_list(args.input)
+    out = predict(model, smiles, names=names, cell_lines=args.cell_line, control=_controls_arg(args, model),
+                  doses=args.dose)
+    _io.write_h5ad(args.out, out)
+    print(f"wrote {args.out}: {out.n_obs} predictions (drug x cell line x dose) x {out.n_vars} genes")
+
+
+def cmd_screen(args) -> None:
+    import pandas as pd
+
+    from . import _io
+    from .encoders import read_molecule_list
+    from .predict import screen
+
+    model = _load_model(args)
+    names, smiles = read_molecule_list(args.library)
+    sig = None
+    if args.signature:
+        table = pd.read_csv(args.signature)
+        sig = pd.Series(table.iloc[:, 1].to_numpy(float), index=table.iloc[:, 0].astype(str))
+    ranked = screen(model, names, smiles, cell_line=args.cell_line, control=_controls_arg(args, model),
+                    dose=args.dose, signature=sig, batch_size=args.batch_size, progress=not args.quiet)
+    _io.write_csv(args.out, ranked)
+    print(ranked.head(10).to_string(index=False))
+    print(f"wrote {args.out}: {len(ranked)} molecules ranked by {'signature cosine' if sig is not None else 'effect size'}")
+
+
+def cmd_report(args) -> None:
+    from .report import build
+
+    path = build(args.dir, model=args.model, metric=args.metric)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scdca", description="Drug perturbation prediction with scDCA.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -162,6 +242,61 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     _add_keys(t)
     t.set_defaults(func=cmd_pretrain)
+
+    def model_args(p, *, training: bool):
+        g = p.add_argument_group("model")
+        g.add_argument("--backbone", default=None, help="backbone checkpoint folder" +
+                       ("" if training else " (default: the one recorded in the model)"))
+        g.add_argument("--device", default=None)
+        if training:
+            g.add_argument("--encoder", default=None, help="chemnet (default), morgan, hf:DIR, table:FILE")
+            g.add_argument("--epochs", type=int, default=None)
+            g.add_argument("--max-steps", type=int, default=None)
+            g.add_argument("--lr", type=float, default=None)
+
+    tr = sub.add_parser("train", help="train scDCA (or a variant) on all conditions of a dataset and save it")
+    tr.add_argument("--data", required=True)
+    tr.add_argument("--out", required=True, help="model folder (resumes from out/checkpoint)")
+    tr.add_argument("--model", default="scdca")
+    tr.add_argument("--n-top-genes", type=int, default=None)
+    tr.add_argument("--quiet", action="store_true")
+    model_args(tr, training=True)
+    _add_keys(tr)
+    tr.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="predict expression for new drugs and/or new cell lines")
+    pr.add_argument("--model", required=True, help="folder written by scdca train")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--smiles", nargs="+", help="one or more SMILES")
+    src.add_argument("--input", help="CSV (drug, smiles) or .smi file")
+    pr.add_argument("--name", nargs="+", help="names for --smiles")
+    pr.add_argument("--cell-line", nargs="+", default=None, help="known cell line(s)")
+    pr.add_argument("--control", default=None, help=".h5ad of a new line's control cells (zero-shot)")
+    pr.add_argument("--control-name", default=None)
+    pr.add_argument("--dose", nargs="+", type=float, default=[1.0], help="dose(s), in the training data's units")
+    pr.add_argument("--out", required=True, help="output .h5ad")
+    model_args(pr, training=False)
+    pr.set_defaults(func=cmd_predict)
+
+    sc = sub.add_parser("screen", help="rank a molecule library by predicted effect (streamed in batches)")
+    sc.add_argument("--model", required=True)
+    sc.add_argument("--library", required=True, help=".smi or CSV (drug, smiles)")
+    sc.add_argument("--cell-line", default=None)
+    sc.add_argument("--control", default=None, help=".h5ad of a new line's control cells")
+    sc.add_argument("--control-name", default=None)
+    sc.add_argument("--dose", type=float, default=1.0)
+    sc.add_argument("--signature", default=None, help="CSV gene,change: rank by cosine to this target signature")
+    sc.add_argument("--batch-size", type=int, default=256)
+    sc.add_argument("--out", required=True, help="output CSV")
+    sc.add_argument("--quiet", action="store_true")
+    model_args(sc, training=False)
+    sc.set_defaults(func=cmd_screen)
+
+    rp = sub.add_parser("report", help="HTML + Markdown report from a benchmark folder's results.csv")
+    rp.add_argument("dir")
+    rp.add_argument("--model", default=None, help="model to test against all others (default: first learned model)")
+    rp.add_argument("--metric", default="pearson_delta_deg")
+    rp.set_defaults(func=cmd_report)
 
     e = sub.add_parser("embed", help="precompute molecule embeddings into a table (the table: encoder format)")
     e.add_argument("--input", required=True, help="CSV with drug/name and smiles columns, or a .smi file")

@@ -99,22 +99,24 @@ def _r2_deg(inp: ScoringInput) -> np.ndarray:
     return _per_condition(inp, lambda s, i: r2(s.observed[i, s.top(i)], s.pred[i, s.top(i)]))
 
 
+def _on_deg_change(score_fn):
+    """Apply score_fn(observed change, predicted change) over each condition's top-k DEGs."""
+
+    def f(s: ScoringInput, i: int) -> float:
+        g = s.top(i)
+        return score_fn(s.observed[i, g] - s.control[i, g], s.pred[i, g] - s.control[i, g])
+
+    return f
+
+
 @_metric("r2_delta_deg", "R^2 of the change from control over the top-k DEGs", True)
 def _r2_delta_deg(inp: ScoringInput) -> np.ndarray:
-    def f(s, i):
-        g = s.top(i)
-        return r2(s.observed[i, g] - s.control[i, g], s.pred[i, g] - s.control[i, g])
-
-    return _per_condition(inp, f)
+    return _per_condition(inp, _on_deg_change(r2))
 
 
 @_metric("pearson_delta_deg", "Pearson correlation of the change from control over the top-k DEGs", True)
 def _pearson_delta_deg(inp: ScoringInput) -> np.ndarray:
-    def f(s, i):
-        g = s.top(i)
-        return pearson(s.observed[i, g] - s.control[i, g], s.pred[i, g] - s.control[i, g])
-
-    return _per_condition(inp, f)
+    return _per_condition(inp, _on_deg_change(pearson))
 
 
 @_metric("pearson_delta", "Pearson correlation of the change from control over all genes", True)

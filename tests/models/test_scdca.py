@@ -37,15 +37,20 @@ def test_adapter_starts_as_identity_and_both_paths_get_gradients():
     assert ad.up.weight.grad.abs().sum() > 0 and ad.mol_proj[-1].weight.grad.abs().sum() > 0
 
 
-def test_step_zero_equals_the_frozen_backbone(tiny_backbone):
+@pytest.mark.parametrize("variant", ["adapter", "finetune", "concat", "feature"])
+def test_step_zero_equals_the_frozen_backbone_and_predicts_no_change(tiny_backbone, variant):
     bb = load(tiny_backbone)
     ids = torch.arange(20)
-    net = ScDCANet(bb, ids, cond_dim=7, cfg=ScDCAConfig())
+    net = ScDCANet(bb, ids, cond_dim=7, cfg=ScDCAConfig(variant=variant))
     values = torch.rand(3, 20)
+    cond = torch.randn(3, 7)
     with torch.no_grad():
-        expected = bb(ids.expand(3, -1), values)["pred"]
-        got = net(values, torch.randn(3, 7))
-    torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(net(values, cond), values)  # control + (output - reference) = control
+        if variant == "adapter":  # the adapted stack's hidden states equal the backbone's
+            h = bb.embed(ids.expand(3, -1), values)
+            for layer, adapter in zip(bb.transformer_encoder.layers, net.adapters):
+                h = adapter(layer(h), cond)
+            torch.testing.assert_close(h, bb.encode(ids.expand(3, -1), values))
 
 
 def test_training_changes_only_adapters_and_head(tiny_data, tiny_backbone):
@@ -107,3 +112,59 @@ def test_trainable_fraction_at_whole_human_size_is_below_one_percent():
 def test_missing_backbone_is_a_clear_error():
     with pytest.raises(ScdcaInputError, match="needs a backbone"):
         make_model("scdca")
+
+
+def test_killed_training_resumes_to_the_same_result(tiny_data, tiny_backbone, tmp_path):
+    split = make_splits(tiny_data, "unseen_drug", 2)[0]
+    train = tiny_data.subset(split.train)
+    q = tiny_data.subset(split.test, observed=False)
+    full = make_model("scdca", backbone=tiny_backbone, checkpoint_dir=tmp_path / "a", **FAST).fit(train)
+    killed = make_model("scdca", backbone=tiny_backbone, checkpoint_dir=tmp_path / "b", **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(train, _stop_after_epochs=2)
+    resumed = make_model("scdca", backbone=tiny_backbone, checkpoint_dir=tmp_path / "b", **FAST).fit(train)
+    assert resumed.cost()["best_val_mse"] == pytest.approx(full.cost()["best_val_mse"], rel=1e-6)
+    np.testing.assert_allclose(resumed.predict(q), full.predict(q), rtol=1e-5, atol=1e-6)
+    other = make_model("scdca", backbone=tiny_backbone, checkpoint_dir=tmp_path / "b", **{**FAST, "lr": 0.5})
+    with pytest.raises(ScdcaInputError, match="other data or settings"):
+        other.fit(train)
+
+
+def test_predict_and_screen_from_a_saved_model(tiny_data, tiny_backbone, tmp_path):
+    from scdca.predict import predict, screen
+
+    model = make_model("scdca", backbone=tiny_backbone, **FAST).fit(tiny_data)
+    model.save(tmp_path / "m")
+    m = ScDCAModel.load(tmp_path / "m")
+    new_line = {"newline": tiny_data.control_mean[0] * 0.9}
+    out = predict(m, ["CCO", "c1ccccc1O"], names=["ethanol", "phenol"], cell_lines=["lineB"], control=new_line,
+                  doses=[0.01, 1.0])
+    assert out.n_obs == 2 * 2 * 2 and list(out.var_names) == [str(g) for g in tiny_data.genes]
+    assert set(out.obs["cell_line"]) == {"lineB", "newline"}
+    with pytest.raises(ScdcaInputError, match="was not in the training data"):
+        predict(m, ["CCO"], cell_lines=["K999"])
+    names = [f"m{i}" for i in range(7)]
+    library = ["CCO", "c1ccccc1O", "not_smiles", "CC(=O)O", "CCN", "c1ccncc1", "OCCO"]
+    ranked = screen(m, names, library, cell_line="lineA", batch_size=3, progress=False)
+    assert len(ranked) == 7 and ranked.loc[ranked["drug"] == "m2", "error"].item() == "unparseable SMILES"
+    ok = ranked[ranked["error"] == ""]
+    assert (np.diff(ok["score"].to_numpy()) <= 0).all()
+    # the streamed screen agrees with a direct prediction
+    direct = predict(m, ["CCO"], cell_lines=["lineA"], doses=[1.0])
+    d = direct.X[0] - direct.layers["control"][0]
+    assert ok.loc[ok["drug"] == "m0", "effect_size"].item() == pytest.approx(float(np.sqrt((d**2).mean())), rel=1e-5)
+
+
+def test_cli_train_predict_screen(tiny_sim, tiny_backbone, tmp_path, capsys):
+    from scdca.cli import main
+
+    data = tmp_path / "d.h5ad"
+    tiny_sim.write_h5ad(data)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--backbone", tiny_backbone,
+                 "--encoder", "morgan:bits=64", "--epochs", "2", "--lr", "1e-3", "--quiet"]) == 0
+    assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "CCO", "--cell-line", "lineA",
+                 "--out", str(tmp_path / "p.h5ad")]) == 0
+    (tmp_path / "lib.smi").write_text("CCO ethanol\nc1ccccc1O phenol\n")
+    assert main(["screen", "--model", str(tmp_path / "m"), "--library", str(tmp_path / "lib.smi"),
+                 "--cell-line", "lineA", "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
+    assert "effect size" in capsys.readouterr().out

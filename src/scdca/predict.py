@@ -1,0 +1,145 @@
+"""Predictions for new drugs and new cell lines, and library screening, from a saved model.
+
+`predict` returns AnnData: one row per drug x cell line x dose, `var_names` = the model's
+genes, `layers['control']` = the line's control, `obs` with cell_line, drug, dose, smiles.
+A cell line never seen in training only needs its control expression (zero-shot).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .data import PerturbationData, _looks_like_counts, _normalize_log1p, _validated_genes, _validated_matrix, \
+    DataKeys, condition_id, read
+from .errors import ScdcaInputError
+from .molecules import canonicalize
+
+
+def control_from_anndata(adata: ad.AnnData | str | os.PathLike, genes: Sequence[str], *,
+                         keys: DataKeys = DataKeys()) -> np.ndarray:
+    """Mean log1p expression over the rows of an AnnData of control cells (or one pseudobulk row).
+
+    Raw counts are detected and normalised as in `scdca.data.load`. Returns (G,) in `genes` order.
+    """
+    adata = adata if isinstance(adata, ad.AnnData) else read(adata)
+    names = _validated_genes(adata, keys)
+    X = _validated_matrix(adata, keys)
+    if _looks_like_counts(X):
+        X = _normalize_log1p(X)
+    pos = pd.Index(names).get_indexer(list(genes))
+    if (pos < 0).any():
+        missing = [g for g, p in zip(genes, pos) if p < 0]
+        raise ScdcaInputError(f"control: {len(missing)} of the model's genes are missing from the control data, "
+                              f"e.g. {missing[:10]}; provide expression for every model gene")
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    return mean[pos].astype(np.float32)
+
+
+def _query(genes, controls: dict[str, np.ndarray], drugs: dict[str, str], doses: Sequence[float]) -> PerturbationData:
+    rows = [(c, d, float(x)) for c in controls for d in drugs for x in doses]
+    cond = pd.DataFrame({"cell_line": [r[0] for r in rows], "drug": [r[1] for r in rows], "dose": [r[2] for r in rows],
+                         "smiles": [drugs[r[1]] for r in rows], "n_cells": 0},
+                        index=pd.Index([condition_id(*r) for r in rows], name="condition_id"))
+    lines = list(controls)
+    cm = np.stack([controls[c] for c in lines]).astype(np.float32)
+    return PerturbationData(genes=np.asarray(genes, dtype=object), conditions=cond, mean=None, std=None,
+                            controls=pd.DataFrame({"n_cells": 0}, index=pd.Index(lines, name="cell_line")),
+                            control_mean=cm, control_std=np.full_like(cm, np.nan))
+
+
+def resolve_controls(model, cell_lines: Sequence[str] | None, control: dict[str, np.ndarray] | None):
+    """Known lines by name (from the model's training data) plus new lines given as control vectors."""
+    known_lines, known = model._controls
+    out: dict[str, np.ndarray] = {}
+    for c in cell_lines or []:
+        if c not in known_lines:
+            raise ScdcaInputError(f"cell_line: {c!r} was not in the training data (known: {known_lines}); "
+                                  f"for a new line pass its control expression (--control FILE)")
+        out[c] = known[known_lines.index(c)]
+    out.update(control or {})
+    if not out:
+        raise ScdcaInputError("give at least one cell line (--cell-line NAME) or a control file (--control FILE)")
+    return out
+
+
+def predict(model, smiles: Sequence[str], *, names: Sequence[str] | None = None, cell_lines: Sequence[str] | None = None,
+            control: dict[str, np.ndarray] | None = None, doses: Sequence[float] = (1.0,)) -> ad.AnnData:
+    """Predict every drug x cell line x dose.
+
+    Args:
+        model: a fitted or loaded ScDCAModel (or any model with `_controls` and `predict`).
+        smiles: drugs to predict (need not have been seen in training).
+        names: drug names (default: the SMILES).
+        cell_lines: known lines by name.
+        control: new lines: name -> control expression in the model's gene order (zero-shot).
+        doses: doses in the units of the training data.
+    Returns:
+        AnnData of predicted mean expression.
+    """
+    names = list(names) if names is not None else list(smiles)
+    drugs = canonicalize(dict(zip(names, smiles)), arg="smiles")
+    query = _query(model._genes, resolve_controls(model, cell_lines, control), drugs, doses)
+    pred = model.predict(query)
+    out = ad.AnnData(X=pred.astype(np.float32), obs=query.conditions[["cell_line", "drug", "dose", "smiles"]].copy(),
+                     var=pd.DataFrame(index=[str(g) for g in model._genes]))
+    out.layers["control"] = query.control_for(query.conditions["cell_line"])
+    return out
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for s in range(0, len(items), size):
+        yield items[s : s + size]
+
+
+def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str | None = None,
+           control: dict[str, np.ndarray] | None = None, dose: float = 1.0, signature: pd.Series | None = None,
+           batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
+    """Rank a molecule library by predicted effect size (and similarity to a target signature).
+
+    Streams the library in batches: memory holds batch_size x genes predictions at a time.
+    Unparseable SMILES are reported in the `error` column, not fatal.
+
+    Returns:
+        DataFrame sorted by `score` (signature cosine if given, else effect size) with columns
+        drug, smiles, effect_size (RMS change from control over genes), n_up, n_down
+        (|change| > 0.5), signature_cosine (if a signature is given), score.
+    """
+    from .molecules import canonical_smiles
+
+    controls = resolve_controls(model, [cell_line] if cell_line else None, control)
+    if len(controls) != 1:
+        raise ScdcaInputError("screen one cell line at a time (--cell-line or --control)")
+    line, ctrl = next(iter(controls.items()))
+    sig = None
+    if signature is not None:
+        sig = signature.reindex([str(g) for g in model._genes]).to_numpy(float)
+        if np.isnan(sig).all():
+            raise ScdcaInputError("signature: none of its genes are model genes")
+        sig = np.nan_to_num(sig)
+    rows = []
+    pairs = list(zip(names, smiles))
+    bar = tqdm(total=len(pairs), desc="screen", unit="mol", disable=not progress)
+    for chunk in _batches(pairs, batch_size):
+        ok = [(n, canonical_smiles(s)) for n, s in chunk]
+        good = {n: c for n, c in ok if c is not None}
+        rows += [{"drug": n, "smiles": s, "error": "unparseable SMILES"} for (n, s), (_, c) in zip(chunk, ok) if c is None]
+        if good:
+            query = _query(model._genes, {line: ctrl}, good, [dose])
+            delta = model.predict(query) - ctrl[None, :]  # (b, G)
+            for (name, smi), d in zip(good.items(), delta):
+                r = {"drug": name, "smiles": smi, "effect_size": float(np.sqrt((d**2).mean())),
+                     "n_up": int((d > 0.5).sum()), "n_down": int((d < -0.5).sum()), "error": ""}
+                if sig is not None:
+                    den = np.linalg.norm(d) * np.linalg.norm(sig)
+                    r["signature_cosine"] = float(d @ sig / den) if den > 0 else 0.0
+                rows.append(r)
+        bar.update(len(chunk))
+    bar.close()
+    df = pd.DataFrame(rows)
+    df["score"] = df["signature_cosine"] if sig is not None else df.get("effect_size")
+    return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)

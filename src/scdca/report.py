@@ -1,0 +1,282 @@
+"""Tables, statistics, figures and an HTML/Markdown report, all pure functions of a benchmark folder.
+
+Inputs: `DIR/results.csv` (tidy per-condition scores), `DIR/predictions/*.h5ad` (for the
+DEG-size sweep) and `DIR/costs/*.csv`. Nothing here trains or predicts.
+"""
+from __future__ import annotations
+
+import base64
+import glob
+import html
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import _io
+from .benchmark import REFERENCES
+from .metrics import METRICS, ScoringInput, score
+
+MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank")
+BASELINES = ("control", "train_mean", "additive", "ridge", "knn")
+
+
+def per_seed(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean per (model, task, seed): conditions averaged within a split, held-out lines within a seed."""
+    r = results[results["metric"] == metric]
+    split = r.groupby(["model", "task", "seed", "held_out"], as_index=False)["value"].mean()
+    return split.groupby(["model", "task", "seed"], as_index=False)["value"].mean()
+
+
+def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:
+    """Rows (task, model); columns metric -> 'mean ± se', best non-reference model per column marked '*'."""
+    out = {}
+    for m in metrics:
+        s = per_seed(results, m).groupby(["task", "model"])["value"].agg(["mean", "sem", "count"])
+        higher = METRICS.get(m).higher_is_better
+        cells = {}
+        for task, grp in s.groupby(level=0):
+            models = grp.droplevel(0)
+            cand = models.drop([r for r in REFERENCES if r in models.index])
+            best = (cand["mean"].idxmax() if higher else cand["mean"].idxmin()) if len(cand) else None
+            for model, row in models.iterrows():
+                se = "" if not np.isfinite(row["sem"]) else f" ± {row['sem']:.3f}"
+                cells[(task, model)] = f"{row['mean']:.3f}{se}{' *' if model == best else ''}"
+        out[m] = pd.Series(cells)
+    table = pd.DataFrame(out)
+    table.index.names = ["task", "model"]
+    return table
+
+
+def paired_tests(results: pd.DataFrame, model: str, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Paired t-tests of `model` against every other model per task, paired on seed.
+
+    p-values are two-sided (scipy.stats.ttest_rel); `p_holm` applies Holm's correction over the
+    comparisons within each task. Needs >= 2 seeds; otherwise t and p are NaN.
+    """
+    from scipy import stats
+
+    s = per_seed(results, metric)
+    rows = []
+    for task, grp in s.groupby("task"):
+        wide = grp.pivot(index="seed", columns="model", values="value")
+        if model not in wide:
+            continue
+        for other in wide.columns:
+            if other == model:
+                continue
+            pair = wide[[model, other]].dropna()
+            diff = (pair[model] - pair[other]).to_numpy()
+            if len(pair) >= 2 and np.std(diff) > 0:
+                t, p = stats.ttest_rel(pair[model], pair[other])
+            else:
+                t, p = np.nan, np.nan
+            rows.append({"task": task, "model": model, "versus": other, "metric": metric, "n_seeds": len(pair),
+                         "mean_difference": float(diff.mean()) if len(diff) else np.nan, "t": t, "p": p})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["p_holm"] = df.groupby("task")["p"].transform(_holm)
+    return df
+
+
+def _holm(p: pd.Series) -> pd.Series:
+    vals = p.to_numpy(float)
+    ok = np.isfinite(vals)
+    out = np.full_like(vals, np.nan)
+    order = np.argsort(vals[ok])
+    m = ok.sum()
+    adj = np.maximum.accumulate((m - np.arange(m)) * vals[ok][order])
+    res = np.empty(m)
+    res[order] = np.minimum(adj, 1.0)
+    out[ok] = res
+    return pd.Series(out, index=p.index)
+
+
+def per_held_out(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Cell-line tasks: mean over seeds of each model's score per held-out line (paper's Table 8)."""
+    r = results[(results["metric"] == metric) & (results["held_out"].astype(str) != "")]
+    split = r.groupby(["task", "model", "held_out", "seed"])["value"].mean()
+    return split.groupby(["task", "model", "held_out"]).mean().unstack("held_out").round(3)
+
+
+def deg_sweep(folder: str | os.PathLike, ks: Sequence[int | str] = (10, 20, 50, 100, 200, "all"),
+              metric: str = "r2_deg") -> pd.DataFrame:
+    """Score as a function of k (top-k DEGs) from the saved predictions -> model, task, k, mean."""
+    rows = []
+    import anndata as ad
+
+    for path in sorted(glob.glob(str(Path(folder) / "predictions" / "*.h5ad"))):
+        model, task, seed = Path(path).stem.split("__")
+        a = ad.read_h5ad(path)
+        degs_table = a.uns["degs"]
+        genes = pd.Index(a.var_names)
+        degs = [genes.get_indexer([g for g in degs_table.loc[i].tolist() if g]) for i in a.obs_names]
+        n_stored = min(len(d) for d in degs)
+        for k in ks:
+            if k == "all":
+                dk, kk = [np.arange(a.n_vars)] * a.n_obs, a.n_vars
+            elif k <= n_stored:
+                dk, kk = degs, int(k)
+            else:
+                continue
+            inp = ScoringInput(np.asarray(a.X), a.layers["observed"], a.layers["control"], dk,
+                               a.obs["cell_line"].to_numpy(), k=kk)
+            v = score(inp, [metric])[metric]
+            per_split = pd.Series(v).groupby(a.obs["held_out"].to_numpy()).mean().mean()
+            rows.append({"model": model, "task": task, "seed": seed, "k": str(k), "value": per_split})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.groupby(["model", "task", "k"], as_index=False)["value"].mean()
+
+
+def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
+    """Per model: mean fit+predict seconds per split, trainable and total parameters (Table 9)."""
+    files = glob.glob(str(Path(folder) / "costs" / "*.csv"))
+    frames = [pd.read_csv(f) for f in files if os.path.getsize(f) > 1]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    c = pd.concat(frames, ignore_index=True)
+    agg = {"seconds": "mean"}
+    for col in ("params_trainable", "params_total", "params_trainable_pct"):
+        if col in c:
+            agg[col] = "max"
+    return c.groupby("model").agg(agg).round(3).sort_values("seconds")
+
+
+def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
+    """A plain-language paragraph: who wins each task on `metric`, against the best simple baseline."""
+    s = per_seed(results, metric)
+    means = s.groupby(["task", "model"])["value"].mean()
+    higher = METRICS.get(metric).higher_is_better
+    parts = []
+    for task in means.index.get_level_values(0).unique():
+        m = means[task].drop([r for r in REFERENCES if r in means[task].index])
+        best = m.idxmax() if higher else m.idxmin()
+        base = m[[b for b in BASELINES if b in m.index]]
+        best_base = (base.idxmax() if higher else base.idxmin()) if len(base) else None
+        text = f"On {task}, {best} scores best ({m[best]:.3f})"
+        if best_base and best != best_base:
+            tests = paired_tests(results, best, metric)
+            row = tests[(tests["task"] == task) & (tests["versus"] == best_base)]
+            p = row["p"].iloc[0] if len(row) else np.nan
+            sig = (f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test")
+            text += f", {m[best] - m[best_base]:+.3f} over the best simple baseline {best_base} ({sig})"
+        elif best_base:
+            text += ", and it is a simple baseline: no learned model beats it"
+        if "oracle" in means[task].index:
+            text += f"; the noise-free oracle reaches {means[task]['oracle']:.3f}"
+        parts.append(text + ".")
+    return f"Metric: {metric} (mean over seeds). " + " ".join(parts)
+
+
+def _figure_bars(results: pd.DataFrame, metric: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = per_seed(results, metric).groupby(["task", "model"])["value"].agg(["mean", "sem"]).reset_index()
+    tasks = list(dict.fromkeys(s["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.8), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        t = s[s["task"] == task]
+        colors = ["#999999" if m in REFERENCES else "#1f77b4" if m in BASELINES else "#d62728" for m in t["model"]]
+        ax.barh(t["model"], t["mean"], xerr=t["sem"].fillna(0), color=colors)
+        ax.set_title(task.replace("_", " "), fontsize=10)
+        ax.set_xlabel(metric)
+        ax.axvline(0, color="black", lw=0.5)
+    fig.suptitle(f"{metric} by task (mean ± SE over seeds; grey = references, blue = baselines, red = learned)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _figure_sweep(sweep: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(sweep["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), sharey=True, squeeze=False)
+    order = [k for k in ("10", "20", "50", "100", "200", "all") if k in set(sweep["k"])]
+    for ax, task in zip(axes[0], tasks):
+        t = sweep[sweep["task"] == task]
+        for model, g in t.groupby("model"):
+            g = g.set_index("k").reindex(order)
+            ax.plot(order, g["value"], marker="o", label=model, ls="--" if model in REFERENCES else "-")
+        ax.set_title(task.replace("_", " "), fontsize=10)
+        ax.set_xlabel("top-k DEGs")
+        ax.set_ylabel("R² (expression)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    data = buf.getvalue()
+    with _io.atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return base64.b64encode(data).decode()
+
+
+def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = "pearson_delta_deg") -> Path:
+    """Write DIR/report.md and a self-contained DIR/report.html (+ PNG figures). Returns the HTML path."""
+    folder = Path(folder)
+    results = pd.read_csv(folder / "results.csv", keep_default_na=False, na_values=[""])
+    results["held_out"] = results["held_out"].fillna("").astype(str)
+    learned = [m for m in results["model"].unique() if m not in BASELINES and m not in REFERENCES]
+    model = model or (learned[0] if learned else "additive")
+    sections: list[tuple[str, str, str | None]] = []  # (title, markdown/html table, image b64)
+
+    sections.append(("Summary", summary_text(results, metric), None))
+    main = main_table(results)
+    sections.append(("Main table (mean ± SE over seeds; * = best non-reference model)", main.to_string(), _png(_figure_bars(results, metric), folder / "fig_main.png")))
+    tests = paired_tests(results, model, metric)
+    if not tests.empty:
+        sections.append((f"Paired t-tests: {model} vs every other model ({metric}, paired on seed; "
+                         f"Holm-corrected within task)", tests.round(4).to_string(index=False), None))
+    pho = per_held_out(results, metric)
+    if not pho.empty:
+        sections.append((f"Per held-out cell line ({metric})", pho.to_string(), None))
+    sweep = deg_sweep(folder)
+    if not sweep.empty:
+        sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
+                         sweep.pivot_table(index=["task", "model"], columns="k", values="value").round(3).to_string(),
+                         _png(_figure_sweep(sweep), folder / "fig_deg_sweep.png")))
+    costs = cost_table(folder)
+    if not costs.empty:
+        sections.append(("Cost (seconds per split for fit + predict; parameters)", costs.to_string(), None))
+    not_done = ("Not yet in this report: per-drug-group robustness, chemical-novelty plots, per-gene plots, "
+                "and peers (biolord): see NOTES.md.")
+    sections.append(("Not included", not_done, None))
+
+    md = [f"# scdca benchmark report: {folder.name}\n"]
+    for title, body, _ in sections:
+        md.append(f"## {title}\n\n```\n{body}\n```\n" if "\n" in body else f"## {title}\n\n{body}\n")
+    _io.write_text(folder / "report.md", "\n".join(md))
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>scdca report {html.escape(folder.name)}"
+             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "pre{background:#f6f6f6;padding:0.8em;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd}"
+             "img{max-width:100%}</style></head><body>", f"<h1>scdca benchmark report: {html.escape(folder.name)}</h1>"]
+    for title, body, img in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(f"<pre>{html.escape(body)}</pre>" if "\n" in body else f"<p>{html.escape(body)}</p>")
+        if img:
+            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{img}'>")
+    parts.append("</body></html>")
+    _io.write_text(folder / "report.html", "\n".join(parts))
+    return folder / "report.html"
+

@@ -1,0 +1,65 @@
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from scdca.report import _holm, build, main_table, paired_tests, per_held_out, summary_text
+
+
+def tiny_results():
+    """3 seeds; model 'a' beats 'b' by a known margin; two held-out lines in a cell task."""
+    rows = []
+    a = {0: 0.50, 1: 0.60, 2: 0.55}
+    b = {0: 0.40, 1: 0.45, 2: 0.50}
+    for seed in range(3):
+        for model, vals in (("a", a), ("additive", b)):
+            for drug, shift in (("d1", -0.1), ("d2", 0.1)):  # per-condition values average to vals[seed]
+                rows.append((model, "unseen_drug", seed, "", "L1", drug, 1.0, "pearson_delta_deg", vals[seed] + shift))
+                for line in ("L1", "L2"):
+                    rows.append((model, "unseen_cell_zeroshot", seed, line, line, drug, 1.0, "pearson_delta_deg",
+                                 vals[seed] + (0.05 if line == "L1" else -0.05)))
+    cols = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_paired_t_test_matches_scipy_by_hand():
+    t = paired_tests(tiny_results(), "a", "pearson_delta_deg")
+    row = t[(t.task == "unseen_drug") & (t.versus == "additive")].iloc[0]
+    expected = stats.ttest_rel([0.50, 0.60, 0.55], [0.40, 0.45, 0.50])
+    assert row["t"] == pytest.approx(expected.statistic)
+    assert row["p"] == pytest.approx(expected.pvalue)
+    assert row["mean_difference"] == pytest.approx(0.1)
+    assert row["n_seeds"] == 3
+
+
+def test_holm_correction_by_hand():
+    p = pd.Series([0.01, 0.04, 0.03])
+    np.testing.assert_allclose(_holm(p), [0.03, 0.06, 0.06])
+
+
+def test_main_table_marks_the_best_model_and_reports_se():
+    table = main_table(tiny_results(), metrics=["pearson_delta_deg"])
+    cell = table.loc[("unseen_drug", "a"), "pearson_delta_deg"]
+    se = np.std([0.50, 0.60, 0.55], ddof=1) / np.sqrt(3)
+    assert cell == f"0.550 ± {se:.3f} *"
+    assert not table.loc[("unseen_drug", "additive"), "pearson_delta_deg"].endswith("*")
+
+
+def test_per_held_out_table():
+    t = per_held_out(tiny_results())
+    assert t.loc[("unseen_cell_zeroshot", "a"), "L1"] == pytest.approx(0.60)
+    assert t.loc[("unseen_cell_zeroshot", "a"), "L2"] == pytest.approx(0.50)
+
+
+def test_summary_names_winner_and_test():
+    text = summary_text(tiny_results())
+    assert "On unseen_drug, a scores best (0.550), +0.100 over the best simple baseline additive" in text
+    assert "paired t-test p =" in text
+
+
+def test_report_builds_from_results_csv_alone(tmp_path):
+    tiny_results().to_csv(tmp_path / "results.csv", index=False)
+    path = build(tmp_path)
+    page = path.read_text()
+    assert "Paired t-tests" in page and "data:image/png;base64," in page
+    assert (tmp_path / "report.md").exists() and (tmp_path / "fig_main.png").exists()
