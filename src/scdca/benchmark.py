@@ -246,7 +246,7 @@ def collect(out: Path, grid) -> pd.DataFrame:
     frames = []
     for model, task, seed in grid:
         path = Path(out) / "cells" / f"{model}__{task}__seed{seed}.csv"
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"held_out": str})
         df["held_out"] = df["held_out"].fillna("")
         frames.append(df)
     return pd.concat(frames, ignore_index=True)[RESULT_COLUMNS] if frames else pd.DataFrame(columns=RESULT_COLUMNS)

@@ -161,14 +161,16 @@ def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> st
         base = m[[b for b in BASELINES if b in m.index]]
         best_base = (base.idxmax() if higher else base.idxmin()) if len(base) else None
         text = f"On {task}, {best} scores best ({m[best]:.3f})"
-        if best_base and best != best_base:
+        learned = [x for x in m.index if x not in BASELINES]
+        if best in BASELINES:
+            text += (", a simple baseline: no learned model beats it" if learned
+                     else " (only simple baselines in this run)")
+        elif best_base:
             tests = paired_tests(results, best, metric)
             row = tests[(tests["task"] == task) & (tests["versus"] == best_base)]
             p = row["p"].iloc[0] if len(row) else np.nan
             sig = (f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test")
             text += f", {m[best] - m[best_base]:+.3f} over the best simple baseline {best_base} ({sig})"
-        elif best_base:
-            text += ", and it is a simple baseline: no learned model beats it"
         if "oracle" in means[task].index:
             text += f"; the noise-free oracle reaches {means[task]['oracle']:.3f}"
         parts.append(text + ".")
@@ -234,7 +236,7 @@ def _png(fig, path: Path) -> str:
 def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = "pearson_delta_deg") -> Path:
     """Write DIR/report.md and a self-contained DIR/report.html (+ PNG figures). Returns the HTML path."""
     folder = Path(folder)
-    results = pd.read_csv(folder / "results.csv", keep_default_na=False, na_values=[""])
+    results = pd.read_csv(folder / "results.csv", keep_default_na=False, na_values=[""], dtype={"held_out": str})
     results["held_out"] = results["held_out"].fillna("").astype(str)
     learned = [m for m in results["model"].unique() if m not in BASELINES and m not in REFERENCES]
     model = model or (learned[0] if learned else "additive")

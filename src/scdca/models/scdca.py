@@ -92,7 +92,6 @@ class ScDCANet(nn.Module):
             self.mol_in = nn.Linear(cond_dim, D)
             nn.init.zeros_(self.mol_in.weight)
             nn.init.zeros_(self.mol_in.bias)
-            self.reference = freeze(copy.deepcopy(backbone))  # the pretrained model, for the change baseline
         elif cfg.variant == "concat":
             self.head = nn.Sequential(nn.Linear(D + cond_dim, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(),
                                       nn.Linear(D, 1))
@@ -105,12 +104,16 @@ class ScDCANet(nn.Module):
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
-    def reference_output(self, values: Tensor) -> Tensor:
+    def reference_output(self, values: Tensor, pretrained: Backbone | None = None) -> Tensor:
         """What the untrained model predicts for control inputs (B, T) -> (B, T): the pretrained
         backbone's decoder on its own encoding. `forward` predicts control + (output - reference),
-        so every variant starts at 'no change' and learns the drug's effect."""
+        so every variant starts at 'no change' and learns the drug's effect.
+
+        For `finetune` the backbone itself changes during training, so the caller computes this
+        before training (cached per line) or passes the `pretrained` backbone reloaded from disk.
+        """
         ids = self.gene_ids.expand(values.shape[0], -1)
-        ref = self.reference if self.cfg.variant == "finetune" else self.backbone
+        ref = pretrained if pretrained is not None else self.backbone
         with torch.no_grad():
             return ref.decoder(ref.encode(ids, values))
 
@@ -142,8 +145,11 @@ class ScDCANet(nn.Module):
             for layer, adapter in zip(self.backbone.transformer_encoder.layers, self.adapters):
                 h = adapter(layer(h), cond)
             out = self.head(h)  # (B, T)
-        ref = reference if reference is not None else self.reference_output(values)
-        return values + out - ref
+        if reference is None:
+            if v == "finetune":
+                raise ValueError("finetune needs `reference` (the pretrained model's output), computed before training")
+            reference = self.reference_output(values)
+        return values + out - reference
 
 
 class ScDCAModel(PerturbationModel):
@@ -222,9 +228,12 @@ class ScDCAModel(PerturbationModel):
 
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        self._cost = {**{f"params_{k}": v for k, v in count_parameters(self.net, exclude=("reference.",)).items()}}
-        log.info("%s: %d trainable of %d parameters (%.3f%%)", self.name, self._cost["params_trainable"],
-                 self._cost["params_total"], self._cost["params_trainable_pct"])
+        self._cost = {**{f"params_{k}": v for k, v in count_parameters(self.net).items()}}
+        summary = (f"{self.name}: {self._cost['params_trainable']:,} trainable of {self._cost['params_total']:,} "
+                   f"parameters ({self._cost['params_trainable_pct']:.3f}%)")
+        if self.progress:
+            tqdm.write(summary)
+        log.info(summary)
         best, best_state, bad_epochs, step, start = float("inf"), None, 0, 0, 0
         ckpt = self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None
         run_id = {"config": asdict(cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name}
@@ -316,11 +325,14 @@ class ScDCAModel(PerturbationModel):
         controls = torch.from_numpy(controls_all[:, self._kept])
         out = controls_all.copy()
         self.net.eval()
+        # finetune changed the backbone: its 'no change' reference comes from the checkpoint on disk
+        pretrained = load_backbone(self.backbone_path, device=self.device) if self.cfg.variant == "finetune" else None
         preds = []
         with torch.no_grad():
             for s in range(0, len(cond), 64):
                 c = controls[s : s + 64].to(self.device)
-                preds.append(self.net(c, cond[s : s + 64].to(self.device)).float().cpu().numpy())
+                ref = self.net.reference_output(c, pretrained) if pretrained is not None else None
+                preds.append(self.net(c, cond[s : s + 64].to(self.device), reference=ref).float().cpu().numpy())
         out[:, self._kept] = np.concatenate(preds) if preds else np.zeros((0, int(self._kept.sum())))
         return out
 
