@@ -87,6 +87,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     Returns:
         The tidy results table (one row per test condition and metric).
     """
+    t_start = time.perf_counter()
     out = Path(cfg.out)
     _check_resume(cfg, out)
     if data is None:
@@ -114,6 +115,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     results = collect(out, grid)
     _io.write_csv(out / "results.csv", results)
     _io.write_csv(out / "summary.csv", summarize(results))
+    log.info("benchmark: grid done in %.1f s", time.perf_counter() - t_start)
     if cfg.report:
         from .report import build
 

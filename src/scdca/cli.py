@@ -53,10 +53,17 @@ def cmd_benchmark(args) -> None:
     cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
                           seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
                           keys=_keys(args), model_options=options)
+    from dataclasses import replace
+
+    from .report import build
+
     t0 = time.perf_counter()
-    results = run(cfg, progress=not args.quiet)
+    results = run(replace(cfg, report=False), progress=not args.quiet)
+    t1 = time.perf_counter()
     print(format_summary(summarize(results)))
-    print(f"\nwrote {args.out}/results.csv, summary.csv, predictions/, splits/ ({time.perf_counter() - t0:.1f} s)")
+    print(f"\nwrote {args.out}/results.csv, summary.csv, predictions/, splits/ (grid {t1 - t0:.1f} s)")
+    path = build(args.out)
+    print(f"wrote {path} ({time.perf_counter() - t1:.1f} s)")
 
 
 def cmd_embed(args) -> None:
