@@ -213,11 +213,14 @@ def _figure_sweep(sweep: pd.DataFrame):
     tasks = list(dict.fromkeys(sweep["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), sharey=True, squeeze=False)
     order = [k for k in ("10", "20", "50", "100", "200", "all") if k in set(sweep["k"])]
+    models = sorted(sweep["model"].unique())
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(models)}  # one distinct colour per model
     for ax, task in zip(axes[0], tasks):
         t = sweep[sweep["task"] == task]
         for model, g in t.groupby("model"):
             g = g.set_index("k").reindex(order)
-            ax.plot(order, g["value"], marker="o", label=model, ls="--" if model in REFERENCES else "-")
+            ax.plot(order, g["value"], marker="o", label=model, color=colors[model],
+                    ls="--" if model in REFERENCES else "-")
         ax.set_title(task.replace("_", " "), fontsize=10)
         ax.set_xlabel("top-k DEGs")
         ax.set_ylabel("R² (expression)")
