@@ -6,11 +6,10 @@ import os
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
-from scdca.backbone import Backbone, BackboneConfig, GeneVocab, load, normalise_keys, save, weights_hash
+from scdca.backbone import Backbone, BackboneConfig, GeneVocab, load, save, weights_hash
 from scdca.errors import ScdcaInputError
 
 

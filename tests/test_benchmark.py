@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from scdca._io import atomic_path, write_csv
-from scdca.benchmark import RESULT_COLUMNS, BenchmarkConfig, run, summarize
+from scdca.benchmark import RESULT_COLUMNS, BenchmarkConfig, run
 from scdca.errors import ScdcaInputError
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scdca.data import DataKeys, condition_id, load, rank_degs
+from scdca.data import DataKeys, condition_id, load
 from scdca.errors import ScdcaInputError
 
 from .conftest import make_cells
@@ -111,6 +111,9 @@ def test_simulated_truth_is_loaded_and_close_to_observations(tiny_data):
     # 6 cells per condition: the truth is near, not equal to, the observation
     err = np.abs(tiny_data.truth - tiny_data.mean).mean()
     assert 0.0 < err < 0.3
+    # and it is the expectation of what load() computes: no systematic offset (a naive
+    # log1p(expected count) truth would sit ~0.1 above the observed pseudobulk)
+    assert abs(float((tiny_data.mean - tiny_data.truth).mean())) < 0.01
 
 
 # --- bad input: one test per kind ---------------------------------------------------------

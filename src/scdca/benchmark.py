@@ -29,7 +29,7 @@ from . import _io
 from .data import DataKeys, PerturbationData, load, rank_degs
 from .errors import ScdcaInputError
 from .metrics import METRICS, ScoringInput, score
-from .models import MODELS, make_model
+from .models import MODELS
 from .splits import ALL_TASKS, TASKS, Split, make_splits
 
 log = logging.getLogger(__name__)

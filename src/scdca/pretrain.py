@@ -13,7 +13,6 @@ the best validation loss. It is resumable: `train_state.pt` is saved atomically 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time

@@ -69,7 +69,6 @@ def test_knn_uses_the_identical_molecule_first():
 
 
 def test_ridge_learns_a_line_specific_shift():
-    rng = np.random.default_rng(0)
     drugs = ["aspirin", "caffeine", "ibuprofen", "paracetamol"]
     delta = {(c, d, x): ([1.0, 0, 0] if c == "L1" else [0, -1.0, 0]) for c in CTRL for d in drugs for x in (0.1, 1.0)}
     data = make_pb(delta, control=CTRL)
