@@ -63,3 +63,23 @@ def test_report_builds_from_results_csv_alone(tmp_path):
     page = path.read_text()
     assert "Paired t-tests" in page and "data:image/png;base64," in page
     assert (tmp_path / "report.md").exists() and (tmp_path / "fig_main.png").exists()
+
+
+def test_group_table_pools_conditions_per_group():
+    from scdca.report import group_table
+
+    r = tiny_results()
+    g = group_table(r, pd.Series({"d1": "HDAC", "d2": "kinase"}))
+    # d1 is 0.1 below each seed's mean: mean over seeds 0.55 - 0.1 for model a
+    assert g.loc[("unseen_drug", "HDAC"), "a"] == pytest.approx(0.45)
+    assert g.loc[("unseen_drug", "kinase"), "n_drugs"] == 1
+
+
+def test_novelty_reads_the_split_from_the_results():
+    from scdca.report import novelty
+
+    smiles = {"d1": "CC(=O)Oc1ccccc1C(=O)O", "d2": "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "d3": "CC(=O)Oc1ccccc1C(=O)O"}
+    nov = novelty(tiny_results(), smiles)  # d1, d2 tested; d3 (= aspirin) is the only training drug
+    d1 = nov[(nov.model == "a") & (nov.drug == "d1") & (nov.seed == 0)].iloc[0]
+    assert d1["max_tanimoto"] == pytest.approx(1.0) and d1["value"] == pytest.approx(0.40)
+    assert nov[nov.drug == "d2"]["max_tanimoto"].max() < 0.3

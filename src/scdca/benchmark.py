@@ -219,6 +219,8 @@ def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str
         var=pd.DataFrame(index=[str(g) for g in test.genes]),
     )
     adata.layers["observed"] = np.asarray(observed, dtype=np.float32)
+    if test.std is not None and test.std.shape == adata.shape:
+        adata.layers["observed_std"] = np.asarray(test.std, dtype=np.float32)  # across cells, for per-gene plots
     adata.layers["control"] = test.control_for(cond["cell_line"]).astype(np.float32)
     adata.uns["degs"] = deg_table(test, n_degs)
     return adata

@@ -154,6 +154,135 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
     return c.groupby("model").agg(agg).round(3).sort_values("seconds")
 
 
+def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame | None]:
+    """Drug -> SMILES and the per-drug annotation table of the benchmark's dataset, if it is readable."""
+    import json
+
+    import anndata as ad
+
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.exists():
+        return {}, None
+    cfg = json.loads(cfg_path.read_text())
+    path, keys = cfg.get("data"), cfg.get("keys", {})
+    if not path or not os.path.exists(path):
+        return {}, None
+    a = ad.read_h5ad(path, backed="r")
+    obs = a.obs
+    drug_col, smi_col = keys.get("drug", "condition"), keys.get("smiles", "SMILES")
+    smiles = {}
+    if drug_col in obs and smi_col in obs:
+        sub = obs[[drug_col, smi_col]].astype(str).drop_duplicates(drug_col)
+        smiles = {d: s_ for d, s_ in zip(sub[drug_col], sub[smi_col]) if s_ and s_ != "nan"}
+    ann = a.uns.get("drug_annotations")
+    table = pd.DataFrame({k: np.asarray(v) for k, v in ann.items()}).set_index("drug") if isinstance(ann, dict) else None
+    a.file.close()
+    return smiles, table
+
+
+def group_table(results: pd.DataFrame, groups: pd.Series, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Score per drug group (target, pathway, mechanism ...): rows (task, group), columns models.
+
+    Conditions are pooled over seeds; the `n_drugs` column counts the group's tested drugs.
+    """
+    r = results[(results["metric"] == metric) & results["drug"].isin(groups.index)].copy()
+    if r.empty:
+        return pd.DataFrame()
+    r["group"] = r["drug"].map(groups).astype(str)
+    table = r.pivot_table(index=["task", "group"], columns="model", values="value", aggfunc="mean").round(3)
+    table.insert(0, "n_drugs", r.groupby(["task", "group"])["drug"].nunique())
+    return table
+
+
+def novelty(results: pd.DataFrame, smiles: dict[str, str], metric: str = "pearson_delta_deg",
+            tasks: Sequence[str] = ("unseen_drug", "unseen_scaffold")) -> pd.DataFrame:
+    """Per (task, seed, model, test drug): its max Tanimoto to the training drugs and its mean score.
+
+    In these tasks every drug that is not tested is a training drug, so the split is read
+    from the results table itself.
+    """
+    from .molecules import novelty_table
+
+    rows = []
+    r = results[results["metric"] == metric]
+    for (task, seed), grp in r[r["task"].isin(tasks)].groupby(["task", "seed"]):
+        test = sorted(d for d in grp["drug"].unique() if d in smiles)
+        train = [d for d in smiles if d not in set(grp["drug"])]
+        if not test or not train:
+            continue
+        sim = novelty_table({d: smiles[d] for d in train}, {d: smiles[d] for d in test})["max_tanimoto"]
+        per_drug = grp.groupby(["model", "drug"])["value"].mean().reset_index()
+        per_drug = per_drug[per_drug["drug"].isin(test)]
+        per_drug["max_tanimoto"] = per_drug["drug"].map(sim)
+        per_drug["task"], per_drug["seed"] = task, seed
+        rows.append(per_drug)
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def _figure_novelty(nov: pd.DataFrame, metric: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drugs = nov.drop_duplicates(["task", "seed", "drug"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.hist(drugs["max_tanimoto"], bins=np.linspace(0, 1, 21), color="#555555")
+    ax1.axvline(0.4, color="red", ls="--", lw=1)
+    ax1.set_xlabel("max Tanimoto to training drugs (Morgan r=2, 2048 bits)")
+    ax1.set_ylabel("test drugs (all seeds)")
+    ax1.set_title(f"{np.mean(drugs['max_tanimoto'] < 0.4):.0%} of test drugs below 0.4", fontsize=10)
+    bins = [0, 0.2, 0.3, 0.4, 0.6, 1.0001]
+    nov = nov.assign(bin=pd.cut(nov["max_tanimoto"], bins, right=False))
+    models = sorted(nov["model"].unique())
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(models)}
+    for model, g in nov.groupby("model"):
+        m = g.groupby("bin", observed=False)["value"].mean()
+        ax2.plot([f"{b.left:.1f}-{min(b.right, 1):.1f}" for b in m.index], m.to_numpy(), marker="o",
+                 label=model, color=colors[model], ls="--" if model in REFERENCES else "-")
+    ax2.set_xlabel("max Tanimoto to training (bin)")
+    ax2.set_ylabel(metric)
+    ax2.set_title("score of test drugs by similarity to training", fontsize=10)
+    ax2.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def _figure_genes(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
+    """Control, observed (± cell SD) and predicted expression of the top-k DEGs for the
+    conditions with the largest observed change (paper's Figure 4)."""
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(glob.glob(str(folder / "predictions" / f"{model}__*__seed0.h5ad")))
+    if not files:
+        return None
+    a = ad.read_h5ad(files[0])
+    change = np.abs(a.layers["observed"] - a.layers["control"]).mean(1)
+    picks = np.argsort(-change)[:n_conditions]
+    genes = pd.Index(a.var_names)
+    fig, axes = plt.subplots(n_conditions, 1, figsize=(10, 2.8 * n_conditions), squeeze=False)
+    for ax, i in zip(axes[:, 0], picks):
+        cid = a.obs_names[i]
+        names = [g for g in a.uns["degs"].loc[cid].tolist() if g][:k]
+        idx = genes.get_indexer(names)
+        x = np.arange(len(idx))
+        ax.plot(x, a.layers["control"][i, idx], "s", color="#999999", label="control")
+        sd = a.layers["observed_std"][i, idx] if "observed_std" in a.layers else None
+        ax.errorbar(x, a.layers["observed"][i, idx], yerr=sd, fmt="o", color="black", capsize=2,
+                    label="observed" + (" ± cell SD" if sd is not None else ""))
+        ax.plot(x, np.asarray(a.X)[i, idx], "x", color="#d62728", ms=8, label=f"predicted ({model})")
+        ax.set_xticks(x, names, rotation=60, fontsize=7)
+        ax.set_ylabel("log1p expression")
+        ax.set_title(f"{cid} ({Path(files[0]).stem.split('__')[1]}, seed 0)", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig
+
+
 def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
     """A plain-language paragraph: who wins each task on `metric`, against the best simple baseline."""
     s = per_seed(results, metric)
@@ -265,11 +394,28 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
         sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
                          sweep.pivot_table(index=["task", "model"], columns="k", values="value").round(3).to_string(),
                          _png(_figure_sweep(sweep), folder / "fig_deg_sweep.png")))
+    smiles, annotations = data_info(folder)
+    if annotations is not None:
+        for col in [c for c in ("mechanism", "target", "pathway") if c in annotations]:
+            g = group_table(results, annotations[col], metric)
+            if not g.empty:
+                sections.append((f"Per drug group: {col} ({metric}; conditions pooled over seeds)", g.to_string(), None))
+    nov = novelty(results, smiles, metric) if smiles else pd.DataFrame()
+    if not nov.empty:
+        sections.append(("Chemical novelty of test drugs (unseen-drug tasks)",
+                         nov.assign(bin=pd.cut(nov["max_tanimoto"], [0, 0.2, 0.3, 0.4, 0.6, 1.0001], right=False))
+                         .pivot_table(index="bin", columns="model", values="value", aggfunc="mean", observed=False)
+                         .round(3).to_string(), _png(_figure_novelty(nov, metric), folder / "fig_novelty.png")))
+    genes_fig = _figure_genes(folder, model)
+    if genes_fig is not None:
+        sections.append((f"Per-gene view: top-20 DEGs of the two most-changed test conditions ({model})",
+                         "Grey squares: control; black: observed (± SD across cells when stored); red x: predicted.",
+                         _png(genes_fig, folder / "fig_genes.png")))
     costs = cost_table(folder)
     if not costs.empty:
         sections.append(("Cost (seconds per split for fit + predict; parameters)", costs.to_string(), None))
-    not_done = ("Not yet in this report: per-drug-group robustness, chemical-novelty plots, per-gene plots, "
-                "and peers (biolord): see NOTES.md.")
+    not_done = ("Not yet in this report: published peers (biolord) and user-supplied annotation tables "
+                "(only annotations stored in the dataset are used); see NOTES.md.")
     sections.append(("Not included", not_done, None))
 
     md = [f"# scdca benchmark report: {folder.name}\n"]
