@@ -83,3 +83,29 @@ def test_novelty_reads_the_split_from_the_results():
     d1 = nov[(nov.model == "a") & (nov.drug == "d1") & (nov.seed == 0)].iloc[0]
     assert d1["max_tanimoto"] == pytest.approx(1.0) and d1["value"] == pytest.approx(0.40)
     assert nov[nov.drug == "d2"]["max_tanimoto"].max() < 0.3
+
+
+def test_annotation_table_from_the_sciplex_drug_properties(tmp_path):
+    """Uses the real sci-Plex drugProperties_short.tsv from ../shared when it is present."""
+    import os
+
+    from scdca.report import read_annotations
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "drugProperties_short.tsv")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data/drugProperties_short.tsv not beside the project")
+    ann = read_annotations(path, drug_column="Product.Name", group_column="Target")
+    assert ann["Veliparib"] == "PARP" and ann["Veliparib (ABT-888)"] == "PARP"
+    r = tiny_results().replace({"drug": {"d1": "Veliparib", "d2": "Roxadustat"}})
+    r.to_csv(tmp_path / "results.csv", index=False)
+    page = build(tmp_path, annotations=ann, annotation_name="Target").read_text()
+    assert "Per drug group: Target" in page and "2 of 2 drugs annotated" in page and "PARP" in page
+
+
+def test_annotation_file_with_a_missing_column_is_refused(tmp_path):
+    from scdca.errors import ScdcaInputError
+    from scdca.report import read_annotations
+
+    (tmp_path / "a.csv").write_text("name,target\nx,y\n")
+    with pytest.raises(ScdcaInputError, match="column 'Target' not in"):
+        read_annotations(tmp_path / "a.csv", drug_column="name", group_column="Target")

@@ -196,7 +196,12 @@ def cmd_screen(args) -> None:
 def cmd_report(args) -> None:
     from .report import build
 
-    path = build(args.dir, model=args.model, metric=args.metric)
+    ann = None
+    if args.annotations:
+        from .report import read_annotations
+
+        ann = read_annotations(args.annotations, drug_column=args.drug_column, group_column=args.group_column)
+    path = build(args.dir, model=args.model, metric=args.metric, annotations=ann, annotation_name=args.group_column)
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
@@ -303,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir")
     rp.add_argument("--model", default=None, help="model to test against all others (default: first learned model)")
     rp.add_argument("--metric", default="pearson_delta_deg")
+    rp.add_argument("--annotations", default=None, help="CSV/TSV mapping drugs to groups (target, pathway)")
+    rp.add_argument("--drug-column", default="Product.Name")
+    rp.add_argument("--group-column", default="Target")
     rp.set_defaults(func=cmd_report)
 
     e = sub.add_parser("embed", help="precompute molecule embeddings into a table (the table: encoder format)")

@@ -370,8 +370,34 @@ def _png(fig, path: Path) -> str:
     return base64.b64encode(data).decode()
 
 
-def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = "pearson_delta_deg") -> Path:
-    """Write DIR/report.md and a self-contained DIR/report.html (+ PNG figures). Returns the HTML path."""
+def read_annotations(path: str | os.PathLike, *, drug_column: str, group_column: str) -> pd.Series:
+    """Drug -> group from a CSV/TSV (e.g. sci-Plex's drugProperties_short.tsv: Product.Name -> Target).
+
+    Names are matched as given and also without a trailing parenthesis ('Veliparib (ABT-888)'
+    -> 'Veliparib'), so product names match the short names used in chemCPA's files.
+    """
+    from .errors import ScdcaInputError
+
+    sep = "\t" if str(path).endswith((".tsv", ".txt")) else ","
+    table = pd.read_csv(path, sep=sep)
+    for col in (drug_column, group_column):
+        if col not in table.columns:
+            raise ScdcaInputError(f"annotations: column {col!r} not in {str(path)!r}; columns: {list(table.columns)!r}")
+    table = table.dropna(subset=[drug_column, group_column])
+    names = table[drug_column].astype(str)
+    groups = pd.Series(table[group_column].astype(str).to_numpy(), index=names)
+    short = pd.Series(groups.to_numpy(), index=names.str.replace(r"\s*\(.*\)\s*$", "", regex=True))
+    both = pd.concat([groups, short])
+    return both[~both.index.duplicated()]
+
+
+def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = "pearson_delta_deg",
+          annotations: pd.Series | None = None, annotation_name: str = "group") -> Path:
+    """Write DIR/report.md and a self-contained DIR/report.html (+ PNG figures). Returns the HTML path.
+
+    `annotations` (drug -> group, see `read_annotations`) adds a per-group table next to any
+    annotations stored in the dataset itself.
+    """
     folder = Path(folder)
     results = pd.read_csv(folder / "results.csv", keep_default_na=False, na_values=[""], dtype={"held_out": str})
     results["held_out"] = results["held_out"].fillna("").astype(str)
@@ -394,12 +420,18 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
         sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
                          sweep.pivot_table(index=["task", "model"], columns="k", values="value").round(3).to_string(),
                          _png(_figure_sweep(sweep), folder / "fig_deg_sweep.png")))
-    smiles, annotations = data_info(folder)
-    if annotations is not None:
-        for col in [c for c in ("mechanism", "target", "pathway") if c in annotations]:
-            g = group_table(results, annotations[col], metric)
+    smiles, stored = data_info(folder)
+    if stored is not None:
+        for col in [c for c in ("mechanism", "target", "pathway") if c in stored]:
+            g = group_table(results, stored[col], metric)
             if not g.empty:
                 sections.append((f"Per drug group: {col} ({metric}; conditions pooled over seeds)", g.to_string(), None))
+    if annotations is not None:
+        g = group_table(results, annotations, metric)
+        tested = results["drug"].nunique()
+        matched = results["drug"].isin(annotations.index).groupby(results["drug"]).first().sum()
+        sections.append((f"Per drug group: {annotation_name} ({metric}; {matched} of {tested} drugs annotated)",
+                         g.to_string() if not g.empty else "no tested drug matched the annotation table", None))
     nov = novelty(results, smiles, metric) if smiles else pd.DataFrame()
     if not nov.empty:
         sections.append(("Chemical novelty of test drugs (unseen-drug tasks)",
@@ -414,8 +446,8 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     costs = cost_table(folder)
     if not costs.empty:
         sections.append(("Cost (seconds per split for fit + predict; parameters)", costs.to_string(), None))
-    not_done = ("Not yet in this report: published peers (biolord) and user-supplied annotation tables "
-                "(only annotations stored in the dataset are used); see NOTES.md.")
+    not_done = ("Not yet in this report: published peers (biolord could not be wired in this session); "
+                "see NOTES.md.")
     sections.append(("Not included", not_done, None))
 
     md = [f"# scdca benchmark report: {folder.name}\n"]
