@@ -353,7 +353,7 @@ def _figure_sweep(sweep: pd.DataFrame):
         ax.set_title(task.replace("_", " "), fontsize=10)
         ax.set_xlabel("top-k DEGs")
         ax.set_ylabel("R² (expression)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -409,9 +409,14 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     main = main_table(results)
     sections.append(("Main table (mean ± SE over seeds; * = best non-reference model)", main.to_string(), _png(_figure_bars(results, metric), folder / "fig_main.png")))
     tests = paired_tests(results, model, metric)
-    if not tests.empty:
-        sections.append((f"Paired t-tests: {model} vs every other model ({metric}, paired on seed; "
-                         f"Holm-corrected within task)", tests.round(4).to_string(index=False), None))
+    title = f"Paired t-tests: {model} vs every other model ({metric}, paired on seed; Holm-corrected within task)"
+    if tests.empty:
+        pass
+    elif tests["n_seeds"].max() < 2:
+        sections.append((title, f"Not computed: this run has {int(tests['n_seeds'].max())} seed; a paired test "
+                                f"needs at least 2 (the paper uses 5: --seeds 5).", None))
+    else:
+        sections.append((title, tests.round(4).to_string(index=False), None))
     pho = per_held_out(results, metric)
     if not pho.empty:
         sections.append((f"Per held-out cell line ({metric})", pho.to_string(), None))
