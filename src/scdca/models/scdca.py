@@ -321,18 +321,21 @@ class ScDCAModel(PerturbationModel):
         if list(query.genes) != list(self._genes):
             raise ScdcaInputError("query genes differ from the genes the model was trained on")
         cond = torch.from_numpy(self._conditions(query))
-        controls_all = query.control_for(query.conditions["cell_line"])  # (N, G)
-        controls = torch.from_numpy(controls_all[:, self._kept])
-        out = controls_all.copy()
+        lines = query.controls.index.get_indexer(query.conditions["cell_line"])  # (N,) row of each line
+        line_controls = torch.from_numpy(query.control_mean[:, self._kept])  # (L, T)
+        out = query.control_mean[lines].copy()  # (N, G): genes the model does not cover stay at control
         self.net.eval()
-        # finetune changed the backbone: its 'no change' reference comes from the checkpoint on disk
-        pretrained = load_backbone(self.backbone_path, device=self.device) if self.cfg.variant == "finetune" else None
-        preds = []
         with torch.no_grad():
-            for s in range(0, len(cond), 64):
-                c = controls[s : s + 64].to(self.device)
-                ref = self.net.reference_output(c, pretrained) if pretrained is not None else None
-                preds.append(self.net(c, cond[s : s + 64].to(self.device), reference=ref).float().cpu().numpy())
+            # per-line caches, computed once however many drugs are asked for (screening);
+            # finetune changed its backbone, so its 'no change' reference comes from the checkpoint
+            if self.cfg.variant == "finetune":
+                pretrained = load_backbone(self.backbone_path, device=self.device)
+                cache = (None, self.net.reference_output(line_controls.to(self.device), pretrained))
+                del pretrained
+            else:
+                cache = self._line_hidden(line_controls)
+            preds = [self._forward(line_controls, cache, torch.from_numpy(lines[s : s + 64]), cond[s : s + 64])
+                     .float().cpu().numpy() for s in range(0, len(cond), 64)]
         out[:, self._kept] = np.concatenate(preds) if preds else np.zeros((0, int(self._kept.sum())))
         return out
 
