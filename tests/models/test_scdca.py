@@ -169,3 +169,14 @@ def test_cli_train_predict_screen(tiny_sim, tiny_backbone, tmp_path, capsys):
     assert main(["screen", "--model", str(tmp_path / "m"), "--library", str(tmp_path / "lib.smi"),
                  "--cell-line", "lineA", "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
     assert "effect size" in capsys.readouterr().out
+
+
+def test_unseen_fingerprint_bits_do_not_blow_up_predictions(tiny_data, tiny_backbone):
+    """A test drug with Morgan bits that no training drug has must not be scaled by 1/std ~ 1e6."""
+    split = make_splits(tiny_data, "unseen_drug", 0)[0]
+    model = make_model("scdca", backbone=tiny_backbone, **{**FAST, "encoder": "morgan"})
+    model.fit(tiny_data.subset(split.train))
+    cond = model._conditions(tiny_data.subset(split.test, observed=False))
+    assert np.abs(cond).max() < 100
+    pred = model.predict(tiny_data.subset(split.test, observed=False))
+    assert np.abs(pred - tiny_data.subset(split.test).mean).max() < 20

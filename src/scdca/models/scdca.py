@@ -191,7 +191,10 @@ class ScDCAModel(PerturbationModel):
         self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
         emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
-        self._emb_mean, self._emb_std = emb.mean(0), emb.std(0) + 1e-6
+        std = emb.std(0)
+        # features constant over the training drugs (e.g. a Morgan bit no training drug has) are only
+        # centred: dividing by their ~0 spread would blow an unseen drug's value up by 1e6
+        self._emb_mean, self._emb_std = emb.mean(0), np.where(std > 1e-3, std, 1.0).astype(np.float32)
         logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
         self._dose_lo, self._dose_span = float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
         backbone = load_backbone(self.backbone_path, device=self.device)
