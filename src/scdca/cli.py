@@ -1,4 +1,4 @@
-"""Command line: `scdca simulate | benchmark`."""
+"""Command line: `scdca simulate | benchmark | report | pretrain | train | predict | screen | embed | novelty`."""
 from __future__ import annotations
 
 import argparse
@@ -47,16 +47,14 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from .benchmark import BenchmarkConfig, format_summary, run, summarize
-
-    options = _model_options(args)
-    cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
-                          seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
-                          keys=_keys(args), model_options=options)
     from dataclasses import replace
 
+    from .benchmark import BenchmarkConfig, format_summary, run, summarize
     from .report import build
 
+    cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
+                          seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
+                          keys=_keys(args), model_options=_model_options(args))
     t0 = time.perf_counter()
     results = run(replace(cfg, report=False), progress=not args.quiet)
     t1 = time.perf_counter()
