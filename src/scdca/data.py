@@ -90,7 +90,6 @@ class PerturbationData:
     half_a: np.ndarray | None = None
     half_b: np.ndarray | None = None
     truth: np.ndarray | None = None
-    annotations: pd.DataFrame | None = None  # per-drug extra columns (e.g. hidden mechanism)
 
     @property
     def n_genes(self) -> int:
@@ -268,7 +267,6 @@ def load(
     )
     data.degs = _degs(data, adata.uns.get(keys.degs_uns), n_degs=n_degs)
     data.truth = _truth(adata.uns.get(TRUTH_KEY), data)
-    data.annotations = _drug_annotations(adata)
     return data
 
 
@@ -513,12 +511,3 @@ def _truth(stored, data: PerturbationData) -> np.ndarray | None:
     if (rows < 0).any() or (cols < 0).any():
         return None
     return np.asarray(stored["mean"], dtype=np.float32)[np.ix_(rows, cols)]
-
-
-def _drug_annotations(adata: ad.AnnData) -> pd.DataFrame | None:
-    table = adata.uns.get("drug_annotations")
-    if isinstance(table, pd.DataFrame):
-        return table
-    if isinstance(table, dict) and "drug" in table:
-        return pd.DataFrame(table).set_index("drug")
-    return None

@@ -330,7 +330,6 @@ class TableEncoder(MoleculeEncoder):
                 self._by_name[str(df[self._drug_col].iloc[i])] = values[i]
         self.path = path
         self.identifier = f"table:{os.path.abspath(path)}:{os.path.getmtime(path)}"
-        self._pending_names: dict[str, str] = {}
 
     def encode(self, smiles, *, names=None):
         names = list(names) if names is not None else [f"#{i}" for i in range(len(smiles))]

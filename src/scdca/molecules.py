@@ -99,14 +99,6 @@ def tanimoto(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sim.astype(np.float32)
 
 
-def max_train_similarity(test_smiles: Sequence[str], train_smiles: Sequence[str]) -> np.ndarray:
-    """For each test molecule, its maximum Tanimoto similarity (Morgan r=2, 2048 bits) to training."""
-    if len(train_smiles) == 0:
-        return np.zeros(len(test_smiles), dtype=np.float32)
-    sim = tanimoto(morgan_fingerprints(test_smiles), morgan_fingerprints(train_smiles))
-    return sim.max(axis=1)
-
-
 def scaffold(smiles: str) -> str:
     """Bemis-Murcko scaffold (canonical SMILES; '' for acyclic molecules)."""
     from rdkit.Chem.Scaffolds import MurckoScaffold
