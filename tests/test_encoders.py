@@ -53,7 +53,7 @@ def table_file(tmp_path_factory):
     return str(folder / "emb.csv")
 
 
-SPECS = ["morgan", "morgan:r=3,bits=512,counts=1", "chemnet", "hf:tiny", "hf:rxnfp", "table"]
+SPECS = ["morgan", "rdkit2d", "morgan:r=3,bits=512,counts=1", "chemnet", "hf:tiny", "hf:rxnfp", "table"]
 
 
 @pytest.fixture(params=SPECS)
@@ -165,3 +165,15 @@ def test_embed_cli_bad_smiles_exits_nonzero_naming_the_drug(tmp_path, capsys):
     assert main(["embed", "--input", str(tmp_path / "in.csv"), "--out", str(tmp_path / "e.csv"), "--no-cache"]) == 2
     assert "broken_one" in capsys.readouterr().err
     assert not (tmp_path / "e.csv").exists()
+
+
+def test_rdkit2d_values_are_the_named_descriptors():
+    from rdkit import Chem
+    from rdkit.Chem import Descriptors
+
+    enc = get_encoder("rdkit2d", cache_dir=None)
+    emb = enc.encode(["CCO", "c1ccccc1"])
+    names = [n for n, _ in Descriptors._descList]
+    col = names.index("MolWt")
+    np.testing.assert_allclose(emb[:, col], [Descriptors.MolWt(Chem.MolFromSmiles(s)) for s in ("CCO", "c1ccccc1")], rtol=1e-5)
+    assert emb[1, names.index("NumAromaticRings")] == 1 and emb[0, names.index("NumAromaticRings")] == 0

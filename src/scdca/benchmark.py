@@ -123,11 +123,10 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     return results
 
 
-def _make(name: str, options: dict):
-    from .models.scdca import ScDCAModel
-
+def _make(name: str, options: dict, seed: int):
+    """Build a model with the benchmark-wide options it accepts (and the grid seed)."""
     cls = MODELS.get(name)
-    return cls(**options) if issubclass(cls, ScDCAModel) else cls()
+    return cls(**{k: v for k, v in {**options, "seed": seed}.items() if k in cls.options})
 
 
 def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
@@ -161,7 +160,7 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
         elif model_name == "oracle":
             pred, extra = test.truth, {}
         else:
-            model = _make(model_name, cfg.model_options)
+            model = _make(model_name, cfg.model_options, seed)
             model.fit(data.subset(split.train))
             pred = np.asarray(model.predict(data.subset(test.ids, observed=False)), dtype=np.float32)
             extra = model.cost()

@@ -6,6 +6,8 @@ cache entry. Choose an encoder by spec string:
 
     morgan                  RDKit Morgan bits (radius 2, 2048 bits); 'morgan:r=3,bits=1024,counts=1'
     chemnet                 ChemNet (pretrained, ships inside the `fcd-torch` wheel), 512-d
+    rdkit2d                 RDKit's 2D descriptors (~200: weight, logP, TPSA, counts, ...), as
+                            chemCPA and biolord use for sci-Plex; scale-free after standardising
     hf:<folder or hub id>   any Hugging Face SMILES transformer (ChemBERTa, ...), mean-pooled
     table:<file>            precomputed embeddings (.csv or .parquet keyed by drug or SMILES)
 """
@@ -152,6 +154,45 @@ def _morgan(arg: str = "", **kw) -> MoleculeEncoder:
         raise ScdcaInputError(f"morgan: unknown option(s) {sorted(unknown)}; use r=, bits=, counts=")
     return MorganEncoder(radius=int(o.get("r", 2)), n_bits=int(o.get("bits", 2048)),
                          counts=o.get("counts", "0") in ("1", "true", "True"), **kw)
+
+
+class RDKit2DEncoder(MoleculeEncoder):
+    """RDKit's 2D molecular descriptors, one column per entry of `rdkit.Chem.Descriptors._descList`.
+
+    Raw values span orders of magnitude (molecular weight vs. fraction sp3); models
+    standardise them over the training drugs. Non-finite values (a descriptor undefined
+    for a molecule) become 0.
+    """
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        from rdkit import rdBase
+        from rdkit.Chem import Descriptors
+
+        self._names = [name for name, _ in Descriptors._descList]
+        self.dim = len(self._names)
+        self.identifier = f"rdkit2d:rdkit={rdBase.rdkitVersion},n={self.dim}"
+
+    def _embed(self, smiles):
+        from rdkit import Chem, RDLogger
+        from rdkit.Chem import Descriptors
+
+        RDLogger.DisableLog("rdApp.*")
+        rows = []
+        for s in smiles:
+            values = Descriptors.CalcMolDescriptors(Chem.MolFromSmiles(s), missingVal=np.nan)
+            rows.append([values[name] for name in self._names])
+        out = np.asarray(rows, dtype=np.float64)
+        out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        # float32 overflows above 3.4e38 (Ipc can); clip to keep the array finite
+        return np.clip(out, -1e30, 1e30).astype(np.float32)
+
+
+@ENCODERS.register("rdkit2d")
+def _rdkit2d(arg: str = "", **kw) -> MoleculeEncoder:
+    if arg:
+        raise ScdcaInputError(f"rdkit2d takes no options, got {arg!r}")
+    return RDKit2DEncoder(**kw)
 
 
 class ChemNetEncoder(MoleculeEncoder):

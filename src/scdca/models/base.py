@@ -19,6 +19,9 @@ class PerturbationModel(ABC):
     """
 
     name: ClassVar[str] = "model"
+    # benchmark-wide options (CLI: --encoder, --epochs, ...) this model accepts; the grid's
+    # seed is passed as `seed` when listed. Closed-form baselines take none.
+    options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def fit(self, train: PerturbationData) -> "PerturbationModel":

@@ -164,6 +164,7 @@ class ScDCAModel(PerturbationModel):
     """
 
     name = "scdca"
+    options = ("backbone", "encoder", "epochs", "max_steps", "lr", "device", "seed")
     variant: str = "adapter"
     defaults: dict[str, Any] = {}
 
