@@ -110,3 +110,28 @@ def test_benchmark_writes_a_report_with_a_deg_sweep(bench):
     ours = sweep[(sweep.model == "additive") & (sweep.task == "unseen_drug") & (sweep.k == "5")]["value"].item()
     r = results[(results.model == "additive") & (results.task == "unseen_drug") & (results.metric == "r2_deg")]
     assert ours == pytest.approx(r.groupby("seed")["value"].mean().mean(), rel=1e-6)
+
+
+def test_models_get_only_the_options_they_accept_and_the_grid_seed(monkeypatch):
+    from scdca.benchmark import _make
+    from scdca.models import MODELS
+    from scdca.models.base import PerturbationModel
+
+    seen = {}
+
+    class Probe(PerturbationModel):
+        options = ("encoder", "seed")
+
+        def __init__(self, **kw):
+            seen.update(kw)
+
+        def fit(self, train):
+            return self
+
+        def predict(self, query):
+            raise NotImplementedError
+
+    monkeypatch.setitem(MODELS._entries, "probe", Probe)
+    _make("probe", {"encoder": "morgan", "lr": 0.5, "backbone": "x"}, 3)
+    assert seen == {"encoder": "morgan", "seed": 3}
+    assert type(_make("ridge", {"encoder": "morgan", "lr": 0.5}, 3)).__name__ == "RidgeBaseline"

@@ -109,3 +109,15 @@ def test_annotation_file_with_a_missing_column_is_refused(tmp_path):
     (tmp_path / "a.csv").write_text("name,target\nx,y\n")
     with pytest.raises(ScdcaInputError, match="column 'Target' not in"):
         read_annotations(tmp_path / "a.csv", drug_column="name", group_column="Target")
+
+
+def test_peer_section_says_whether_each_peer_ran(monkeypatch):
+    from scdca import report
+
+    r = tiny_results()
+    monkeypatch.setattr(report, "peer_status", lambda: {"biolord": None})
+    assert "biolord: installed but not in this run" in report.peers_text(r)
+    monkeypatch.setattr(report, "peer_status", lambda: {"biolord": "pip install biolord==0.0.3"})
+    assert "biolord: not run, its package is not installed here (pip install biolord==0.0.3)" in report.peers_text(r)
+    r.loc[r["model"] == "a", "model"] = "biolord"
+    assert "biolord: in this report" in report.peers_text(r)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from . import _io
 from .benchmark import REFERENCES
+from .models.peers import PEERS, peer_status
 from .metrics import METRICS
 
 MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank")
@@ -283,6 +284,20 @@ def _figure_genes(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
     return fig
 
 
+def peers_text(results: pd.DataFrame) -> str:
+    """One line per published peer model: in this report, installed but not run, or not installable here."""
+    lines = []
+    for name, missing in peer_status().items():
+        if name in set(results["model"]):
+            lines.append(f"{name}: in this report, trained on the same pseudobulk profiles and splits as every "
+                         f"other model (set-up: scdca.models.peers).")
+        elif missing is None:
+            lines.append(f"{name}: installed but not in this run; add it to --models (e.g. make demo-peers).")
+        else:
+            lines.append(f"{name}: not run, its package is not installed here ({missing}).")
+    return "\n".join(lines) + "\n"
+
+
 def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
     """A plain-language paragraph: who wins each task on `metric`, against the best simple baseline."""
     s = per_seed(results, metric)
@@ -322,12 +337,13 @@ def _figure_bars(results: pd.DataFrame, metric: str):
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.8), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks):
         t = s[s["task"] == task]
-        colors = ["#999999" if m in REFERENCES else "#1f77b4" if m in BASELINES else "#d62728" for m in t["model"]]
+        colors = ["#999999" if m in REFERENCES else "#1f77b4" if m in BASELINES
+                  else "#ff7f0e" if m in PEERS else "#d62728" for m in t["model"]]
         ax.barh(t["model"], t["mean"], xerr=t["sem"].fillna(0), color=colors)
         ax.set_title(task.replace("_", " "), fontsize=10)
         ax.set_xlabel(metric)
         ax.axvline(0, color="black", lw=0.5)
-    fig.suptitle(f"{metric} by task (mean ± SE over seeds; grey = references, blue = baselines, red = learned)",
+    fig.suptitle(f"{metric} by task (mean ± SE over seeds; grey = references, blue = baselines, orange = published peers, red = scDCA & co.)",
                  fontsize=9)
     fig.tight_layout()
     return fig
@@ -451,9 +467,7 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     costs = cost_table(folder)
     if not costs.empty:
         sections.append(("Cost (seconds per split for fit + predict; parameters)", costs.to_string(), None))
-    not_done = ("Not yet in this report: published peers (biolord could not be wired in this session); "
-                "see NOTES.md.")
-    sections.append(("Not included", not_done, None))
+    sections.append(("Published peers", peers_text(results), None))
 
     md = [f"# scdca benchmark report: {folder.name}\n"]
     for title, body, _ in sections:
