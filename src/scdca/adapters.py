@@ -9,6 +9,12 @@ After transformer layer l, with hidden states h_l (B, T, D) and drug condition c
     h_l+1  = h_l + up                            (skip=True, our default)
     h_l+1  = up                                  (skip=False, the equations as printed)
 
+To first order the drug enters this adapter only through b_l, which is the same for
+every gene token, so drug-specific *per-gene* changes must come from nonlinearities.
+`modulation="film"` (our extension, not in the paper) also lets the drug scale the
+bottleneck channels, down = (W_down h_l) * (1 + g_l) + b_l[:r] with g_l = f_l(c)[D:],
+which gives each drug its own low-rank gene-specific change W_up diag(g_l) W_down h_l.
+
 The skip connection plus zero-initialised W_up and last layer of f_l make the adapted
 model equal the frozen backbone at step 0 (as LoRA starts at the base model). Without
 it the first step would feed zeros to every frozen layer after the first adapter.
@@ -28,6 +34,7 @@ class AdapterConfig:
     proj_hidden: int = 64
     residual: bool = True  # False: a plain nonlinearity in the bottleneck (Houlsby-style ablation)
     skip: bool = True  # False: replace h_l by the adapter output, as eq. 5 is printed
+    modulation: str = "bias"  # "bias" (paper) or "film" (drug also scales the bottleneck channels)
 
 
 class BottleneckResBlock(nn.Module):
@@ -46,9 +53,12 @@ class DrugConditionalAdapter(nn.Module):
         super().__init__()
         if cfg.bottleneck > cfg.d_model:
             raise ValueError(f"bottleneck {cfg.bottleneck} exceeds d_model {cfg.d_model}")
+        if cfg.modulation not in ("bias", "film"):
+            raise ValueError(f"modulation {cfg.modulation!r} is not 'bias' or 'film'")
         self.cfg = cfg
+        n_out = cfg.d_model + (cfg.bottleneck if cfg.modulation == "film" else 0)
         self.mol_proj = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.proj_hidden), nn.GELU(),
-                                      nn.Linear(cfg.proj_hidden, cfg.d_model))  # f_l
+                                      nn.Linear(cfg.proj_hidden, n_out))  # f_l
         self.down = nn.Linear(cfg.d_model, cfg.bottleneck, bias=False)
         self.mid = BottleneckResBlock(cfg.bottleneck) if cfg.residual else nn.GELU()
         self.up = nn.Linear(cfg.bottleneck, cfg.d_model, bias=False)
@@ -57,8 +67,13 @@ class DrugConditionalAdapter(nn.Module):
         nn.init.zeros_(self.mol_proj[-1].bias)
 
     def forward(self, h: Tensor, cond: Tensor) -> Tensor:  # (B, T, D), (B, C) -> (B, T, D)
-        b = self.mol_proj(cond)  # (B, D)
-        down = self.down(h) + b[:, None, : self.cfg.bottleneck]  # (B, T, r)
+        r, D = self.cfg.bottleneck, self.cfg.d_model
+        f = self.mol_proj(cond)  # (B, D) or (B, D + r) with film
+        b = f[:, :D]
+        down = self.down(h)  # (B, T, r)
+        if self.cfg.modulation == "film":
+            down = down * (1.0 + f[:, None, D:])
+        down = down + b[:, None, :r]
         up = self.up(self.mid(down)) + b[:, None, :]  # (B, T, D)
         return h + up if self.cfg.skip else up
 

@@ -54,6 +54,36 @@ def test_step_zero_equals_the_frozen_backbone_and_predicts_no_change(tiny_backbo
             torch.testing.assert_close(h, bb.encode(ids.expand(3, -1), values))
 
 
+@pytest.mark.parametrize("variant", ["adapter", "concat", "feature"])
+def test_frozen_backbone_has_no_dropout_in_training_mode(tiny_backbone, variant):
+    bb = load(tiny_backbone)
+    bb.cfg.dropout = 0.5
+    for m in bb.modules():  # a backbone pretrained with dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    net = ScDCANet(bb, torch.arange(20), cond_dim=7, cfg=ScDCAConfig(variant=variant)).train()
+    assert not net.backbone.training and all(not m.training for m in net.backbone.modules())
+    values, cond = torch.rand(3, 20), torch.randn(3, 7)
+    torch.testing.assert_close(net(values, cond), net(values, cond))  # deterministic while training
+    # finetune trains the backbone and keeps its dropout
+    ft = ScDCANet(load(tiny_backbone), torch.arange(20), cond_dim=7, cfg=ScDCAConfig(variant="finetune")).train()
+    assert ft.backbone.training
+
+
+def test_film_adapter_starts_as_identity_and_lets_the_drug_scale_channels():
+    ad = DrugConditionalAdapter(AdapterConfig(d_model=8, cond_dim=5, bottleneck=4, modulation="film"))
+    h, c = torch.randn(2, 3, 8), torch.randn(2, 5)
+    torch.testing.assert_close(ad(h, c), h)
+    assert ad.mol_proj[-1].out_features == 8 + 4
+    with torch.no_grad():
+        ad.up.weight.fill_(0.1)
+        ad.mol_proj[-1].bias[8:] = 1.0  # g = 1 doubles the down-projection
+        gained = ad(h, c)
+        ad.mol_proj[-1].bias[8:] = 0.0
+        plain = ad(h, c)
+    assert not torch.allclose(gained, plain)
+
+
 def test_training_changes_only_adapters_and_head(tiny_data, tiny_backbone):
     split = make_splits(tiny_data, "unseen_drug", 0)[0]
     model = make_model("scdca", backbone=tiny_backbone, **FAST)
@@ -93,7 +123,7 @@ def test_save_load_gives_identical_predictions_and_refuses_another_backbone(tiny
         ScDCAModel.load(tmp_path / "m", backbone=str(tmp_path / "other_bb"))
 
 
-@pytest.mark.parametrize("name", ["scdca_nores", "scdca_noskip", "finetune", "concat", "feature"])
+@pytest.mark.parametrize("name", ["scdca_nores", "scdca_noskip", "scdca_film", "finetune", "concat", "feature"])
 def test_every_variant_fits_and_predicts(name, tiny_data, tiny_backbone):
     split = make_splits(tiny_data, "unseen_pair", 0)[0]
     model = make_model(name, backbone=tiny_backbone, **{**FAST, "epochs": 1})

@@ -61,6 +61,7 @@ class ScDCAConfig:
     proj_hidden: int = 16  # f_l hidden width; 16 keeps whole-human scDCA under 1% trainable
     residual: bool = True
     skip: bool = True
+    modulation: str = "bias"  # "film": the drug also scales the bottleneck channels (our extension)
     train_head: bool = False  # the paper trains only f_l, W_down, W_up and res_net; the head is the
     #                           backbone's pretrained expression decoder, frozen
     epochs: int = 20
@@ -84,7 +85,7 @@ class ScDCANet(nn.Module):
         if cfg.variant != "finetune":
             freeze(backbone)
         if cfg.variant == "adapter":
-            acfg = AdapterConfig(D, cond_dim, cfg.bottleneck, cfg.proj_hidden, cfg.residual, cfg.skip)
+            acfg = AdapterConfig(D, cond_dim, cfg.bottleneck, cfg.proj_hidden, cfg.residual, cfg.skip, cfg.modulation)
             self.adapters = nn.ModuleList(DrugConditionalAdapter(acfg) for _ in range(backbone.cfg.nlayers))
             # the pretrained expression decoder; a trainable copy only if asked
             self.head = copy.deepcopy(backbone.decoder).requires_grad_(True) if cfg.train_head else backbone.decoder
@@ -103,6 +104,19 @@ class ScDCANet(nn.Module):
         if cfg.variant in ("concat", "feature"):  # start at 'no change', like the adapters
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
+
+    def train(self, mode: bool = True) -> "ScDCANet":
+        """Frozen backbone layers stay in eval mode (no dropout) while the trainable parts train.
+
+        With dropout on, the frozen layers added noise larger than most drug effects to every
+        training output, and a systematic shift that the 'no change' reference (computed in
+        eval mode) does not contain: scDCA then fitted its training conditions worse than
+        predicting no change. `finetune` trains the backbone itself, so it keeps dropout.
+        """
+        super().train(mode)
+        if self.cfg.variant != "finetune":
+            self.backbone.eval()
+        return self
 
     def reference_output(self, values: Tensor, pretrained: Backbone | None = None) -> Tensor:
         """What the untrained model predicts for control inputs (B, T) -> (B, T): the pretrained
@@ -414,6 +428,8 @@ MODELS.add("scdca", ScDCAModel)
 _variant("scdca_nores", "adapter", "scDCA with a plain nonlinearity in the bottleneck (Houlsby-style).",
          residual=False)
 _variant("scdca_noskip", "adapter", "scDCA with eq. 5 as printed: the adapter output replaces h_l.", skip=False)
+_variant("scdca_film", "adapter", "scDCA whose drug projection also scales the bottleneck channels (FiLM; "
+         "our extension, not in the paper).", modulation="film")
 _variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
 _variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
 _variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")
