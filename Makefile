@@ -27,7 +27,7 @@ demo-scdca: $(BIN)/scdca
 	test -f runs/demo/data.h5ad || $(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
 	$(BIN)/scdca pretrain --data runs/demo/data.h5ad --out runs/demo/backbone
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo --tasks all --seeds 1 \
-		--models control,train_mean,additive,ridge,knn,scdca,scdca_nores,finetune,concat,feature \
+		--models control,train_mean,additive,ridge,knn,biolord,scdca,scdca_nores,scdca_film,finetune,concat,feature \
 		--n-top-genes 256 --backbone runs/demo/backbone --encoder chemnet --max-steps 200 --lr 1e-3
 
 # The published peer biolord next to the baselines, 5 seeds (about 15 min on 2 CPU cores).

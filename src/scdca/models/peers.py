@@ -175,8 +175,11 @@ class BiolordPeer(PerturbationModel):
             self._model.module.load_state_dict(callbacks[0].best_state)
             epochs_run, val_mse = callbacks[0].epochs_seen, callbacks[0].best
             log.info("biolord: best validation MSE %.4f at epoch %d", callbacks[0].best, callbacks[0].best_epoch)
-        trainable = sum(p.numel() for p in self._model.module.parameters() if p.requires_grad)
-        self._cost = {"trainable_params": int(trainable), "epochs_run": epochs_run, "val_mse": val_mse,
+        params = list(self._model.module.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        self._cost = {"params_trainable": int(trainable), "params_total": int(total),
+                      "params_trainable_pct": 100.0 * trainable / max(total, 1), "epochs_run": epochs_run, "val_mse": val_mse,
                       "fit_seconds": time.perf_counter() - t0}
         return self
 
