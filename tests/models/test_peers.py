@@ -88,3 +88,11 @@ def test_missing_peer_package_says_how_to_install(monkeypatch):
     with pytest.raises(ScdcaInputError, match=r"pip install biolord==0\.0\.3"):
         make_model("biolord")
     assert peers.peer_status() == {"biolord": "pip install biolord==0.0.3"}
+
+
+def test_dose_scaling_is_unit_free_and_never_zero():
+    nM = np.array([10.0, 100.0, 1000.0, 10000.0])
+    t_nM = peers.scaled_log_dose(nM, np.log10(10.0), 3.0)
+    t_uM = peers.scaled_log_dose(nM / 1000, np.log10(0.01), 3.0)
+    np.testing.assert_allclose(t_nM, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(t_uM, t_nM)

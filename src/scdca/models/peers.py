@@ -4,8 +4,8 @@ biolord (Piran et al., Nat. Biotechnol. 2024) decodes expression from a latent m
 one block per known attribute plus a per-sample "unknown attributes" code. Here the
 known attributes are the cell line (categorical) and the drug (ordered: the standardised
 molecule embedding times the scaled dose, as biolord's sci-Plex set-up multiplies RDKit
-descriptors by dose). A prediction keeps the line's control sample (its unknown code and
-line embedding) and swaps in the query drug, which is biolord's own counterfactual recipe.
+descriptors by dose). A prediction keeps the line's control sample (its line embedding,
+and its unknown code when enabled) and swaps in the query drug: biolord's counterfactual.
 
 How this differs from biolord's papers, on purpose: it trains on the same pseudobulk
 profiles every other model sees (one sample per condition plus one control sample per
@@ -61,6 +61,14 @@ def _quiet():
             lg.setLevel(level)
 
 
+def scaled_log_dose(dose: np.ndarray, lo: float, span: float) -> np.ndarray:
+    """log10 dose mapped to (0, 1] whatever the unit: with k decades of training doses
+    (`lo` = lowest log10 dose, `span` = k) the lowest gets 1 / (k + 1), never 0, since a zero
+    drug attribute means "control"."""
+    t = (np.log10(np.maximum(dose, 1e-12)) - lo + 1.0) / (span + 1.0)
+    return np.clip(t, 1e-3, None)
+
+
 def _drug_features(emb: np.ndarray, dose_t: np.ndarray) -> np.ndarray:
     """Standardised embedding x dose, the ordered drug attribute; all zeros means no drug."""
     return (emb * dose_t[:, None]).astype(np.float32)
@@ -103,8 +111,7 @@ class BiolordPeer(PerturbationModel):
         cond = data.conditions
         emb = self._encoder.encode(list(cond["smiles"]), names=list(cond["drug"]))
         emb = (emb - self._emb_mean) / self._emb_std
-        t = np.log10(1.0 + cond["dose"].to_numpy(float)) / self._dose_scale
-        return _drug_features(emb, np.clip(t, 0.0, None))
+        return _drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
     def fit(self, train: PerturbationData) -> "BiolordPeer":
         import anndata as ad
@@ -118,7 +125,8 @@ class BiolordPeer(PerturbationModel):
         emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
         std = emb.std(0)
         self._emb_mean, self._emb_std = emb.mean(0), np.where(std > 1e-3, std, 1.0).astype(np.float32)
-        self._dose_scale = max(float(np.log10(1.0 + train.conditions["dose"].to_numpy(float)).max()), 1e-12)
+        logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
+        self._dose_lo, self._dose_span = float(logd.min()), float(logd.max() - logd.min())
 
         lines = train.cell_lines
         n_cond = len(train.ids)
