@@ -175,5 +175,24 @@ def test_rdkit2d_values_are_the_named_descriptors():
     emb = enc.encode(["CCO", "c1ccccc1"])
     names = [n for n, _ in Descriptors._descList]
     col = names.index("MolWt")
-    np.testing.assert_allclose(emb[:, col], [Descriptors.MolWt(Chem.MolFromSmiles(s)) for s in ("CCO", "c1ccccc1")], rtol=1e-5)
-    assert emb[1, names.index("NumAromaticRings")] == 1 and emb[0, names.index("NumAromaticRings")] == 0
+    raw = [Descriptors.MolWt(Chem.MolFromSmiles(s)) for s in ("CCO", "c1ccccc1")]
+    np.testing.assert_allclose(emb[:, col], np.log1p(raw), rtol=1e-5)  # signed log1p of the descriptor
+    ring = names.index("NumAromaticRings")
+    np.testing.assert_allclose(emb[:, ring], [0.0, np.log(2.0)], rtol=1e-6)
+
+
+def test_rdkit2d_stays_small_for_a_large_molecule_with_a_huge_ipc():
+    bortezomib = "CC(C)C[C@H](NC(=O)[C@@H](Cc1ccccc1)NC(=O)c1cnccn1)B(O)O"
+    peptide = "N" + "CC(=O)N" * 40 + "CC(=O)O"  # long chain: Ipc = 4e46, beyond float32
+    emb = get_encoder("rdkit2d", cache_dir=None).encode([bortezomib, peptide])
+    assert np.isfinite(emb).all() and np.abs(emb).max() < 110  # ln(4e46) = 107
+
+
+def test_standardise_clips_drugs_far_outside_the_training_range():
+    from scdca.encoders import standardisation, standardise
+
+    train = np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 2.0]], dtype=np.float32)
+    mean, std = standardisation(train)
+    np.testing.assert_allclose(std, [1.0, np.std([1.0, 3.0, 2.0])], rtol=1e-6)  # constant feature: spread 1
+    z = standardise(np.array([[1e6, 2.0]], dtype=np.float32), mean, std)
+    np.testing.assert_allclose(z, [[10.0, 0.0]], atol=1e-6)

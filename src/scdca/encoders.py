@@ -7,7 +7,7 @@ cache entry. Choose an encoder by spec string:
     morgan                  RDKit Morgan bits (radius 2, 2048 bits); 'morgan:r=3,bits=1024,counts=1'
     chemnet                 ChemNet (pretrained, ships inside the `fcd-torch` wheel), 512-d
     rdkit2d                 RDKit's 2D descriptors (~200: weight, logP, TPSA, counts, ...), as
-                            chemCPA and biolord use for sci-Plex; scale-free after standardising
+                            chemCPA and biolord use for sci-Plex, each as sign(x) log(1 + |x|)
     hf:<folder or hub id>   any Hugging Face SMILES transformer (ChemBERTa, ...), mean-pooled
     table:<file>            precomputed embeddings (.csv or .parquet keyed by drug or SMILES)
 """
@@ -113,6 +113,22 @@ class MoleculeEncoder(ABC):
 ENCODERS: Registry[Callable[..., MoleculeEncoder]] = Registry("molecule encoder")
 
 
+def standardisation(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and spread of the training drugs' embeddings (n, dim) -> (dim,), (dim,).
+
+    Features constant over the training drugs (a Morgan bit none of them has) get spread 1,
+    so they are only centred: dividing by their ~0 spread would blow an unseen drug up.
+    """
+    std = emb.std(0)
+    return emb.mean(0).astype(np.float32), np.where(std > 1e-3, std, 1.0).astype(np.float32)
+
+
+def standardise(emb: np.ndarray, mean: np.ndarray, std: np.ndarray, *, clip: float = 10.0) -> np.ndarray:
+    """(emb - mean) / std, clipped to +-`clip`: an unseen drug far outside the training drugs'
+    range on one feature must not dominate (or overflow) a model's input."""
+    return np.clip((emb - mean) / std, -clip, clip).astype(np.float32)
+
+
 def get_encoder(spec: str, **kwargs) -> MoleculeEncoder:
     """Build an encoder from a spec such as 'morgan', 'chemnet', 'hf:/models/chemberta', 'table:emb.csv'."""
     name, _, arg = spec.partition(":")
@@ -159,9 +175,10 @@ def _morgan(arg: str = "", **kw) -> MoleculeEncoder:
 class RDKit2DEncoder(MoleculeEncoder):
     """RDKit's 2D molecular descriptors, one column per entry of `rdkit.Chem.Descriptors._descList`.
 
-    Raw values span orders of magnitude (molecular weight vs. fraction sp3); models
-    standardise them over the training drugs. Non-finite values (a descriptor undefined
-    for a molecule) become 0.
+    Raw values span up to 30 orders of magnitude (Ipc reaches 1e30 for large molecules), so
+    each is compressed to sign(x) log(1 + |x|), as chemCPA compresses them with fitted CDFs
+    for the same reason; models then standardise over the training drugs. Non-finite values
+    (a descriptor undefined for a molecule) become 0.
     """
 
     def __init__(self, **kw):
@@ -171,7 +188,7 @@ class RDKit2DEncoder(MoleculeEncoder):
 
         self._names = [name for name, _ in Descriptors._descList]
         self.dim = len(self._names)
-        self.identifier = f"rdkit2d:rdkit={rdBase.rdkitVersion},n={self.dim}"
+        self.identifier = f"rdkit2d:rdkit={rdBase.rdkitVersion},n={self.dim},signed-log1p"
 
     def _embed(self, smiles):
         from rdkit import Chem, RDLogger
@@ -184,8 +201,7 @@ class RDKit2DEncoder(MoleculeEncoder):
             rows.append([values[name] for name in self._names])
         out = np.asarray(rows, dtype=np.float64)
         out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
-        # float32 overflows above 3.4e38 (Ipc can); clip to keep the array finite
-        return np.clip(out, -1e30, 1e30).astype(np.float32)
+        return (np.sign(out) * np.log1p(np.abs(out))).astype(np.float32)
 
 
 @ENCODERS.register("rdkit2d")

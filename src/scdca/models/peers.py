@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..data import PerturbationData
-from ..encoders import get_encoder
+from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
 from .base import MODELS, PerturbationModel
 
@@ -110,7 +110,7 @@ class BiolordPeer(PerturbationModel):
     def _drug_attribute(self, data: PerturbationData) -> np.ndarray:
         cond = data.conditions
         emb = self._encoder.encode(list(cond["smiles"]), names=list(cond["drug"]))
-        emb = (emb - self._emb_mean) / self._emb_std
+        emb = standardise(emb, self._emb_mean, self._emb_std)
         return _drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
     def fit(self, train: PerturbationData) -> "BiolordPeer":
@@ -123,8 +123,7 @@ class BiolordPeer(PerturbationModel):
         self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
         emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
-        std = emb.std(0)
-        self._emb_mean, self._emb_std = emb.mean(0), np.where(std > 1e-3, std, 1.0).astype(np.float32)
+        self._emb_mean, self._emb_std = standardisation(emb)
         logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
         self._dose_lo, self._dose_span = float(logd.min()), float(logd.max() - logd.min())
 

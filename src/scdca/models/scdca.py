@@ -42,7 +42,7 @@ from .. import _io
 from ..adapters import AdapterConfig, DrugConditionalAdapter, count_parameters, freeze
 from ..backbone import Backbone, load as load_backbone, weights_hash
 from ..data import PerturbationData
-from ..encoders import get_encoder
+from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
 from .base import MODELS, PerturbationModel
 
@@ -198,7 +198,7 @@ class ScDCAModel(PerturbationModel):
         cond = data.conditions
         smiles = list(cond["smiles"])
         emb = self._encoder.encode(smiles, names=list(cond["drug"]))
-        emb = (emb - self._emb_mean) / self._emb_std
+        emb = standardise(emb, self._emb_mean, self._emb_std)
         t = (np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12)) - self._dose_lo) / self._dose_span
         return np.hstack([emb, np.clip(t, 0, 1)[:, None]]).astype(np.float32)  # (N, C)
 
@@ -206,10 +206,7 @@ class ScDCAModel(PerturbationModel):
         self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
         emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
-        std = emb.std(0)
-        # features constant over the training drugs (e.g. a Morgan bit no training drug has) are only
-        # centred: dividing by their ~0 spread would blow an unseen drug's value up by 1e6
-        self._emb_mean, self._emb_std = emb.mean(0), np.where(std > 1e-3, std, 1.0).astype(np.float32)
+        self._emb_mean, self._emb_std = standardisation(emb)
         logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
         self._dose_lo, self._dose_span = float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
         backbone = load_backbone(self.backbone_path, device=self.device)
