@@ -121,3 +121,18 @@ def test_peer_section_says_whether_each_peer_ran(monkeypatch):
     assert "biolord: not run, its package is not installed here (pip install biolord==0.0.3)" in report.peers_text(r)
     r.loc[r["model"] == "a", "model"] = "biolord"
     assert "biolord: in this report" in report.peers_text(r)
+
+
+def test_summary_reports_the_best_learned_model_when_a_baseline_wins():
+    r = tiny_results()
+    r.loc[r["model"] == "a", "value"] -= 0.2  # a: 0.30, 0.40, 0.35 vs additive 0.40, 0.45, 0.50
+    text = summary_text(r)
+    assert "On unseen_drug, additive scores best (0.450), a simple baseline" in text
+    assert "the best learned model, a, scores 0.350 (-0.100, paired t-test p = " in text
+
+
+def test_deg_sweep_table_orders_k_numerically_with_all_last():
+    from scdca.report import _sweep_table
+
+    sweep = pd.DataFrame({"task": "t", "model": "m", "k": ["10", "100", "20", "all", "50"], "value": [1, 2, 3, 4, 5]})
+    assert list(_sweep_table(sweep).columns) == ["10", "20", "50", "100", "all"]

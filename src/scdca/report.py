@@ -314,6 +314,13 @@ def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> st
         if best in BASELINES:
             text += (", a simple baseline: no learned model beats it" if learned
                      else " (only simple baselines in this run)")
+            if learned:
+                top = max(learned, key=lambda x: m[x]) if higher else min(learned, key=lambda x: m[x])
+                tests = paired_tests(results, top, metric)
+                row = tests[(tests["task"] == task) & (tests["versus"] == best)]
+                p = row["p"].iloc[0] if len(row) else np.nan
+                sig = (f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test")
+                text += f"; the best learned model, {top}, scores {m[top]:.3f} ({m[top] - m[best]:+.3f}, {sig})"
         elif best_base:
             tests = paired_tests(results, best, metric)
             row = tests[(tests["task"] == task) & (tests["versus"] == best_base)]
@@ -347,6 +354,13 @@ def _figure_bars(results: pd.DataFrame, metric: str):
                  fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _sweep_table(sweep: pd.DataFrame) -> pd.DataFrame:
+    """task x model rows, k columns in numeric order with 'all' last (k is stored as text)."""
+    table = sweep.pivot_table(index=["task", "model"], columns="k", values="value").round(3)
+    order = sorted(table.columns, key=lambda k: (k == "all", int(k) if k != "all" else 0))
+    return table[order]
 
 
 def _figure_sweep(sweep: pd.DataFrame):
@@ -439,7 +453,7 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     sweep = deg_sweep(folder)
     if not sweep.empty:
         sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
-                         sweep.pivot_table(index=["task", "model"], columns="k", values="value").round(3).to_string(),
+                         _sweep_table(sweep).to_string(),
                          _png(_figure_sweep(sweep), folder / "fig_deg_sweep.png")))
     smiles, stored = data_info(folder)
     if stored is not None:
