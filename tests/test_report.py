@@ -136,3 +136,14 @@ def test_deg_sweep_table_orders_k_numerically_with_all_last():
 
     sweep = pd.DataFrame({"task": "t", "model": "m", "k": ["10", "100", "20", "all", "50"], "value": [1, 2, 3, 4, 5]})
     assert list(_sweep_table(sweep).columns) == ["10", "20", "50", "100", "all"]
+
+
+def test_deg_sweep_figure_keeps_a_collapsed_model_from_flattening_the_others():
+    from scdca.report import _figure_sweep
+
+    rows = [("t", m, k, v) for k in ("10", "20", "all")
+            for m, v in (("control", 0.80), ("ridge", 0.85), ("broken", -3.0))]
+    fig = _figure_sweep(pd.DataFrame(rows, columns=["task", "model", "k", "value"]))
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == pytest.approx(0.70)
+    assert "broken below axis (min -3.00)" in ax.get_xlabel()

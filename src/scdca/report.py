@@ -372,6 +372,10 @@ def _figure_sweep(sweep: pd.DataFrame):
     tasks = list(dict.fromkeys(sweep["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), sharey=True, squeeze=False)
     order = [k for k in ("10", "20", "50", "100", "200", "all") if k in set(sweep["k"])]
+    # the axis starts just below 'control' (no change), so one collapsed model cannot flatten the
+    # others into a single line; models cut off are named under each panel
+    anchor = sweep[sweep["model"] == "control"]["value"]
+    floor = float(anchor.min()) - 0.1 if len(anchor) else float(sweep["value"].min())
     models = sorted(sweep["model"].unique())
     colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(models)}  # one distinct colour per model
     for ax, task in zip(axes[0], tasks):
@@ -381,8 +385,12 @@ def _figure_sweep(sweep: pd.DataFrame):
             ax.plot(order, g["value"], marker="o", label=model, color=colors[model],
                     ls="--" if model in REFERENCES else "-")
         ax.set_title(task.replace("_", " "), fontsize=10)
-        ax.set_xlabel("top-k DEGs")
+        below = t[t["value"] < floor].groupby("model")["value"].min()
+        note = "\n".join(f"{m} below axis (min {v:.2f})" for m, v in below.items())
+        ax.set_xlabel("top-k DEGs" + (f"\n{note}" if note else ""))
         ax.set_ylabel("R² (expression)")
+    top = float(sweep["value"].max())
+    axes[0][0].set_ylim(floor, top + 0.02 * max(top - floor, 1e-3))
     axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
