@@ -147,3 +147,17 @@ def test_deg_sweep_figure_keeps_a_collapsed_model_from_flattening_the_others():
     ax = fig.axes[0]
     assert ax.get_ylim()[0] == pytest.approx(0.70)
     assert "broken below axis (min -3.00)" in ax.get_xlabel()
+
+
+def test_cost_table_shows_whole_parameter_counts_and_dashes_for_closed_form_models(tmp_path):
+    from scdca.report import _cost_text, cost_table
+
+    (tmp_path / "costs").mkdir()
+    pd.DataFrame({"model": ["ridge", "scdca", "scdca"], "seconds": [1.0, 30.0, 32.0],
+                  "params_trainable": [np.nan, 60160, 60160], "params_total": [np.nan, 637313, 637313]}
+                 ).to_csv(tmp_path / "costs" / "x.csv", index=False)
+    table = cost_table(tmp_path)
+    assert table.loc["scdca", "seconds"] == 31.0
+    text = _cost_text(table)
+    assert "60,160" in text and "637,313" in text and "nan" not in text.lower()
+    assert text.splitlines()[2].split()[0] == "ridge" and text.splitlines()[2].split()[2] == "-"

@@ -152,7 +152,17 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
     for col in ("params_trainable", "params_total", "params_trainable_pct"):
         if col in c:
             agg[col] = "max"
-    return c.groupby("model").agg(agg).round(3).sort_values("seconds")
+    table = c.groupby("model").agg(agg).round(3).sort_values("seconds")
+    return table
+
+
+def _cost_text(table: pd.DataFrame) -> str:
+    """Parameter counts as whole numbers with separators; '-' where a model has none (closed form)."""
+    shown = table.copy()
+    for col in ("params_trainable", "params_total"):
+        if col in shown:
+            shown[col] = shown[col].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}")
+    return shown.to_string(na_rep="-")
 
 
 def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame | None]:
@@ -488,7 +498,8 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
                          _png(genes_fig, folder / "fig_genes.png")))
     costs = cost_table(folder)
     if not costs.empty:
-        sections.append(("Cost (seconds per split for fit + predict; parameters)", costs.to_string(), None))
+        sections.append(("Cost (seconds per split for fit + predict; parameters, '-' = closed form)",
+                         _cost_text(costs), None))
     sections.append(("Published peers", peers_text(results), None))
 
     md = [f"# scdca benchmark report: {folder.name}\n"]
