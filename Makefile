@@ -21,7 +21,7 @@ demo: $(BIN)/scdca
 	$(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --models control,train_mean,additive,ridge,knn --tasks all --seeds 5 --out runs/demo
 
-# scDCA and its variants next to the baselines (about 45 min on 2 CPU cores): pretrain the demo
+# scDCA, its variants and biolord next to the baselines (about 30 min on 2 CPU cores): pretrain the demo
 # backbone, then one seed of the grid on the 256 most variable genes, 200 optimiser steps per fit.
 demo-scdca: $(BIN)/scdca
 	test -f runs/demo/data.h5ad || $(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
@@ -30,7 +30,7 @@ demo-scdca: $(BIN)/scdca
 		--models control,train_mean,additive,ridge,knn,biolord,scdca,scdca_nores,scdca_film,finetune,concat,feature \
 		--n-top-genes 256 --backbone runs/demo/backbone --encoder chemnet --max-steps 200 --lr 1e-3
 
-# The published peer biolord next to the baselines, 5 seeds (about 15 min on 2 CPU cores).
+# The published peer biolord next to the baselines, 5 seeds (about 25 min on 2 CPU cores).
 demo-peers: $(BIN)/scdca
 	test -f runs/demo/data.h5ad || $(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/demo_peers --tasks all --seeds 5 \
