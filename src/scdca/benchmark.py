@@ -89,6 +89,8 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     """
     t_start = time.perf_counter()
     out = Path(cfg.out)
+    for name in cfg.models:  # fail before any work, not halfway through the grid
+        MODELS.get(name).check_available()
     _check_resume(cfg, out)
     if data is None:
         data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes)

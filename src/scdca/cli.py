@@ -228,9 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--k", type=int, default=20, help="top-k DEGs for the *_deg metrics")
     b.add_argument("--n-top-genes", type=int, default=None, help="keep the top-N highly variable genes")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = b.add_argument_group("scDCA and its variants (scdca, scdca_nores, scdca_noskip, finetune, concat, feature)")
+    g = b.add_argument_group("learned models: scDCA and its variants (scdca, scdca_nores, scdca_noskip, scdca_film, "
+                             "finetune, concat, feature) and the peer biolord (takes --encoder and --device)")
     g.add_argument("--backbone", default=None, help="backbone checkpoint folder (scdca pretrain writes one)")
-    g.add_argument("--encoder", default=None, help="molecule encoder: chemnet (default), morgan, hf:DIR, table:FILE")
+    g.add_argument("--encoder", default=None, help="molecule encoder: chemnet (scDCA default), rdkit2d (biolord default), morgan, "
+                                                     "hf:DIR, table:FILE")
     g.add_argument("--epochs", type=int, default=None, help="default 20 (paper)")
     g.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps per fit (CPU budgets)")
     g.add_argument("--lr", type=float, default=None, help="default 1e-4 (paper)")
@@ -259,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("" if training else " (default: the one recorded in the model)"))
         g.add_argument("--device", default=None)
         if training:
-            g.add_argument("--encoder", default=None, help="chemnet (default), morgan, hf:DIR, table:FILE")
+            g.add_argument("--encoder", default=None, help="chemnet (default), rdkit2d, morgan, hf:DIR, table:FILE")
             g.add_argument("--epochs", type=int, default=None)
             g.add_argument("--max-steps", type=int, default=None)
             g.add_argument("--lr", type=float, default=None)

@@ -96,3 +96,13 @@ def test_dose_scaling_is_unit_free_and_never_zero():
     t_uM = peers.scaled_log_dose(nM / 1000, np.log10(0.01), 3.0)
     np.testing.assert_allclose(t_nM, [0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(t_uM, t_nM)
+
+
+def test_benchmark_refuses_a_missing_peer_before_running_anything(monkeypatch, tmp_path, tiny_sim):
+    from scdca.benchmark import BenchmarkConfig, run
+
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    cfg = BenchmarkConfig(data="unused.h5ad", out=str(tmp_path / "b"), models=["control", "biolord"], seeds=[0])
+    with pytest.raises(ScdcaInputError, match="pip install biolord"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "b").exists()

@@ -23,6 +23,10 @@ class PerturbationModel(ABC):
     # seed is passed as `seed` when listed. Closed-form baselines take none.
     options: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise ScdcaInputError (saying how to fix it) if this model cannot run here."""
+
     @abstractmethod
     def fit(self, train: PerturbationData) -> "PerturbationModel":
         """Learn from the training conditions; returns self."""

@@ -97,14 +97,18 @@ class BiolordPeer(PerturbationModel):
                  n_latent: int = 32, decoder_width: int = 512, decoder_depth: int = 2, attribute_width: int = 256,
                  batch_size: int = 64, lr: float = 1e-3, patience: int = 20,
                  unknown_code: bool = False):
-        if importlib.util.find_spec("biolord") is None:
-            raise ScdcaInputError(f"model 'biolord' needs the biolord package: pip install {PEERS['biolord'][1]} "
-                                  f"(or pip install -r requirements-peers.lock), then rerun")
+        self.check_available()
         self.encoder_spec, self.epochs, self.seed, self.device = encoder, epochs, seed, device
         self.n_latent, self.decoder_width, self.decoder_depth = n_latent, decoder_width, decoder_depth
         self.attribute_width, self.batch_size, self.lr, self.patience = attribute_width, batch_size, lr, patience
         self.unknown_code = unknown_code
         self._cost: dict[str, Any] = {}
+
+    @classmethod
+    def check_available(cls) -> None:
+        if importlib.util.find_spec("biolord") is None:
+            raise ScdcaInputError(f"model 'biolord' needs the biolord package: pip install {PEERS['biolord'][1]} "
+                                  f"(or pip install -r requirements-peers.lock), then rerun")
 
     # -- inputs ------------------------------------------------------------------------
     def _drug_attribute(self, data: PerturbationData) -> np.ndarray:
