@@ -172,7 +172,7 @@ class BiolordPeer(PerturbationModel):
         if n_val:
             # biolord's own validation metric scores the validation samples' per-sample codes,
             # which never train; stop instead on the MSE of the counterfactual prediction
-            # (control code + held-out drug) that `predict` makes.
+            # (the line's control sample with the held-out drug) that `predict` makes.
             val = train.subset([i for i, v in zip(train.ids, is_val) if v])
             callbacks.append(_EarlyStopOnPrediction(self, val, self.patience))
         with tempfile.TemporaryDirectory() as tmp, _quiet():
@@ -195,6 +195,8 @@ class BiolordPeer(PerturbationModel):
         return self
 
     def predict(self, query: PerturbationData) -> np.ndarray:
+        if not hasattr(self, "_model"):
+            raise RuntimeError("call fit() before predict()")
         lines = list(query.conditions["cell_line"])
         unknown = sorted(set(lines) - set(self._control_row))
         if unknown:
