@@ -76,10 +76,15 @@ def _metric(name: str, description: str, higher_is_better: bool):
 
 def r2(y: np.ndarray, yhat: np.ndarray) -> float:
     """Coefficient of determination of yhat for y (sklearn's r2_score, one output)."""
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    if ss_tot == 0.0:
-        return float("nan")
-    return 1.0 - float(((y - yhat) ** 2).sum()) / ss_tot
+    return float(r2_rows(np.asarray(y)[None], np.asarray(yhat)[None])[0])
+
+
+def r2_rows(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
+    """`r2` of each row of yhat (n, k) for the same row of y -> (n,); NaN where a row of y is constant."""
+    ss_tot = ((y - y.mean(1, keepdims=True)) ** 2).sum(1)
+    ss_res = ((y - yhat) ** 2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ss_tot > 0, 1.0 - ss_res / ss_tot, np.nan)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

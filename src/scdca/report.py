@@ -19,7 +19,7 @@ import pandas as pd
 from . import _io
 from .benchmark import REFERENCES
 from .models.peers import PEERS, peer_status
-from .metrics import METRICS
+from .metrics import METRICS, r2_rows
 
 MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank")
 BASELINES = ("control", "train_mean", "additive", "ridge", "knn")
@@ -129,10 +129,7 @@ def deg_sweep(folder: str | os.PathLike, ks: Sequence[int | str] = (10, 20, 50, 
                 p, o = np.take_along_axis(pred, sel, 1), np.take_along_axis(obs, sel, 1)
             else:
                 continue
-            ss_tot = ((o - o.mean(1, keepdims=True)) ** 2).sum(1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r2 = np.where(ss_tot > 0, 1 - ((o - p) ** 2).sum(1) / ss_tot, np.nan)  # as metrics.r2, per row
-            per_split = pd.Series(r2).groupby(a.obs["held_out"].to_numpy()).mean().mean()
+            per_split = pd.Series(r2_rows(o, p)).groupby(a.obs["held_out"].to_numpy()).mean().mean()
             rows.append({"model": model, "task": task, "seed": seed, "k": str(k), "value": per_split})
     df = pd.DataFrame(rows)
     if df.empty:
@@ -152,8 +149,7 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
     for col in ("params_trainable", "params_total", "params_trainable_pct"):
         if col in c:
             agg[col] = "max"
-    table = c.groupby("model").agg(agg).round(3).sort_values("seconds")
-    return table
+    return c.groupby("model").agg(agg).round(3).sort_values("seconds")
 
 
 def _cost_text(table: pd.DataFrame) -> str:
@@ -230,6 +226,13 @@ def novelty(results: pd.DataFrame, smiles: dict[str, str], metric: str = "pearso
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
+def _model_colors(models) -> dict:
+    """One distinct, stable colour per model name (sorted), shared by the line figures."""
+    import matplotlib.pyplot as plt
+
+    return {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(set(models)))}
+
+
 def _figure_novelty(nov: pd.DataFrame, metric: str):
     import matplotlib
 
@@ -245,8 +248,7 @@ def _figure_novelty(nov: pd.DataFrame, metric: str):
     ax1.set_title(f"{np.mean(drugs['max_tanimoto'] < 0.4):.0%} of test drugs below 0.4", fontsize=10)
     bins = [0, 0.2, 0.3, 0.4, 0.6, 1.0001]
     nov = nov.assign(bin=pd.cut(nov["max_tanimoto"], bins, right=False))
-    models = sorted(nov["model"].unique())
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(models)}
+    colors = _model_colors(nov["model"])
     for model, g in nov.groupby("model"):
         m = g.groupby("bin", observed=False)["value"].mean()
         ax2.plot([f"{b.left:.1f}-{min(b.right, 1):.1f}" for b in m.index], m.to_numpy(), marker="o",
@@ -308,6 +310,14 @@ def peers_text(results: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _test_phrase(results: pd.DataFrame, model: str, versus: str, task: str, metric: str) -> str:
+    """'paired t-test p = ...' for model vs versus on task, or why there is none."""
+    tests = paired_tests(results, model, metric)
+    row = tests[(tests["task"] == task) & (tests["versus"] == versus)]
+    p = row["p"].iloc[0] if len(row) else np.nan
+    return f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test"
+
+
 def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
     """A plain-language paragraph: who wins each task on `metric`, against the best simple baseline."""
     s = per_seed(results, metric)
@@ -326,17 +336,11 @@ def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> st
                      else " (only simple baselines in this run)")
             if learned:
                 top = max(learned, key=lambda x: m[x]) if higher else min(learned, key=lambda x: m[x])
-                tests = paired_tests(results, top, metric)
-                row = tests[(tests["task"] == task) & (tests["versus"] == best)]
-                p = row["p"].iloc[0] if len(row) else np.nan
-                sig = (f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test")
-                text += f"; the best learned model, {top}, scores {m[top]:.3f} ({m[top] - m[best]:+.3f}, {sig})"
+                text += (f"; the best learned model, {top}, scores {m[top]:.3f} ({m[top] - m[best]:+.3f}, "
+                         f"{_test_phrase(results, top, best, task, metric)})")
         elif best_base:
-            tests = paired_tests(results, best, metric)
-            row = tests[(tests["task"] == task) & (tests["versus"] == best_base)]
-            p = row["p"].iloc[0] if len(row) else np.nan
-            sig = (f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test")
-            text += f", {m[best] - m[best_base]:+.3f} over the best simple baseline {best_base} ({sig})"
+            text += (f", {m[best] - m[best_base]:+.3f} over the best simple baseline {best_base} "
+                     f"({_test_phrase(results, best, best_base, task, metric)})")
         if "oracle" in means[task].index:
             text += f"; the noise-free oracle reaches {means[task]['oracle']:.3f}"
         parts.append(text + ".")
@@ -386,8 +390,7 @@ def _figure_sweep(sweep: pd.DataFrame):
     # others into a single line; models cut off are named under each panel
     anchor = sweep[sweep["model"] == "control"]["value"]
     floor = float(anchor.min()) - 0.1 if len(anchor) else float(sweep["value"].min())
-    models = sorted(sweep["model"].unique())
-    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(models)}  # one distinct colour per model
+    colors = _model_colors(sweep["model"])
     for ax, task in zip(axes[0], tasks):
         t = sweep[sweep["task"] == task]
         for model, g in t.groupby("model"):

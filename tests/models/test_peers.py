@@ -47,7 +47,7 @@ def test_biolord_keeps_the_weights_with_the_best_validation_score():
     data = exact_data(8)  # 8 drugs: one is held out for validation
     model = make_model("biolord", epochs=30, patience=5, encoder="morgan", seed=1).fit(data)
     cost = model.cost()
-    assert 1 <= cost["epochs_run"] <= 30
+    assert 1 <= cost["epochs_run"] < 30  # stopped early: the last weights are not the best ones
     assert cost["val_mse"] is not None
     # the restored weights reproduce the best validation MSE on some training drug's conditions
     per_drug = []

@@ -174,7 +174,7 @@ class BiolordPeer(PerturbationModel):
             # which never train; stop instead on the MSE of the counterfactual prediction
             # (the line's control sample with the held-out drug) that `predict` makes.
             val = train.subset([i for i, v in zip(train.ids, is_val) if v])
-            callbacks.append(_EarlyStopOnPrediction(self, val, self.patience))
+            callbacks.append(_early_stopping(self, val, self.patience))
         with tempfile.TemporaryDirectory() as tmp, _quiet():
             self._model.train(max_epochs=self.epochs, batch_size=self.batch_size, plan_kwargs=plan, train_size=1.0,
                               early_stopping=False, accelerator=accelerator, enable_checkpointing=False,
@@ -225,31 +225,26 @@ class BiolordPeer(PerturbationModel):
         return dict(self._cost)
 
 
-def _early_stopping_callback_class():
+def _early_stopping(peer: BiolordPeer, val: PerturbationData, patience: int):
+    """A lightning callback (lightning is imported only when biolord trains) that scores `peer`'s
+    predictions for `val` after each epoch, keeps the best weights and stops after `patience`
+    epochs without improvement."""
     from lightning.pytorch.callbacks import Callback
 
     class EarlyStopOnPrediction(Callback):
-        """Track the validation MSE of `BiolordPeer` predictions each epoch; keep the best weights."""
-
-        def __init__(self, peer: BiolordPeer, val: PerturbationData, patience: int):
-            self.peer, self.val, self.patience = peer, val, patience
+        def __init__(self):
             self.best, self.best_epoch, self.bad, self.epochs_seen = float("inf"), -1, 0, 0
             self.best_state: dict | None = None
 
         def on_train_epoch_end(self, trainer, pl_module):
             self.epochs_seen += 1
-            pred = self.peer.predict(self.val)
-            mse = float(np.mean((pred - self.val.mean) ** 2))
+            mse = float(np.mean((peer.predict(val) - val.mean) ** 2))
             if mse < self.best - 1e-6:
                 self.best, self.best_epoch, self.bad = mse, self.epochs_seen, 0
-                self.best_state = {k: v.detach().clone() for k, v in self.peer._model.module.state_dict().items()}
+                self.best_state = {k: v.detach().clone() for k, v in peer._model.module.state_dict().items()}
             else:
                 self.bad += 1
-                if self.bad >= self.patience:
+                if self.bad >= patience:
                     trainer.should_stop = True
 
-    return EarlyStopOnPrediction
-
-
-def _EarlyStopOnPrediction(peer, val, patience):  # noqa: N802 - builds the lightning callback lazily
-    return _early_stopping_callback_class()(peer, val, patience)
+    return EarlyStopOnPrediction()
