@@ -221,3 +221,20 @@ def test_no_padding_gives_no_mask_and_padding_does_not_leak():
         a = model(ids, values)["pred"]
         b = model(padded_ids, padded_values, pad)["pred"][:, :6]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_random_backbone_spec_is_deterministic_and_bad_specs_are_refused():
+    from scdca.backbone import resolve
+
+    genes = ["A", "B", "C"]
+    a, b = resolve("random:2x16", genes=genes), resolve("random:2x16", genes=genes)
+    assert a.cfg.nlayers == 2 and a.cfg.d_model == 16 and "B" in a.vocab
+    assert weights_hash(a) == weights_hash(b)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    resolve("random:1x8", genes=genes)  # does not consume the caller's random stream
+    assert torch.equal(torch.rand(1), before)
+    for bad in ("random:2", "random:0x16", "random:axb"):
+        with pytest.raises(ScdcaInputError, match="random:<layers>x<dim>"):
+            resolve(bad, genes=genes)

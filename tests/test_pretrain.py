@@ -56,3 +56,28 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ScdcaInputError, match="mask_ratio"):
         PretrainConfig(mask_ratio=1.5)
+
+
+def test_a_screen_is_pretrained_on_its_controls_only_unless_asked(tiny_sim, tmp_path, caplog):
+    cfg = dict(TINY, steps=2, eval_every=1, save_every=1)
+    n_ctrl = int((tiny_sim.obs["control"] == 1).sum())
+    s = pretrain(tiny_sim, tmp_path / "a", PretrainConfig(**cfg), progress=False)
+    assert s["provenance"]["cells"] == n_ctrl and s["provenance"]["perturbed_cells"] == 0
+    assert s["train_cells"] + s["val_cells"] == n_ctrl
+    with caplog.at_level("WARNING"):
+        s = pretrain(tiny_sim, tmp_path / "b", PretrainConfig(**cfg, include_perturbed=True), progress=False)
+    assert s["provenance"]["cells"] == tiny_sim.n_obs and s["provenance"]["perturbed_cells"] == tiny_sim.n_obs - n_ctrl
+    assert "leak" in caplog.text
+    assert load(tmp_path / "b").cfg.nlayers == 1
+
+
+def test_provenance_names_the_file_and_a_screen_without_controls_is_refused(tiny_sim, tmp_path):
+    from scdca import _io
+
+    path = tmp_path / "screen.h5ad"
+    _io.write_h5ad(path, tiny_sim)
+    s = pretrain(str(path), tmp_path / "bb", PretrainConfig(**dict(TINY, steps=1, eval_every=1)), progress=False)
+    assert s["provenance"]["data_sha256"] == _io.file_sha256(path) and s["provenance"]["n_cell_lines"] == 3
+    treated = tiny_sim[tiny_sim.obs["control"] == 0].copy()
+    with pytest.raises(ScdcaInputError, match="no control cells.*--include-perturbed"):
+        pretrain(treated, tmp_path / "c", PretrainConfig(**TINY), progress=False)

@@ -161,3 +161,20 @@ def test_cost_table_shows_whole_parameter_counts_and_dashes_for_closed_form_mode
     text = _cost_text(table)
     assert "60,160" in text and "637,313" in text and "nan" not in text.lower()
     assert text.splitlines()[2].split()[0] == "ridge" and text.splitlines()[2].split()[2] == "-"
+
+
+def test_models_with_rank_near_one_half_are_flagged_as_not_distinguishing_drugs():
+    from scdca.report import drug_blind
+
+    rows = []
+    for seed in range(2):
+        for model, rank in (("blind", 0.5 + 0.015 * (-1) ** seed), ("sees", 0.35), ("edge", 0.479), ("control", 0.5)):
+            rows.append((model, "unseen_drug", seed, "", "L1", "d1", 1.0, "rank", rank))
+            rows.append((model, "unseen_drug", seed, "", "L1", "d1", 1.0, "pearson_delta_deg", 0.3))
+    res = pd.DataFrame(rows, columns=["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric",
+                                      "value"])
+    assert list(drug_blind(res)["model"]) == ["blind"]  # 0.479 is 0.021 from 0.5; control is not a model
+    table = main_table(res, metrics=["rank"])
+    assert table.loc[("unseen_drug", "blind"), "rank"].endswith("(does not distinguish drugs)")
+    assert "distinguish" not in table.loc[("unseen_drug", "sees"), "rank"]
+    assert "blind does not distinguish drugs" in summary_text(res)

@@ -78,6 +78,41 @@ class DrugConditionalAdapter(nn.Module):
         return h + up if self.cfg.skip else up
 
 
+@dataclass
+class DrugGeneConfig:
+    d_model: int
+    cond_dim: int
+    rank: int = 32  # number of response axes shared by all drugs
+    hidden: int = 128  # width of the drug projection q
+
+
+class DrugGeneHead(nn.Module):
+    """A low-rank drug x gene output (our extension, not in the paper).
+
+        change[b, t] = sum_k (A h[b, t])_k * q(c_b)_k
+
+    Each gene token's hidden state h (B, T, D) gives its loadings on `rank` response axes
+    (A: D -> rank, shared by all genes), the drug condition c gives the axes' weights
+    (q: two-layer MLP). Drugs that act on the same gene program share axes; genes whose
+    hidden states are alike (co-expressed in pretraining, or in the same context) respond
+    alike. q's last layer is zero-initialised, so the head starts at 'no change'.
+    """
+
+    def __init__(self, cfg: DrugGeneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gene_proj = nn.Linear(cfg.d_model, cfg.rank)  # A
+        self.drug_proj = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.hidden), nn.GELU(),
+                                       nn.Linear(cfg.hidden, cfg.rank))  # q
+        nn.init.zeros_(self.drug_proj[-1].weight)
+        nn.init.zeros_(self.drug_proj[-1].bias)
+
+    def forward(self, h: Tensor, cond: Tensor) -> Tensor:  # (B, T, D), (B, C) -> (B, T)
+        loadings = self.gene_proj(h)  # (B, T, K)
+        weights = self.drug_proj(cond)  # (B, K)
+        return (loadings * weights[:, None, :]).sum(-1)
+
+
 def count_parameters(module: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict[str, float]:
     """Total and trainable parameter counts and the trainable percentage (names in `exclude` skipped)."""
     named = [(n, p) for n, p in module.named_parameters() if not n.startswith(exclude)]

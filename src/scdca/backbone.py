@@ -352,6 +352,43 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
     return model.to(device).eval()
 
 
+RANDOM_PREFIX = "random:"
+
+
+def resolve(spec: str | os.PathLike, *, genes: Sequence[str] | None = None,
+            device: str | torch.device = "cpu") -> Backbone:
+    """A checkpoint folder (see `load`) or 'random:<layers>x<dim>': an untrained backbone.
+
+    The random backbone (for the 'does pretraining help?' ablation) has a vocabulary of
+    `genes`, 4 heads (1 if dim is not divisible by 4), d_hid = dim, and weights drawn from
+    a fixed seed, so the same spec and genes always give the same weights (and hash).
+
+    Example:
+        >>> bb = scdca.backbone.resolve("random:4x128", genes=["g0", "g1"])
+    """
+    text = os.fspath(spec)
+    if not text.startswith(RANDOM_PREFIX):
+        return load(text, device=device)
+    try:
+        layers, dim = (int(x) for x in text[len(RANDOM_PREFIX):].lower().split("x"))
+        if layers < 1 or dim < 4:
+            raise ValueError
+    except ValueError:
+        raise ScdcaInputError(f"backbone: {text!r} is not 'random:<layers>x<dim>' with layers >= 1 and dim >= 4, "
+                              f"e.g. 'random:4x128'") from None
+    if genes is None:
+        raise ScdcaInputError("backbone: a random backbone needs the gene list to build its vocabulary")
+    vocab = GeneVocab.from_genes([str(g) for g in genes])
+    cfg = BackboneConfig(ntoken=len(vocab), d_model=dim, nhead=4 if dim % 4 == 0 else 1, d_hid=dim,
+                         nlayers=layers, dropout=0.1, pad_token_id=vocab["<pad>"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Backbone(cfg)
+    model.vocab = vocab
+    model.load_report = LoadReport(ignored=[], missing=[])
+    return model.to(device).eval()
+
+
 def save(model: Backbone, vocab: GeneVocab, path: str | os.PathLike, *, extra_args: dict | None = None) -> None:
     """Write best_model.pt (torch layout), args.json and vocab.json; each file atomically."""
     folder = Path(path)

@@ -95,6 +95,8 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     if data is None:
         data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes)
     _io.write_json(out / "config.json", {**asdict(cfg), "identity": cfg.identity()})
+    if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):
+        _io.write_json(out / "backbone_audit.json", backbone_audit(cfg.model_options["backbone"], cfg.data))
 
     splits: dict[tuple[str, int], list[Split]] = {}
     for task in cfg.tasks:
@@ -123,6 +125,31 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
 
         build(out)
     return results
+
+
+def backbone_audit(backbone: str, data_path: str) -> dict:
+    """What the backbone saw in pretraining, against this benchmark's data file.
+
+    Reads the `provenance` that `scdca pretrain` records in args.json. `verdict` is
+    'leak' when the backbone was pretrained on drug-treated cells of this very file (it
+    has seen test responses), 'controls of this file' when only its control cells were
+    used, 'other data' when another file, 'random' for an untrained backbone, and
+    'unknown' when the checkpoint records nothing (e.g. an official scGPT release).
+    """
+    if str(backbone).startswith("random:"):
+        return {"backbone": backbone, "verdict": "random", "provenance": None}
+    args_path = Path(backbone) / "args.json"
+    prov = json.loads(args_path.read_text()).get("provenance") if args_path.exists() else None
+    audit = {"backbone": os.path.abspath(backbone), "provenance": prov}
+    if not prov or "data_sha256" not in prov:
+        return {**audit, "verdict": "unknown"}
+    same = os.path.exists(data_path) and _io.file_sha256(data_path) == prov["data_sha256"]
+    if same and prov.get("perturbed_cells", 0) > 0:
+        log.warning("backbone %s was pretrained on %d drug-treated cells of this benchmark's data file: test "
+                    "responses leak into it (pretrain without --include-perturbed, or on other data)",
+                    backbone, prov["perturbed_cells"])
+        return {**audit, "verdict": "leak"}
+    return {**audit, "verdict": "controls of this file" if same else "other data"}
 
 
 def _make(name: str, options: dict, seed: int):

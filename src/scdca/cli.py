@@ -30,7 +30,7 @@ def _keys(args):
 
 def cmd_simulate(args) -> None:
     from . import _io
-    from .datasets import SimulationConfig, simulate
+    from .datasets import SimulationConfig, simulate, simulate_atlas
 
     smiles = None
     if args.smiles:
@@ -39,6 +39,13 @@ def cmd_simulate(args) -> None:
     cfg = SimulationConfig(n_drugs=args.drugs, n_cell_lines=args.cell_lines, n_genes=args.genes,
                            cells_per_condition=args.cells, smiles=smiles)
     t0 = time.perf_counter()
+    if args.atlas:
+        adata = simulate_atlas(cfg, seed=args.seed)
+        _io.write_h5ad(args.out, adata)
+        print(f"wrote {args.out}: pretraining atlas, {adata.n_obs} unperturbed cells x {adata.n_vars} genes from "
+              f"{adata.obs['cell_type'].nunique()} cell states; same genes as `scdca simulate --seed {args.seed}` "
+              f"({time.perf_counter() - t0:.1f} s)")
+        return
     adata = simulate(cfg, seed=args.seed)
     _io.write_h5ad(args.out, adata)
     print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "
@@ -109,7 +116,8 @@ def cmd_pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(layers=args.layers, dim=args.dim, heads=args.heads, genes=args.genes, steps=args.steps,
-                         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device)
+                         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device,
+                         include_perturbed=args.include_perturbed)
     s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet)
     print(f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
           f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
@@ -216,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--genes", type=int, default=1000)
     s.add_argument("--cells", type=int, default=30, help="cells per condition")
     s.add_argument("--smiles", default=None, help="file with one SMILES per line to use as the drugs")
+    s.add_argument("--atlas", action="store_true", help="write the pretraining atlas instead: unperturbed cells "
+                   "from 60 cell states in the gene space of the screen with the same --seed")
     s.set_defaults(func=cmd_simulate)
 
     b = sub.add_parser("benchmark", help="run models x tasks x seeds and score them")
@@ -230,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     g = b.add_argument_group("learned models: scDCA and its variants (scdca, scdca_nores, scdca_noskip, scdca_film, "
                              "finetune, concat, feature) and the peer biolord (takes --encoder and --device)")
-    g.add_argument("--backbone", default=None, help="backbone checkpoint folder (scdca pretrain writes one)")
+    g.add_argument("--backbone", default=None, help="backbone checkpoint folder (scdca pretrain writes one), or "
+                   "random:<layers>x<dim> for an untrained one (ablation)")
     g.add_argument("--encoder", default=None, help="molecule encoder: chemnet (scDCA default), rdkit2d (biolord default), morgan, "
                                                      "hf:DIR, table:FILE")
     g.add_argument("--epochs", type=int, default=None, help="default 20 (paper)")
@@ -250,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seq-len", type=int, default=128, help="genes per training example")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--include-perturbed", action="store_true", help="also pretrain on drug-treated cells (default: "
+                   "controls only); a benchmark on the same file then tests responses the backbone has seen")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     t.add_argument("--quiet", action="store_true")
     _add_keys(t)

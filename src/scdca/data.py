@@ -273,6 +273,20 @@ def load(
 # ----------------------------------------------------------------------------- validation
 
 
+def control_flags(adata: ad.AnnData, keys: DataKeys) -> np.ndarray | None:
+    """Which cells are vehicle controls: obs[keys.control] if present, else a control drug
+    name in obs[keys.drug]; None when the file has neither column (no perturbation annotation)."""
+    if keys.control in adata.obs.columns:
+        flag = adata.obs[keys.control]
+        try:
+            return flag.astype(float).fillna(0).to_numpy() > 0
+        except (TypeError, ValueError):
+            return flag.astype(str).str.lower().isin(["true", "yes", "control"]).to_numpy()
+    if keys.drug in adata.obs.columns:
+        return adata.obs[keys.drug].astype(str).str.lower().isin(CONTROL_NAMES).to_numpy()
+    return None
+
+
 def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
     needed = {"cell_line": keys.cell_line, "drug": keys.drug, "dose": keys.dose}
     missing = [f"{arg}={col!r}" for arg, col in needed.items() if col not in adata.obs.columns]
@@ -285,14 +299,7 @@ def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
     obs = pd.DataFrame(index=adata.obs_names)
     obs["_cell_line"] = adata.obs[keys.cell_line].astype(str).to_numpy()
     obs["_drug"] = adata.obs[keys.drug].astype(str).to_numpy()
-    if keys.control in adata.obs.columns:
-        flag = adata.obs[keys.control]
-        try:
-            is_ctrl = flag.astype(float).fillna(0).to_numpy() > 0
-        except (TypeError, ValueError):
-            is_ctrl = flag.astype(str).str.lower().isin(["true", "yes", "control"]).to_numpy()
-    else:
-        is_ctrl = obs["_drug"].str.lower().isin(CONTROL_NAMES).to_numpy()
+    is_ctrl = control_flags(adata, keys)
     obs["_control"] = is_ctrl
     dose = pd.to_numeric(adata.obs[keys.dose], errors="coerce").to_numpy(dtype=float)
     bad = ~np.isfinite(dose) & ~is_ctrl

@@ -207,6 +207,37 @@ def _choose_drugs(cfg: SimulationConfig, rng: np.random.Generator):
     return names, smiles, mechs, logp
 
 
+def line_names(n: int) -> list[str]:
+    return [f"line{chr(ord('A') + i)}" if i < 26 else f"line{i}" for i in range(n)]
+
+
+def _gene_world(cfg: SimulationConfig, rng: np.random.Generator):
+    """Genes, programs, mechanisms and cell lines: the part the atlas shares with the screen.
+
+    Draw order matters: `simulate` and `simulate_atlas` both call `_choose_drugs` then this
+    with the same generator, so both see the same genes, programs and line states.
+    """
+    G, P, R = cfg.n_genes, cfg.n_programs, cfg.latent_dim
+    base = rng.normal(0.0, 0.7, G)
+    programs = np.zeros((P, G))
+    for p in range(P):
+        genes = rng.choice(G, size=int(rng.integers(20, 61)), replace=False)
+        direction = rng.choice([-1.0, 1.0])
+        programs[p, genes] = rng.normal(0.6 * direction, 0.5, genes.size)
+    mech_vec = np.zeros((len(MECHANISMS), G))
+    for i, (_, _, n_prog, strength, _) in enumerate(MECHANISMS):
+        chosen = rng.choice(P, size=n_prog, replace=False)
+        mech_vec[i] = strength * (programs[chosen] * rng.uniform(0.5, 1.0, (n_prog, 1))).sum(0)
+    W = rng.normal(0.0, 0.6, (G, R)) * (rng.random((G, R)) < 0.3)
+    z = rng.normal(0.0, 1.0, (cfg.n_cell_lines, R))
+    line_shift = z @ W.T  # (C, G)
+    targets = [rng.choice(np.flatnonzero(np.abs(W).sum(1) > 0), size=15, replace=False) for _ in MECHANISMS]
+    u = np.stack([line_shift[:, t].mean(1) for t in targets], axis=1)  # (C, M)
+    u_sd = np.array([np.sqrt((W[t] ** 2).sum(1).mean() / len(t)) for t in targets])  # sd under z~N(0,I)
+    sensitivity = np.exp(cfg.kappa * np.clip(u / u_sd, -2.5, 2.5))  # (C, M)
+    return base, programs, mech_vec, W, z, line_shift, sensitivity
+
+
 def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.AnnData:
     """Simulate a sci-Plex-like single-cell drug screen (see the module docstring).
 
@@ -230,27 +261,8 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.Ann
     names, smiles, mechs, logp = _choose_drugs(cfg, rng)
     D = len(names)
 
-    # genes and programs -------------------------------------------------------------
-    base = rng.normal(0.0, 0.7, G)
-    programs = np.zeros((P, G))
-    for p in range(P):
-        genes = rng.choice(G, size=int(rng.integers(20, 61)), replace=False)
-        direction = rng.choice([-1.0, 1.0])
-        programs[p, genes] = rng.normal(0.6 * direction, 0.5, genes.size)
-    mech_vec = np.zeros((len(MECHANISMS), G))
-    for i, (_, _, n_prog, strength, _) in enumerate(MECHANISMS):
-        chosen = rng.choice(P, size=n_prog, replace=False)
-        mech_vec[i] = strength * (programs[chosen] * rng.uniform(0.5, 1.0, (n_prog, 1))).sum(0)
-
-    # cell lines ---------------------------------------------------------------------
-    W = rng.normal(0.0, 0.6, (G, R)) * (rng.random((G, R)) < 0.3)
-    z = rng.normal(0.0, 1.0, (cfg.n_cell_lines, R))
-    line_shift = z @ W.T  # (C, G)
-    targets = [rng.choice(np.flatnonzero(np.abs(W).sum(1) > 0), size=15, replace=False) for _ in MECHANISMS]
-    u = np.stack([line_shift[:, t].mean(1) for t in targets], axis=1)  # (C, M)
-    u_sd = np.array([np.sqrt((W[t] ** 2).sum(1).mean() / len(t)) for t in targets])  # sd under z~N(0,I)
-    sensitivity = np.exp(cfg.kappa * np.clip(u / u_sd, -2.5, 2.5))  # (C, M)
-    lines = [f"line{chr(ord('A') + i)}" if i < 26 else f"line{i}" for i in range(cfg.n_cell_lines)]
+    base, programs, mech_vec, W, z, line_shift, sensitivity = _gene_world(cfg, rng)
+    lines = line_names(cfg.n_cell_lines)
 
     # drugs ----------------------------------------------------------------------------
     m_idx = np.array([mech_names.index(m) for m in mechs])
@@ -332,6 +344,95 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.Ann
     params = {k: v for k, v in asdict(cfg).items() if k != "smiles"}
     params["doses_nM"] = list(cfg.doses_nM)
     adata.uns["simulation"] = {"seed": seed, **params, "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K"}
+    return adata
+
+
+@dataclass
+class AtlasConfig:
+    """Settings of the pretraining atlas (`simulate_atlas`); ~54k unperturbed cells by default."""
+
+    n_states: int = 60
+    cells_per_state: int = 900
+    extra_programs: int = 8  # programs that vary in the atlas but that no drug acts on
+    state_program_sd: float = 0.5  # how strongly each state sets each program's activity
+    cell_program_sd: float = 0.25  # cell-to-cell program activity within a state
+    include_screen_lines: bool = True  # the screen's lines appear as (control-only) states
+
+    def __post_init__(self):
+        if self.n_states < 2 or self.cells_per_state < 2:
+            raise ScdcaInputError(f"n_states {self.n_states!r} and cells_per_state {self.cells_per_state!r} "
+                                  f"must both be >= 2")
+
+
+def simulate_atlas(config: SimulationConfig | None = None, atlas: AtlasConfig | None = None, *,
+                   seed: int = 0) -> ad.AnnData:
+    """Unperturbed cells from many cell states, in the gene space of `simulate(config, seed=seed)`.
+
+    The pretraining corpus the foundation-model premise needs: no drug is ever applied,
+    but the gene programs that drugs act on in the screen (and `extra_programs` others)
+    vary naturally between and within cell states, so which genes move together is
+    learnable from these cells alone.
+
+    Generative story (the screen's genes, programs, base rates and line loadings W come
+    from the same draws as `simulate` with this seed):
+    - State s has a latent z_s ~ N(0, I) in the screen's cell-line space and program
+      activities a_s ~ N(0, state_program_sd^2) over all programs.
+    - Cell i of state s has log-rate base + W z_s + (a_s + e_i) @ programs with
+      e_i ~ N(0, cell_program_sd^2): program genes co-vary across and within states.
+    - Library size and negative-binomial counts as in `simulate`.
+    - With `include_screen_lines`, the first states are the screen's cell lines in their
+      control state (a_s = 0), named as in the screen; they appear only as control cells.
+
+    Returns:
+        AnnData of raw counts; obs `cell_type` (state), `condition` ('control'),
+        `control` (1), `screen_line` (whether the state is one of the screen's lines);
+        `uns['atlas_programs']` holds the program loadings (the screen's first).
+
+    Example:
+        >>> atlas = scdca.datasets.simulate_atlas(seed=0)
+    """
+    cfg, acfg = config or SimulationConfig(), atlas or AtlasConfig()
+    rng = np.random.default_rng(seed)
+    _choose_drugs(cfg, rng)  # keeps the draw order of `simulate`
+    base, programs, _, W, z_lines, _, _ = _gene_world(cfg, rng)
+    arng = np.random.default_rng([seed, 101])
+    G = cfg.n_genes
+    extra = np.zeros((acfg.extra_programs, G))
+    for p in range(acfg.extra_programs):
+        genes = arng.choice(G, size=int(arng.integers(20, 61)), replace=False)
+        extra[p, genes] = arng.normal(0.6 * arng.choice([-1.0, 1.0]), 0.5, genes.size)
+    all_programs = np.vstack([programs, extra])  # (P + E, G)
+
+    n_screen = min(cfg.n_cell_lines, acfg.n_states) if acfg.include_screen_lines else 0
+    z = arng.normal(0.0, 1.0, (acfg.n_states, cfg.latent_dim))
+    activity = arng.normal(0.0, acfg.state_program_sd, (acfg.n_states, len(all_programs)))
+    z[:n_screen], activity[:n_screen] = z_lines[:n_screen], 0.0
+    names = line_names(n_screen) + [f"state{i:03d}" for i in range(n_screen, acfg.n_states)]
+    state_logit = base + z @ W.T + activity @ all_programs  # (S, G)
+
+    state_of_cell = np.repeat(np.arange(acfg.n_states), acfg.cells_per_state)
+    lib = arng.lognormal(np.log(cfg.mean_library_size), 0.35, state_of_cell.size)
+    chunks = []
+    for start in range(0, state_of_cell.size, 4096):
+        s = state_of_cell[start : start + 4096]
+        noise = arng.normal(0.0, acfg.cell_program_sd, (s.size, len(all_programs)))
+        logit = state_logit[s] + noise @ all_programs  # (b, G)
+        prop = np.exp(logit - logit.max(1, keepdims=True))
+        prop /= prop.sum(1, keepdims=True)
+        rate = arng.gamma(cfg.dispersion, prop * lib[start : start + s.size, None] / cfg.dispersion)
+        chunks.append(sp.csr_matrix(arng.poisson(rate).astype(np.float32)))
+    obs = pd.DataFrame({
+        "cell_type": pd.Categorical([names[k] for k in state_of_cell], categories=names),
+        "condition": pd.Categorical(["control"] * state_of_cell.size),
+        "control": 1,
+        "screen_line": state_of_cell < n_screen,
+    }, index=[f"atlas{i:06d}" for i in range(state_of_cell.size)])
+    adata = ad.AnnData(X=sp.vstack(chunks).tocsr(), obs=obs, var=pd.DataFrame(index=[f"g{i:04d}" for i in range(G)]))
+    params = {k: v for k, v in asdict(cfg).items() if k != "smiles"}
+    params["doses_nM"] = list(cfg.doses_nM)
+    adata.uns["atlas_programs"] = all_programs.astype(np.float32)  # first n_programs: those drugs act on
+    adata.uns["simulation"] = {"seed": seed, "kind": "atlas", **params, **asdict(acfg),
+                               "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K"}
     return adata
 
 

@@ -6,6 +6,13 @@ their log1p-normalised values; a share `mask_ratio` of the values is replaced by
 fed continuously, as scGPT's perturbation fine-tuning and scDCA do (scGPT's own
 pretraining binned them). A <cls> token (value 0) leads every sequence.
 
+Cells: on a perturbation screen only the vehicle controls are used unless
+`include_perturbed=True`. Perturbed cells include those of the conditions a benchmark
+later tests, so pretraining on them lets the backbone see test responses (a
+transductive leak). A file without control/drug columns (an atlas) is used whole. What
+the backbone saw is recorded in `pretrain_summary.json` and `args.json` (`provenance`),
+and `scdca benchmark` reports it.
+
 The run writes a checkpoint folder in scGPT's release format (`best_model.pt`,
 `args.json`, `vocab.json`) that `scdca.backbone.load` reads, keeping the weights with
 the best validation loss. It is resumable: `train_state.pt` is saved atomically every
@@ -28,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import _io
 from .backbone import Backbone, BackboneConfig, GeneVocab, save
-from .data import DataKeys, _looks_like_counts, _normalize_log1p, _select_genes, _validated_genes, _validated_matrix, read
+from .data import DataKeys, control_flags, _looks_like_counts, _normalize_log1p, _select_genes, _validated_genes, _validated_matrix, read
 from .errors import ScdcaInputError
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,7 @@ class PretrainConfig:
     save_every: int = 50
     seed: int = 0
     device: str | None = None
+    include_perturbed: bool = False  # also pretrain on drug-treated cells (leaks test responses)
 
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:
@@ -119,6 +127,9 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     """
     out = Path(out)
     adata = data if isinstance(data, ad.AnnData) else read(data)
+    adata, provenance = select_cells(adata, keys, include_perturbed=cfg.include_perturbed)
+    if not isinstance(data, ad.AnnData):
+        provenance = {"data_file": os.path.abspath(data), "data_sha256": _io.file_sha256(data), **provenance}
     X, genes = _expression(adata, keys, cfg.genes)
     n_cells = X.shape[0]
     if n_cells < 10:
@@ -189,7 +200,8 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
                             "gene_mean_baseline": baseline})
             if val_loss < best:
                 best = val_loss
-                save(model, vocab, out, extra_args={"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len})
+                save(model, vocab, out, extra_args={"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len,
+                                                    "provenance": provenance})
         if step % cfg.save_every == 0 or step == cfg.steps:
             with _io.atomic_path(state_path) as tmp:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -198,10 +210,39 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     bar.close()
     summary = {"best_val_loss": best, "gene_mean_baseline_val_loss": baseline, "steps": step,
                "seconds_this_run": time.perf_counter() - t0, "parameters": n_params, "genes": len(genes),
-               "train_cells": int(len(train_cells)), "val_cells": int(n_val), "config": asdict(cfg)}
+               "train_cells": int(len(train_cells)), "val_cells": int(n_val), "config": asdict(cfg),
+               "provenance": provenance}
     _io.write_csv(out / "pretrain_log.csv", pd.DataFrame(history))
     _io.write_json(out / "pretrain_summary.json", summary)
     return summary
+
+
+def select_cells(adata: ad.AnnData, keys: DataKeys, *, include_perturbed: bool) -> tuple[ad.AnnData, dict]:
+    """The cells to pretrain on and a record of what they are (see the module docstring)."""
+    flags = control_flags(adata, keys)
+    lines = adata.obs[keys.cell_line].astype(str) if keys.cell_line in adata.obs.columns else None
+    if flags is None:
+        keep = np.ones(adata.n_obs, dtype=bool)
+        n_perturbed = 0
+    elif include_perturbed:
+        keep = np.ones(adata.n_obs, dtype=bool)
+        n_perturbed = int((~flags).sum())
+        if n_perturbed:
+            log.warning("pretrain: %d drug-treated cells are included (--include-perturbed); any benchmark on this "
+                        "file then tests conditions whose cells the backbone has seen (transductive leak)", n_perturbed)
+    else:
+        keep, n_perturbed = flags, 0
+        if not keep.any():
+            raise ScdcaInputError(f"data: no control cells found (obs[{keys.control!r}] / control drug names in "
+                                  f"obs[{keys.drug!r}]); flag the vehicle cells, or pass --include-perturbed to "
+                                  f"pretrain on treated cells (they leak test responses into the backbone)")
+        if (~flags).any():
+            log.info("pretrain: using the %d control cells only (%d drug-treated cells left out; "
+                     "--include-perturbed uses them)", int(keep.sum()), int((~flags).sum()))
+    seen = sorted(lines[keep].unique()) if lines is not None else []
+    provenance = {"cells": int(keep.sum()), "perturbed_cells": n_perturbed, "include_perturbed": include_perturbed,
+                  "cell_lines": seen[:1000], "n_cell_lines": len(seen)}
+    return (adata if keep.all() else adata[keep].copy()), provenance
 
 
 def _evaluate(model: Backbone, val, device) -> float:

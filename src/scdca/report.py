@@ -9,6 +9,7 @@ import base64
 import glob
 import html
 import io
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,21 @@ from .models.peers import PEERS, peer_status
 from .metrics import METRICS, r2_rows
 
 MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank")
-BASELINES = ("control", "train_mean", "additive", "ridge", "knn")
+BASELINES = ("control", "train_mean", "additive", "ridge", "knn", "dominant")
+DRUG_BLIND_TOLERANCE = 0.02  # |rank - 0.5| at or below this: the model does not distinguish drugs
+DRUG_BLIND_NOTE = "does not distinguish drugs"
+
+
+def drug_blind(results: pd.DataFrame) -> pd.DataFrame:
+    """(task, model) pairs whose mean `rank` over seeds is within DRUG_BLIND_TOLERANCE of 0.5 (random).
+
+    Such a model predicts (nearly) the same change for every drug of a line; its change
+    metrics measure the line's average response, not drug effects. Control and references
+    are excluded (control predicts no change at all).
+    """
+    r = per_seed(results, "rank").groupby(["task", "model"], as_index=False)["value"].mean()
+    r = r[~r["model"].isin(("control",) + REFERENCES)]
+    return r[(r["value"] - 0.5).abs() <= DRUG_BLIND_TOLERANCE + 1e-12].reset_index(drop=True)
 
 
 def per_seed(results: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -35,6 +50,8 @@ def per_seed(results: pd.DataFrame, metric: str) -> pd.DataFrame:
 def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:
     """Rows (task, model); columns metric -> 'mean ± se', best non-reference model per column marked '*'."""
     out = {}
+    blind = {(t, m) for t, m in drug_blind(results)[["task", "model"]].itertuples(index=False)} \
+        if "rank" in metrics else set()
     for m in metrics:
         s = per_seed(results, m).groupby(["task", "model"])["value"].agg(["mean", "sem", "count"])
         higher = METRICS.get(m).higher_is_better
@@ -45,7 +62,8 @@ def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> 
             best = (cand["mean"].idxmax() if higher else cand["mean"].idxmin()) if len(cand) else None
             for model, row in models.iterrows():
                 se = "" if not np.isfinite(row["sem"]) else f" ± {row['sem']:.3f}"
-                cells[(task, model)] = f"{row['mean']:.3f}{se}{' *' if model == best else ''}"
+                flag = f" ({DRUG_BLIND_NOTE})" if m == "rank" and (task, model) in blind else ""
+                cells[(task, model)] = f"{row['mean']:.3f}{se}{' *' if model == best else ''}{flag}"
         out[m] = pd.Series(cells)
     table = pd.DataFrame(out)
     table.index.names = ["task", "model"]
@@ -296,6 +314,22 @@ def _figure_genes(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
     return fig
 
 
+def backbone_text(audit: dict) -> str:
+    """One paragraph from backbone_audit.json (see `benchmark.backbone_audit`)."""
+    verdict, prov = audit["verdict"], audit.get("provenance") or {}
+    if verdict == "random":
+        return f"{audit['backbone']}: an untrained (randomly initialised) backbone; it saw no data."
+    if verdict == "unknown":
+        return f"{audit['backbone']}: the checkpoint records no pretraining data (e.g. an official release)."
+    seen = (f"{prov.get('cells', '?'):,} cells from {prov.get('n_cell_lines', '?')} cell lines/states of "
+            f"{prov.get('data_file', '?')}, {prov.get('perturbed_cells', 0):,} of them drug-treated")
+    meaning = {"leak": "LEAK: these include treated cells of this benchmark's data, so the backbone has seen "
+                       "test-condition responses; scores of backbone models are optimistic.",
+               "controls of this file": "only control cells of this benchmark's data: no test response was seen.",
+               "other data": "a different file from this benchmark's data."}[verdict]
+    return f"{audit['backbone']}: pretrained on {seen}; {meaning}"
+
+
 def peers_text(results: pd.DataFrame) -> str:
     """One line per published peer model: in this report, installed but not run, or not installable here."""
     lines = []
@@ -344,6 +378,11 @@ def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> st
         if "oracle" in means[task].index:
             text += f"; the noise-free oracle reaches {means[task]['oracle']:.3f}"
         parts.append(text + ".")
+    blind = drug_blind(results)
+    for task, grp in blind.groupby("task", sort=False):
+        parts.append(f"On {task}, {', '.join(grp['model'])} {'does' if len(grp) == 1 else 'do'} not distinguish "
+                     f"drugs (rank within {DRUG_BLIND_TOLERANCE} of 0.5): {'its' if len(grp) == 1 else 'their'} "
+                     f"change scores reflect the line's average response, not drug effects.")
     return f"Metric: {metric} (mean over seeds). " + " ".join(parts)
 
 
@@ -504,6 +543,10 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
         sections.append(("Cost (seconds per split for fit + predict; parameters, '-' = closed form)",
                          _cost_text(costs), None))
     sections.append(("Published peers", peers_text(results), None))
+    audit_path = folder / "backbone_audit.json"
+    if audit_path.exists():
+        sections.append(("What the backbone saw in pretraining", backbone_text(json.loads(audit_path.read_text())),
+                         None))
 
     md = [f"# scdca benchmark report: {folder.name}\n"]
     for title, body, _ in sections:

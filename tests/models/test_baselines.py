@@ -81,3 +81,21 @@ def test_registry_lists_baselines_and_rejects_unknown_names():
     assert {"control", "train_mean", "additive", "ridge", "knn"} <= set(MODELS.names())
     with pytest.raises(ScdcaInputError, match="unknown model 'gpt'.*additive"):
         make_model("gpt")
+
+
+def test_dominant_ignores_the_drug_and_scales_the_lines_direction_by_dose():
+    v = np.array([1.0, -2.0, 0.5])
+    scale = {0.1: 0.5, 1.0: 2.0}
+    delta = {("L1", d, x): scale[x] * v * (1.2 if d == "aspirin" else 0.8)
+             for d in ("aspirin", "caffeine") for x in scale}
+    delta[("L1", "ibuprofen", 1.0)] = [9.0, 9.0, 9.0]  # the query's real change is never used
+    delta[("L1", "ibuprofen", 0.1)] = [-9.0, 9.0, 9.0]
+    data = make_pb(delta, control=CTRL)
+    train = [k for k in delta if k[1] != "ibuprofen"]
+    p = predict(make_model("dominant"), data, train, [("L1", "ibuprofen", 1.0), ("L1", "ibuprofen", 0.1)])
+    # SVD direction is v/|v|; mean projection at dose 1.0 is 2.0 * |v| (1.2 and 0.8 average to 1)
+    np.testing.assert_allclose(p[0], CTRL["L1"] + 2.0 * v, atol=1e-9)
+    np.testing.assert_allclose(p[1], CTRL["L1"] + 0.5 * v, atol=1e-9)
+    # every drug of a line gets the same prediction: it cannot rank drugs
+    q = predict(make_model("dominant"), data, train, [("L1", "aspirin", 1.0), ("L1", "caffeine", 1.0)])
+    np.testing.assert_allclose(q[0], q[1])

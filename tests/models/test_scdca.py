@@ -37,11 +37,12 @@ def test_adapter_starts_as_identity_and_both_paths_get_gradients():
     assert ad.up.weight.grad.abs().sum() > 0 and ad.mol_proj[-1].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["adapter", "finetune", "concat", "feature"])
-def test_step_zero_equals_the_frozen_backbone_and_predicts_no_change(tiny_backbone, variant):
+@pytest.mark.parametrize("variant,extra", [("adapter", {}), ("finetune", {}), ("concat", {}), ("feature", {}),
+                                           ("lowrank", {}), ("adapter", {"gene_head": True, "modulation": "film"})])
+def test_step_zero_equals_the_frozen_backbone_and_predicts_no_change(tiny_backbone, variant, extra):
     bb = load(tiny_backbone)
     ids = torch.arange(20)
-    net = ScDCANet(bb, ids, cond_dim=7, cfg=ScDCAConfig(variant=variant))
+    net = ScDCANet(bb, ids, cond_dim=7, cfg=ScDCAConfig(variant=variant, **extra))
     values = torch.rand(3, 20)
     cond = torch.randn(3, 7)
     with torch.no_grad():
@@ -210,3 +211,41 @@ def test_unseen_fingerprint_bits_do_not_blow_up_predictions(tiny_data, tiny_back
     assert np.abs(cond).max() < 100
     pred = model.predict(tiny_data.subset(split.test, observed=False))
     assert np.abs(pred - tiny_data.subset(split.test).mean).max() < 20
+
+
+def test_drug_gene_head_starts_at_zero_and_gives_each_drug_its_own_gene_pattern():
+    from scdca.adapters import DrugGeneConfig, DrugGeneHead
+
+    head = DrugGeneHead(DrugGeneConfig(d_model=6, cond_dim=3, rank=2, hidden=8))
+    h, c = torch.randn(2, 5, 6), torch.randn(2, 3)
+    torch.testing.assert_close(head(h, c), torch.zeros(2, 5))
+    with torch.no_grad():
+        head.drug_proj[-1].weight.normal_()
+    with torch.no_grad():
+        out = head(h[:1].expand(2, -1, -1), c)  # same cell, two drugs
+    assert out.shape == (2, 5) and abs(float(torch.corrcoef(out)[0, 1])) < 0.999  # not one shared direction
+
+
+def test_lowrank_variant_learns_drug_specific_changes(tmp_path):
+    """Two drugs move disjoint gene sets in opposite directions; a drug-blind model cannot fit both."""
+    from scdca.data import condition_id
+
+    from ..conftest import make_pb
+
+    G = 12
+    up, down = np.zeros(G), np.zeros(G)
+    up[:4], down[6:10] = 1.0, -1.0
+    delta = {(line, d, x): (up if d in ("aspirin", "ibuprofen") else down) * x
+             for line in ("L1", "L2") for d in ("aspirin", "caffeine", "ibuprofen", "paracetamol") for x in (0.5, 1.0)}
+    data = make_pb(delta, control={"L1": np.linspace(0.5, 2, G), "L2": np.linspace(2, 0.5, G)})
+    torch.manual_seed(0)
+    vocab = GeneVocab.from_genes(list(data.genes))
+    bb = Backbone(BackboneConfig(ntoken=len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=1, dropout=0.0,
+                                 pad_token_id=vocab["<pad>"]))
+    save(bb, vocab, tmp_path / "bb")
+    model = make_model("scdca_lowrank", backbone=str(tmp_path / "bb"), encoder="morgan:bits=64", epochs=150,
+                       batch_size=4, lr=1e-2, patience=1000, val_fraction=0.0)
+    model.fit(data)
+    q = [condition_id("L1", "aspirin", 1.0), condition_id("L1", "caffeine", 1.0)]
+    change = model.predict(data.subset(q, observed=False)) - data.control_mean[0]
+    assert np.corrcoef(change[0], up)[0, 1] > 0.9 and np.corrcoef(change[1], down)[0, 1] > 0.9

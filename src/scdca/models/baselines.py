@@ -178,3 +178,46 @@ class KnnBaseline(PerturbationModel):
             changes = np.stack([self._neighbour_change(self._drugs[j], c, x) for j in nn])
             out.append((w[:, None] * changes).sum(0) / w.sum())
         return query.control_for(cond["cell_line"]) + np.stack(out)
+
+
+@MODELS.register("dominant")
+class DominantDirectionBaseline(PerturbationModel):
+    """Drug-agnostic reference: control + s(line, dose) * v(line).
+
+    v is the dominant direction (first right singular vector, sign along the mean) of the
+    line's training changes, s the mean projection of that line's training changes at
+    that dose onto v (nearest training dose on a log scale). Lines without training
+    changes use the pooled direction and scales. It ignores which drug is given: any
+    model whose scores it matches has not shown that it tells drugs apart.
+    """
+
+    name = "dominant"
+
+    def fit(self, train):
+        cond = train.conditions
+        delta = train.delta()
+        logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
+        lines = cond["cell_line"].to_numpy()
+        self._fits = {None: self._direction(delta, logd)}
+        for line in np.unique(lines):
+            rows = lines == line
+            self._fits[line] = self._direction(delta[rows], logd[rows])
+        return self
+
+    @staticmethod
+    def _direction(delta: np.ndarray, logd: np.ndarray):
+        _, _, vt = np.linalg.svd(delta, full_matrices=False)
+        v = vt[0] * (np.sign(vt[0] @ delta.mean(0)) or 1.0)  # (G,)
+        proj = delta @ v
+        levels = np.unique(logd)
+        scales = np.array([proj[logd == x].mean() for x in levels])
+        return v, levels, scales
+
+    def predict(self, query):
+        cond = query.conditions
+        logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
+        out = []
+        for line, x in zip(cond["cell_line"], logd):
+            v, levels, scales = self._fits.get(line, self._fits[None])
+            out.append(scales[np.argmin(np.abs(levels - x))] * v)
+        return query.control_for(cond["cell_line"]) + np.stack(out)

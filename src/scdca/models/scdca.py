@@ -39,8 +39,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import _io
-from ..adapters import AdapterConfig, DrugConditionalAdapter, count_parameters, freeze
-from ..backbone import Backbone, load as load_backbone, weights_hash
+from ..adapters import (AdapterConfig, DrugConditionalAdapter, DrugGeneConfig, DrugGeneHead, count_parameters,
+                        freeze)
+from ..backbone import Backbone, resolve as resolve_backbone, weights_hash
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
@@ -48,7 +49,7 @@ from .base import MODELS, PerturbationModel
 
 log = logging.getLogger(__name__)
 
-Variant = Literal["adapter", "finetune", "concat", "feature"]
+Variant = Literal["adapter", "finetune", "concat", "feature", "lowrank"]
 
 
 @dataclass
@@ -64,6 +65,9 @@ class ScDCAConfig:
     modulation: str = "bias"  # "film": the drug also scales the bottleneck channels (our extension)
     train_head: bool = False  # the paper trains only f_l, W_down, W_up and res_net; the head is the
     #                           backbone's pretrained expression decoder, frozen
+    gene_head: bool = False  # add the low-rank drug x gene output (DrugGeneHead) on the final hidden states
+    gene_head_rank: int = 32
+    gene_head_hidden: int = 128
     epochs: int = 20
     batch_size: int = 16
     lr: float = 1e-4
@@ -84,6 +88,8 @@ class ScDCANet(nn.Module):
         D = backbone.cfg.d_model
         if cfg.variant != "finetune":
             freeze(backbone)
+        if cfg.variant not in ("adapter", "finetune", "concat", "feature", "lowrank"):
+            raise ScdcaInputError(f"variant: {cfg.variant!r} is not one of adapter, finetune, concat, feature, lowrank")
         if cfg.variant == "adapter":
             acfg = AdapterConfig(D, cond_dim, cfg.bottleneck, cfg.proj_hidden, cfg.residual, cfg.skip, cfg.modulation)
             self.adapters = nn.ModuleList(DrugConditionalAdapter(acfg) for _ in range(backbone.cfg.nlayers))
@@ -99,8 +105,8 @@ class ScDCANet(nn.Module):
         elif cfg.variant == "feature":
             n = len(gene_ids)
             self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n))
-        else:
-            raise ScdcaInputError(f"variant: {cfg.variant!r} is not one of adapter, finetune, concat, feature")
+        if cfg.variant == "lowrank" or cfg.gene_head:  # low-rank drug x gene output on the final hidden states
+            self.gene_head = DrugGeneHead(DrugGeneConfig(D, cond_dim, cfg.gene_head_rank, cfg.gene_head_hidden))
         if cfg.variant in ("concat", "feature"):  # start at 'no change', like the adapters
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
@@ -145,8 +151,10 @@ class ScDCANet(nn.Module):
         so callers may pass them cached; they are computed when omitted.
         """
         v = self.cfg.variant
-        if v in ("concat", "feature"):
+        if v in ("concat", "feature", "lowrank"):
             h = hidden if hidden is not None else self.frozen_hidden(values)  # (B, T, D)
+            if v == "lowrank":
+                return values + self.gene_head(h, cond)
             if v == "concat":
                 c = cond[:, None, :].expand(-1, h.shape[1], -1)
                 return values + self.head(torch.cat([h, c], -1)).squeeze(-1)
@@ -159,6 +167,8 @@ class ScDCANet(nn.Module):
             for layer, adapter in zip(self.backbone.transformer_encoder.layers, self.adapters):
                 h = adapter(layer(h), cond)
             out = self.head(h)  # (B, T)
+            if self.cfg.gene_head:
+                out = out + self.gene_head(h, cond)
         if reference is None:
             if v == "finetune":
                 raise ValueError("finetune needs `reference` (the pretrained model's output), computed before training")
@@ -209,7 +219,7 @@ class ScDCAModel(PerturbationModel):
         self._emb_mean, self._emb_std = standardisation(emb)
         logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
         self._dose_lo, self._dose_span = float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
-        backbone = load_backbone(self.backbone_path, device=self.device)
+        backbone = resolve_backbone(self.backbone_path, genes=train.genes, device=self.device)
         self._backbone_hash = weights_hash(backbone)
         mapping = backbone.vocab.map_genes(train.genes)
         if len(mapping.ids) == 0:
@@ -306,7 +316,7 @@ class ScDCAModel(PerturbationModel):
     def _line_hidden(self, controls: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Per-line caches (frozen, so computed once): hidden states or reference outputs."""
         c = controls.to(self.device)
-        if self.cfg.variant in ("concat", "feature"):
+        if self.cfg.variant in ("concat", "feature", "lowrank"):
             return self.net.frozen_hidden(c), None  # (L, T, D)
         return None, self.net.reference_output(c)  # (L, T)
 
@@ -344,7 +354,7 @@ class ScDCAModel(PerturbationModel):
             # per-line caches, computed once however many drugs are asked for (screening);
             # finetune changed its backbone, so its 'no change' reference comes from the checkpoint
             if self.cfg.variant == "finetune":
-                pretrained = load_backbone(self.backbone_path, device=self.device)
+                pretrained = resolve_backbone(self.backbone_path, genes=self._genes, device=self.device)
                 cache = (None, self.net.reference_output(line_controls.to(self.device), pretrained))
                 del pretrained
             else:
@@ -367,7 +377,7 @@ class ScDCAModel(PerturbationModel):
         state = {k: v.detach().cpu().contiguous() for k, v in self._trainable_state().items()}
         with _io.atomic_path(folder / "trained.safetensors") as tmp:
             save_file(state, str(tmp))
-        meta = {"model": self.name, "config": asdict(self.cfg), "backbone": os.path.abspath(self.backbone_path),
+        meta = {"model": self.name, "config": asdict(self.cfg), "backbone": _backbone_ref(self.backbone_path),
                 "backbone_sha256": self._backbone_hash, "encoder": self.encoder_spec,
                 "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
                 "kept": self._kept.tolist(), "emb_mean": self._emb_mean.tolist(), "emb_std": self._emb_std.tolist(),
@@ -390,7 +400,7 @@ class ScDCAModel(PerturbationModel):
         klass = MODELS.get(meta["model"])
         model = klass(backbone=backbone or meta["backbone"], encoder=meta["encoder"], device=device,
                       **{k: v for k, v in meta["config"].items() if k != "variant"})
-        bb = load_backbone(model.backbone_path, device=model.device)
+        bb = resolve_backbone(model.backbone_path, genes=meta["genes"], device=model.device)
         if weights_hash(bb) != meta["backbone_sha256"]:
             raise ScdcaInputError(f"backbone {model.backbone_path!r} differs from the one this model was trained on "
                                   f"(weights hash mismatch); pass the original backbone folder")
@@ -414,6 +424,11 @@ class ScDCAModel(PerturbationModel):
         return model
 
 
+def _backbone_ref(spec: str) -> str:
+    """What model.json records: an absolute folder, or the 'random:' spec as given."""
+    return spec if str(spec).startswith("random:") else os.path.abspath(spec)
+
+
 def _variant(name: str, variant: str, doc: str, **defaults):
     cls = type(f"ScDCA_{name}", (ScDCAModel,), {"name": name, "variant": variant, "defaults": defaults,
                                                   "__doc__": doc})
@@ -427,6 +442,10 @@ _variant("scdca_nores", "adapter", "scDCA with a plain nonlinearity in the bottl
 _variant("scdca_noskip", "adapter", "scDCA with eq. 5 as printed: the adapter output replaces h_l.", skip=False)
 _variant("scdca_film", "adapter", "scDCA whose drug projection also scales the bottleneck channels (FiLM; "
          "our extension, not in the paper).", modulation="film")
+_variant("scdca_lowrank", "lowrank", "Frozen backbone + a low-rank drug x gene output on its final hidden states "
+         "(our extension; no adapters, so the hidden states are cached per line and a fit takes seconds).")
+_variant("scdca_plus", "adapter", "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
+         "hidden states (our extension).", modulation="film", gene_head=True)
 _variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
 _variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
 _variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")
