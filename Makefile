@@ -21,14 +21,20 @@ demo: $(BIN)/scdca
 	$(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --models control,train_mean,additive,ridge,knn --tasks all --seeds 5 --out runs/demo
 
-# scDCA, its variants and biolord next to the baselines (about 30 min on 2 CPU cores): pretrain the demo
-# backbone, then one seed of the grid on the 256 most variable genes, 200 optimiser steps per fit.
+# scDCA, its variants and biolord next to the baselines (about 45 min on 2 CPU cores): simulate the
+# pretraining atlas (unperturbed cells, same genes), pretrain the demo backbone on it, then one seed
+# of the grid on the 256 most variable genes, 200 optimiser steps per adapter fit; then the same
+# adapters on an untrained backbone (does pretraining help?).
 demo-scdca: $(BIN)/scdca
 	test -f runs/demo/data.h5ad || $(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
-	$(BIN)/scdca pretrain --data runs/demo/data.h5ad --out runs/demo/backbone
+	test -f runs/demo/atlas.h5ad || $(BIN)/scdca simulate --atlas --out runs/demo/atlas.h5ad --seed 0
+	$(BIN)/scdca pretrain --data runs/demo/atlas.h5ad --out runs/demo/backbone_atlas --steps 1200
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo --tasks all --seeds 1 \
-		--models control,train_mean,additive,ridge,knn,biolord,scdca,scdca_nores,scdca_film,finetune,concat,feature \
-		--n-top-genes 256 --backbone runs/demo/backbone --encoder chemnet --max-steps 200 --lr 1e-3
+		--models control,train_mean,additive,ridge,knn,dominant,biolord,scdca,scdca_film,scdca_lowrank,scdca_plus,finetune,feature \
+		--n-top-genes 256 --backbone runs/demo/backbone_atlas --encoder chemnet --max-steps 200 --lr 1e-3
+	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo_random --tasks all --seeds 1 \
+		--models control,dominant,ridge,scdca,scdca_lowrank,scdca_plus \
+		--n-top-genes 256 --backbone random:4x128 --encoder chemnet --max-steps 200 --lr 1e-3
 
 # The published peer biolord next to the baselines, 5 seeds (about 25 min on 2 CPU cores).
 demo-peers: $(BIN)/scdca

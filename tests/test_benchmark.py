@@ -135,3 +135,25 @@ def test_models_get_only_the_options_they_accept_and_the_grid_seed(monkeypatch):
     _make("probe", {"encoder": "morgan", "lr": 0.5, "backbone": "x"}, 3)
     assert seen == {"encoder": "morgan", "seed": 3}
     assert type(_make("ridge", {"encoder": "morgan", "lr": 0.5}, 3)).__name__ == "RidgeBaseline"
+
+
+def test_backbone_audit_says_what_the_backbone_saw(tmp_path, tiny_sim):
+    from scdca import _io
+    from scdca.benchmark import backbone_audit
+    from scdca.pretrain import PretrainConfig, pretrain
+    from scdca.report import backbone_text
+
+    data, other = tmp_path / "screen.h5ad", tmp_path / "other.h5ad"
+    _io.write_h5ad(data, tiny_sim)
+    _io.write_h5ad(other, tiny_sim[:200].copy())
+    tiny = dict(layers=1, dim=8, heads=2, steps=1, batch_size=4, seq_len=8, eval_every=1, val_cells=8)
+    pretrain(str(data), tmp_path / "ctrl", PretrainConfig(**tiny), progress=False)
+    pretrain(str(data), tmp_path / "leak", PretrainConfig(**tiny, include_perturbed=True), progress=False)
+    pretrain(str(other), tmp_path / "other", PretrainConfig(**tiny), progress=False)
+    verdicts = {name: backbone_audit(str(tmp_path / name), str(data))["verdict"] for name in ("ctrl", "leak", "other")}
+    assert verdicts == {"ctrl": "controls of this file", "leak": "leak", "other": "other data"}
+    assert backbone_audit("random:2x8", str(data))["verdict"] == "random"
+    (tmp_path / "official").mkdir()
+    (tmp_path / "official" / "args.json").write_text("{}")
+    assert backbone_audit(str(tmp_path / "official"), str(data))["verdict"] == "unknown"
+    assert backbone_text(backbone_audit(str(tmp_path / "leak"), str(data))).count("LEAK") == 1

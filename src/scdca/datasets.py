@@ -32,6 +32,15 @@ to proportions (softmax over genes).
 Cells. Library size L ~ LogNormal(log(mean_library_size), 0.35); counts
 ~ NegativeBinomial(mean = L p_g, dispersion theta). X holds raw counts.
 
+Pretraining atlas (`simulate_atlas`). Unperturbed cells only, in the screen's gene
+space (same seed -> same genes, programs, base rates and line loadings W). Each of
+many cell states has its own latent z_s in the cell-line space and its own activity
+a_s of every program (the P programs drugs act on and a few that no drug touches); each
+cell adds its own program activity e_i: log-rate = base + W z_s + (a_s + e_i) @ programs.
+So which genes move together under a drug is learnable from natural variation alone,
+which is the premise of adapting a pretrained model. The screen's lines may appear as
+control states; no drug-treated cell is ever in the atlas.
+
 Truth. `uns['scdca_truth']` stores, per condition, the exact expectation of the
 pseudobulk that `scdca.data.load` computes (mean of log1p(1e4 * counts / total))
 in the limit of infinitely many cells, by summing the NB pmf (and an asymptotic

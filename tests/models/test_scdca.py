@@ -216,7 +216,7 @@ def test_unseen_fingerprint_bits_do_not_blow_up_predictions(tiny_data, tiny_back
 def test_drug_gene_head_starts_at_zero_and_gives_each_drug_its_own_gene_pattern():
     from scdca.adapters import DrugGeneConfig, DrugGeneHead
 
-    head = DrugGeneHead(DrugGeneConfig(d_model=6, cond_dim=3, rank=2, hidden=8))
+    head = DrugGeneHead(DrugGeneConfig(d_model=6, cond_dim=3, n_genes=5, rank=2, hidden=8))
     h, c = torch.randn(2, 5, 6), torch.randn(2, 3)
     torch.testing.assert_close(head(h, c), torch.zeros(2, 5))
     with torch.no_grad():
@@ -226,10 +226,9 @@ def test_drug_gene_head_starts_at_zero_and_gives_each_drug_its_own_gene_pattern(
     assert out.shape == (2, 5) and abs(float(torch.corrcoef(out)[0, 1])) < 0.999  # not one shared direction
 
 
-def test_lowrank_variant_learns_drug_specific_changes(tmp_path):
-    """Two drugs move disjoint gene sets in opposite directions; a drug-blind model cannot fit both."""
-    from scdca.data import condition_id
-
+def _two_program_screen(tmp_path):
+    """Two drugs move one gene set up, two others another set down (dose-proportional), and a
+    tiny random backbone over those genes: a drug-blind model cannot fit both."""
     from ..conftest import make_pb
 
     G = 12
@@ -243,9 +242,30 @@ def test_lowrank_variant_learns_drug_specific_changes(tmp_path):
     bb = Backbone(BackboneConfig(ntoken=len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=1, dropout=0.0,
                                  pad_token_id=vocab["<pad>"]))
     save(bb, vocab, tmp_path / "bb")
-    model = make_model("scdca_lowrank", backbone=str(tmp_path / "bb"), encoder="morgan:bits=64", epochs=150,
-                       batch_size=4, lr=1e-2, patience=1000, val_fraction=0.0)
-    model.fit(data)
+    return data, str(tmp_path / "bb"), up, down
+
+
+def _changes(model, data):
+    from scdca.data import condition_id
+
     q = [condition_id("L1", "aspirin", 1.0), condition_id("L1", "caffeine", 1.0)]
-    change = model.predict(data.subset(q, observed=False)) - data.control_mean[0]
+    return model.predict(data.subset(q, observed=False)) - data.control_mean[0]
+
+
+def test_lowrank_variant_learns_drug_specific_changes(tmp_path):
+    data, bb, up, down = _two_program_screen(tmp_path)
+    model = make_model("scdca_lowrank", backbone=bb, encoder="morgan:bits=64", epochs=150)
+    change = _changes(model.fit(data), data)
     assert np.corrcoef(change[0], up)[0, 1] > 0.9 and np.corrcoef(change[1], down)[0, 1] > 0.9
+    assert model.cost()["epochs_run"] == 150  # no validation: a fixed budget of full-batch steps
+
+
+def test_plus_variant_warms_up_its_head_before_the_adapters_train(tmp_path):
+    data, bb, up, down = _two_program_screen(tmp_path)
+    # epochs=0: only the warm-up runs; the adapters are still the identity
+    model = make_model("scdca_plus", backbone=bb, encoder="morgan:bits=64", epochs=0, head_warmup_epochs=150)
+    change = _changes(model.fit(data), data)
+    assert np.corrcoef(change[0], up)[0, 1] > 0.9 and np.corrcoef(change[1], down)[0, 1] > 0.9
+    assert all(float(a.up.weight.abs().sum()) == 0 for a in model.net.adapters)
+    cold = make_model("scdca_plus", backbone=bb, encoder="morgan:bits=64", epochs=0, head_warmup_epochs=0)
+    np.testing.assert_allclose(_changes(cold.fit(data), data), 0, atol=1e-6)  # no warm-up, no training: no change

@@ -2,7 +2,7 @@
 
 Importing this package registers every built-in model in `MODELS`.
 """
-from . import baselines, peers, scdca  # noqa: F401  (registers the models)
+from . import baselines, c3tl, peers, scdca  # noqa: F401  (registers the models)
 from .base import MODELS, PerturbationModel, make_model
 
 __all__ = ["MODELS", "PerturbationModel", "make_model"]

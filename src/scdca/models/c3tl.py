@@ -1,0 +1,241 @@
+"""C3TL-style lightweight transfer model (our design from the paper's idea; no code of it exists).
+
+Idea (Causal Cellular Context Transfer Learning, seed paper 002): a drug's effect is largely
+shared across contexts (an invariance) and modulated by the context, so a small model that
+encodes the two separately transfers to new lines and new drugs at a fraction of the cost
+of a foundation model. Every design choice below is ours:
+
+- Change space. Changes from control are predicted as scores on the top `n_components`
+  principal directions of the training changes (plus their mean), as `ridge` does: drug
+  effects are low-rank and this discards per-gene noise. Works on single-cell or bulk input
+  alike, since the model only ever sees pseudobulk means.
+- Context c. The line's control expression, centred on the training lines' mean control and
+  projected on the same directions, through a small MLP: an unseen line (zero-shot) only
+  needs its control.
+- Drug d, pooled over contexts. Each training observation of d (its change scores, scaled
+  log dose and context) is embedded by phi and the embeddings are averaged: permutation-
+  invariant and defined for any number of observations. A molecule embedding psi(m) is
+  always added, so a drug never observed (empty pool) still has a code. While training, the
+  pool of a condition leaves out its own line (so the model learns to transfer, not to
+  copy), and is emptied for a random share of drugs (so psi learns to stand in for it).
+- Combination. scores = S(r_d, t) + M(r_d, t, c): S is the context-invariant shared effect,
+  M a context-specific modulation whose last layer starts at zero (the model starts
+  invariant, and context enters only where the data ask for it).
+
+Training: full batch, AdamW, MSE on the change scores, a fixed number of steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import _io
+from ..data import PerturbationData
+from ..encoders import get_encoder, standardisation, standardise
+from ..errors import ScdcaInputError
+from .base import MODELS, PerturbationModel
+
+
+@dataclass
+class C3TLConfig:
+    n_components: int = 32  # change directions (K)
+    hidden: int = 64  # width of every code (H)
+    steps: int = 400
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    pool_dropout: float = 0.3  # share of training drugs whose pool is emptied in a step
+    seed: int = 0
+
+
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+
+
+class C3TLNet(nn.Module):
+    """The torch module; inputs are already in change-score space."""
+
+    def __init__(self, cfg: C3TLConfig, mol_dim: int):
+        super().__init__()
+        K, H = cfg.n_components, cfg.hidden
+        self.context = _mlp(K, H, H)  # control scores (K) -> c (H)
+        self.phi = _mlp(K + 1 + H, H, H)  # one observation [scores, t, c] -> (H)
+        self.psi = _mlp(mol_dim, H, H)  # molecule -> (H)
+        self.shared = _mlp(H + 1, H, K)  # S(r, t)
+        self.modulation = _mlp(2 * H + 1, H, K)  # M(r, t, c)
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+
+    def drug_code(self, mol: Tensor, pool: Tensor, obs_scores: Tensor, obs_t: Tensor, obs_ctx: Tensor) -> Tensor:
+        """mol (B, M); pool (B, N) weights over N observations (rows sum to 1, or 0 = none);
+        observations: scores (N, K), t (N,), context scores (N, K) -> drug code r (B, H)."""
+        emb = self.phi(torch.cat([obs_scores, obs_t[:, None], self.context(obs_ctx)], -1))  # (N, H)
+        return self.psi(mol) + pool @ emb
+
+    def forward(self, r: Tensor, t: Tensor, ctx: Tensor) -> Tensor:  # (B, H), (B,), (B, K) -> (B, K)
+        c = self.context(ctx)
+        return self.shared(torch.cat([r, t[:, None]], -1)) + self.modulation(torch.cat([r, t[:, None], c], -1))
+
+
+@MODELS.register("c3tl")
+class C3TLModel(PerturbationModel):
+    """Lightweight transfer model: shared drug effect pooled over contexts + context modulation.
+
+    Args:
+        encoder: molecule encoder spec (default 'morgan'; any of scdca's encoders).
+        device: torch device (default cpu: the model is tiny).
+        **config: fields of C3TLConfig.
+    """
+
+    name = "c3tl"
+    options = ("encoder", "device", "seed")
+
+    def __init__(self, *, encoder: str = "morgan", device: str | None = None, **config):
+        self.encoder_spec = encoder
+        self.device = torch.device(device or "cpu")
+        self.cfg = C3TLConfig(**config)
+        self._cost: dict[str, Any] = {}
+
+    # -- features ------------------------------------------------------------------------
+    def _mol(self, smiles: list[str], names: list[str]) -> Tensor:
+        emb = self._encoder.encode(smiles, names=names)
+        return torch.from_numpy(standardise(emb, self._emb_mean, self._emb_std))
+
+    def _t(self, dose: np.ndarray) -> np.ndarray:
+        t = (np.log10(np.maximum(dose, 1e-12)) - self._dose_lo) / self._dose_span
+        return np.clip(t, 0.0, 1.0).astype(np.float32)
+
+    def _scores(self, delta: np.ndarray) -> np.ndarray:
+        return ((delta - self._mean_change) @ self._basis.T).astype(np.float32)  # (N, K)
+
+    def _ctx(self, control: np.ndarray) -> np.ndarray:
+        return ((control - self._ctrl_centre) @ self._basis.T).astype(np.float32)  # (L, K)
+
+    @staticmethod
+    def _pool(query_drugs, query_lines, obs_drugs, obs_lines, *, leave_line_out: bool) -> np.ndarray:
+        """(B, N) mean-pooling weights over the observations of each query's drug."""
+        same = np.asarray(query_drugs)[:, None] == np.asarray(obs_drugs)[None, :]
+        if leave_line_out:
+            same &= np.asarray(query_lines)[:, None] != np.asarray(obs_lines)[None, :]
+        n = same.sum(1, keepdims=True)
+        return np.where(n > 0, same / np.maximum(n, 1), 0.0).astype(np.float32)
+
+    # -- fit / predict ---------------------------------------------------------------------
+    def fit(self, train: PerturbationData) -> "C3TLModel":
+        t0 = time.perf_counter()
+        cfg, cond = self.cfg, train.conditions
+        self._encoder = get_encoder(self.encoder_spec)
+        drugs = train.drug_smiles()
+        self._emb_mean, self._emb_std = standardisation(self._encoder.encode(list(drugs.values()), names=list(drugs)))
+        logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
+        self._dose_lo, self._dose_span = float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
+        delta = train.delta().astype(np.float64)
+        self._mean_change = delta.mean(0)
+        _, _, vt = np.linalg.svd(delta - self._mean_change, full_matrices=False)
+        self._basis = vt[: cfg.n_components]  # (K, G)
+        if self._basis.shape[0] < cfg.n_components:  # fewer conditions than directions: pad with zeros
+            self._basis = np.vstack([self._basis, np.zeros((cfg.n_components - len(self._basis), delta.shape[1]))])
+        self._ctrl_centre = train.control_for(sorted(cond["cell_line"].unique())).mean(0)
+        # the observations every later prediction pools over
+        self._obs = {"drug": cond["drug"].astype(str).to_numpy(), "line": cond["cell_line"].astype(str).to_numpy(),
+                     "scores": self._scores(delta), "t": self._t(cond["dose"].to_numpy(float)),
+                     "ctx": self._ctx(train.control_for(cond["cell_line"]))}
+        torch.manual_seed(cfg.seed)
+        self.net = C3TLNet(cfg, len(self._emb_mean)).to(self.device)
+        mol = self._mol(list(cond["smiles"]), list(cond["drug"])).to(self.device)
+        pool = torch.from_numpy(self._pool(self._obs["drug"], self._obs["line"], self._obs["drug"], self._obs["line"],
+                                           leave_line_out=True)).to(self.device)
+        obs = [torch.from_numpy(self._obs[k]).to(self.device) for k in ("scores", "t", "ctx")]
+        target, t, ctx = obs[0], obs[1], obs[2]
+        unique_drugs = np.unique(self._obs["drug"])
+        drug_pos = torch.from_numpy(np.searchsorted(unique_drugs, self._obs["drug"])).to(self.device)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.net.train()
+        for _ in range(cfg.steps):
+            keep = (torch.rand(len(unique_drugs), generator=gen) >= cfg.pool_dropout).to(self.device)
+            r = self.net.drug_code(mol, pool * keep[drug_pos][:, None], *obs)
+            loss = ((self.net(r, t, ctx) - target) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        self.net.eval()
+        n_params = sum(p.numel() for p in self.net.parameters())
+        self._cost = {"params_total": n_params, "params_trainable": n_params, "params_trainable_pct": 100.0,
+                      "steps": cfg.steps, "final_train_mse_scores": float(loss.item()),
+                      "train_seconds": time.perf_counter() - t0}
+        self._genes = np.asarray(train.genes)
+        return self
+
+    def predict(self, query: PerturbationData) -> np.ndarray:
+        if not hasattr(self, "net"):
+            raise RuntimeError("call fit() (or C3TLModel.load) before predict()")
+        if list(query.genes) != list(self._genes):
+            raise ScdcaInputError("query genes differ from the genes the model was trained on")
+        cond = query.conditions
+        control = query.control_for(cond["cell_line"])
+        pool = self._pool(cond["drug"].astype(str).to_numpy(), cond["cell_line"].astype(str).to_numpy(),
+                          self._obs["drug"], self._obs["line"], leave_line_out=False)
+        obs = [torch.from_numpy(self._obs[k]).to(self.device) for k in ("scores", "t", "ctx")]
+        with torch.no_grad():
+            mol = self._mol(list(cond["smiles"]), list(cond["drug"])).to(self.device)
+            r = self.net.drug_code(mol, torch.from_numpy(pool).to(self.device), *obs)
+            scores = self.net(r, torch.from_numpy(self._t(cond["dose"].to_numpy(float))).to(self.device),
+                              torch.from_numpy(self._ctx(control)).to(self.device)).cpu().numpy()
+        return (control + self._mean_change + scores.astype(np.float64) @ self._basis).astype(np.float32)
+
+    def cost(self) -> dict[str, Any]:
+        return dict(self._cost)
+
+    # -- save / load -----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Weights and arrays as safetensors, everything else as JSON (no pickle)."""
+        from safetensors.numpy import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        arrays.update(basis=self._basis, mean_change=self._mean_change, ctrl_centre=self._ctrl_centre,
+                      emb_mean=self._emb_mean, emb_std=self._emb_std,
+                      **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")})
+        with _io.atomic_path(folder / "c3tl.safetensors") as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        _io.write_json(folder / "model.json", {
+            "model": self.name, "config": asdict(self.cfg), "encoder": self.encoder_spec,
+            "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
+            "dose_lo": self._dose_lo, "dose_span": self._dose_span, "obs_drug": self._obs["drug"].tolist(),
+            "obs_line": self._obs["line"].tolist(), "cost": self._cost})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "C3TLModel":
+        from safetensors.numpy import load_file
+
+        folder = Path(path)
+        if not (folder / "model.json").exists() or not (folder / "c3tl.safetensors").exists():
+            raise ScdcaInputError(f"{str(folder)!r} lacks model.json or c3tl.safetensors; is it a folder written "
+                                  f"by C3TLModel.save?")
+        meta = json.loads((folder / "model.json").read_text())
+        arrays = load_file(str(folder / "c3tl.safetensors"))
+        model = cls(encoder=meta["encoder"], device=device, **meta["config"])
+        model._encoder = get_encoder(model.encoder_spec)
+        if model._encoder.identifier != meta["encoder_identifier"]:
+            raise ScdcaInputError(f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
+                                  f"training ({meta['encoder_identifier']!r})")
+        model._basis, model._mean_change = arrays["basis"], arrays["mean_change"]
+        model._ctrl_centre, model._emb_mean, model._emb_std = arrays["ctrl_centre"], arrays["emb_mean"], arrays["emb_std"]
+        model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
+        model._genes = np.array(meta["genes"], dtype=object)
+        model._obs = {"drug": np.array(meta["obs_drug"]), "line": np.array(meta["obs_line"]),
+                      **{k: arrays[f"obs.{k}"] for k in ("scores", "t", "ctx")}}
+        model.net = C3TLNet(model.cfg, len(model._emb_mean)).to(model.device)
+        model.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")})
+        model.net.eval()
+        model._cost = meta.get("cost", {})
+        return model
