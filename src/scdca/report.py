@@ -164,7 +164,7 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
         return pd.DataFrame()
     c = pd.concat(frames, ignore_index=True)
     agg = {"seconds": "mean"}
-    for col in ("params_trainable", "params_total", "params_trainable_pct"):
+    for col in ("peak_python_mb", "params_trainable", "params_total", "params_trainable_pct"):
         if col in c:
             agg[col] = "max"
     return c.groupby("model").agg(agg).round(3).sort_values("seconds")
@@ -540,7 +540,9 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
                          _png(genes_fig, folder / "fig_genes.png")))
     costs = cost_table(folder)
     if not costs.empty:
-        sections.append(("Cost (seconds per split for fit + predict; parameters, '-' = closed form)",
+        sections.append(("Cost (seconds per split for fit + predict; peak_python_mb = peak Python-heap allocation "
+                         "traced by tracemalloc, which does not see torch's tensor memory; parameters, '-' = "
+                         "closed form)",
                          _cost_text(costs), None))
     sections.append(("Published peers", peers_text(results), None))
     audit_path = folder / "backbone_audit.json"

@@ -83,19 +83,18 @@ def test_registry_lists_baselines_and_rejects_unknown_names():
         make_model("gpt")
 
 
-def test_dominant_ignores_the_drug_and_scales_the_lines_direction_by_dose():
-    v = np.array([1.0, -2.0, 0.5])
-    scale = {0.1: 0.5, 1.0: 2.0}
-    delta = {("L1", d, x): scale[x] * v * (1.2 if d == "aspirin" else 0.8)
-             for d in ("aspirin", "caffeine") for x in scale}
+def test_dominant_ignores_the_drug_and_adds_a_dose_scaled_direction_to_the_lines_mean():
+    m, v = np.array([0.5, 0.5, 0.0]), np.array([1.0, -2.0, 2.0]) / 3.0  # v has unit length
+    delta = {("L1", d, x): m + (x - 0.55) * 2 * v * (1.2 if d == "aspirin" else 0.8)
+             for d in ("aspirin", "caffeine") for x in (0.1, 1.0)}
     delta[("L1", "ibuprofen", 1.0)] = [9.0, 9.0, 9.0]  # the query's real change is never used
     delta[("L1", "ibuprofen", 0.1)] = [-9.0, 9.0, 9.0]
     data = make_pb(delta, control=CTRL)
     train = [k for k in delta if k[1] != "ibuprofen"]
     p = predict(make_model("dominant"), data, train, [("L1", "ibuprofen", 1.0), ("L1", "ibuprofen", 0.1)])
-    # SVD direction is v/|v|; mean projection at dose 1.0 is 2.0 * |v| (1.2 and 0.8 average to 1)
-    np.testing.assert_allclose(p[0], CTRL["L1"] + 2.0 * v, atol=1e-9)
-    np.testing.assert_allclose(p[1], CTRL["L1"] + 0.5 * v, atol=1e-9)
+    # the training changes average to m; at dose 1.0 they sit +0.9 along v on average, at 0.1 -0.9
+    np.testing.assert_allclose(p[0], CTRL["L1"] + m + 0.9 * v, atol=1e-9)
+    np.testing.assert_allclose(p[1], CTRL["L1"] + m - 0.9 * v, atol=1e-9)
     # every drug of a line gets the same prediction: it cannot rank drugs
     q = predict(make_model("dominant"), data, train, [("L1", "aspirin", 1.0), ("L1", "caffeine", 1.0)])
     np.testing.assert_allclose(q[0], q[1])

@@ -124,6 +124,18 @@ def test_save_load_gives_identical_predictions_and_refuses_another_backbone(tiny
         ScDCAModel.load(tmp_path / "m", backbone=str(tmp_path / "other_bb"))
 
 
+@pytest.mark.parametrize("name,backbone", [("scdca_lowrank", None), ("scdca_plus", "random:1x16")])
+def test_extensions_save_and_load_with_their_line_offsets(tiny_data, tiny_backbone, tmp_path, name, backbone):
+    split = make_splits(tiny_data, "unseen_cell_zeroshot", 0)[0]  # the query line has no training offset
+    model = make_model(name, backbone=backbone or tiny_backbone, encoder="morgan:bits=128", epochs=2,
+                       **({"head_warmup_epochs": 5} if name == "scdca_plus" else {})).fit(tiny_data.subset(split.train))
+    model.save(tmp_path / "m")
+    again = ScDCAModel.load(tmp_path / "m")
+    assert type(again).name == name and again.cfg.line_offset
+    q = tiny_data.subset(split.test, observed=False)
+    np.testing.assert_allclose(again.predict(q), model.predict(q), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["scdca_nores", "scdca_noskip", "scdca_film", "finetune", "concat", "feature"])
 def test_every_variant_fits_and_predicts(name, tiny_data, tiny_backbone):
     split = make_splits(tiny_data, "unseen_pair", 0)[0]
@@ -268,4 +280,6 @@ def test_plus_variant_warms_up_its_head_before_the_adapters_train(tmp_path):
     assert np.corrcoef(change[0], up)[0, 1] > 0.9 and np.corrcoef(change[1], down)[0, 1] > 0.9
     assert all(float(a.up.weight.abs().sum()) == 0 for a in model.net.adapters)
     cold = make_model("scdca_plus", backbone=bb, encoder="morgan:bits=64", epochs=0, head_warmup_epochs=0)
-    np.testing.assert_allclose(_changes(cold.fit(data), data), 0, atol=1e-6)  # no warm-up, no training: no change
+    # no warm-up, no training: every drug gets the line's mean training change (line_offset)
+    line_mean = data.delta()[(data.conditions["cell_line"] == "L1").to_numpy()].mean(0)
+    np.testing.assert_allclose(_changes(cold.fit(data), data), np.stack([line_mean] * 2), atol=1e-5)

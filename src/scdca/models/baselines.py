@@ -182,13 +182,14 @@ class KnnBaseline(PerturbationModel):
 
 @MODELS.register("dominant")
 class DominantDirectionBaseline(PerturbationModel):
-    """Drug-agnostic reference: control + s(line, dose) * v(line).
+    """Drug-agnostic reference: control + m(line) + s(line, dose) * v(line).
 
-    v is the dominant direction (first right singular vector, sign along the mean) of the
-    line's training changes, s the mean projection of that line's training changes at
-    that dose onto v (nearest training dose on a log scale). Lines without training
-    changes use the pooled direction and scales. It ignores which drug is given: any
-    model whose scores it matches has not shown that it tells drugs apart.
+    m is the line's mean training change (what `train_mean` predicts), v the dominant
+    direction of the line's training changes around m (first principal direction), and
+    s the mean projection of the line's training changes at that dose onto v (nearest
+    training dose on a log scale): the average response, shaped by dose. Lines without
+    training changes use the pooled m, v and s. It never looks at which drug is given, so
+    any score it reaches needs no drug knowledge at all.
     """
 
     name = "dominant"
@@ -206,18 +207,20 @@ class DominantDirectionBaseline(PerturbationModel):
 
     @staticmethod
     def _direction(delta: np.ndarray, logd: np.ndarray):
-        _, _, vt = np.linalg.svd(delta, full_matrices=False)
-        v = vt[0] * (np.sign(vt[0] @ delta.mean(0)) or 1.0)  # (G,)
-        proj = delta @ v
+        mean = delta.mean(0)
+        centred = delta - mean
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        v = vt[0]  # (G,)
+        proj = centred @ v
         levels = np.unique(logd)
         scales = np.array([proj[logd == x].mean() for x in levels])
-        return v, levels, scales
+        return mean, v, levels, scales
 
     def predict(self, query):
         cond = query.conditions
         logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
         out = []
         for line, x in zip(cond["cell_line"], logd):
-            v, levels, scales = self._fits.get(line, self._fits[None])
-            out.append(scales[np.argmin(np.abs(levels - x))] * v)
+            mean, v, levels, scales = self._fits.get(line, self._fits[None])
+            out.append(mean + scales[np.argmin(np.abs(levels - x))] * v)
         return query.control_for(cond["cell_line"]) + np.stack(out)

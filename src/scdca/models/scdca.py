@@ -73,6 +73,8 @@ class ScDCAConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0  # decoupled (AdamW); 0 is the paper's Adam
     val_fraction: float = 0.1
+    line_offset: bool = False  # add each line's mean training change (global mean for unseen lines) to the
+    #                            output, so the trainable parts model what differs between drugs
     head_warmup_epochs: int = 0  # gene_head with adapters: first fit the head alone on the frozen, cached
     #                              hidden states (full batch, this many steps), then train everything
     patience: int = 5
@@ -249,7 +251,8 @@ class ScDCAModel(PerturbationModel):
         target = torch.from_numpy(train.mean[:, self._kept])  # (N, T)
         line_idx = torch.from_numpy(train.controls.index.get_indexer(train.conditions["cell_line"]))
         controls = torch.from_numpy(train.control_mean[:, self._kept])  # (L, T)
-        cache = self._line_hidden(controls)
+        self._fit_offsets(train)
+        cache = self._line_hidden(controls, list(train.controls.index))
 
         is_val = validation_mask(train.conditions, cfg.val_fraction, cfg.seed)
         tr_idx, va_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -278,7 +281,7 @@ class ScDCAModel(PerturbationModel):
                                                                              "step", "epoch"))
             torch.set_rng_state(state["torch_rng"])
         if start == 0 and cfg.variant == "adapter" and cfg.gene_head and cfg.head_warmup_epochs > 0:
-            self._warm_up_head(controls, line_idx[tr_idx], cond[tr_idx], target[tr_idx])
+            self._warm_up_head(controls, cache[2], line_idx[tr_idx], cond[tr_idx], target[tr_idx])
         stopped = start >= cfg.epochs or (len(va_idx) and bad_epochs >= cfg.patience) or (
             cfg.max_steps is not None and step >= cfg.max_steps)
         epoch = start - 1
@@ -322,13 +325,14 @@ class ScDCAModel(PerturbationModel):
                           train_seconds=time.perf_counter() - t_start)
         return self
 
-    def _warm_up_head(self, controls: Tensor, lines: Tensor, cond: Tensor, target: Tensor, lr: float = 3e-3) -> None:
+    def _warm_up_head(self, controls: Tensor, offsets: Tensor | None, lines: Tensor, cond: Tensor, target: Tensor,
+                      lr: float = 3e-3) -> None:
         """Fit the drug x gene head alone, full batch, on the frozen backbone's per-line hidden
         states. The adapters are still the identity, so the model's output is then exactly
         control + head(h_L): the adapters start from a model that already separates drugs."""
         head = self.net.gene_head
         hidden = self.net.frozen_hidden(controls.to(self.device))  # (L, T, D)
-        change = (target - controls[lines]).to(self.device)  # (N, T)
+        change = (target - controls[lines] - (offsets[lines].cpu() if offsets is not None else 0)).to(self.device)
         cond, lines = cond.to(self.device), lines.to(self.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
         for _ in range(self.cfg.head_warmup_epochs):
@@ -337,20 +341,36 @@ class ScDCAModel(PerturbationModel):
             loss.backward()
             opt.step()
 
-    def _line_hidden(self, controls: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Per-line caches (frozen, so computed once): hidden states or reference outputs."""
+    def _fit_offsets(self, train: PerturbationData) -> None:
+        """Each training line's mean change (kept genes) and the mean over all training changes."""
+        delta = train.delta()[:, self._kept]
+        lines = train.conditions["cell_line"].to_numpy()
+        self._offsets = {str(c): delta[lines == c].mean(0).astype(np.float32) for c in np.unique(lines)}
+        self._global_offset = delta.mean(0).astype(np.float32)
+
+    def _offset_rows(self, line_names: list[str]) -> Tensor | None:
+        """(L, T) offsets for these lines (the global mean change for a line not seen in training)."""
+        if not self.cfg.line_offset:
+            return None
+        rows = [self._offsets.get(str(c), self._global_offset) for c in line_names]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
+    def _line_hidden(self, controls: Tensor, line_names: list[str]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Per-line caches (frozen, so computed once): hidden states or reference outputs, offsets."""
         c = controls.to(self.device)
+        offsets = self._offset_rows(line_names)
         if self.cfg.variant in ("concat", "feature", "lowrank"):
-            return self.net.frozen_hidden(c), None  # (L, T, D)
-        return None, self.net.reference_output(c)  # (L, T)
+            return self.net.frozen_hidden(c), None, offsets  # (L, T, D)
+        return None, self.net.reference_output(c), offsets  # (L, T)
 
     def _forward(self, controls, cache, lines, cond) -> Tensor:
-        hidden, ref = cache
+        hidden, ref, offsets = cache
         if self.cfg.variant == "lowrank":  # per-line hidden states, indexed inside the head
-            return self.net(controls[lines].to(self.device), cond.to(self.device), hidden,
-                            lines=lines.to(self.device))
-        return self.net(controls[lines].to(self.device), cond.to(self.device),
-                        hidden[lines] if hidden is not None else None, ref[lines] if ref is not None else None)
+            out = self.net(controls[lines].to(self.device), cond.to(self.device), hidden, lines=lines.to(self.device))
+        else:
+            out = self.net(controls[lines].to(self.device), cond.to(self.device),
+                           hidden[lines] if hidden is not None else None, ref[lines] if ref is not None else None)
+        return out if offsets is None else out + offsets[lines.to(self.device)]
 
     def _loss(self, controls, cache, line_idx, cond, target, idx) -> float:
         self.net.eval()
@@ -382,10 +402,11 @@ class ScDCAModel(PerturbationModel):
             # finetune changed its backbone, so its 'no change' reference comes from the checkpoint
             if self.cfg.variant == "finetune":
                 pretrained = resolve_backbone(self.backbone_path, genes=self._genes, device=self.device)
-                cache = (None, self.net.reference_output(line_controls.to(self.device), pretrained))
+                cache = (None, self.net.reference_output(line_controls.to(self.device), pretrained),
+                         self._offset_rows(list(query.controls.index)))
                 del pretrained
             else:
-                cache = self._line_hidden(line_controls)
+                cache = self._line_hidden(line_controls, list(query.controls.index))
             preds = [self._forward(line_controls, cache, torch.from_numpy(lines[s : s + 64]), cond[s : s + 64])
                      .float().cpu().numpy() for s in range(0, len(cond), 64)]
         out[:, self._kept] = np.concatenate(preds) if preds else np.zeros((0, int(self._kept.sum())))
@@ -413,7 +434,9 @@ class ScDCAModel(PerturbationModel):
         lines, ctrl = self._controls
         with _io.atomic_path(folder / "controls.npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, cell_lines=np.array(lines), control_mean=ctrl.astype(np.float32))
+                np.savez(fh, cell_lines=np.array(lines), control_mean=ctrl.astype(np.float32),
+                         offset_lines=np.array(list(self._offsets)), global_offset=self._global_offset,
+                         offsets=np.stack(list(self._offsets.values())))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCAModel":
@@ -448,6 +471,8 @@ class ScDCAModel(PerturbationModel):
         model._cost = meta.get("cost", {})
         with np.load(folder / "controls.npz") as z:
             model._controls = (z["cell_lines"].tolist(), z["control_mean"])
+            model._offsets = dict(zip(z["offset_lines"].tolist(), z["offsets"]))
+            model._global_offset = z["global_offset"]
         return model
 
 
@@ -482,11 +507,11 @@ ScDCALowRank = _variant(
     "scdca_lowrank", "lowrank", "Frozen backbone + a low-rank drug x gene output on its final hidden states (our "
     "extension). No adapters, so the hidden states are cached per line and a full-batch step costs milliseconds: it "
     "trains on its own budget (the benchmark-wide --epochs/--max-steps/--lr CPU budgets do not apply).",
-    batch_size=0, epochs=300, lr=3e-3, val_fraction=0.0)
+    batch_size=0, epochs=300, lr=3e-3, val_fraction=0.0, line_offset=True)
 ScDCALowRank.options = ("backbone", "encoder", "device", "seed")
 _variant("scdca_plus", "adapter", "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
          "hidden states, the head first fitted alone on the frozen states (our extension).", modulation="film",
-         gene_head=True, head_warmup_epochs=300)
+         gene_head=True, head_warmup_epochs=300, line_offset=True)
 _variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
 _variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
 _variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")
