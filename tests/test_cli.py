@@ -30,3 +30,18 @@ def test_missing_data_file_exits_2(tmp_path, capsys):
     assert main(["benchmark", "--data", str(tmp_path / "x.h5ad"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written half-way
+
+
+def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, tiny_sim):
+    import anndata as ad
+
+    from scdca import _io
+
+    data = tmp_path / "d.h5ad"
+    _io.write_h5ad(data, tiny_sim)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--model", "c3tl",
+                 "--encoder", "morgan:bits=128", "--epochs", "3", "--quiet"]) == 0  # --epochs: not a c3tl option
+    assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "CCO", "--cell-line", "lineA",
+                 "--dose", "100", "10000", "--out", str(tmp_path / "p.h5ad")]) == 0
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert pred.n_obs == 2 and pred.n_vars == tiny_sim.n_vars

@@ -136,22 +136,27 @@ def cmd_train(args) -> None:
     from .models.scdca import ScDCAModel
 
     cls = MODELS.get(args.model)
-    if not issubclass(cls, ScDCAModel):
-        raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train scdca or a variant "
-                              f"(scdca, scdca_nores, scdca_noskip, finetune, concat, feature)")
+    if not hasattr(cls, "save"):
+        savable = [n for n in MODELS.names() if hasattr(MODELS.get(n), "save")]
+        raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable)}")
     data = load(args.data, keys=_keys(args), n_top_genes=args.n_top_genes)
-    model = cls(progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint", **_model_options(args))
+    options = _model_options(args)
+    if issubclass(cls, ScDCAModel):
+        model = cls(progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint", **options)
+    else:
+        model = cls(**{k: v for k, v in options.items() if k in cls.options})
     model.fit(data)
     model.save(args.out)
     c = model.cost()
+    extra = f", {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}" if "epochs_run" in c else ""
     print(f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
-          f"({c['params_trainable_pct']:.2f}%), {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}")
+          f"({c['params_trainable_pct']:.2f}%){extra}")
 
 
 def _load_model(args):
-    from .models.scdca import ScDCAModel
+    from .models import load_model
 
-    return ScDCAModel.load(args.model, backbone=args.backbone, device=args.device)
+    return load_model(args.model, backbone=args.backbone, device=args.device)
 
 
 def _controls_arg(args, model) -> dict | None:

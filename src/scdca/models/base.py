@@ -43,6 +43,31 @@ class PerturbationModel(ABC):
 MODELS: Registry[type[PerturbationModel]] = Registry("model")
 
 
+def load_model(path, **kwargs) -> PerturbationModel:
+    """Load a model folder written by a model's `save` (the model name is in model.json).
+
+    Keyword arguments the model's `load` does not take (e.g. `backbone` for C3TL) or that
+    are None are dropped.
+    """
+    import inspect
+    import json
+    from pathlib import Path
+
+    from ..errors import ScdcaInputError
+
+    meta_path = Path(path) / "model.json"
+    try:
+        name = json.loads(meta_path.read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ScdcaInputError(f"model: {str(path)!r} has no readable model.json naming its model; pass a folder "
+                              f"written by `scdca train`") from None
+    cls = MODELS.get(name)
+    if not hasattr(cls, "load"):
+        raise ScdcaInputError(f"model: {name!r} models cannot be loaded from a folder")
+    accepted = inspect.signature(cls.load).parameters
+    return cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
+
+
 def make_model(name: str, **kwargs) -> PerturbationModel:
     """Build a registered model by name (unknown names list the choices)."""
     return MODELS.get(name)(**kwargs)

@@ -172,6 +172,7 @@ class C3TLModel(PerturbationModel):
                       "steps": cfg.steps, "final_train_mse_scores": float(loss.item()),
                       "train_seconds": time.perf_counter() - t0}
         self._genes = np.asarray(train.genes)
+        self._controls = (list(train.controls.index), train.control_mean.copy())  # for `scdca predict`
         return self
 
     def predict(self, query: PerturbationData) -> np.ndarray:
@@ -203,7 +204,7 @@ class C3TLModel(PerturbationModel):
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
         arrays.update(basis=self._basis, mean_change=self._mean_change, ctrl_centre=self._ctrl_centre,
-                      emb_mean=self._emb_mean, emb_std=self._emb_std,
+                      emb_mean=self._emb_mean, emb_std=self._emb_std, control_mean=self._controls[1],
                       **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")})
         with _io.atomic_path(folder / "c3tl.safetensors") as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
@@ -211,7 +212,8 @@ class C3TLModel(PerturbationModel):
             "model": self.name, "config": asdict(self.cfg), "encoder": self.encoder_spec,
             "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
             "dose_lo": self._dose_lo, "dose_span": self._dose_span, "obs_drug": self._obs["drug"].tolist(),
-            "obs_line": self._obs["line"].tolist(), "cost": self._cost})
+            "obs_line": self._obs["line"].tolist(), "control_lines": [str(c) for c in self._controls[0]],
+            "cost": self._cost})
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "C3TLModel":
@@ -237,5 +239,6 @@ class C3TLModel(PerturbationModel):
         model.net = C3TLNet(model.cfg, len(model._emb_mean)).to(model.device)
         model.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")})
         model.net.eval()
+        model._controls = (meta["control_lines"], arrays["control_mean"])
         model._cost = meta.get("cost", {})
         return model
