@@ -19,7 +19,7 @@ $(BIN)/scdca: pyproject.toml requirements.lock requirements-peers.lock
 
 demo: $(BIN)/scdca
 	$(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
-	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --models control,train_mean,additive,ridge,knn --tasks all --seeds 5 --out runs/demo
+	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --models control,train_mean,additive,ridge,knn,dominant,c3tl --tasks all --seeds 5 --out runs/demo
 
 # scDCA, its variants and biolord next to the baselines (about 45 min on 2 CPU cores): simulate the
 # pretraining atlas (unperturbed cells, same genes), pretrain the demo backbone on it, then one seed
@@ -30,7 +30,7 @@ demo-scdca: $(BIN)/scdca
 	test -f runs/demo/atlas.h5ad || $(BIN)/scdca simulate --atlas --out runs/demo/atlas.h5ad --seed 0
 	$(BIN)/scdca pretrain --data runs/demo/atlas.h5ad --out runs/demo/backbone_atlas --steps 1200
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo --tasks all --seeds 1 \
-		--models control,train_mean,additive,ridge,knn,dominant,biolord,scdca,scdca_film,scdca_lowrank,scdca_plus,finetune,feature \
+		--models control,train_mean,additive,ridge,knn,dominant,c3tl,biolord,scdca,scdca_film,scdca_lowrank,scdca_plus,finetune,feature \
 		--n-top-genes 256 --backbone runs/demo/backbone_atlas --encoder chemnet --max-steps 200 --lr 1e-3
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo_random --tasks all --seeds 1 \
 		--models control,dominant,ridge,scdca,scdca_lowrank,scdca_plus \
@@ -50,6 +50,7 @@ bench: $(BIN)/scdca
 	$(BIN)/python bench/adapter_vs_finetune.py
 	$(BIN)/python bench/encoders.py
 	$(BIN)/python bench/novelty_sciplex.py
+	$(BIN)/python bench/c3tl_vs_scdca.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

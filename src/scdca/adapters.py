@@ -122,9 +122,15 @@ class DrugGeneHead(nn.Module):
         """h (B, T, D), cond (B, C) -> (B, T). With `rows` (B,), h holds one entry per cell
         line (L, T, D) and row b reads line rows[b]: loadings are computed once per line."""
         loadings = self.gene_proj(self.norm(h)) + self.gene_emb  # (B or L, T, K)
-        if rows is not None:
-            loadings = loadings[rows]  # (B, T, K)
-        return torch.einsum("btk,bk->bt", loadings, self.drug_weights(cond))
+        weights = self.drug_weights(cond)  # (B, K)
+        if rows is None:
+            return torch.einsum("btk,bk->bt", loadings, weights)
+        # one matmul per line; gathering loadings[rows] would materialise (B, T, K)
+        out = weights.new_zeros(len(rows), loadings.shape[1])  # (B, T)
+        for line in rows.unique():
+            pick = rows == line
+            out[pick] = weights[pick] @ loadings[line].T
+        return out
 
     def drug_weights(self, cond: Tensor) -> Tensor:  # (B, C) -> (B, K)
         """u(m) * sigmoid(alpha(m) + beta(m) t): one direction per molecule m, scaled by a

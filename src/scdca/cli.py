@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n-top-genes", type=int, default=None, help="keep the top-N highly variable genes")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     g = b.add_argument_group("learned models: scDCA and its variants (scdca, scdca_nores, scdca_noskip, scdca_film, "
-                             "finetune, concat, feature) and the peer biolord (takes --encoder and --device)")
+                             "scdca_plus, finetune, concat, feature); scdca_lowrank, c3tl and the peer biolord take "
+                             "--encoder and --device only (and scdca_lowrank --backbone)")
     g.add_argument("--backbone", default=None, help="backbone checkpoint folder (scdca pretrain writes one), or "
                    "random:<layers>x<dim> for an untrained one (ablation)")
     g.add_argument("--encoder", default=None, help="molecule encoder: chemnet (scDCA default), rdkit2d (biolord default), morgan, "

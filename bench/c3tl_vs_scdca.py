@@ -1,0 +1,66 @@
+"""Fit + predict cost of c3tl, scdca_lowrank and scDCA on the same demo split, one run.
+
+Each model runs in its own fresh process (peak RSS is per process) one after the other on
+the `unseen_pair` split of seed 0 of the demo data (256 most variable genes, the demo
+scDCA budget: 200 optimiser steps, lr 1e-3, chemnet). Prints seconds, peak RSS and the
+ratios to scdca. Molecule embeddings come from the on-disk cache for every model alike. Needs runs/demo/data.h5ad and a backbone (make demo-scdca makes both).
+Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
+
+    python bench/c3tl_vs_scdca.py [--data runs/demo/data.h5ad] [--backbone runs/demo/backbone_atlas]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time
+from scdca.data import load
+from scdca.models import make_model
+from scdca.splits import make_splits
+name, data_path, backbone = sys.argv[1:4]
+data = load(data_path, n_top_genes=256)
+split = make_splits(data, "unseen_pair", 0)[0]
+opts = {"encoder": "chemnet"}
+if name.startswith("scdca"):
+    opts["backbone"] = backbone
+if name == "scdca":
+    opts.update(max_steps=200, lr=1e-3)
+t0 = time.perf_counter()
+model = make_model(name, **opts).fit(data.subset(split.train))
+model.predict(data.subset(split.test, observed=False))
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"model": name, "seconds": seconds, "peak_rss_mb": peak,
+                  "trainable": model.cost().get("params_trainable")}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="runs/demo/data.h5ad")
+    p.add_argument("--backbone", default="runs/demo/backbone_atlas")
+    args = p.parse_args()
+    from pathlib import Path
+
+    missing = [x for x in (args.data, args.backbone) if not Path(x).exists()]
+    if missing:
+        sys.exit(f"missing {missing}: run `make demo-scdca` first (it writes the demo data and backbone)")
+    rows = {}
+    for name in ("c3tl", "scdca_lowrank", "scdca"):
+        out = subprocess.run([sys.executable, "-c", CHILD, name, args.data, args.backbone], check=True,
+                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        rows[name] = json.loads(out)
+    print(f"{'model':15s} {'fit+predict s':>14s} {'peak RSS MB':>12s} {'trainable':>10s}")
+    for r in rows.values():
+        print(f"{r['model']:15s} {r['seconds']:14.2f} {r['peak_rss_mb']:12.0f} {r['trainable'] or 0:10,}")
+    base = rows["scdca"]
+    for name in ("c3tl", "scdca_lowrank"):
+        print(f"{name} / scdca: time {rows[name]['seconds'] / base['seconds']:.3f}, "
+              f"peak RSS {rows[name]['peak_rss_mb'] / base['peak_rss_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
