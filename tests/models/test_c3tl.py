@@ -65,3 +65,12 @@ def test_unseen_drug_and_unseen_line_get_predictions_and_save_load_round_trips(t
     assert model.cost()["params_trainable"] > 0 and model.cost()["train_seconds"] > 0
     with pytest.raises(ScdcaInputError, match="c3tl.safetensors"):
         C3TLModel.load(tmp_path)
+
+
+def test_same_seed_gives_the_same_model(tiny_data):
+    split = make_splits(tiny_data, "unseen_pair", 0)[0]
+    query = tiny_data.subset(split.test, observed=False)
+    a, b = (make_model("c3tl", **FAST).fit(tiny_data.subset(split.train)).predict(query) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    c = make_model("c3tl", **FAST, seed=1).fit(tiny_data.subset(split.train)).predict(query)
+    assert np.abs(a - c).max() > 0

@@ -74,14 +74,14 @@ class C3TLNet(nn.Module):
         nn.init.zeros_(self.modulation[-1].bias)
 
     def drug_code(self, mol: Tensor, pool: Tensor, obs_scores: Tensor, obs_t: Tensor, obs_ctx: Tensor,
-                  mol_rows: Tensor | None = None) -> Tensor:
+                  select: Tensor | None = None) -> Tensor:
         """mol (B, M); pool (B, N) weights over N observations (rows sum to 1, or 0 = none);
         observations: scores (N, K), t (N,), context scores (N, K) -> drug code r (B, H).
-        With `mol_rows` (B,), mol holds one row per distinct molecule and query b reads row
-        mol_rows[b] (psi then runs once per molecule, not once per condition)."""
+        With `select` (B, D) one-hot, mol holds D distinct molecules and psi runs once per
+        molecule (a matmul, not an index: index backward sums in a thread-dependent order)."""
         emb = self.phi(torch.cat([obs_scores, obs_t[:, None], self.context(obs_ctx)], -1))  # (N, H)
         m = self.psi(mol)
-        return (m if mol_rows is None else m[mol_rows]) + pool @ emb
+        return (m if select is None else select @ m) + pool @ emb
 
     def forward(self, r: Tensor, t: Tensor, ctx: Tensor) -> Tensor:  # (B, H), (B,), (B, K) -> (B, K)
         c = self.context(ctx)
@@ -154,7 +154,8 @@ class C3TLModel(PerturbationModel):
         torch.manual_seed(cfg.seed)
         self.net = C3TLNet(cfg, len(self._emb_mean)).to(self.device)
         unique_drugs = np.unique(self._obs["drug"])
-        drug_pos = torch.from_numpy(np.searchsorted(unique_drugs, self._obs["drug"])).to(self.device)
+        drug_pos = np.searchsorted(unique_drugs, self._obs["drug"])
+        select = torch.from_numpy(np.eye(len(unique_drugs), dtype=np.float32)[drug_pos]).to(self.device)  # (N, D)
         mol = self._mol([drugs[d] for d in unique_drugs], list(unique_drugs)).to(self.device)  # (D, M)
         pool = torch.from_numpy(self._pool(self._obs["drug"], self._obs["line"], self._obs["drug"], self._obs["line"],
                                            leave_line_out=True)).to(self.device)
@@ -164,8 +165,8 @@ class C3TLModel(PerturbationModel):
         gen = torch.Generator().manual_seed(cfg.seed)
         self.net.train()
         for _ in range(cfg.steps):
-            keep = (torch.rand(len(unique_drugs), generator=gen) >= cfg.pool_dropout).to(self.device)
-            r = self.net.drug_code(mol, pool * keep[drug_pos][:, None], *obs, mol_rows=drug_pos)
+            keep = (torch.rand(len(unique_drugs), generator=gen) >= cfg.pool_dropout).float().to(self.device)
+            r = self.net.drug_code(mol, pool * (select @ keep)[:, None], *obs, select=select)
             loss = ((self.net(r, t, ctx) - target) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

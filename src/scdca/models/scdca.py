@@ -9,6 +9,13 @@ line's control pseudobulk and the drug condition; MSE loss):
 - `concat`       frozen backbone; drug concatenated to each gene's final hidden state -> head
 - `feature`      frozen backbone's mean cell embedding + drug -> a separately trained MLP
 
+Our extensions (not in the paper; why, and the ablation, in NOTES.md):
+- `scdca_lowrank` frozen backbone, no adapters: the line's mean training change plus a
+                 low-rank drug x gene head (`adapters.DrugGeneHead`) on the cached final gene
+                 states; full-batch steps, a fixed budget, no early stopping
+- `scdca_plus`   FiLM adapters + the same head and line offset; the head is first fitted
+                 alone on the frozen states, then everything trains within the usual budget
+
 Output: every variant predicts control + (output - reference), where the reference is what
 the untrained model outputs for that control (the pretrained backbone's decoder on its own
 encoding, cached per cell line). With zero-initialised adapters the prediction at step 0 is
@@ -267,7 +274,6 @@ class ScDCAModel(PerturbationModel):
             tqdm.write(summary)
         log.info(summary)
         best, best_state, bad_epochs, step, start = float("inf"), None, 0, 0, 0
-        self._history: list[tuple[int, int, float, float]] = []  # (epoch, step, train loss, val loss)
         ckpt = self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None
         run_id = {"config": asdict(cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name}
         if ckpt is not None and ckpt.exists():
@@ -304,7 +310,6 @@ class ScDCAModel(PerturbationModel):
                     break
             val = self._loss(controls, cache, line_idx, cond, target, va_idx) if len(va_idx) else loss.item()
             bar.set_postfix(train=f"{loss.item():.4f}", val=f"{val:.4f}")
-            self._history.append((epoch, step, float(loss.item()), val))
             if val < best - 1e-6:
                 best, bad_epochs = val, 0
                 best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
