@@ -161,7 +161,8 @@ class C3TLModel(PerturbationModel):
                                            leave_line_out=True)).to(self.device)
         obs = [torch.from_numpy(self._obs[k]).to(self.device) for k in ("scores", "t", "ctx")]
         target, t, ctx = obs[0], obs[1], obs[2]
-        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                fused=self.device.type in ("cpu", "cuda"))
         gen = torch.Generator().manual_seed(cfg.seed)
         self.net.train()
         for _ in range(cfg.steps):
