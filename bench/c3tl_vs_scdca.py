@@ -1,12 +1,13 @@
 """Fit + predict cost of c3tl, scdca_lowrank and scDCA on the same demo split, one run.
 
-Each model runs in its own fresh process, one after the other, on
-the `unseen_pair` split of seed 0 of the demo data (256 most variable genes, the demo
-scDCA budget: 200 optimiser steps, lr 1e-3), each model with its default molecule encoder
-(chemnet for the scDCA family, whose model load counts; morgan for c3tl). The one-off
-import that torch's first optimiser triggers is done before timing in every process. Prints seconds and the peak resident
-memory added by fit + predict above what the loaded data already held (sampled every 5 ms),
-and the ratios to scdca. Molecule embeddings come from the on-disk cache for every model alike. Needs runs/demo/data.h5ad and a backbone (make demo-scdca makes both).
+Each model runs in its own fresh process, one after the other, on the `unseen_pair` split
+of seed 0 of the demo data (256 most variable genes, the demo scDCA budget: 200 optimiser
+steps, lr 1e-3), each with its default molecule encoder (chemnet for the scDCA family,
+whose model load counts; morgan for c3tl). The one-off import that torch's first
+optimiser triggers is done before timing in every process. Prints seconds, the peak
+resident memory added by fit + predict above what the loaded data already held (sampled
+every 5 ms), and the ratios to scdca. Molecule embeddings come from the on-disk cache for
+every model alike. Needs runs/demo/data.h5ad and a backbone (make demo-scdca makes both).
 Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
     python bench/c3tl_vs_scdca.py [--data runs/demo/data.h5ad] [--backbone runs/demo/backbone_atlas]

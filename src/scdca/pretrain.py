@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from . import _io
 from .backbone import Backbone, BackboneConfig, GeneVocab, save
-from .data import DataKeys, control_flags, _looks_like_counts, _normalize_log1p, _select_genes, _validated_genes, _validated_matrix, read
+from .data import (DataKeys, _looks_like_counts, _normalize_log1p, _select_genes, _validated_genes, _validated_matrix,
+                   control_flags, read)
 from .errors import ScdcaInputError
 
 log = logging.getLogger(__name__)

@@ -237,7 +237,8 @@ class C3TLModel(PerturbationModel):
             raise ScdcaInputError(f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
                                   f"training ({meta['encoder_identifier']!r})")
         model._basis, model._mean_change = arrays["basis"], arrays["mean_change"]
-        model._ctrl_centre, model._emb_mean, model._emb_std = arrays["ctrl_centre"], arrays["emb_mean"], arrays["emb_std"]
+        model._ctrl_centre = arrays["ctrl_centre"]
+        model._emb_mean, model._emb_std = arrays["emb_mean"], arrays["emb_std"]
         model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
         model._genes = np.array(meta["genes"], dtype=object)
         model._obs = {"drug": np.array(meta["obs_drug"]), "line": np.array(meta["obs_line"]),

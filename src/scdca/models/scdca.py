@@ -360,7 +360,7 @@ class ScDCAModel(PerturbationModel):
         rows = [self._offsets.get(str(c), self._global_offset) for c in line_names]
         return torch.from_numpy(np.stack(rows)).to(self.device)
 
-    def _line_hidden(self, controls: Tensor, line_names: list[str]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def _line_hidden(self, controls: Tensor, line_names: list[str]) -> tuple[Tensor | None, ...]:
         """Per-line caches (frozen, so computed once): hidden states or reference outputs, offsets."""
         c = controls.to(self.device)
         offsets = self._offset_rows(line_names)
