@@ -21,7 +21,7 @@ demo: $(BIN)/scdca
 	$(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --models control,train_mean,additive,ridge,knn,dominant,c3tl --tasks all --seeds 5 --out runs/demo
 
-# scDCA, its variants and biolord next to the baselines (about 45 min on 2 CPU cores, estimated from
+# scDCA, its variants and biolord next to the baselines (about 55 min on 2 CPU cores, estimated from
 # its parts, not timed end to end): simulate the
 # pretraining atlas (unperturbed cells, same genes), pretrain the demo backbone on it, then one seed
 # of the grid on the 256 most variable genes, 200 optimiser steps per adapter fit; then the same
