@@ -52,6 +52,7 @@ bench: $(BIN)/scdca
 	$(BIN)/python bench/encoders.py
 	$(BIN)/python bench/novelty_sciplex.py
 	$(BIN)/python bench/c3tl_vs_scdca.py
+	$(BIN)/python bench/train_fit.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

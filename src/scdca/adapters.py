@@ -98,9 +98,10 @@ class DrugGeneHead(nn.Module):
     (context-specific: h depends on the cell line's control; A: D -> rank, shared by all
     genes; LN a LayerNorm without weights) plus a free per-gene vector E[t]. The drug
     condition gives the axes' weights w (q: two-layer MLP on the molecule, last layer
-    zero-initialised, so the head starts at 'no change'). E is needed because a linear read-out of D-dim hidden
-    states spans at most D gene patterns; measured on the demo (256 genes, D = 128), A h
-    alone fitted the training drugs barely better than 'no change' (see NOTES.md). The dose
+    zero-initialised, so the head starts at 'no change'). E is needed because a linear
+    read-out of D-dim hidden states spans at most D gene patterns; measured on the demo
+    (256 genes, D = 128), A h alone fitted the training drugs barely better than 'no
+    change' (see NOTES.md). The dose
     enters only through a per-molecule sigmoid gate, so all doses of a drug share one
     direction: with a free function of (m, t) each noisy condition was fitted on its own.
     """

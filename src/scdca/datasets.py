@@ -428,8 +428,7 @@ def simulate_atlas(config: SimulationConfig | None = None, atlas: AtlasConfig | 
         logit = state_logit[s] + noise @ all_programs  # (b, G)
         prop = np.exp(logit - logit.max(1, keepdims=True))
         prop /= prop.sum(1, keepdims=True)
-        rate = arng.gamma(cfg.dispersion, prop * lib[start : start + s.size, None] / cfg.dispersion)
-        chunks.append(sp.csr_matrix(arng.poisson(rate).astype(np.float32)))
+        chunks.append(_nb_counts(prop * lib[start : start + s.size, None], cfg.dispersion, arng))
     obs = pd.DataFrame({
         "cell_type": pd.Categorical([names[k] for k in state_of_cell], categories=names),
         "condition": pd.Categorical(["control"] * state_of_cell.size),
@@ -450,10 +449,13 @@ def _sample_counts(prop, cond_of_cell, lib, theta, rng) -> sp.csr_matrix:
     chunks = []
     for start in range(0, cond_of_cell.size, 4096):
         sl = slice(start, start + 4096)
-        mu = prop[cond_of_cell[sl]] * lib[sl, None]  # (b, G)
-        rate = rng.gamma(theta, mu / theta)
-        chunks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
+        chunks.append(_nb_counts(prop[cond_of_cell[sl]] * lib[sl, None], theta, rng))  # mean (b, G)
     return sp.vstack(chunks).tocsr()
+
+
+def _nb_counts(mu: np.ndarray, theta: float, rng: np.random.Generator) -> sp.csr_matrix:
+    """Negative-binomial counts with mean `mu` and dispersion theta, as a Gamma-Poisson mixture."""
+    return sp.csr_matrix(rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32))
 
 
 def _expected_log_normalised(prop, mean_lib, lib_sd, theta, target=1e4) -> np.ndarray:

@@ -43,6 +43,17 @@ class PerturbationModel(ABC):
 MODELS: Registry[type[PerturbationModel]] = Registry("model")
 
 
+def dose_range(dose: np.ndarray) -> tuple[float, float]:
+    """(lowest log10 dose, span of log10 doses, at least 1e-12) of the training doses."""
+    logd = np.log10(np.maximum(np.asarray(dose, dtype=float), 1e-12))
+    return float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
+
+
+def scaled_dose(dose: np.ndarray, lo: float, span: float) -> np.ndarray:
+    """log10 dose mapped onto [0, 1] by the training range (`dose_range`), clipped outside it."""
+    return np.clip((np.log10(np.maximum(np.asarray(dose, dtype=float), 1e-12)) - lo) / span, 0.0, 1.0)
+
+
 def load_model(path, **kwargs) -> PerturbationModel:
     """Load a model folder written by a model's `save` (the model name is in model.json).
 

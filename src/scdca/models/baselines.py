@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..data import PerturbationData
 from ..molecules import morgan_fingerprints, tanimoto
-from .base import MODELS, PerturbationModel
+from .base import MODELS, PerturbationModel, scaled_dose
 
 
 class _Changes:
@@ -90,8 +90,7 @@ class AdditiveBaseline(PerturbationModel):
 
 
 def _dose_feature(dose: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = (np.log10(np.maximum(dose, 1e-12)) - lo) / max(hi - lo, 1e-12)
-    return np.clip(t, 0.0, 1.0)
+    return scaled_dose(dose, lo, max(hi - lo, 1e-12))
 
 
 @MODELS.register("ridge")

@@ -41,7 +41,7 @@ from .. import _io
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
-from .base import MODELS, PerturbationModel
+from .base import MODELS, PerturbationModel, dose_range, scaled_dose
 
 
 @dataclass
@@ -113,8 +113,7 @@ class C3TLModel(PerturbationModel):
         return torch.from_numpy(standardise(emb, self._emb_mean, self._emb_std))
 
     def _t(self, dose: np.ndarray) -> np.ndarray:
-        t = (np.log10(np.maximum(dose, 1e-12)) - self._dose_lo) / self._dose_span
-        return np.clip(t, 0.0, 1.0).astype(np.float32)
+        return scaled_dose(dose, self._dose_lo, self._dose_span).astype(np.float32)
 
     def _scores(self, delta: np.ndarray) -> np.ndarray:
         return ((delta - self._mean_change) @ self._basis.T).astype(np.float32)  # (N, K)
@@ -138,8 +137,7 @@ class C3TLModel(PerturbationModel):
         self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
         self._emb_mean, self._emb_std = standardisation(self._encoder.encode(list(drugs.values()), names=list(drugs)))
-        logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
-        self._dose_lo, self._dose_span = float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
+        self._dose_lo, self._dose_span = dose_range(cond["dose"].to_numpy(float))
         delta = train.delta().astype(np.float64)
         self._mean_change = delta.mean(0)
         _, _, vt = np.linalg.svd(delta - self._mean_change, full_matrices=False)

@@ -52,7 +52,7 @@ from ..backbone import Backbone, resolve as resolve_backbone, weights_hash
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
-from .base import MODELS, PerturbationModel
+from .base import MODELS, PerturbationModel, dose_range, scaled_dose
 
 log = logging.getLogger(__name__)
 
@@ -225,16 +225,15 @@ class ScDCAModel(PerturbationModel):
         smiles = list(cond["smiles"])
         emb = self._encoder.encode(smiles, names=list(cond["drug"]))
         emb = standardise(emb, self._emb_mean, self._emb_std)
-        t = (np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12)) - self._dose_lo) / self._dose_span
-        return np.hstack([emb, np.clip(t, 0, 1)[:, None]]).astype(np.float32)  # (N, C)
+        t = scaled_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span)
+        return np.hstack([emb, t[:, None]]).astype(np.float32)  # (N, C)
 
     def _setup(self, train: PerturbationData) -> None:
         self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
         emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
         self._emb_mean, self._emb_std = standardisation(emb)
-        logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
-        self._dose_lo, self._dose_span = float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
+        self._dose_lo, self._dose_span = dose_range(train.conditions["dose"].to_numpy(float))
         backbone = resolve_backbone(self.backbone_path, genes=train.genes, device=self.device)
         self._backbone_hash = weights_hash(backbone)
         mapping = backbone.vocab.map_genes(train.genes)
