@@ -7,12 +7,13 @@ TORCH_VERSION ?= 2.13.0
 .PHONY: demo demo-scdca demo-peers test bench clean
 
 # torch goes in first, pinned, so nothing later pulls a multi-GB CUDA build.
-$(BIN)/scdca: pyproject.toml requirements.lock requirements-peers.lock
+$(BIN)/scdca: pyproject.toml requirements.lock requirements-peers.lock requirements-eval.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet -r requirements-peers.lock
+	$(BIN)/pip install --quiet -r requirements-eval.lock
 	$(BIN)/pip install --quiet --no-deps rxnfp==0.1.0 scgpt==0.2.4
 	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@

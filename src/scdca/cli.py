@@ -1,4 +1,4 @@
-"""Command line: `scdca simulate | benchmark | report | pretrain | train | predict | screen | embed | novelty`."""
+"""Command line: `scdca simulate | benchmark | report | export | pretrain | train | predict | screen | embed | novelty`."""
 from __future__ import annotations
 
 import argparse
@@ -216,6 +216,16 @@ def cmd_report(args) -> None:
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
+def cmd_export(args) -> None:
+    from .export import export
+
+    paths = export(args.run, args.model, args.task, args.seed, args.out, fmt=args.format)
+    real, pred = (str(p) for p in paths)
+    print(f"wrote {real} and {pred}; score them with:\n"
+          f"  cell-eval run -ar {real} -ap {pred} --control-pert control --pert-col perturbation "
+          f"--celltype-col cell_line --profile anndata -o {args.out}/cell-eval")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scdca", description="Drug perturbation prediction with scDCA.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -331,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--drug-column", default="Product.Name")
     rp.add_argument("--group-column", default="Target")
     rp.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="write one grid cell's predictions in another tool's format (cell-eval)")
+    x.add_argument("run", help="a `scdca benchmark` --out folder")
+    x.add_argument("--model", required=True)
+    x.add_argument("--task", required=True)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--format", default="cell-eval", help="cell-eval: real/pred AnnData pair with control rows")
+    x.add_argument("--out", required=True, help="output folder")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("embed", help="precompute molecule embeddings into a table (the table: encoder format)")
     e.add_argument("--input", required=True, help="CSV with drug/name and smiles columns, or a .smi file")

@@ -153,14 +153,24 @@ class PerturbationData:
 # ----------------------------------------------------------------------------- loading
 
 
-def read(path: str | os.PathLike) -> ad.AnnData:
-    """Read an .h5ad file with a clear error when it is missing or not AnnData."""
+def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = None) -> ad.AnnData:
+    """Read an .h5ad file with a clear error when it is missing, empty, truncated or not AnnData.
+
+    `what` names the argument in the error message.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ScdcaInputError(f"data: file {path!r} does not exist; pass the path of an .h5ad file")
+    if not os.path.isfile(path):
+        raise ScdcaInputError(f"{what}: file {path!r} does not exist; pass the path of an .h5ad file")
     if not path.endswith(".h5ad"):
-        raise ScdcaInputError(f"data: {path!r} is not an .h5ad file; convert it with anndata first")
-    return ad.read_h5ad(path)
+        raise ScdcaInputError(f"{what}: {path!r} is not an .h5ad file; convert it with anndata first")
+    if os.path.getsize(path) == 0:
+        raise ScdcaInputError(f"{what}: {path!r} is empty (0 bytes); rewrite it, e.g. with adata.write_h5ad")
+    try:
+        return ad.read_h5ad(path, backed=backed)
+    except Exception as err:  # h5py/anndata raise OSError, KeyError, TypeError... on a broken file
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise ScdcaInputError(f"{what}: {path!r} could not be read as AnnData ({reason}); the file is truncated "
+                              f"or not an .h5ad file: rewrite it with adata.write_h5ad") from None
 
 
 def load(

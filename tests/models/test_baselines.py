@@ -98,3 +98,25 @@ def test_dominant_ignores_the_drug_and_adds_a_dose_scaled_direction_to_the_lines
     # every drug of a line gets the same prediction: it cannot rank drugs
     q = predict(make_model("dominant"), data, train, [("L1", "aspirin", 1.0), ("L1", "caffeine", 1.0)])
     np.testing.assert_allclose(q[0], q[1])
+
+
+def test_a_predicted_decrease_below_zero_is_clipped_to_zero_for_every_model():
+    # train_mean adds the line's mean change (-3 on gene 0) to a control of 1: raw 1 - 3 = -2
+    delta = {("L1", "aspirin", 1.0): [-3, 0, 1], ("L1", "caffeine", 1.0): [-3, 0, 1]}
+    data = make_pb(delta, control=CTRL)
+    model = make_model("train_mean")
+    p = predict(model, data, [("L1", "aspirin", 1.0)], [("L1", "caffeine", 1.0)])
+    np.testing.assert_allclose(p, [[0, 1, 2]])
+    assert model.n_clipped_ == 1
+
+
+@pytest.mark.parametrize("name", ["additive", "ridge", "knn", "dominant"])
+def test_predict_is_the_raw_prediction_clipped_at_zero(name, tiny_data):
+    from scdca.splits import make_splits
+
+    split = make_splits(tiny_data, "unseen_cell_zeroshot", seed=0)[0]
+    model = make_model(name).fit(tiny_data.subset(split.train))
+    query = tiny_data.subset(split.test, observed=False)
+    raw, pred = model._predict(query), model.predict(query)
+    np.testing.assert_array_equal(pred, np.maximum(raw, 0))
+    assert pred.min() >= 0 and model.n_clipped_ == int((raw < 0).sum())

@@ -48,7 +48,7 @@ class ControlBaseline(PerturbationModel):
     def fit(self, train):
         return self
 
-    def predict(self, query):
+    def _predict(self, query):
         return query.control_for(query.conditions["cell_line"]).copy()
 
 
@@ -62,7 +62,7 @@ class TrainMeanBaseline(PerturbationModel):
         self._changes = _Changes(train)
         return self
 
-    def predict(self, query):
+    def _predict(self, query):
         lines = query.conditions["cell_line"]
         delta = np.stack([self._changes.line_mean(c) for c in lines])
         return query.control_for(lines) + delta
@@ -78,7 +78,7 @@ class AdditiveBaseline(PerturbationModel):
         self._changes = _Changes(train)
         return self
 
-    def predict(self, query):
+    def _predict(self, query):
         cond = query.conditions
         out = []
         for c, d, x in zip(cond["cell_line"], cond["drug"], cond["dose"]):
@@ -130,7 +130,7 @@ class RidgeBaseline(PerturbationModel):
         self._model = RidgeCV(alphas=np.asarray(self.alphas, dtype=float)).fit(self._features(train), scores)
         return self
 
-    def predict(self, query):
+    def _predict(self, query):
         delta = self._model.predict(self._features(query)) @ self._basis + self._y_mean
         return query.control_for(query.conditions["cell_line"]) + delta
 
@@ -163,7 +163,7 @@ class KnnBaseline(PerturbationModel):
                 return delta
         raise AssertionError("every training drug has at least one observation")
 
-    def predict(self, query):
+    def _predict(self, query):
         cond = query.conditions
         qs = pd.Series(query.drug_smiles())
         q_drugs = list(qs.index)
@@ -215,7 +215,7 @@ class DominantDirectionBaseline(PerturbationModel):
         scales = np.array([proj[logd == x].mean() for x in levels])
         return mean, v, levels, scales
 
-    def predict(self, query):
+    def _predict(self, query):
         cond = query.conditions
         logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
         out = []

@@ -179,7 +179,7 @@ class C3TLModel(PerturbationModel):
         self._controls = (list(train.controls.index), train.control_mean.copy())  # for `scdca predict`
         return self
 
-    def predict(self, query: PerturbationData) -> np.ndarray:
+    def _predict(self, query: PerturbationData) -> np.ndarray:
         if not hasattr(self, "net"):
             raise RuntimeError("call fit() (or C3TLModel.load) before predict()")
         if list(query.genes) != list(self._genes):

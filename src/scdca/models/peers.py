@@ -194,7 +194,7 @@ class BiolordPeer(PerturbationModel):
                       "fit_seconds": time.perf_counter() - t0}
         return self
 
-    def predict(self, query: PerturbationData) -> np.ndarray:
+    def _predict(self, query: PerturbationData) -> np.ndarray:
         if not hasattr(self, "_model"):
             raise RuntimeError("call fit() before predict()")
         lines = list(query.conditions["cell_line"])

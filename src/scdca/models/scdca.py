@@ -391,7 +391,7 @@ class ScDCAModel(PerturbationModel):
         return {k: v for k, v in self.net.state_dict().items() if k in names}
 
     # -- prediction --------------------------------------------------------------------
-    def predict(self, query: PerturbationData) -> np.ndarray:
+    def _predict(self, query: PerturbationData) -> np.ndarray:
         if not hasattr(self, "net"):
             raise RuntimeError("call fit() (or ScDCAModel.load) before predict()")
         if list(query.genes) != list(self._genes):
