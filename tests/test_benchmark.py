@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -157,3 +159,55 @@ def test_backbone_audit_says_what_the_backbone_saw(tmp_path, tiny_sim):
     (tmp_path / "official" / "args.json").write_text("{}")
     assert backbone_audit(str(tmp_path / "official"), str(data))["verdict"] == "unknown"
     assert backbone_text(backbone_audit(str(tmp_path / "leak"), str(data))).count("LEAK") == 1
+
+
+def _readable(path: Path) -> None:
+    """Raise if a file under its final name is partial."""
+    if path.suffix == ".csv":
+        pd.read_csv(path)
+    elif path.suffix == ".json":
+        json.loads(path.read_text())
+    elif path.suffix == ".h5ad":
+        ad.read_h5ad(path)
+    elif path.suffix == ".png":
+        assert path.read_bytes().endswith(b"IEND\xaeB`\x82")
+    elif path.suffix in (".html", ".md"):
+        assert path.read_text().rstrip()
+
+
+def test_killed_at_random_points_and_rerun_gives_the_uninterrupted_results(tmp_path, tiny_sim):
+    import signal
+    import subprocess
+    import sys
+
+    from scdca import _io
+
+    data = tmp_path / "d.h5ad"
+    _io.write_h5ad(data, tiny_sim)
+
+    def cmd(out):
+        return [sys.executable, "-m", "scdca.cli", "benchmark", "--data", str(data), "--out", str(out), "--models",
+                "control,ridge", "--tasks", "unseen_drug,unseen_pair", "--seeds", "2", "--k", "5", "--quiet"]
+
+    import time
+
+    t0 = time.perf_counter()
+    subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True)
+    uninterrupted = time.perf_counter() - t0  # kill times scale with it, so slow and fast machines both kill mid-run
+    out, rng, kills, done_at_kill = tmp_path / "killed", np.random.default_rng(0), 0, []
+    for _ in range(4):
+        proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=uninterrupted * float(rng.uniform(0.3, 0.8)))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            done_at_kill.append(len(list((out / "cells").glob("*.csv"))))
+        for path in out.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                _readable(path)  # every file under its final name is complete
+    subprocess.run(cmd(out), check=True, capture_output=True)
+    assert kills >= 2 and any(0 < n < 16 for n in done_at_kill), done_at_kill  # killed mid-grid, not only before
+    assert not list(out.rglob(".*.tmp"))  # temporary files of killed writes are cleaned up
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), pd.read_csv(tmp_path / "full" / "results.csv"))

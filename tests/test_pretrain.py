@@ -81,3 +81,35 @@ def test_provenance_names_the_file_and_a_screen_without_controls_is_refused(tiny
     treated = tiny_sim[tiny_sim.obs["control"] == 0].copy()
     with pytest.raises(ScdcaInputError, match="no control cells.*--include-perturbed"):
         pretrain(treated, tmp_path / "c", PretrainConfig(**TINY), progress=False)
+
+
+class _Hostile:
+    """Unpickling this would create the marker folder: the test fails if any code runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_hostile_pickle_in_place_of_the_resume_file_runs_no_code(writer, tmp_path):
+    import pickle
+
+    import torch
+
+    out, marker = tmp_path / "b", tmp_path / "pwned"
+    out.mkdir()
+    payload = {"model": _Hostile(marker), "step": 3}
+    if writer == "pickle":
+        (out / "train_state.pt").write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, out / "train_state.pt")
+    with pytest.raises(ScdcaInputError, match=r"resume file .*train_state.pt.* it was not run\. Delete it"):
+        pretrain(structured_cells(), out, PretrainConfig(**TINY), progress=False)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Hostile(marker)))  # the payload does work when unpickled unsafely
+    assert marker.exists()

@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename.
+"""Atomic file writes (write to a temporary file beside the target, then rename) and
+resume files that load without running code.
 
 A run killed mid-write never leaves a half-written file under the final name.
 """
@@ -30,6 +31,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete temporary files (`.name.*.tmp`) left in `folder` by a process that was killed
+    mid-write; returns how many. Call it only when no other process writes into `folder`."""
+    folder = Path(folder)
+    stale = list(folder.rglob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -47,6 +58,33 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> None:
 def write_h5ad(path: str | os.PathLike, adata) -> None:
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
+
+
+def save_state(path: str | os.PathLike, state: dict) -> None:
+    """Write a resume file (tensors and plain Python values only) atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: str | os.PathLike, *, what: str = "out") -> dict:
+    """Read a resume file written by `save_state`, never running code from it.
+
+    torch's restricted unpickler (`weights_only=True`) accepts tensors, numbers, strings and
+    containers only; a file holding anything else (a pickle someone placed there) or a
+    damaged file is refused with an error naming it. `what` names the argument.
+    """
+    import torch
+
+    from .errors import ScdcaInputError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError/EOFError for damage
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ScdcaInputError(f"{what}: the resume file {str(path)!r} is damaged or holds more than tensors and "
+                              f"plain values ({reason}); it was not run. Delete it to start over") from None
 
 
 def _json_default(obj: Any) -> Any:

@@ -70,6 +70,13 @@ class BenchmarkConfig:
             self.seeds = list(range(self.seeds))
         if isinstance(self.keys, dict):
             self.keys = DataKeys(**self.keys)
+        if self.model_options.get("encoder"):  # an unknown encoder fails now, not at the first model that uses it
+            from .encoders import ENCODERS
+
+            name = str(self.model_options["encoder"]).split(":", 1)[0]
+            if name not in ENCODERS.names():
+                raise ScdcaInputError(f"encoder: unknown molecule encoder {name!r}; choose one of: "
+                                      f"{', '.join(ENCODERS.names())} (e.g. --encoder morgan)")
 
     def identity(self) -> dict:
         """The settings that must match for a run to resume into an existing folder."""
@@ -92,6 +99,8 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     for name in cfg.models:  # fail before any work, not halfway through the grid
         MODELS.get(name).check_available()
     _check_resume(cfg, out)
+    if _io.remove_stale_temps(out):
+        log.info("benchmark: removed temporary files of an interrupted run in %s", out)
     if data is None:
         data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes)
     _io.write_json(out / "config.json", {**asdict(cfg), "identity": cfg.identity()})

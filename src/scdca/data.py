@@ -311,6 +311,12 @@ def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
     obs["_drug"] = adata.obs[keys.drug].astype(str).to_numpy()
     is_ctrl = control_flags(adata, keys)
     obs["_control"] = is_ctrl
+    dup = adata.obs_names[adata.obs_names.duplicated()].unique()
+    if len(dup):
+        raise ScdcaInputError(
+            f"obs_names: {len(dup)} cell name(s) appear more than once, e.g. {list(dup[:5])!r} (files "
+            f"concatenated without new names?); make them unique with adata.obs_names_make_unique()."
+        )
     dose = pd.to_numeric(adata.obs[keys.dose], errors="coerce").to_numpy(dtype=float)
     bad = ~np.isfinite(dose) & ~is_ctrl
     if bad.any():
@@ -318,6 +324,14 @@ def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
         raise ScdcaInputError(
             f"obs[{keys.dose!r}]: {bad.sum()} perturbed cell(s) have a missing or non-numeric dose, "
             f"e.g. {list(examples)!r}; give every perturbed cell a numeric dose."
+        )
+    bad = (dose <= 0) & ~is_ctrl
+    if bad.any():
+        drugs = sorted(set(adata.obs[keys.drug].astype(str).to_numpy()[bad]))
+        raise ScdcaInputError(
+            f"obs[{keys.dose!r}]: {bad.sum()} perturbed cell(s) have a zero or negative dose (e.g. "
+            f"{[float(x) for x in sorted(set(dose[bad]))[:5]]!r}, drugs {drugs[:5]!r}); doses are concentrations > 0 (log-scaled by "
+            f"the models). Flag untreated cells as controls (obs[{keys.control!r}]) instead."
         )
     obs["_dose"] = np.where(is_ctrl, 0.0, dose)
     if keys.smiles in adata.obs.columns:
@@ -354,13 +368,15 @@ def _validated_matrix(adata: ad.AnnData, keys: DataKeys):
     if keys.layer is not None:
         if keys.layer not in adata.layers:
             raise ScdcaInputError(
-                f"layer: {keys.layer!r} not in adata.layers ({list(adata.layers)!r})"
+                f"layer: {keys.layer!r} not in adata.layers ({list(adata.layers)!r}); pass one of these, "
+                f"or no --layer to read X."
             )
         X = adata.layers[keys.layer]
     else:
         X = adata.X
+    where = "X" if keys.layer is None else f"layers[{keys.layer!r}]"
     if X is None:
-        raise ScdcaInputError("data: adata.X is empty; pass a layer with expression values")
+        raise ScdcaInputError("data: adata.X is empty; pass a layer with expression values (--layer)")
     if hasattr(X, "to_memory"):
         X = X.to_memory()
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
@@ -368,11 +384,12 @@ def _validated_matrix(adata: ad.AnnData, keys: DataKeys):
     if not np.isfinite(values).all():
         n = int((~np.isfinite(values)).sum())
         raise ScdcaInputError(
-            f"expression contains {n} NaN or infinite value(s); remove or impute them before loading."
+            f"{where}: expression contains {n} NaN or infinite value(s); remove or impute them before loading."
         )
     if (values < 0).any():
         raise ScdcaInputError(
-            f"expression contains negative values (min {float(values.min()):.3g}); scdca needs raw "
+            f"{where}: expression contains {int((values < 0).sum())} negative values (min "
+            f"{float(values.min()):.3g}); scdca needs raw "
             f"counts or log1p-normalised expression. If X was scaled (z-scored), pass the unscaled "
             f"data via a layer (DataKeys(layer=...), CLI --layer)."
         )

@@ -54,16 +54,14 @@ def canonicalize(drug_smiles: Mapping[str, str], *, arg: str = "SMILES") -> dict
             bad.append(f"{drug} ({smi!r})")
         else:
             out[drug] = can
+    problems = []
     if missing:
-        raise ScdcaInputError(
-            f"{arg}: {len(missing)} drug(s) have no SMILES: {missing[:20]!r}. "
-            f"Add a SMILES for each drug, or drop these drugs before loading."
-        )
+        problems.append(f"{len(missing)} drug(s) have no SMILES: {missing[:20]!r}")
     if bad:
-        raise ScdcaInputError(
-            f"{arg}: RDKit cannot parse the SMILES of {len(bad)} drug(s): {', '.join(bad[:20])}. "
-            f"Fix or remove these SMILES."
-        )
+        problems.append(f"RDKit cannot parse the SMILES of {len(bad)} drug(s): {', '.join(bad[:20])}")
+    if problems:
+        raise ScdcaInputError(f"{arg}: {'; '.join(problems)}. Add or fix a SMILES for each of these drugs, or "
+                              f"drop them before loading.")
     return out
 
 

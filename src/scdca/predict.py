@@ -6,6 +6,7 @@ A cell line never seen in training only needs its control expression (zero-shot)
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterator, Sequence
 
@@ -18,6 +19,8 @@ from .data import PerturbationData, _looks_like_counts, _normalize_log1p, _valid
     DataKeys, condition_id, read
 from .errors import ScdcaInputError
 from .molecules import canonicalize
+
+log = logging.getLogger(__name__)
 
 
 def control_from_anndata(adata: ad.AnnData | str | os.PathLike, genes: Sequence[str], *,
@@ -141,5 +144,14 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
         bar.update(len(chunk))
     bar.close()
     df = pd.DataFrame(rows)
+    failed = df["error"] != ""
+    if failed.all():
+        raise ScdcaInputError(f"library: none of its {len(df)} SMILES could be parsed (e.g. "
+                              f"{df['smiles'].head(3).tolist()!r}); pass one SMILES per line (.smi) or a CSV "
+                              f"with a 'smiles' column")
+    if failed.any():
+        log.warning("screen: skipped %d molecule(s) with unparseable SMILES: %s%s (listed in the 'error' column)",
+                    failed.sum(), ", ".join(df.loc[failed, "drug"].astype(str).head(10)),
+                    " ..." if failed.sum() > 10 else "")
     df["score"] = df["signature_cosine"] if sig is not None else df.get("effect_size")
     return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)

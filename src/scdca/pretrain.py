@@ -161,7 +161,7 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     state_path = out / "train_state.pt"
     step, best, history = 0, float("inf"), []
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = _io.load_state(state_path)
         if state["config"] != asdict(cfg) or state["genes"] != list(map(str, genes)):
             raise ScdcaInputError(f"out: {str(out)!r} holds a pretraining run with other settings or data; "
                                   f"use a new --out folder or delete it to start over")
@@ -204,10 +204,10 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
                 save(model, vocab, out, extra_args={"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len,
                                                     "provenance": provenance})
         if step % cfg.save_every == 0 or step == cfg.steps:
-            with _io.atomic_path(state_path) as tmp:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "step": step, "best": best, "history": history, "torch_rng": torch.get_rng_state(),
-                            "config": asdict(cfg), "genes": list(map(str, genes))}, tmp)
+            _io.save_state(state_path, {
+                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                "best": best, "history": history, "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
+                "genes": list(map(str, genes))})
     bar.close()
     summary = {"best_val_loss": best, "gene_mean_baseline_val_loss": baseline, "steps": step,
                "seconds_this_run": time.perf_counter() - t0, "parameters": n_params, "genes": len(genes),

@@ -70,29 +70,66 @@ def scaled_dose(dose: np.ndarray, lo: float, span: float) -> np.ndarray:
     return np.clip((np.log10(np.maximum(np.asarray(dose, dtype=float), 1e-12)) - lo) / span, 0.0, 1.0)
 
 
+def write_model_json(folder, meta: dict, files: list[str]) -> None:
+    """Write model.json last, with the SHA-256 of each saved file, so a folder whose files
+    were changed or damaged after saving is refused on load (`read_model_json`)."""
+    from pathlib import Path
+
+    from .. import _io
+
+    folder = Path(folder)
+    _io.write_json(folder / "model.json", {**meta, "files": {f: _io.file_sha256(folder / f) for f in files}})
+
+
+def read_model_json(folder) -> dict:
+    """model.json of a saved model folder, after checking every file it lists is unchanged."""
+    import json
+    from pathlib import Path
+
+    from .. import _io
+    from ..errors import ScdcaInputError
+
+    folder = Path(folder)
+    path = folder / "model.json"
+    try:
+        meta = json.loads(path.read_text())
+        name = meta["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ScdcaInputError(f"model: {str(folder)!r} has no readable model.json naming its model; pass a folder "
+                              f"written by `scdca train`") from None
+    for file, digest in (meta.get("files") or {}).items():
+        target = folder / file
+        if not target.is_file() or _io.file_sha256(target) != digest:
+            raise ScdcaInputError(f"model: {str(target)!r} is missing or differs from what `scdca train` saved "
+                                  f"(checksum mismatch); the {name!r} model folder was changed or damaged: "
+                                  f"retrain it or restore the folder")
+    return meta
+
+
 def load_model(path, **kwargs) -> PerturbationModel:
     """Load a model folder written by a model's `save` (the model name is in model.json).
 
     Keyword arguments the model's `load` does not take (e.g. `backbone` for C3TL) or that
-    are None are dropped.
+    are None are dropped. A folder whose files fail their checksums, or whose model.json
+    was edited so the weights no longer fit, gives a ScdcaInputError, not a traceback.
     """
     import inspect
-    import json
-    from pathlib import Path
 
     from ..errors import ScdcaInputError
 
-    meta_path = Path(path) / "model.json"
-    try:
-        name = json.loads(meta_path.read_text())["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ScdcaInputError(f"model: {str(path)!r} has no readable model.json naming its model; pass a folder "
-                              f"written by `scdca train`") from None
-    cls = MODELS.get(name)
+    meta = read_model_json(path)
+    cls = MODELS.get(meta["model"])
     if not hasattr(cls, "load"):
-        raise ScdcaInputError(f"model: {name!r} models cannot be loaded from a folder")
+        raise ScdcaInputError(f"model: {meta['model']!r} models cannot be loaded from a folder")
     accepted = inspect.signature(cls.load).parameters
-    return cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
+    try:
+        return cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
+    except ScdcaInputError:
+        raise
+    except Exception as err:  # an edited model.json: missing keys, wrong sizes, wrong types
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ScdcaInputError(f"model: the folder {str(path)!r} does not load ({type(err).__name__}: {reason}); "
+                              f"its model.json or weights were edited: retrain it or restore the folder") from None
 
 
 def make_model(name: str, **kwargs) -> PerturbationModel:

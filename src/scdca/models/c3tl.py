@@ -26,7 +26,6 @@ Training: full batch, AdamW, MSE on the change scores, a fixed number of steps.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from .. import _io
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
-from .base import MODELS, PerturbationModel, dose_range, scaled_dose
+from .base import MODELS, PerturbationModel, dose_range, read_model_json, scaled_dose, write_model_json
 
 
 @dataclass
@@ -212,22 +211,22 @@ class C3TLModel(PerturbationModel):
                       **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")})
         with _io.atomic_path(folder / "c3tl.safetensors") as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        _io.write_json(folder / "model.json", {
+        write_model_json(folder, {
             "model": self.name, "config": asdict(self.cfg), "encoder": self.encoder_spec,
             "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
             "dose_lo": self._dose_lo, "dose_span": self._dose_span, "obs_drug": self._obs["drug"].tolist(),
             "obs_line": self._obs["line"].tolist(), "control_lines": [str(c) for c in self._controls[0]],
-            "cost": self._cost})
+            "cost": self._cost}, files=["c3tl.safetensors"])
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "C3TLModel":
         from safetensors.numpy import load_file
 
         folder = Path(path)
-        if not (folder / "model.json").exists() or not (folder / "c3tl.safetensors").exists():
-            raise ScdcaInputError(f"{str(folder)!r} lacks model.json or c3tl.safetensors; is it a folder written "
+        if not (folder / "c3tl.safetensors").exists():
+            raise ScdcaInputError(f"model: {str(folder)!r} lacks c3tl.safetensors; is it a folder written "
                                   f"by C3TLModel.save?")
-        meta = json.loads((folder / "model.json").read_text())
+        meta = read_model_json(folder)
         arrays = load_file(str(folder / "c3tl.safetensors"))
         model = cls(encoder=meta["encoder"], device=device, **meta["config"])
         model._encoder = get_encoder(model.encoder_spec)

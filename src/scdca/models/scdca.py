@@ -32,7 +32,6 @@ modelled: their prediction is the control value (no change), and fit logs how ma
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -52,7 +51,7 @@ from ..backbone import Backbone, resolve as resolve_backbone, weights_hash
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
-from .base import MODELS, PerturbationModel, dose_range, scaled_dose
+from .base import MODELS, PerturbationModel, dose_range, read_model_json, scaled_dose, write_model_json
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +275,7 @@ class ScDCAModel(PerturbationModel):
         ckpt = self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None
         run_id = {"config": asdict(cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name}
         if ckpt is not None and ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = _io.load_state(ckpt, what="checkpoint_dir")
             if state["run_id"] != run_id:
                 raise ScdcaInputError(f"checkpoint_dir: {str(self.checkpoint_dir)!r} holds a run with other data or "
                                       f"settings; use another folder or delete it")
@@ -315,10 +314,9 @@ class ScDCAModel(PerturbationModel):
             else:
                 bad_epochs += 1
             if ckpt is not None:
-                with _io.atomic_path(ckpt) as tmp:
-                    torch.save({"run_id": run_id, "trainable": self._trainable_state(), "opt": opt.state_dict(),
-                                "best": best, "best_state": best_state, "bad_epochs": bad_epochs, "step": step,
-                                "epoch": epoch + 1, "torch_rng": torch.get_rng_state()}, tmp)
+                _io.save_state(ckpt, {"run_id": run_id, "trainable": self._trainable_state(), "opt": opt.state_dict(),
+                                      "best": best, "best_state": best_state, "bad_epochs": bad_epochs, "step": step,
+                                      "epoch": epoch + 1, "torch_rng": torch.get_rng_state()})
             # without a validation set there is nothing to stop early on: the budget is fixed
             if (len(va_idx) and bad_epochs >= cfg.patience) or (cfg.max_steps is not None and step >= cfg.max_steps):
                 break
@@ -434,13 +432,13 @@ class ScDCAModel(PerturbationModel):
                 "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
                 "kept": self._kept.tolist(), "emb_mean": self._emb_mean.tolist(), "emb_std": self._emb_std.tolist(),
                 "dose_lo": self._dose_lo, "dose_span": self._dose_span, "cost": self._cost}
-        _io.write_json(folder / "model.json", meta)
         lines, ctrl = self._controls
         with _io.atomic_path(folder / "controls.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, cell_lines=np.array(lines), control_mean=ctrl.astype(np.float32),
                          offset_lines=np.array(list(self._offsets)), global_offset=self._global_offset,
                          offsets=np.stack(list(self._offsets.values())))
+        write_model_json(folder, meta, files=["trained.safetensors", "controls.npz"])  # last: marks it complete
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCAModel":
@@ -448,9 +446,7 @@ class ScDCAModel(PerturbationModel):
         from safetensors.torch import load_file
 
         folder = Path(path)
-        if not (folder / "model.json").exists():
-            raise ScdcaInputError(f"{str(folder)!r} has no model.json; is it a folder written by ScDCAModel.save?")
-        meta = json.loads((folder / "model.json").read_text())
+        meta = read_model_json(folder)
         klass = MODELS.get(meta["model"])
         model = klass(backbone=backbone or meta["backbone"], encoder=meta["encoder"], device=device,
                       **{k: v for k, v in meta["config"].items() if k != "variant"})
