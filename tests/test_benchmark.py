@@ -29,7 +29,7 @@ def test_results_are_tidy_with_one_row_per_condition_and_metric(bench):
     # zero-shot: every condition of every line is tested exactly once per seed
     z = results[(results.model == "control") & (results.task == "unseen_cell_zeroshot") & (results.metric == "mse")]
     assert len(z) == 2 * len(data.ids)
-    assert set(results["model"]) == {"control", "additive", "ceiling", "oracle"}
+    assert set(results["model"]) == {"control", "additive", "ceiling", "ceiling_half", "oracle"}
 
 
 def test_summary_is_mean_and_se_over_seeds(bench):
@@ -130,7 +130,7 @@ def test_models_get_only_the_options_they_accept_and_the_grid_seed(monkeypatch):
         def fit(self, train):
             return self
 
-        def predict(self, query):
+        def _predict(self, query):
             raise NotImplementedError
 
     monkeypatch.setitem(MODELS._entries, "probe", Probe)
@@ -211,3 +211,23 @@ def test_killed_at_random_points_and_rerun_gives_the_uninterrupted_results(tmp_p
     assert kills >= 2 and any(0 < n < 16 for n in done_at_kill), done_at_kill  # killed mid-grid, not only before
     assert not list(out.rglob(".*.tmp"))  # temporary files of killed writes are cleaned up
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), pd.read_csv(tmp_path / "full" / "results.csv"))
+
+
+def test_ceiling_is_the_split_half_correlation_corrected_by_spearman_brown(bench):
+    from scdca.benchmark import spearman_brown
+
+    half = pd.DataFrame({"model": "ceiling_half", "metric": ["pearson_delta", "pearson_delta_deg", "mse",
+                                                             "pearson_delta"], "value": [0.5, 0.8, 0.1, -0.2]})
+    full = spearman_brown(half)
+    # by hand: 2 * 0.5 / 1.5 and 2 * 0.8 / 1.8; no correction for r <= 0; none defined for mse
+    np.testing.assert_allclose(full["value"], [2 / 3, 16 / 18, -0.2])
+    assert list(full["metric"]) == ["pearson_delta", "pearson_delta_deg", "pearson_delta"]
+    assert set(full["model"]) == {"ceiling"}
+    # in a run: the ceiling row is the corrected ceiling_half row of the same condition
+    _, _, results, _ = bench
+    key = ["task", "seed", "held_out", "cell_line", "drug", "dose", "metric"]
+    both = results[results["model"] == "ceiling"].merge(results[results["model"] == "ceiling_half"], on=key)
+    assert len(both) and set(both["metric"]) == {"pearson_delta", "pearson_delta_deg"}
+    r = both["value_y"].to_numpy()
+    np.testing.assert_allclose(both["value_x"], np.where(r > 0, 2 * r / (1 + r), r))
+    assert (both["value_x"] >= both["value_y"]).all()

@@ -16,7 +16,7 @@ def test_simulate_then_benchmark_from_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pearson_delta_deg" in out and "knn" in out
     s = pd.read_csv(tmp_path / "b" / "summary.csv")
-    assert set(s["model"]) == {"control", "knn", "ceiling", "oracle"}
+    assert set(s["model"]) == {"control", "knn", "ceiling", "ceiling_half", "oracle"}
 
 
 def test_bad_model_name_exits_2_with_the_choices(tmp_path, capsys):

@@ -5,10 +5,10 @@ finishes, so an interrupted run resumes where it stopped. `results.csv` and
 `summary.csv` are rebuilt from the cells at the end.
 
 Two reference rows are scored on the same test conditions as the models:
-`ceiling` (split-half noise ceiling: the mean of one random half of each condition's
-cells scored against the other half, as cell-eval does; pessimistic, since each half
-has half the cells) and, for simulated data, `oracle` (the noise-free truth scored
-against the observed pseudobulk).
+`ceiling_half` (split-half noise ceiling: the mean of one random half of each condition's
+cells scored against the other half; pessimistic, since each half has half the cells),
+`ceiling` (its correlation metrics corrected to full depth, see `spearman_brown`) and, for
+simulated data, `oracle` (the noise-free truth scored against the observed pseudobulk).
 """
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ from .splits import ALL_TASKS, TASKS, Split, make_splits
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]
-REFERENCES = ("ceiling", "oracle")
+REFERENCES = ("ceiling", "ceiling_half", "oracle")  # reference rows, not models
+_REFERENCE_CELLS = ("ceiling", "oracle")  # grid cells that write them (the ceiling cell writes both ceilings)
+# correlations between two measurements of the same profile: the ones a split-half correction applies to
+CORRELATION_METRICS = ("pearson_delta", "pearson_delta_deg")
 
 
 @dataclass
@@ -114,7 +117,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
             for s in splits[task, seed]:
                 s.save(out / "splits" / f"{s.name}.json")
 
-    names = list(cfg.models) + ([r for r in REFERENCES if r != "oracle" or data.truth is not None]
+    names = list(cfg.models) + ([r for r in _REFERENCE_CELLS if r != "oracle" or data.truth is not None]
                                 if cfg.references else [])
     grid = [(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in names]
     bar = tqdm(grid, desc="benchmark", unit="cell", disable=not progress)
@@ -209,9 +212,33 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
                       "seconds": seconds, "peak_python_mb": peak / 2**20, **extra})
         if pred.shape != observed.shape:
             raise RuntimeError(f"{model_name} predicted shape {pred.shape}, expected {observed.shape}")
-        rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
+        if model_name == "ceiling":
+            half = score_conditions(test, pred, observed, "ceiling_half", split, cfg.k, cfg.metrics)
+            rows += [half, spearman_brown(half)]
+        else:
+            rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
         preds.append((split, test, pred, observed))
     _write_cell(out, model_name, task, seed, pd.concat(rows, ignore_index=True), preds, costs, k=cfg.k)
+
+
+def spearman_brown(half: pd.DataFrame) -> pd.DataFrame:
+    """The `ceiling` rows: split-half correlations corrected to full depth.
+
+    Each half holds half of a condition's cells, so the split-half correlation r measures
+    agreement at half depth. The Spearman-Brown formula for doubling the depth,
+    r_full = 2 r / (1 + r), estimates what two full-depth measurements would agree to (the
+    correction cell-eval applies to its ceiling). Applied per condition to the correlation
+    metrics (`CORRELATION_METRICS`) where r > 0; r <= 0 means no measurable reliability and
+    is kept as it is (the formula has a pole at -1 and would only amplify noise). Other
+    metrics (R^2, mse, rank) have no such correction and get no `ceiling` row; the
+    uncorrected `ceiling_half` rows keep every metric.
+    """
+    out = half[half["metric"].isin(CORRELATION_METRICS)].copy()
+    r = out["value"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["value"] = np.where(r > 0, 2 * r / (1 + r), r)
+    out["model"] = "ceiling"
+    return out
 
 
 def half_b_degs(test: PerturbationData) -> dict[str, np.ndarray]:
