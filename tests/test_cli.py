@@ -45,3 +45,37 @@ def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, 
                  "--dose", "100", "10000", "--out", str(tmp_path / "p.h5ad")]) == 0
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
     assert pred.n_obs == 2 and pred.n_vars == tiny_sim.n_vars
+
+
+def test_a_run_reruns_exactly_from_its_written_config_and_reports_from_any_folder(tmp_path, tiny_sim, monkeypatch):
+    import json
+
+    from scdca import _io
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    _io.write_h5ad("d.h5ad", tiny_sim)  # a relative path, as users type it
+    assert main(["benchmark", "--data", "d.h5ad", "--out", "first", "--models", "control,ridge",
+                 "--tasks", "unseen_drug", "--seeds", "2", "--k", "5", "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "work" / "first" / "config.json").read_text())
+    assert cfg["data"] == str(tmp_path / "work" / "d.h5ad")
+    assert len(cfg["provenance"]["data_sha256"]) == 64 and "torch" in cfg["provenance"]["versions"]
+    monkeypatch.chdir(tmp_path)  # elsewhere: the rerun and the report still find the data
+    assert main(["benchmark", "--config", "work/first/config.json", "--out", "second", "--quiet"]) == 0
+    first, second = (pd.read_csv(p / "results.csv") for p in (tmp_path / "work" / "first", tmp_path / "second"))
+    pd.testing.assert_frame_equal(first, second)
+    assert main(["report", "work/first"]) == 0
+    report = (tmp_path / "work" / "first" / "report.md").read_text()
+    assert "Chemical novelty of test drugs" in report and "not shown" not in report
+    (tmp_path / "work" / "d.h5ad").rename(tmp_path / "moved.h5ad")  # gone: the report says why
+    assert main(["report", "work/first"]) == 0
+    assert "not shown: the benchmark's data file" in (tmp_path / "work" / "first" / "report.md").read_text()
+
+
+def test_config_and_flags_together_or_unknown_settings_are_refused(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: d.h5ad\nout: o\nmodels: control\nepochs_typo: 3\n")
+    assert main(["benchmark", "--config", str(cfg)]) == 2
+    assert "unknown setting(s) ['epochs_typo']" in capsys.readouterr().err
+    assert main(["benchmark", "--config", str(cfg), "--seeds", "3"]) == 2
+    assert "--seeds given next to --config" in capsys.readouterr().err

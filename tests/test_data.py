@@ -178,3 +178,37 @@ def test_error_missing_file_and_wrong_suffix(tmp_path):
     (tmp_path / "x.csv").write_text("a\n")
     with pytest.raises(ScdcaInputError, match="not an .h5ad"):
         load(tmp_path / "x.csv")
+
+
+def test_to_anndata_is_pseudobulk_with_controls_and_scanpy_degs(tiny_data, tmp_path):
+    import scanpy as sc
+    from scipy import stats
+
+    a = tiny_data.to_anndata(n_degs=10)
+    n, lines = len(tiny_data.ids), tiny_data.cell_lines
+    assert a.shape == (n + len(lines), tiny_data.n_genes)
+    np.testing.assert_array_equal(a.X[:n], tiny_data.mean)
+    np.testing.assert_array_equal(a.layers["std"][n:], tiny_data.control_std)
+    assert a.obs["control"].sum() == len(lines) and list(a.obs["n_cells"][:n]) == list(tiny_data.conditions["n_cells"])
+    a.write_h5ad(tmp_path / "pb.h5ad")
+    back = ad.read_h5ad(tmp_path / "pb.h5ad")
+    cid = tiny_data.ids[5]
+    df = sc.get.rank_genes_groups_df(back, group=cid)
+    assert list(df["names"]) == [str(g) for g in tiny_data.genes[tiny_data.degs[cid][:10]]]
+    # the scores are scanpy's Welch t-test on this condition's cells vs its line's controls
+    row = tiny_data.conditions.loc[cid]
+    line = tiny_data.controls.index.get_loc(row["cell_line"])
+    gene = tiny_data.degs[cid][0]
+    t, p = stats.ttest_ind_from_stats(tiny_data.mean[5, gene], tiny_data.std[5, gene], row["n_cells"],
+                                      tiny_data.control_mean[line, gene], tiny_data.control_std[line, gene],
+                                      tiny_data.controls["n_cells"].iloc[line], equal_var=False)
+    assert df["scores"].iloc[0] == pytest.approx(t, rel=1e-4) and df["pvals"].iloc[0] == pytest.approx(p, rel=1e-3)
+    assert (df["pvals_adj"] >= df["pvals"] - 1e-12).all()
+
+
+def test_benjamini_hochberg_matches_a_hand_computation():
+    from scdca.data import _bh
+
+    p = np.array([[0.01, 0.04, 0.03, np.nan]])
+    # sorted 0.01, 0.03, 0.04 with m = 3: 0.03, 0.045, 0.04 -> monotone from the top: 0.03, 0.04, 0.04
+    np.testing.assert_allclose(_bh(p), [[0.03, 0.04, 0.04, np.nan]])

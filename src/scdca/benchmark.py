@@ -106,7 +106,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
         log.info("benchmark: removed temporary files of an interrupted run in %s", out)
     if data is None:
         data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes)
-    _io.write_json(out / "config.json", {**asdict(cfg), "identity": cfg.identity()})
+    _io.write_json(out / "config.json", written_config(cfg))
     if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):
         _io.write_json(out / "backbone_audit.json", backbone_audit(cfg.model_options["backbone"], cfg.data))
 
@@ -137,6 +137,70 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
 
         build(out)
     return results
+
+
+def written_config(cfg: BenchmarkConfig) -> dict:
+    """config.json: the settings with the data path made absolute (so `scdca report` and a
+    rerun find it from any folder), plus what is needed to trust a rerun: the data file's
+    SHA-256, package versions and the git commit of the scdca source, if any.
+    `scdca benchmark --config config.json` reruns it."""
+    import platform
+    from importlib import metadata
+
+    settings = asdict(cfg)
+    data = Path(cfg.data)
+    if data.is_file():
+        settings["data"] = str(data.resolve())
+    versions = {"python": platform.python_version()}
+    for pkg in ("scdca", "torch", "numpy", "pandas", "anndata", "scanpy", "scikit-learn", "rdkit"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    provenance = {"data_sha256": _io.file_sha256(data) if data.is_file() else None, "versions": versions,
+                  "git_commit": _git_commit()}
+    return {**settings, "identity": cfg.identity(), "provenance": provenance}
+
+
+def _git_commit() -> str | None:
+    """The commit of the scdca source tree when it is a git checkout (editable install)."""
+    import subprocess
+
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def read_config(path: str | os.PathLike, **overrides) -> BenchmarkConfig:
+    """A BenchmarkConfig from a YAML or JSON file (a written config.json reruns its run).
+
+    Keys written for provenance (identity, provenance, report) are ignored; `overrides`
+    (e.g. out=...) replace file values. Unknown keys are refused, naming them.
+    """
+    import dataclasses
+
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ScdcaInputError(f"config: cannot read {str(path)!r} ({str(err).splitlines()[0]}); pass a YAML or "
+                              f"JSON file such as a run's config.json") from None
+    if not isinstance(raw, dict):
+        raise ScdcaInputError(f"config: {str(path)!r} does not hold a mapping of settings")
+    raw = {k: v for k, v in raw.items() if k not in ("identity", "provenance", "report")}
+    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ScdcaInputError(f"config: unknown setting(s) {unknown!r} in {str(path)!r}; known: {sorted(fields)}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("data", "out") if k not in raw]
+    if missing:
+        raise ScdcaInputError(f"config: {str(path)!r} does not set {missing!r}; add them or pass --data/--out")
+    return BenchmarkConfig(**raw)
 
 
 def backbone_audit(backbone: str, data_path: str) -> dict:

@@ -59,15 +59,29 @@ def cmd_benchmark(args) -> None:
     from .benchmark import BenchmarkConfig, format_summary, run, summarize
     from .report import build
 
-    cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
-                          seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
-                          keys=_keys(args), model_options=_model_options(args))
+    if args.config:
+        from .benchmark import read_config
+
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                 if k not in ("config", "data", "out", "quiet", "verbose", "command", "func", "parser")
+                 and v != args.parser.get_default(k)]
+        if given:
+            raise ScdcaInputError(f"config: {', '.join(given)} given next to --config {args.config!r}; put every "
+                                  f"setting in the config file (only --data, --out and --quiet may override it)")
+        cfg = read_config(args.config, data=args.data, out=args.out)
+    else:
+        missing = [f for f, v in (("--data", args.data), ("--out", args.out)) if not v]
+        if missing:
+            raise ScdcaInputError(f"benchmark: {' and '.join(missing)} required (or --config FILE)")
+        cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
+                              seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
+                              keys=_keys(args), model_options=_model_options(args))
     t0 = time.perf_counter()
     results = run(replace(cfg, report=False), progress=not args.quiet)
     t1 = time.perf_counter()
     print(format_summary(summarize(results)))
-    print(f"\nwrote {args.out}/results.csv, summary.csv, predictions/, splits/ (grid {t1 - t0:.1f} s)")
-    path = build(args.out)
+    print(f"\nwrote {cfg.out}/results.csv, summary.csv, predictions/, splits/ (grid {t1 - t0:.1f} s)")
+    path = build(cfg.out)
     print(f"wrote {path} ({time.perf_counter() - t1:.1f} s)")
 
 
@@ -244,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simulate)
 
     b = sub.add_parser("benchmark", help="run models x tasks x seeds and score them")
-    b.add_argument("--data", required=True, help=".h5ad (single-cell or pseudobulk)")
-    b.add_argument("--out", required=True, help="output folder (resumes if it exists)")
+    b.add_argument("--config", default=None, help="YAML/JSON file with the settings (a run's config.json reruns "
+                   "it); --data/--out override its values")
+    b.add_argument("--data", default=None, help=".h5ad (single-cell or pseudobulk)")
+    b.add_argument("--out", default=None, help="output folder (resumes if it exists)")
     b.add_argument("--models", default="control,train_mean,additive,ridge,knn")
     b.add_argument("--tasks", default="all")
     b.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
@@ -265,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="default 1e-4 (paper)")
     g.add_argument("--device", default=None)
     _add_keys(b)
-    b.set_defaults(func=cmd_benchmark)
+    b.set_defaults(func=cmd_benchmark, parser=b)
     t = sub.add_parser("pretrain", help="pretrain a backbone (masked expression) on the cells of an AnnData")
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds train_state.pt)")

@@ -124,6 +124,39 @@ class PerturbationData:
             raise RuntimeError("observations were withheld from this PerturbationData")
         return self.mean - self.control_for(self.conditions["cell_line"])
 
+    def to_anndata(self, *, n_degs: int = 100) -> ad.AnnData:
+        """Pseudobulk AnnData for scanpy: one row per condition, then one control row per line.
+
+        X = layers['mean'] = mean log1p expression; layers['std'] = across-cell standard
+        deviation; obs: condition_id, cell_line, drug, dose, smiles, control (bool) and
+        n_cells (the cells behind each row's mean and std, per row as it holds for every gene).
+        uns['rank_genes_groups'] holds each condition's top `n_degs` ranked DEGs against its
+        line's control in scanpy's layout (`rank_genes_groups_uns`), so
+        `sc.get.rank_genes_groups_df(adata, group=condition_id)` and scanpy's plots read it.
+        """
+        if self.mean is None:
+            raise ScdcaInputError("to_anndata: this PerturbationData holds no observations (a query made with "
+                                  "observed=False); call it on the loaded data or a subset with observed=True")
+        cond = self.conditions
+        lines = list(self.controls.index)
+        obs = pd.concat([
+            pd.DataFrame({"condition_id": cond.index.astype(str), "cell_line": cond["cell_line"].astype(str),
+                          "drug": cond["drug"].astype(str), "dose": cond["dose"].astype(float),
+                          "smiles": cond["smiles"].astype(str), "control": False,
+                          "n_cells": cond["n_cells"].astype(int)}),
+            pd.DataFrame({"condition_id": [f"{c}_control" for c in lines], "cell_line": lines, "drug": "control",
+                          "dose": 0.0, "smiles": "", "control": True,
+                          "n_cells": self.controls["n_cells"].astype(int).to_numpy()}),
+        ], ignore_index=True)
+        obs.index = obs["condition_id"].to_numpy()
+        mean = np.vstack([self.mean, self.control_mean]).astype(np.float32)
+        std = np.vstack([self.std if self.std is not None else np.full_like(self.mean, np.nan),
+                         self.control_std]).astype(np.float32)
+        adata = ad.AnnData(X=mean.copy(), obs=obs, var=pd.DataFrame(index=[str(g) for g in self.genes]))
+        adata.layers["mean"], adata.layers["std"] = mean, std
+        adata.uns["rank_genes_groups"] = rank_genes_groups_uns(self, n_degs=n_degs)
+        return adata
+
     def subset(self, ids: Sequence[str], *, observed: bool = True) -> "PerturbationData":
         """The conditions `ids`, with all controls. `observed=False` drops every observation,
 
@@ -515,6 +548,65 @@ def rank_degs(data: PerturbationData) -> dict[str, np.ndarray]:
     # stable sort on -|score|, ties broken by gene order
     order = np.argsort(-np.abs(score), axis=1, kind="stable").astype(np.int32)
     return dict(zip(data.ids, order))
+
+
+def deg_statistics(data: PerturbationData) -> dict[str, np.ndarray]:
+    """scanpy's t-test statistics of every condition against its line's control, (N, G) each.
+
+    scores = Welch t; logfoldchanges = log2 of the ratio of mean expression on the count
+    scale (expm1 of the log1p means, + 1e-9), as scanpy reports them; pvals two-sided from
+    the Welch-Satterthwaite degrees of freedom; pvals_adj by Benjamini-Hochberg within each
+    condition. NaN where a group has a single row (bulk input: no variance).
+    """
+    from scipy import stats
+
+    ctrl_pos = data.controls.index.get_indexer(data.conditions["cell_line"])
+    n1 = data.conditions["n_cells"].to_numpy()[:, None].astype(float)
+    n0 = data.controls["n_cells"].to_numpy()[ctrl_pos][:, None].astype(float)
+    m1, s1 = data.mean.astype(np.float64), data.std.astype(np.float64)
+    m0, s0 = data.control_mean[ctrl_pos].astype(np.float64), data.control_std[ctrl_pos].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v1, v0 = s1**2 / n1, s0**2 / n0
+        t = (m1 - m0) / np.sqrt(v1 + v0)
+        dof = (v1 + v0) ** 2 / (v1**2 / (n1 - 1) + v0**2 / (n0 - 1))
+        pvals = 2 * stats.t.sf(np.abs(t), dof)
+    lfc = np.log2((np.expm1(m1) + 1e-9) / (np.expm1(m0) + 1e-9))
+    return {"scores": t, "logfoldchanges": lfc, "pvals": pvals, "pvals_adj": _bh(pvals)}
+
+
+def _bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values along each row (NaN stays NaN)."""
+    out = np.full_like(p, np.nan)
+    for i, row in enumerate(p):
+        ok = np.flatnonzero(~np.isnan(row))
+        if len(ok):
+            order = ok[np.argsort(row[ok])]
+            ranked = row[order] * len(ok) / np.arange(1, len(ok) + 1)
+            out[i, order] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+    return out
+
+
+def rank_genes_groups_uns(data: PerturbationData, *, n_degs: int = 100) -> dict:
+    """Each condition's DEGs (`data.degs` order) in scanpy's `uns['rank_genes_groups']` layout:
+    record arrays of length n_degs with one field per condition id for names, scores,
+    logfoldchanges, pvals and pvals_adj (`deg_statistics`), and the params scanpy writes."""
+    ids = data.ids
+    n = min(n_degs, data.n_genes)
+    stat = deg_statistics(data)
+    ranked = np.stack([np.asarray(data.degs[i])[:n] if i in data.degs else np.arange(n) for i in ids])  # (N, n)
+    if ranked.shape[1] < n:
+        raise ScdcaInputError(f"n_degs: {n_degs} exceeds the {ranked.shape[1]} ranked DEGs kept per condition")
+    rows = np.arange(len(ids))[:, None]
+
+    def records(values: np.ndarray, dtype) -> np.ndarray:
+        return np.rec.fromarrays([values[j] for j in range(len(ids))], dtype=[(str(i), dtype) for i in ids])
+
+    out = {"params": {"groupby": "condition_id", "reference": "control of the same cell line",
+                      "method": "t-test", "use_raw": False, "layer": "mean", "corr_method": "benjamini-hochberg"},
+           "names": records(np.asarray(data.genes, dtype=object)[ranked].astype(str), "O")}
+    for key, values in stat.items():
+        out[key] = records(values[rows, ranked].astype(np.float32), "float32")
+    return out
 
 
 def _degs(data: PerturbationData, given, *, n_degs: int | None) -> dict[str, np.ndarray]:

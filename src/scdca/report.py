@@ -179,20 +179,26 @@ def _cost_text(table: pd.DataFrame) -> str:
     return shown.to_string(na_rep="-")
 
 
-def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame | None]:
-    """Drug -> SMILES and the per-drug annotation table of the benchmark's dataset, if it is readable."""
+def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame | None, str]:
+    """Drug -> SMILES and the per-drug annotation table of the benchmark's dataset, and why
+    not ('' when read). The data path in config.json is absolute (relative paths of runs made
+    before that are tried from the run's parent folder and the working directory)."""
     import json
-
-    import anndata as ad
 
     cfg_path = Path(folder) / "config.json"
     if not cfg_path.exists():
-        return {}, None
+        return {}, None, f"{cfg_path} does not exist"
     cfg = json.loads(cfg_path.read_text())
     path, keys = cfg.get("data"), cfg.get("keys", {})
-    if not path or not os.path.exists(path):
-        return {}, None
-    a = ad.read_h5ad(path, backed="r")
+    candidates = [Path(path)] if path and Path(path).is_absolute() else \
+        [Path(folder).resolve().parent / str(path), Path(str(path))] if path else []
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return {}, None, (f"the benchmark's data file {path!r} (config.json 'data') is not found"
+                          + (f" (tried {', '.join(map(str, candidates))})" if candidates else ""))
+    from .data import read
+
+    a = read(found, what="data", backed="r")
     obs = a.obs
     drug_col, smi_col = keys.get("drug", "condition"), keys.get("smiles", "SMILES")
     smiles = {}
@@ -202,7 +208,7 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
     ann = a.uns.get("drug_annotations")
     table = pd.DataFrame({k: np.asarray(v) for k, v in ann.items()}).set_index("drug") if isinstance(ann, dict) else None
     a.file.close()
-    return smiles, table
+    return smiles, table, "" if smiles else f"{found} has no {smi_col!r} column for the {drug_col!r} drugs"
 
 
 def group_table(results: pd.DataFrame, groups: pd.Series, metric: str = "pearson_delta_deg") -> pd.DataFrame:
@@ -515,7 +521,7 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
         sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
                          _sweep_table(sweep).to_string(),
                          _png(_figure_sweep(sweep), folder / "fig_deg_sweep.png")))
-    smiles, stored = data_info(folder)
+    smiles, stored, missing = data_info(folder)
     if stored is not None:
         for col in [c for c in ("mechanism", "target", "pathway") if c in stored]:
             g = group_table(results, stored[col], metric)
@@ -528,6 +534,8 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
         sections.append((f"Per drug group: {annotation_name} ({metric}; {matched} of {tested} drugs annotated)",
                          g.to_string() if not g.empty else "no tested drug matched the annotation table", None))
     nov = novelty(results, smiles, metric) if smiles else pd.DataFrame()
+    if missing and results["task"].isin(["unseen_drug", "unseen_scaffold"]).any():
+        sections.append(("Chemical novelty of test drugs (unseen-drug tasks)", f"not shown: {missing}.", None))
     if not nov.empty:
         sections.append(("Chemical novelty of test drugs (unseen-drug tasks)",
                          nov.assign(bin=pd.cut(nov["max_tanimoto"], [0, 0.2, 0.3, 0.4, 0.6, 1.0001], right=False))
