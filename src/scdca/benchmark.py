@@ -84,7 +84,7 @@ class BenchmarkConfig:
     def identity(self) -> dict:
         """The settings that must match for a run to resume into an existing folder."""
         return {"data": os.path.abspath(self.data), "k": self.k, "n_top_genes": self.n_top_genes,
-                "keys": asdict(self.keys), "metrics": self.metrics, "model_options": self.model_options}
+                "keys": asdict(self.keys), "metrics": self.metrics, "model_options": _absolute(self.model_options)}
 
 
 def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress: bool = True) -> pd.DataFrame:
@@ -139,6 +139,18 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     return results
 
 
+def _absolute(options: dict) -> dict:
+    """Model options with local paths (a backbone folder, a 'table:' encoder file) made absolute."""
+    out = dict(options)
+    backbone = out.get("backbone")
+    if backbone and not str(backbone).startswith("random:") and os.path.exists(backbone):
+        out["backbone"] = os.path.abspath(backbone)
+    encoder = str(out.get("encoder") or "")
+    if encoder.startswith(("table:", "hf:")) and os.path.exists(encoder.split(":", 1)[1]):
+        out["encoder"] = f"{encoder.split(':', 1)[0]}:{os.path.abspath(encoder.split(':', 1)[1])}"
+    return out
+
+
 def written_config(cfg: BenchmarkConfig) -> dict:
     """config.json: the settings with the data path made absolute (so `scdca report` and a
     rerun find it from any folder), plus what is needed to trust a rerun: the data file's
@@ -147,7 +159,7 @@ def written_config(cfg: BenchmarkConfig) -> dict:
     import platform
     from importlib import metadata
 
-    settings = asdict(cfg)
+    settings = {**asdict(cfg), "model_options": _absolute(cfg.model_options)}
     data = Path(cfg.data)
     if data.is_file():
         settings["data"] = str(data.resolve())
@@ -166,12 +178,16 @@ def _git_commit() -> str | None:
     """The commit of the scdca source tree when it is a git checkout (editable install)."""
     import subprocess
 
+    here = Path(__file__).resolve().parent
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        res = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
+    lines = res.stdout.split()
+    if res.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "scdca" != here:
+        return None  # not our checkout (e.g. installed inside someone else's repository)
+    return lines[1]
 
 
 def read_config(path: str | os.PathLike, **overrides) -> BenchmarkConfig:
