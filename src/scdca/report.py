@@ -197,8 +197,12 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
         return {}, None, (f"the benchmark's data file {path!r} (config.json 'data') is not found"
                           + (f" (tried {', '.join(map(str, candidates))})" if candidates else ""))
     from .data import read
+    from .errors import ScdcaInputError
 
-    a = read(found, what="data", backed="r")
+    try:
+        a = read(found, what="data", backed="r")
+    except ScdcaInputError as err:  # a damaged data file costs the report one section, not the report
+        return {}, None, str(err)
     obs = a.obs
     drug_col, smi_col = keys.get("drug", "condition"), keys.get("smiles", "SMILES")
     smiles = {}
