@@ -144,6 +144,9 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
         bar.update(len(chunk))
     bar.close()
     df = pd.DataFrame(rows)
+    if df.empty:
+        raise ScdcaInputError("library: no molecules in it; pass one SMILES per line (.smi) or a CSV with a "
+                              "'smiles' column")
     failed = df["error"] != ""
     if failed.all():
         raise ScdcaInputError(f"library: none of its {len(df)} SMILES could be parsed (e.g. "
