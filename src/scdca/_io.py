@@ -77,14 +77,13 @@ def load_state(path: str | os.PathLike, *, what: str = "out") -> dict:
     """
     import torch
 
-    from .errors import ScdcaInputError
+    from .errors import ScdcaInputError, reason
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError/EOFError for damage
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise ScdcaInputError(f"{what}: the resume file {str(path)!r} is damaged or holds more than tensors and "
-                              f"plain values ({reason}); it was not run. Delete it to start over") from None
+                              f"plain values ({reason(err)}); it was not run. Delete it to start over") from None
 
 
 def _json_default(obj: Any) -> Any:

@@ -355,6 +355,16 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
 RANDOM_PREFIX = "random:"
 
 
+def is_random(spec: str | os.PathLike) -> bool:
+    """Whether a backbone spec names an untrained backbone ('random:<layers>x<dim>')."""
+    return os.fspath(spec).startswith(RANDOM_PREFIX)
+
+
+def reference(spec: str | os.PathLike) -> str:
+    """How a backbone spec is recorded in saved files: an absolute folder, or the 'random:' spec."""
+    return os.fspath(spec) if is_random(spec) else os.path.abspath(spec)
+
+
 def resolve(spec: str | os.PathLike, *, genes: Sequence[str] | None = None,
             device: str | torch.device = "cpu") -> Backbone:
     """A checkpoint folder (see `load`) or 'random:<layers>x<dim>': an untrained backbone.
@@ -367,7 +377,7 @@ def resolve(spec: str | os.PathLike, *, genes: Sequence[str] | None = None,
         >>> bb = scdca.backbone.resolve("random:4x128", genes=["g0", "g1"])
     """
     text = os.fspath(spec)
-    if not text.startswith(RANDOM_PREFIX):
+    if not is_random(text):
         return load(text, device=device)
     try:
         layers, dim = (int(x) for x in text[len(RANDOM_PREFIX):].lower().split("x"))

@@ -26,8 +26,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import _io
+from .backbone import is_random, reference as backbone_reference
 from .data import DataKeys, PerturbationData, load, rank_degs
-from .errors import ScdcaInputError
+from .errors import ScdcaInputError, reason
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS
 from .splits import ALL_TASKS, TASKS, Split, make_splits
@@ -143,8 +144,8 @@ def _absolute(options: dict) -> dict:
     """Model options with local paths (a backbone folder, a 'table:' encoder file) made absolute."""
     out = dict(options)
     backbone = out.get("backbone")
-    if backbone and not str(backbone).startswith("random:") and os.path.exists(backbone):
-        out["backbone"] = os.path.abspath(backbone)
+    if backbone and os.path.exists(backbone):
+        out["backbone"] = backbone_reference(backbone)
     encoder = str(out.get("encoder") or "")
     if encoder.startswith(("table:", "hf:")) and os.path.exists(encoder.split(":", 1)[1]):
         out["encoder"] = f"{encoder.split(':', 1)[0]}:{os.path.abspath(encoder.split(':', 1)[1])}"
@@ -203,7 +204,7 @@ def read_config(path: str | os.PathLike, **overrides) -> BenchmarkConfig:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise ScdcaInputError(f"config: cannot read {str(path)!r} ({str(err).splitlines()[0]}); pass a YAML or "
+        raise ScdcaInputError(f"config: cannot read {str(path)!r} ({reason(err)}); pass a YAML or "
                               f"JSON file such as a run's config.json") from None
     if not isinstance(raw, dict):
         raise ScdcaInputError(f"config: {str(path)!r} does not hold a mapping of settings")
@@ -228,7 +229,7 @@ def backbone_audit(backbone: str, data_path: str) -> dict:
     used, 'other data' when another file, 'random' for an untrained backbone, and
     'unknown' when the checkpoint records nothing (e.g. an official scGPT release).
     """
-    if str(backbone).startswith("random:"):
+    if is_random(backbone):
         return {"backbone": backbone, "verdict": "random", "provenance": None}
     args_path = Path(backbone) / "args.json"
     prov = json.loads(args_path.read_text()).get("provenance") if args_path.exists() else None

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import ScdcaInputError
+from .errors import ScdcaInputError, reason
 from .molecules import canonicalize
 
 log = logging.getLogger(__name__)
@@ -201,9 +201,8 @@ def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = No
     try:
         return ad.read_h5ad(path, backed=backed)
     except Exception as err:  # h5py/anndata raise OSError, KeyError, TypeError... on a broken file
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise ScdcaInputError(f"{what}: {path!r} could not be read as AnnData ({reason}); the file is truncated "
-                              f"or not an .h5ad file: rewrite it with adata.write_h5ad") from None
+        raise ScdcaInputError(f"{what}: {path!r} could not be read as AnnData ({reason(err, 160)}); the file is "
+                              f"truncated or not an .h5ad file: rewrite it with adata.write_h5ad") from None
 
 
 def load(
@@ -538,10 +537,7 @@ def rank_degs(data: PerturbationData) -> dict[str, np.ndarray]:
     run within each cell line. When a condition or its control has a single row (bulk
     input), genes are ranked by the absolute change from control instead.
     """
-    ctrl_pos = data.controls.index.get_indexer(data.conditions["cell_line"])
-    n1 = data.conditions["n_cells"].to_numpy()[:, None].astype(float)
-    n0 = data.controls["n_cells"].to_numpy()[ctrl_pos][:, None].astype(float)
-    m0, s0 = data.control_mean[ctrl_pos], data.control_std[ctrl_pos]
+    n1, n0, m0, s0 = _versus_control(data)
     score = welch_t(data.mean, data.std, n1, m0, s0, n0)
     bulk = (n1[:, 0] < 2) | (n0[:, 0] < 2)
     score[bulk] = (data.mean - m0)[bulk]
@@ -560,11 +556,8 @@ def deg_statistics(data: PerturbationData) -> dict[str, np.ndarray]:
     """
     from scipy import stats
 
-    ctrl_pos = data.controls.index.get_indexer(data.conditions["cell_line"])
-    n1 = data.conditions["n_cells"].to_numpy()[:, None].astype(float)
-    n0 = data.controls["n_cells"].to_numpy()[ctrl_pos][:, None].astype(float)
-    m1, s1 = data.mean.astype(np.float64), data.std.astype(np.float64)
-    m0, s0 = data.control_mean[ctrl_pos].astype(np.float64), data.control_std[ctrl_pos].astype(np.float64)
+    n1, n0, m0, s0 = _versus_control(data)
+    m1, s1, m0, s0 = (x.astype(np.float64) for x in (data.mean, data.std, m0, s0))
     with np.errstate(invalid="ignore", divide="ignore"):
         v1, v0 = s1**2 / n1, s0**2 / n0
         t = (m1 - m0) / np.sqrt(v1 + v0)
@@ -575,15 +568,23 @@ def deg_statistics(data: PerturbationData) -> dict[str, np.ndarray]:
 
 
 def _bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values along each row (NaN stays NaN)."""
+    """Benjamini-Hochberg adjusted p-values along each row (scipy; NaN stays NaN)."""
+    from scipy import stats
+
     out = np.full_like(p, np.nan)
     for i, row in enumerate(p):
-        ok = np.flatnonzero(~np.isnan(row))
-        if len(ok):
-            order = ok[np.argsort(row[ok])]
-            ranked = row[order] * len(ok) / np.arange(1, len(ok) + 1)
-            out[i, order] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+        ok = ~np.isnan(row)
+        if ok.any():
+            out[i, ok] = stats.false_discovery_control(row[ok], method="bh")
     return out
+
+
+def _versus_control(data: PerturbationData):
+    """Per condition: its cell count n1 (N, 1) and its line's control count n0 (N, 1), mean and std (N, G)."""
+    ctrl_pos = data.controls.index.get_indexer(data.conditions["cell_line"])
+    n1 = data.conditions["n_cells"].to_numpy()[:, None].astype(float)
+    n0 = data.controls["n_cells"].to_numpy()[ctrl_pos][:, None].astype(float)
+    return n1, n0, data.control_mean[ctrl_pos], data.control_std[ctrl_pos]
 
 
 def rank_genes_groups_uns(data: PerturbationData, *, n_degs: int = 100) -> dict:

@@ -220,6 +220,16 @@ def line_names(n: int) -> list[str]:
     return [f"line{chr(ord('A') + i)}" if i < 26 else f"line{i}" for i in range(n)]
 
 
+def _programs(n: int, n_genes: int, rng: np.random.Generator) -> np.ndarray:
+    """n gene programs (n, G): each moves 20-60 random genes, mostly in one direction."""
+    programs = np.zeros((n, n_genes))
+    for p in range(n):
+        genes = rng.choice(n_genes, size=int(rng.integers(20, 61)), replace=False)
+        direction = rng.choice([-1.0, 1.0])
+        programs[p, genes] = rng.normal(0.6 * direction, 0.5, genes.size)
+    return programs
+
+
 def _gene_world(cfg: SimulationConfig, rng: np.random.Generator):
     """Genes, programs, mechanisms and cell lines: the part the atlas shares with the screen.
 
@@ -228,11 +238,7 @@ def _gene_world(cfg: SimulationConfig, rng: np.random.Generator):
     """
     G, P, R = cfg.n_genes, cfg.n_programs, cfg.latent_dim
     base = rng.normal(0.0, 0.7, G)
-    programs = np.zeros((P, G))
-    for p in range(P):
-        genes = rng.choice(G, size=int(rng.integers(20, 61)), replace=False)
-        direction = rng.choice([-1.0, 1.0])
-        programs[p, genes] = rng.normal(0.6 * direction, 0.5, genes.size)
+    programs = _programs(P, G, rng)
     mech_vec = np.zeros((len(MECHANISMS), G))
     for i, (_, _, n_prog, strength, _) in enumerate(MECHANISMS):
         chosen = rng.choice(P, size=n_prog, replace=False)
@@ -406,11 +412,7 @@ def simulate_atlas(config: SimulationConfig | None = None, atlas: AtlasConfig | 
     base, programs, _, W, z_lines, _, _ = _gene_world(cfg, rng)
     arng = np.random.default_rng([seed, 101])
     G = cfg.n_genes
-    extra = np.zeros((acfg.extra_programs, G))
-    for p in range(acfg.extra_programs):
-        genes = arng.choice(G, size=int(arng.integers(20, 61)), replace=False)
-        extra[p, genes] = arng.normal(0.6 * arng.choice([-1.0, 1.0]), 0.5, genes.size)
-    all_programs = np.vstack([programs, extra])  # (P + E, G)
+    all_programs = np.vstack([programs, _programs(acfg.extra_programs, G, arng)])  # (P + E, G)
 
     n_screen = min(cfg.n_cell_lines, acfg.n_states) if acfg.include_screen_lines else 0
     z = arng.normal(0.0, 1.0, (acfg.n_states, cfg.latent_dim))

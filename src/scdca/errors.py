@@ -7,3 +7,8 @@ class ScdcaInputError(ValueError):
 
 class LeakageError(RuntimeError):
     """A split puts held-out information into training. Always a bug; never ignore."""
+
+
+def reason(err: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message (its type name if empty), for one-line errors."""
+    return (str(err).splitlines() or [type(err).__name__])[0][:limit]

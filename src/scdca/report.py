@@ -229,8 +229,11 @@ def group_table(results: pd.DataFrame, groups: pd.Series, metric: str = "pearson
     return table
 
 
+NOVELTY_TASKS = ("unseen_drug", "unseen_scaffold")  # tasks whose test drugs are all new
+
+
 def novelty(results: pd.DataFrame, smiles: dict[str, str], metric: str = "pearson_delta_deg",
-            tasks: Sequence[str] = ("unseen_drug", "unseen_scaffold")) -> pd.DataFrame:
+            tasks: Sequence[str] = NOVELTY_TASKS) -> pd.DataFrame:
     """Per (task, seed, model, test drug): its max Tanimoto to the training drugs and its mean score.
 
     In these tasks every drug that is not tested is a training drug, so the split is read
@@ -538,7 +541,7 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
         sections.append((f"Per drug group: {annotation_name} ({metric}; {matched} of {tested} drugs annotated)",
                          g.to_string() if not g.empty else "no tested drug matched the annotation table", None))
     nov = novelty(results, smiles, metric) if smiles else pd.DataFrame()
-    if missing and results["task"].isin(["unseen_drug", "unseen_scaffold"]).any():
+    if missing and results["task"].isin(NOVELTY_TASKS).any():
         sections.append(("Chemical novelty of test drugs (unseen-drug tasks)", f"not shown: {missing}.", None))
     if not nov.empty:
         sections.append(("Chemical novelty of test drugs (unseen-drug tasks)",

@@ -70,6 +70,17 @@ def scaled_dose(dose: np.ndarray, lo: float, span: float) -> np.ndarray:
     return np.clip((np.log10(np.maximum(np.asarray(dose, dtype=float), 1e-12)) - lo) / span, 0.0, 1.0)
 
 
+def principal_directions(delta: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean change (G,), top-k principal directions of the changes around it (<= k, G)).
+
+    Drug effects are low-rank: models that predict in this space (ridge, dominant, c3tl)
+    discard per-gene noise and fit k numbers per condition instead of G.
+    """
+    mean = delta.mean(0)
+    _, _, vt = np.linalg.svd(delta - mean, full_matrices=False)
+    return mean, vt[:k]
+
+
 def write_model_json(folder, meta: dict, files: list[str]) -> None:
     """Write model.json last, with the SHA-256 of each saved file, so a folder whose files
     were changed or damaged after saving is refused on load (`read_model_json`)."""
@@ -115,7 +126,7 @@ def load_model(path, **kwargs) -> PerturbationModel:
     """
     import inspect
 
-    from ..errors import ScdcaInputError
+    from ..errors import ScdcaInputError, reason
 
     meta = read_model_json(path)
     cls = MODELS.get(meta["model"])
@@ -127,8 +138,7 @@ def load_model(path, **kwargs) -> PerturbationModel:
     except ScdcaInputError:
         raise
     except Exception as err:  # an edited model.json: missing keys, wrong sizes, wrong types
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise ScdcaInputError(f"model: the folder {str(path)!r} does not load ({type(err).__name__}: {reason}); "
+        raise ScdcaInputError(f"model: the folder {str(path)!r} does not load ({type(err).__name__}: {reason(err)}); "
                               f"its model.json or weights were edited: retrain it or restore the folder") from None
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..data import PerturbationData
 from ..molecules import morgan_fingerprints, tanimoto
-from .base import MODELS, PerturbationModel, scaled_dose
+from .base import MODELS, PerturbationModel, dose_range, principal_directions, scaled_dose
 
 
 class _Changes:
@@ -89,10 +89,6 @@ class AdditiveBaseline(PerturbationModel):
         return query.control_for(cond["cell_line"]) + np.stack(out)
 
 
-def _dose_feature(dose: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return scaled_dose(dose, lo, max(hi - lo, 1e-12))
-
-
 @MODELS.register("ridge")
 class RidgeBaseline(PerturbationModel):
     """Ridge regression from [Morgan bits, bits x dose, line one-hot, dose] to the change.
@@ -112,20 +108,17 @@ class RidgeBaseline(PerturbationModel):
     def _features(self, data: PerturbationData) -> np.ndarray:
         cond = data.conditions
         fp = morgan_fingerprints(list(cond["smiles"]), radius=self.radius, n_bits=self.n_bits).astype(np.float32)
-        t = _dose_feature(cond["dose"].to_numpy(float), self._lo, self._hi)[:, None]
+        t = scaled_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span)[:, None]
         onehot = (cond["cell_line"].to_numpy()[:, None] == np.array(self._lines)[None, :]).astype(np.float32)
         return np.hstack([fp, fp * t, onehot, t])
 
     def fit(self, train):
         from sklearn.linear_model import RidgeCV
 
-        logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
-        self._lo, self._hi = float(logd.min()), float(logd.max())
+        self._dose_lo, self._dose_span = dose_range(train.conditions["dose"].to_numpy(float))
         self._lines = sorted(train.conditions["cell_line"].unique())
         Y = train.delta().astype(np.float64)
-        self._y_mean = Y.mean(0)
-        _, _, vt = np.linalg.svd(Y - self._y_mean, full_matrices=False)
-        self._basis = vt[: self.n_components]  # (C, G)
+        self._y_mean, self._basis = principal_directions(Y, self.n_components)  # (G,), (C, G)
         scores = (Y - self._y_mean) @ self._basis.T
         self._model = RidgeCV(alphas=np.asarray(self.alphas, dtype=float)).fit(self._features(train), scores)
         return self
@@ -206,11 +199,8 @@ class DominantDirectionBaseline(PerturbationModel):
 
     @staticmethod
     def _direction(delta: np.ndarray, logd: np.ndarray):
-        mean = delta.mean(0)
-        centred = delta - mean
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        v = vt[0]  # (G,)
-        proj = centred @ v
+        mean, (v,) = principal_directions(delta, 1)  # (G,), (G,)
+        proj = (delta - mean) @ v
         levels = np.unique(logd)
         scales = np.array([proj[logd == x].mean() for x in levels])
         return mean, v, levels, scales

@@ -40,7 +40,8 @@ from .. import _io
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
-from .base import MODELS, PerturbationModel, dose_range, read_model_json, scaled_dose, write_model_json
+from .base import (MODELS, PerturbationModel, dose_range, principal_directions, read_model_json, scaled_dose,
+                   write_model_json)
 
 
 @dataclass
@@ -138,9 +139,7 @@ class C3TLModel(PerturbationModel):
         self._emb_mean, self._emb_std = standardisation(self._encoder.encode(list(drugs.values()), names=list(drugs)))
         self._dose_lo, self._dose_span = dose_range(cond["dose"].to_numpy(float))
         delta = train.delta().astype(np.float64)
-        self._mean_change = delta.mean(0)
-        _, _, vt = np.linalg.svd(delta - self._mean_change, full_matrices=False)
-        self._basis = vt[: cfg.n_components]  # (K, G)
+        self._mean_change, self._basis = principal_directions(delta, cfg.n_components)  # (G,), (K, G)
         if self._basis.shape[0] < cfg.n_components:  # fewer conditions than directions: pad with zeros
             self._basis = np.vstack([self._basis, np.zeros((cfg.n_components - len(self._basis), delta.shape[1]))])
         self._ctrl_centre = train.control_for(sorted(cond["cell_line"].unique())).mean(0)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..adapters import (AdapterConfig, DrugConditionalAdapter, DrugGeneConfig, DrugGeneHead, count_parameters,
                         freeze)
-from ..backbone import Backbone, resolve as resolve_backbone, weights_hash
+from ..backbone import Backbone, reference as backbone_reference, resolve as resolve_backbone, weights_hash
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
@@ -427,7 +427,7 @@ class ScDCAModel(PerturbationModel):
         state = {k: v.detach().cpu().contiguous() for k, v in self._trainable_state().items()}
         with _io.atomic_path(folder / "trained.safetensors") as tmp:
             save_file(state, str(tmp))
-        meta = {"model": self.name, "config": asdict(self.cfg), "backbone": _backbone_ref(self.backbone_path),
+        meta = {"model": self.name, "config": asdict(self.cfg), "backbone": backbone_reference(self.backbone_path),
                 "backbone_sha256": self._backbone_hash, "encoder": self.encoder_spec,
                 "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
                 "kept": self._kept.tolist(), "emb_mean": self._emb_mean.tolist(), "emb_std": self._emb_std.tolist(),
@@ -483,11 +483,6 @@ def validation_mask(conditions, fraction: float, seed: int) -> np.ndarray:
     n_val = int(round(fraction * len(drugs))) if len(drugs) >= 5 else 0
     held = set(np.random.default_rng([seed, 0]).choice(drugs, size=n_val, replace=False)) if n_val else set()
     return conditions["drug"].astype(str).isin(held).to_numpy()
-
-
-def _backbone_ref(spec: str) -> str:
-    """What model.json records: an absolute folder, or the 'random:' spec as given."""
-    return spec if str(spec).startswith("random:") else os.path.abspath(spec)
 
 
 def _variant(name: str, variant: str, doc: str, **defaults):
