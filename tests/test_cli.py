@@ -79,3 +79,27 @@ def test_config_and_flags_together_or_unknown_settings_are_refused(tmp_path, cap
     assert "unknown setting(s) ['epochs_typo']" in capsys.readouterr().err
     assert main(["benchmark", "--config", str(cfg), "--seeds", "3"]) == 2
     assert "--seeds given next to --config" in capsys.readouterr().err
+
+
+def test_prediction_files_keep_the_users_obs_keys_and_scanpy_reads_their_degs(tmp_path, tiny_sim):
+    import scanpy as sc
+
+    from scdca import _io
+    from scdca.benchmark import read_predictions
+
+    renamed = tiny_sim.copy()
+    renamed.obs = renamed.obs.rename(columns={"cell_type": "line", "condition": "compound", "dose_val": "conc",
+                                              "SMILES": "smi"})
+    _io.write_h5ad(tmp_path / "d.h5ad", renamed)
+    assert main(["benchmark", "--data", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "o"), "--models", "ridge",
+                 "--tasks", "unseen_drug", "--seeds", "1", "--k", "5", "--quiet", "--cell-line-key", "line",
+                 "--drug-key", "compound", "--dose-key", "conc", "--smiles-key", "smi"]) == 0
+    a = sc.read_h5ad(tmp_path / "o" / "predictions" / "ridge__unseen_drug__seed0.h5ad")
+    assert {"line", "compound", "conc", "smi", "perturbation", "control"} <= set(a.obs.columns)
+    treated = a.obs[~a.obs["control"]]
+    assert set(treated["compound"]) <= set(renamed.obs["compound"]) and (treated["line"] == treated["cell_line"]).all()
+    assert set(a.obs.loc[a.obs["control"], "perturbation"]) == {"control"}
+    cid = treated.index[0]
+    degs = sc.get.rank_genes_groups_df(a, group=cid)
+    assert list(degs["names"][:5]) == [g for g in a.uns["degs"].loc[cid].iloc[:5]]
+    assert len(read_predictions(tmp_path / "o" / "predictions" / "ridge__unseen_drug__seed0.h5ad")) == len(treated)

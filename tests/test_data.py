@@ -212,3 +212,13 @@ def test_benjamini_hochberg_matches_a_hand_computation():
     p = np.array([[0.01, 0.04, 0.03, np.nan]])
     # sorted 0.01, 0.03, 0.04 with m = 3: 0.03, 0.045, 0.04 -> monotone from the top: 0.03, 0.04, 0.04
     np.testing.assert_allclose(_bh(p), [[0.03, 0.04, 0.04, np.nan]])
+
+
+def test_scanpy_degs_follow_a_shorter_ranking_taken_from_the_file(tiny_data):
+    from scdca.data import rank_genes_groups_uns
+
+    short = tiny_data.subset(tiny_data.ids[:4])
+    short.degs = {i: v[:7] for i, v in short.degs.items()}  # as when the file's uns holds 7 DEGs per condition
+    u = rank_genes_groups_uns(short, n_degs=50)
+    assert len(u["names"]) == 7
+    assert list(u["names"][short.ids[0]]) == [str(g) for g in short.genes[short.degs[short.ids[0]]]]

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdca.benchmark import BenchmarkConfig, run
+from scdca.benchmark import BenchmarkConfig, read_predictions, run
 from scdca.cli import main
 from scdca.data import read
 from scdca.errors import ScdcaInputError
@@ -21,7 +21,7 @@ def test_pair_has_one_control_row_per_line_and_the_same_rows_on_both_sides(ridge
     out, _ = ridge_run
     real_path, pred_path = export(out, "ridge", "unseen_drug", 0, tmp_path)
     real, pred = read(real_path), read(pred_path)
-    preds = read(out / "predictions" / "ridge__unseen_drug__seed0.h5ad")
+    preds = read_predictions(out / "predictions" / "ridge__unseen_drug__seed0.h5ad")
     assert list(real.obs_names) == list(pred.obs_names) and real.shape == pred.shape
     ctrl = real.obs[PERT_COL] == CONTROL
     assert sorted(real.obs.loc[ctrl, "cell_line"]) == sorted(preds.obs["cell_line"].unique())

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import _io
 from .backbone import is_random, reference as backbone_reference
-from .data import DataKeys, PerturbationData, load, rank_degs
+from .data import DataKeys, PerturbationData, load, rank_degs, rank_genes_groups_uns
 from .errors import ScdcaInputError, reason
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS
@@ -157,22 +157,27 @@ def written_config(cfg: BenchmarkConfig) -> dict:
     rerun find it from any folder), plus what is needed to trust a rerun: the data file's
     SHA-256, package versions and the git commit of the scdca source, if any.
     `scdca benchmark --config config.json` reruns it."""
-    import platform
-    from importlib import metadata
-
     settings = {**asdict(cfg), "model_options": _absolute(cfg.model_options)}
     data = Path(cfg.data)
     if data.is_file():
         settings["data"] = str(data.resolve())
+    provenance = {"data_sha256": _io.file_sha256(data) if data.is_file() else None, "versions": package_versions(),
+                  "git_commit": _git_commit()}
+    return {**settings, "identity": cfg.identity(), "provenance": provenance}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that decide a run's numbers (those installed)."""
+    import platform
+    from importlib import metadata
+
     versions = {"python": platform.python_version()}
     for pkg in ("scdca", "torch", "numpy", "pandas", "anndata", "scanpy", "scikit-learn", "rdkit"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    provenance = {"data_sha256": _io.file_sha256(data) if data.is_file() else None, "versions": versions,
-                  "git_commit": _git_commit()}
-    return {**settings, "identity": cfg.identity(), "provenance": provenance}
+    return versions
 
 
 def _git_commit() -> str | None:
@@ -299,7 +304,8 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
         else:
             rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
         preds.append((split, test, pred, observed))
-    _write_cell(out, model_name, task, seed, pd.concat(rows, ignore_index=True), preds, costs, k=cfg.k)
+    _write_cell(out, model_name, task, seed, pd.concat(rows, ignore_index=True), preds, costs, k=cfg.k,
+                keys=cfg.keys)
 
 
 def spearman_brown(half: pd.DataFrame) -> pd.DataFrame:
@@ -354,21 +360,56 @@ def score_conditions(test: PerturbationData, pred, observed, model, split: Split
     return pd.concat(frames, ignore_index=True)
 
 
-def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str = "", n_degs: int = 50) -> ad.AnnData:
-    """Predictions as AnnData: X = prediction, layers observed/control, uns['degs']."""
+def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str = "", n_degs: int = 50,
+                        keys: DataKeys | None = None) -> ad.AnnData:
+    """One split's predictions as AnnData that scanpy, pertpy and cell-eval read as they are.
+
+    Rows: the tested conditions, then one control row per cell line (prediction = observation
+    = the line's control mean). X = prediction; layers observed, observed_std, control.
+    obs: canonical cell_line, drug, dose, smiles, held_out, `perturbation` ('drug@dose' or
+    'control') and `control` (bool), plus the same values under the data's own obs keys
+    (`keys`, e.g. cell_type / condition / dose_val). uns['degs']: each condition's ranked DEG
+    names (the report reads them); uns['rank_genes_groups']: the same DEGs in scanpy's layout
+    (`data.rank_genes_groups_uns`).
+    """
+    from .export import CONTROL, perturbation_label
+
     cond = test.conditions
-    adata = ad.AnnData(
-        X=np.asarray(pred, dtype=np.float32),
-        obs=pd.DataFrame({"cell_line": cond["cell_line"].to_numpy(), "drug": cond["drug"].to_numpy(),
-                          "dose": cond["dose"].to_numpy(), "held_out": held_out}, index=list(test.ids)),
-        var=pd.DataFrame(index=[str(g) for g in test.genes]),
-    )
-    adata.layers["observed"] = np.asarray(observed, dtype=np.float32)
-    if test.std is not None and test.std.shape == adata.shape:
-        adata.layers["observed_std"] = np.asarray(test.std, dtype=np.float32)  # across cells, for per-gene plots
-    adata.layers["control"] = test.control_for(cond["cell_line"]).astype(np.float32)
+    lines = list(dict.fromkeys(cond["cell_line"]))  # in order of appearance
+    control = test.control_for(cond["cell_line"])
+    ctrl_rows = test.control_for(lines)
+    std = test.std if test.std is not None and test.std.shape == control.shape else np.full_like(control, np.nan)
+    ctrl_std = test.control_std[test.controls.index.get_indexer(lines)]
+    obs = pd.DataFrame({
+        "cell_line": list(cond["cell_line"]) + lines,
+        "drug": list(cond["drug"]) + [CONTROL] * len(lines),
+        "dose": list(cond["dose"].astype(float)) + [0.0] * len(lines),
+        "smiles": list(cond["smiles"].astype(str)) + [""] * len(lines),
+        "held_out": held_out,
+        "perturbation": [perturbation_label(d, x) for d, x in zip(cond["drug"], cond["dose"])] + [CONTROL] * len(lines),
+        "control": [False] * len(cond) + [True] * len(lines),
+    }, index=list(test.ids) + [f"{line}_{CONTROL}" for line in lines])
+    keys = keys or DataKeys()
+    for canonical, user in (("cell_line", keys.cell_line), ("drug", keys.drug), ("dose", keys.dose),
+                            ("smiles", keys.smiles), ("control", keys.control)):
+        if user not in obs:
+            obs[user] = obs[canonical]
+    adata = ad.AnnData(X=np.vstack([pred, ctrl_rows]).astype(np.float32), obs=obs,
+                       var=pd.DataFrame(index=[str(g) for g in test.genes]))
+    adata.layers["observed"] = np.vstack([observed, ctrl_rows]).astype(np.float32)
+    adata.layers["observed_std"] = np.vstack([std, ctrl_std]).astype(np.float32)  # across cells, per-gene plots
+    adata.layers["control"] = np.vstack([control, ctrl_rows]).astype(np.float32)
     adata.uns["degs"] = deg_table(test, n_degs)
+    adata.uns["rank_genes_groups"] = rank_genes_groups_uns(test, n_degs=n_degs)
     return adata
+
+
+def read_predictions(path: str | os.PathLike) -> ad.AnnData:
+    """A prediction file's condition rows (its control rows dropped), as the report and export use them."""
+    from .data import read
+
+    a = read(path, what="predictions")
+    return a[~a.obs["control"].to_numpy(bool)].copy() if "control" in a.obs else a
 
 
 def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
@@ -380,12 +421,25 @@ def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[str(r + 1) for r in range(n_degs)])
 
 
-def _write_cell(out, model, task, seed, rows, preds, costs, k=20):
+def _merge_rank_genes_groups(parts: list[dict]) -> dict:
+    """One uns['rank_genes_groups'] from several splits' (their groups side by side)."""
+    merged = {"params": parts[0]["params"]}
+    for key in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj"):
+        arrays = [part[key] for part in parts]
+        merged[key] = np.rec.fromarrays([a[f] for a in arrays for f in a.dtype.names],
+                                        dtype=[(f, a.dtype[f]) for a in arrays for f in a.dtype.names])
+    return merged
+
+
+def _write_cell(out, model, task, seed, rows, preds, costs, k=20, keys: DataKeys | None = None):
     stem = f"{model}__{task}__seed{seed}"
     if preds:
-        adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200)) for s, t, p, o in preds]
+        adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys)
+                  for s, t, p, o in preds]
         merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
         merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
+        merged.uns["rank_genes_groups"] = _merge_rank_genes_groups([a.uns["rank_genes_groups"] for a in adatas])
+        merged.uns["scdca"] = {"model": model, "task": task, "seed": seed, "versions": package_versions()}
         _io.write_h5ad(out / "predictions" / f"{stem}.h5ad", merged)
     _io.write_csv(out / "costs" / f"{stem}.csv", pd.DataFrame(costs))
     _io.write_csv(out / "cells" / f"{stem}.csv", rows)  # last: marks the cell done

@@ -572,10 +572,13 @@ def _bh(p: np.ndarray) -> np.ndarray:
     from scipy import stats
 
     out = np.full_like(p, np.nan)
-    for i, row in enumerate(p):
-        ok = ~np.isnan(row)
+    whole = ~np.isnan(p).any(1)
+    if whole.any():  # one vectorised call for the rows without NaN (the usual case)
+        out[whole] = stats.false_discovery_control(p[whole], axis=1, method="bh")
+    for i in np.flatnonzero(~whole):
+        ok = ~np.isnan(p[i])
         if ok.any():
-            out[i, ok] = stats.false_discovery_control(row[ok], method="bh")
+            out[i, ok] = stats.false_discovery_control(p[i, ok], method="bh")
     return out
 
 
@@ -589,14 +592,13 @@ def _versus_control(data: PerturbationData):
 
 def rank_genes_groups_uns(data: PerturbationData, *, n_degs: int = 100) -> dict:
     """Each condition's DEGs (`data.degs` order) in scanpy's `uns['rank_genes_groups']` layout:
-    record arrays of length n_degs with one field per condition id for names, scores,
-    logfoldchanges, pvals and pvals_adj (`deg_statistics`), and the params scanpy writes."""
+    record arrays with one field per condition id for names, scores, logfoldchanges, pvals
+    and pvals_adj (`deg_statistics`), and the params scanpy writes. Length n_degs, or fewer
+    when the data keeps fewer ranked DEGs per condition (e.g. taken from the file's uns)."""
     ids = data.ids
-    n = min(n_degs, data.n_genes)
+    n = min([n_degs] + [len(data.degs[i]) for i in ids])
     stat = deg_statistics(data)
-    ranked = np.stack([np.asarray(data.degs[i])[:n] if i in data.degs else np.arange(n) for i in ids])  # (N, n)
-    if ranked.shape[1] < n:
-        raise ScdcaInputError(f"n_degs: {n_degs} exceeds the {ranked.shape[1]} ranked DEGs kept per condition")
+    ranked = np.stack([np.asarray(data.degs[i])[:n] for i in ids])  # (N, n)
     rows = np.arange(len(ids))[:, None]
 
     def records(values: np.ndarray, dtype) -> np.ndarray:

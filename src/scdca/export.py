@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from . import _io
-from .data import read
 from .errors import ScdcaInputError
 
 PERT_COL = "perturbation"
@@ -88,7 +87,9 @@ def export(run: str | Path, model: str, task: str, seed: int, out: str | Path, f
     """Write the files of `fmt` for one grid cell of a benchmark run; returns their paths."""
     if fmt not in FORMATS:
         raise ScdcaInputError(f"format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    real, pred = cell_eval_pair(read(prediction_file(run, model, task, seed), what="predictions"))
+    from .benchmark import read_predictions
+
+    real, pred = cell_eval_pair(read_predictions(prediction_file(run, model, task, seed)))
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model}__{task}__seed{seed}")
     paths = [Path(out) / f"{stem}_real.h5ad", Path(out) / f"{stem}_pred.h5ad"]
     _io.write_h5ad(paths[0], real)

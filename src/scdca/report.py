@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import _io
-from .benchmark import REFERENCES
+from .benchmark import REFERENCES, read_predictions
 from .models.peers import PEERS, peer_status
 from .metrics import METRICS, r2_rows
 
@@ -129,12 +129,10 @@ def deg_sweep(folder: str | os.PathLike, ks: Sequence[int | str] = (10, 20, 50, 
     k values larger than the number of DEGs stored in the prediction files are skipped;
     'all' uses every gene.
     """
-    import anndata as ad
-
     rows = []
     for path in sorted(glob.glob(str(Path(folder) / "predictions" / "*.h5ad"))):
         model, task, seed = Path(path).stem.split("__")
-        a = ad.read_h5ad(path)
+        a = read_predictions(path)
         table = a.uns["degs"].loc[list(a.obs_names)]
         idx = pd.Index(a.var_names).get_indexer(table.to_numpy().ravel()).reshape(table.shape)  # -1 = none
         n_stored = int((idx >= 0).sum(1).min())
@@ -295,7 +293,6 @@ def _figure_novelty(nov: pd.DataFrame, metric: str):
 def _figure_genes(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
     """Control, observed (± cell SD) and predicted expression of the top-k DEGs for the
     conditions with the largest observed change (paper's Figure 4)."""
-    import anndata as ad
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,7 +301,7 @@ def _figure_genes(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
     files = sorted(glob.glob(str(folder / "predictions" / f"{model}__*__seed0.h5ad")))
     if not files:
         return None
-    a = ad.read_h5ad(files[0])
+    a = read_predictions(files[0])
     change = np.abs(a.layers["observed"] - a.layers["control"]).mean(1)
     picks = np.argsort(-change)[:n_conditions]
     genes = pd.Index(a.var_names)
