@@ -103,3 +103,27 @@ def test_prediction_files_keep_the_users_obs_keys_and_scanpy_reads_their_degs(tm
     degs = sc.get.rank_genes_groups_df(a, group=cid)
     assert list(degs["names"][:5]) == [g for g in a.uns["degs"].loc[cid].iloc[:5]]
     assert len(read_predictions(tmp_path / "o" / "predictions" / "ridge__unseen_drug__seed0.h5ad")) == len(treated)
+
+
+def test_pretrain_reruns_from_its_command_yaml_and_flags_override_the_file(tmp_path, tiny_sim, capsys):
+    import yaml
+
+    from scdca import _io
+    from scdca.backbone import load, weights_hash
+
+    _io.write_h5ad(tmp_path / "d.h5ad", tiny_sim)
+    tiny = ["--layers", "1", "--dim", "16", "--heads", "2", "--steps", "6", "--batch-size", "8", "--seq-len", "12",
+            "--quiet"]
+    assert main(["pretrain", "--data", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "a"), *tiny]) == 0
+    written = yaml.safe_load((tmp_path / "a" / "command.yaml").read_text())
+    assert written["steps"] == 6 and written["batch-size"] == 8 and written["out"] == str(tmp_path / "a")
+    # the written file reruns the run (into another folder): the same weights
+    assert main(["pretrain", "--config", str(tmp_path / "a" / "command.yaml"), "--out", str(tmp_path / "b")]) == 0
+    assert weights_hash(load(tmp_path / "b")) == weights_hash(load(tmp_path / "a"))
+    # a flag beats the file: another seed, other weights
+    assert main(["pretrain", "--config", str(tmp_path / "a" / "command.yaml"), "--out", str(tmp_path / "c"),
+                 "--seed", "1"]) == 0
+    assert weights_hash(load(tmp_path / "c")) != weights_hash(load(tmp_path / "a"))
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    assert main(["pretrain", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown option(s) ['stepz'] for `scdca pretrain`" in capsys.readouterr().err

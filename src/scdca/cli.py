@@ -5,8 +5,9 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
-from .errors import LeakageError, ScdcaInputError
+from .errors import LeakageError, ScdcaInputError, reason
 
 
 def _add_keys(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,52 @@ def _add_keys(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-key", default="control")
     g.add_argument("--gene-symbols-key", default=None)
     g.add_argument("--layer", default=None, help="read expression from this layer instead of X")
+
+
+CONFIG_FILE = "command.yaml"  # what `pretrain` and `train` write into --out; their --config reads it
+_NOT_SETTINGS = {"config", "command", "func", "verbose", "quiet", "parser"}
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help=f"YAML file of this command's options (names as on the command "
+                   f"line, e.g. batch-size: 32); flags given too override it. --out/{CONFIG_FILE} reruns a run")
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Make the values of `--config FILE` the defaults of the chosen command, so flags override them."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if "--config" not in argv or command not in parser.configurable:
+        return
+    import yaml
+
+    sub = parser.configurable[command]
+    path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
+    try:
+        raw = yaml.safe_load(open(path).read())
+    except (OSError, yaml.YAMLError) as err:
+        raise ScdcaInputError(f"config: cannot read {path!r} ({reason(err)}); pass a YAML file of option names "
+                              f"and values, e.g. --out/{CONFIG_FILE} of an earlier run") from None
+    if not isinstance(raw, dict):
+        raise ScdcaInputError(f"config: {path!r} does not hold a mapping of option names to values")
+    actions = {a.dest: a for a in sub._actions if a.dest not in _NOT_SETTINGS and a.dest != "help"}
+    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ScdcaInputError(f"config: unknown option(s) {unknown!r} for `scdca {command}` in {path!r}; known: "
+                              f"{', '.join(sorted(actions))}")
+    sub.set_defaults(**values)
+    for dest in values:
+        actions[dest].required = False
+
+
+def _write_command(args) -> None:
+    """The resolved options of this run as --out/command.yaml, which `--config` reruns."""
+    import yaml
+
+    from . import _io
+
+    settings = {k.replace("_", "-"): v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    _io.write_text(Path(args.out) / CONFIG_FILE, yaml.safe_dump(settings, sort_keys=False))
 
 
 def _keys(args):
@@ -133,6 +180,7 @@ def cmd_pretrain(args) -> None:
                          batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device,
                          include_perturbed=args.include_perturbed)
     s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet)
+    _write_command(args)
     print(f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
           f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
           f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean ({s['seconds_this_run']:.0f} s)")
@@ -161,6 +209,7 @@ def cmd_train(args) -> None:
         model = cls(**{k: v for k, v in options.items() if k in cls.options})
     model.fit(data)
     model.save(args.out)
+    _write_command(args)
     c = model.cost()
     extra = f", {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}" if "epochs_run" in c else ""
     print(f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
@@ -283,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys(b)
     b.set_defaults(func=cmd_benchmark, parser=b)
     t = sub.add_parser("pretrain", help="pretrain a backbone (masked expression) on the cells of an AnnData")
+    _add_config(t)
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds train_state.pt)")
     t.add_argument("--layers", type=int, default=4)
@@ -312,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--lr", type=float, default=None)
 
     tr = sub.add_parser("train", help="train scDCA (or a variant) on all conditions of a dataset and save it")
+    _add_config(tr)
     tr.add_argument("--data", required=True)
     tr.add_argument("--out", required=True, help="model folder (resumes from out/checkpoint)")
     tr.add_argument("--model", default="scdca")
@@ -320,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(tr, training=True)
     _add_keys(tr)
     tr.set_defaults(func=cmd_train)
+    p.configurable = {"pretrain": t, "train": tr}  # commands whose --config sets their defaults
 
     pr = sub.add_parser("predict", help="predict expression for new drugs and/or new cell lines")
     pr.add_argument("--model", required=True, help="folder written by scdca train")
@@ -384,7 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        _apply_config(parser, argv)
+    except ScdcaInputError as err:
+        print(f"scdca {next(a for a in argv if not a.startswith('-'))}: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         args.func(args)
