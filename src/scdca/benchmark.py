@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import _io
 from .backbone import is_random, reference as backbone_reference
-from .data import DataKeys, PerturbationData, load, rank_degs, rank_genes_groups_uns
+from .data import DataKeys, PerturbationData, deg_long_table, load, rank_degs
 from .errors import ScdcaInputError, reason
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS
@@ -369,8 +369,9 @@ def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str
     obs: canonical cell_line, drug, dose, smiles, held_out, `perturbation` ('drug@dose' or
     'control') and `control` (bool), plus the same values under the data's own obs keys
     (`keys`, e.g. cell_type / condition / dose_val). uns['degs']: each condition's ranked DEG
-    names (the report reads them); uns['rank_genes_groups']: the same DEGs in scanpy's layout
-    (`data.rank_genes_groups_uns`).
+    names (the report reads them); uns['rank_genes_groups_df']: the same DEGs with scanpy's
+    t-test statistics in the long form of `sc.get.rank_genes_groups_df` (`data.deg_long_table`;
+    `data.rank_genes_groups_uns` turns it into scanpy's uns['rank_genes_groups'] in memory).
     """
     from .export import CONTROL, perturbation_label
 
@@ -400,7 +401,7 @@ def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str
     adata.layers["observed_std"] = np.vstack([std, ctrl_std]).astype(np.float32)  # across cells, per-gene plots
     adata.layers["control"] = np.vstack([control, ctrl_rows]).astype(np.float32)
     adata.uns["degs"] = deg_table(test, n_degs)
-    adata.uns["rank_genes_groups"] = rank_genes_groups_uns(test, n_degs=n_degs)
+    adata.uns["rank_genes_groups_df"] = deg_long_table(test, n_degs=n_degs)
     return adata
 
 
@@ -421,16 +422,6 @@ def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[str(r + 1) for r in range(n_degs)])
 
 
-def _merge_rank_genes_groups(parts: list[dict]) -> dict:
-    """One uns['rank_genes_groups'] from several splits' (their groups side by side)."""
-    merged = {"params": parts[0]["params"]}
-    for key in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj"):
-        arrays = [part[key] for part in parts]
-        merged[key] = np.rec.fromarrays([a[f] for a in arrays for f in a.dtype.names],
-                                        dtype=[(f, a.dtype[f]) for a in arrays for f in a.dtype.names])
-    return merged
-
-
 def _write_cell(out, model, task, seed, rows, preds, costs, k=20, keys: DataKeys | None = None):
     stem = f"{model}__{task}__seed{seed}"
     if preds:
@@ -438,7 +429,8 @@ def _write_cell(out, model, task, seed, rows, preds, costs, k=20, keys: DataKeys
                   for s, t, p, o in preds]
         merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
         merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
-        merged.uns["rank_genes_groups"] = _merge_rank_genes_groups([a.uns["rank_genes_groups"] for a in adatas])
+        merged.uns["rank_genes_groups_df"] = pd.concat([a.uns["rank_genes_groups_df"] for a in adatas],
+                                                       ignore_index=True)
         merged.uns["scdca"] = {"model": model, "task": task, "seed": seed, "versions": package_versions()}
         _io.write_h5ad(out / "predictions" / f"{stem}.h5ad", merged)
     _io.write_csv(out / "costs" / f"{stem}.csv", pd.DataFrame(costs))

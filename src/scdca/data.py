@@ -130,9 +130,9 @@ class PerturbationData:
         X = layers['mean'] = mean log1p expression; layers['std'] = across-cell standard
         deviation; obs: condition_id, cell_line, drug, dose, smiles, control (bool) and
         n_cells (the cells behind each row's mean and std, per row as it holds for every gene).
-        uns['rank_genes_groups'] holds each condition's top `n_degs` ranked DEGs against its
-        line's control in scanpy's layout (`rank_genes_groups_uns`), so
-        `sc.get.rank_genes_groups_df(adata, group=condition_id)` and scanpy's plots read it.
+        uns['rank_genes_groups_df'] holds each condition's top `n_degs` ranked DEGs against its
+        line's control with scanpy's t-test statistics (`deg_long_table`);
+        `rank_genes_groups_uns` makes scanpy's layout of it for scanpy's plots.
         """
         if self.mean is None:
             raise ScdcaInputError("to_anndata: this PerturbationData holds no observations (a query made with "
@@ -154,7 +154,7 @@ class PerturbationData:
                          self.control_std]).astype(np.float32)
         adata = ad.AnnData(X=mean.copy(), obs=obs, var=pd.DataFrame(index=[str(g) for g in self.genes]))
         adata.layers["mean"], adata.layers["std"] = mean, std
-        adata.uns["rank_genes_groups"] = rank_genes_groups_uns(self, n_degs=n_degs)
+        adata.uns["rank_genes_groups_df"] = deg_long_table(self, n_degs=n_degs)
         return adata
 
     def subset(self, ids: Sequence[str], *, observed: bool = True) -> "PerturbationData":
@@ -590,25 +590,45 @@ def _versus_control(data: PerturbationData):
     return n1, n0, data.control_mean[ctrl_pos], data.control_std[ctrl_pos]
 
 
-def rank_genes_groups_uns(data: PerturbationData, *, n_degs: int = 100) -> dict:
-    """Each condition's DEGs (`data.degs` order) in scanpy's `uns['rank_genes_groups']` layout:
-    record arrays with one field per condition id for names, scores, logfoldchanges, pvals
-    and pvals_adj (`deg_statistics`), and the params scanpy writes. Length n_degs, or fewer
-    when the data keeps fewer ranked DEGs per condition (e.g. taken from the file's uns)."""
+DEG_COLUMNS = ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")  # scanpy's, in its order
+
+
+def deg_long_table(data: PerturbationData, *, n_degs: int = 100) -> pd.DataFrame:
+    """Each condition's top DEGs (`data.degs` order) with scanpy's t-test statistics, one row
+    per (condition, rank): columns group (condition id) and `DEG_COLUMNS`, as
+    `sc.get.rank_genes_groups_df` returns them. At most n_degs per condition (fewer when the
+    data keeps fewer, e.g. taken from the file's uns).
+
+    This long form is what scdca stores in files (uns['rank_genes_groups_df']): scanpy's own
+    layout (record arrays with one field per group) cannot be written to .h5ad beyond a few
+    hundred groups (HDF5's 64 KB object-header limit), and screens have thousands of
+    conditions. `rank_genes_groups_uns` turns it into scanpy's layout in memory.
+    """
     ids = data.ids
     n = min([n_degs] + [len(data.degs[i]) for i in ids])
     stat = deg_statistics(data)
     ranked = np.stack([np.asarray(data.degs[i])[:n] for i in ids])  # (N, n)
     rows = np.arange(len(ids))[:, None]
+    table = {"group": pd.Categorical(np.repeat(np.asarray(ids, dtype=str), n), categories=[str(i) for i in ids]),
+             "names": np.asarray(data.genes, dtype=object)[ranked].astype(str).ravel()}
+    for key in DEG_COLUMNS[1:]:
+        table[key] = stat[key][rows, ranked].astype(np.float32).ravel()
+    return pd.DataFrame(table)
 
-    def records(values: np.ndarray, dtype) -> np.ndarray:
-        return np.rec.fromarrays([values[j] for j in range(len(ids))], dtype=[(str(i), dtype) for i in ids])
 
-    out = {"params": {"groupby": "condition_id", "reference": "control of the same cell line",
-                      "method": "t-test", "use_raw": False, "layer": "mean", "corr_method": "benjamini-hochberg"},
-           "names": records(np.asarray(data.genes, dtype=object)[ranked].astype(str), "O")}
-    for key, values in stat.items():
-        out[key] = records(values[rows, ranked].astype(np.float32), "float32")
+def rank_genes_groups_uns(table: pd.DataFrame) -> dict:
+    """scanpy's `uns['rank_genes_groups']` (record arrays, one field per group) from a
+    `deg_long_table`, for scanpy's plots and `sc.get.rank_genes_groups_df`:
+
+        >>> a.uns["rank_genes_groups"] = rank_genes_groups_uns(a.uns["rank_genes_groups_df"])
+    """
+    groups = list(pd.unique(table["group"].astype(str)))
+    by_group = {g: t for g, t in table.groupby(table["group"].astype(str), sort=False)}
+    out = {"params": {"groupby": "condition_id", "reference": "control of the same cell line", "method": "t-test",
+                      "use_raw": False, "layer": "mean", "corr_method": "benjamini-hochberg"}}
+    for key in DEG_COLUMNS:
+        dtype = "O" if key == "names" else "float32"
+        out[key] = np.rec.fromarrays([by_group[g][key].to_numpy() for g in groups], dtype=[(g, dtype) for g in groups])
     return out
 
 
