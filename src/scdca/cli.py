@@ -40,7 +40,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     sub = parser.configurable[command]
     path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
     try:
-        raw = yaml.safe_load(open(path).read())
+        raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ScdcaInputError(f"config: cannot read {path!r} ({reason(err)}); pass a YAML file of option names "
                               f"and values, e.g. --out/{CONFIG_FILE} of an earlier run") from None
