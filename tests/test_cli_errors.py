@@ -203,3 +203,9 @@ def test_screen_skips_and_lists_bad_library_lines_unless_all_are_bad(c3tl_folder
     capsys.readouterr()
     err = _run(capsys, argv)
     assert "library: none of its 2 SMILES could be parsed" in err
+    # the same screen from a config file of option names (flags would override it)
+    lib.write_text("CCO ethanol\n")
+    cfg = tmp_path / "screen.yaml"
+    cfg.write_text(f"model: {c3tl_folder}\nlibrary: {lib}\ncell-line: lineA\nout: {tmp_path / 'cfg.csv'}\nquiet: true\n")
+    assert main(["screen", "--config", str(cfg)]) == 0
+    assert list(pd.read_csv(tmp_path / "cfg.csv")["drug"]) == ["ethanol"]

@@ -22,12 +22,14 @@ def _add_keys(p: argparse.ArgumentParser) -> None:
 
 
 CONFIG_FILE = "command.yaml"  # what `pretrain` and `train` write into --out; their --config reads it
-_NOT_SETTINGS = {"config", "command", "func", "verbose", "quiet", "parser"}
+_NOT_OPTIONS = {"config", "command", "func", "verbose", "parser", "help"}  # argparse entries a config cannot set
+_NOT_SETTINGS = _NOT_OPTIONS | {"quiet"}  # not written to command.yaml: they do not change a run's result
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help=f"YAML file of this command's options (names as on the command "
-                   f"line, e.g. batch-size: 32); flags given too override it. --out/{CONFIG_FILE} reruns a run")
+                   f"line, e.g. batch-size: 32); flags given too override it. pretrain and train write "
+                   f"--out/{CONFIG_FILE}, which reruns the run")
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -46,7 +48,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
                               f"and values, e.g. --out/{CONFIG_FILE} of an earlier run") from None
     if not isinstance(raw, dict):
         raise ScdcaInputError(f"config: {path!r} does not hold a mapping of option names to values")
-    actions = {a.dest: a for a in sub._actions if a.dest not in _NOT_SETTINGS and a.dest != "help"}
+    actions = {a.dest: a for a in sub._actions if a.dest not in _NOT_OPTIONS}
     values = {str(k).lstrip("-").replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - set(actions))
     if unknown:
@@ -371,7 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(tr, training=True)
     _add_keys(tr)
     tr.set_defaults(func=cmd_train)
-    p.configurable = {"pretrain": t, "train": tr}  # commands whose --config sets their defaults
 
     pr = sub.add_parser("predict", help="predict expression for new drugs and/or new cell lines")
     pr.add_argument("--model", required=True, help="folder written by scdca train")
@@ -388,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_predict)
 
     sc = sub.add_parser("screen", help="rank a molecule library by predicted effect (streamed in batches)")
+    _add_config(sc)
     sc.add_argument("--model", required=True)
     sc.add_argument("--library", required=True, help=".smi or CSV (drug, smiles)")
     sc.add_argument("--cell-line", default=None)
@@ -400,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--quiet", action="store_true")
     model_args(sc, training=False)
     sc.set_defaults(func=cmd_screen)
+    p.configurable = {"pretrain": t, "train": tr, "screen": sc}  # commands whose --config sets their defaults
 
     rp = sub.add_parser("report", help="HTML + Markdown report from a benchmark folder's results.csv")
     rp.add_argument("dir")
