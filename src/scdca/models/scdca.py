@@ -502,7 +502,7 @@ ScDCALowRank = _variant(
     "scdca_lowrank", "lowrank", "Frozen backbone + a low-rank drug x gene output on its final hidden states (our "
     "extension). No adapters, so the hidden states are cached per line and a full-batch step costs milliseconds: it "
     "trains on its own budget (the benchmark-wide --epochs/--max-steps/--lr CPU budgets do not apply).",
-    batch_size=0, epochs=300, lr=3e-3, val_fraction=0.0, line_offset=True)
+    batch_size=0, epochs=600, lr=3e-3, val_fraction=0.0, line_offset=True)  # 600 vs 300 steps: NOTES.md, session 4
 ScDCALowRank.options = ("backbone", "encoder", "device", "seed")
 _variant("scdca_plus", "adapter", "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
          "hidden states, the head first fitted alone on the frozen states (our extension).", modulation="film",
