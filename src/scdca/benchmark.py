@@ -12,12 +12,14 @@ simulated data, `oracle` (the noise-free truth scored against the observed pseud
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -28,9 +30,10 @@ from tqdm.auto import tqdm
 from . import _io
 from .backbone import is_random, reference as backbone_reference
 from .data import DataKeys, PerturbationData, deg_long_table, load, rank_degs
-from .errors import ScdcaInputError, reason
+from .errors import GridError, ScdcaInputError, reason
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS
+from .parallel import JobFailure, run_jobs
 from .splits import ALL_TASKS, TASKS, Split, make_splits
 
 log = logging.getLogger(__name__)
@@ -88,15 +91,23 @@ class BenchmarkConfig:
                 "keys": asdict(self.keys), "metrics": self.metrics, "model_options": _absolute(self.model_options)}
 
 
-def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress: bool = True) -> pd.DataFrame:
+def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress: bool = True,
+        workers: int = 1, ray_address: str | None = None, threads: int | None = None) -> pd.DataFrame:
     """Run the grid and write results.csv, summary.csv, predictions/, splits/, config.json.
 
     Args:
         cfg: the benchmark definition.
         data: already-loaded data (skips reading `cfg.data`).
         progress: show a progress bar.
+        workers: grid cells run in parallel on a local Ray with this many workers (1: serial,
+            in this process). Results equal the serial run's (see `scdca.parallel`).
+        ray_address: run the cells on this Ray cluster instead ('auto' or 'HOST:PORT').
+        threads: torch threads per worker (default: cores // workers; 1 on a cluster).
     Returns:
         The tidy results table (one row per test condition and metric).
+    Raises:
+        GridError: after all other cells finished and were written, if some cells raised;
+            their tracebacks are in `DIR/failed/`, and a rerun retries them.
     """
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -121,23 +132,46 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     names = list(cfg.models) + ([r for r in _REFERENCE_CELLS if r != "oracle" or data.truth is not None]
                                 if cfg.references else [])
     grid = [(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in names]
-    bar = tqdm(grid, desc="benchmark", unit="cell", disable=not progress)
-    for model, task, seed in bar:
-        cell = out / "cells" / f"{model}__{task}__seed{seed}.csv"
-        if cell.exists():
-            continue
-        bar.set_postfix_str(f"{model} / {task} / seed {seed}")
-        _run_cell(cfg, data, model, task, seed, splits[task, seed], out)
+    todo = [(m, t, s, splits[t, s]) for m, t, s in grid if not _cell_path(out, m, t, s).exists()]
+    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", unit="cell", disable=not progress)
+    job_cfg = dataclasses.replace(cfg, model_options=_absolute(cfg.model_options))  # workers may run elsewhere
+    failures = []
+    for (model, task, seed, _), result in run_jobs(partial(compute_cell, cfg=job_cfg), todo, data,
+                                                     workers=workers, address=ray_address, threads=threads):
+        stem = _stem(model, task, seed)
+        if isinstance(result, JobFailure):
+            _io.write_text(out / "failed" / f"{stem}.txt", result.traceback)
+            log.error("benchmark: %s failed: %s (traceback in %s)", stem, result.summary, out / "failed")
+            failures.append((stem, result.summary))
+        else:
+            (out / "failed" / f"{stem}.txt").unlink(missing_ok=True)
+            _write_cell(out, model, task, seed, *result, k=cfg.k, keys=cfg.keys)
+        bar.update(1)
+        bar.set_postfix_str(f"{model} / {task} / seed {seed}" + (f", {len(failures)} failed" if failures else ""))
+    bar.close()
 
-    results = collect(out, grid)
+    finished = [c for c in grid if _cell_path(out, *c).exists()]
+    results = collect(out, finished)
     _io.write_csv(out / "results.csv", results)
     _io.write_csv(out / "summary.csv", summarize(results))
     log.info("benchmark: grid done in %.1f s", time.perf_counter() - t_start)
+    if failures:
+        listed = "; ".join(f"{stem} ({why})" for stem, why in failures[:3]) + (" ..." if len(failures) > 3 else "")
+        raise GridError(f"{len(failures)} of {len(grid)} grid cell(s) failed: {listed}. The other cells are in "
+                        f"results.csv; tracebacks in {out / 'failed'}/; rerun the same command to retry the failed ones")
     if cfg.report:
         from .report import build
 
         build(out)
     return results
+
+
+def _stem(model: str, task: str, seed: int) -> str:
+    return f"{model}__{task}__seed{seed}"
+
+
+def _cell_path(out: Path, model: str, task: str, seed: int) -> Path:
+    return Path(out) / "cells" / f"{_stem(model, task, seed)}.csv"
 
 
 def _absolute(options: dict) -> dict:
@@ -202,8 +236,6 @@ def read_config(path: str | os.PathLike, **overrides) -> BenchmarkConfig:
     Keys written for provenance (identity, provenance, report) are ignored; `overrides`
     (e.g. out=...) replace file values. Unknown keys are refused, naming them.
     """
-    import dataclasses
-
     import yaml
 
     try:
@@ -268,7 +300,9 @@ def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
         )
 
 
-def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
+def compute_cell(data: PerturbationData, model_name: str, task: str, seed: int, splits: list[Split], *,
+                 cfg: BenchmarkConfig):
+    """Fit and score one grid cell -> (result rows, predictions per split, costs); writes nothing."""
     rows, preds, costs = [], [], []
     for split in splits:
         test = data.subset(split.test)
@@ -278,7 +312,7 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
         if model_name == "ceiling":
             if test.half_a is None:
                 tracemalloc.stop()
-                return _write_cell(out, model_name, task, seed, pd.DataFrame(columns=RESULT_COLUMNS), None, [])
+                return pd.DataFrame(columns=RESULT_COLUMNS), None, []
             ok = ~np.isnan(test.half_a).any(1)
             test = data.subset(np.asarray(split.test)[ok])
             pred, observed = test.half_a, test.half_b
@@ -304,8 +338,7 @@ def _run_cell(cfg, data, model_name, task, seed, splits, out: Path) -> None:
         else:
             rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
         preds.append((split, test, pred, observed))
-    _write_cell(out, model_name, task, seed, pd.concat(rows, ignore_index=True), preds, costs, k=cfg.k,
-                keys=cfg.keys)
+    return pd.concat(rows, ignore_index=True), preds, costs
 
 
 def spearman_brown(half: pd.DataFrame) -> pd.DataFrame:
@@ -423,7 +456,7 @@ def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
 
 
 def _write_cell(out, model, task, seed, rows, preds, costs, k=20, keys: DataKeys | None = None):
-    stem = f"{model}__{task}__seed{seed}"
+    stem = _stem(model, task, seed)
     if preds:
         adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys)
                   for s, t, p, o in preds]
@@ -440,8 +473,7 @@ def _write_cell(out, model, task, seed, rows, preds, costs, k=20, keys: DataKeys
 def collect(out: Path, grid) -> pd.DataFrame:
     frames = []
     for model, task, seed in grid:
-        path = Path(out) / "cells" / f"{model}__{task}__seed{seed}.csv"
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"held_out": str})
+        df = pd.read_csv(_cell_path(out, model, task, seed), keep_default_na=False, na_values=[""], dtype={"held_out": str})
         df["held_out"] = df["held_out"].fillna("")
         frames.append(df)
     return pd.concat(frames, ignore_index=True)[RESULT_COLUMNS] if frames else pd.DataFrame(columns=RESULT_COLUMNS)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import LeakageError, ScdcaInputError, reason
+from .errors import GridError, LeakageError, ScdcaInputError, reason
 
 
 def _add_keys(p: argparse.ArgumentParser) -> None:
@@ -112,11 +112,13 @@ def cmd_benchmark(args) -> None:
         from .benchmark import read_config
 
         given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if k not in ("config", "data", "out", "quiet", "verbose", "command", "func", "parser")
+                 if k not in ("config", "data", "out", "quiet", "verbose", "command", "func", "parser", "workers",
+                              "ray_address", "threads_per_worker")
                  and v != args.parser.get_default(k)]
         if given:
             raise ScdcaInputError(f"config: {', '.join(given)} given next to --config {args.config!r}; put every "
-                                  f"setting in the config file (only --data, --out and --quiet may override it)")
+                                  f"setting in the config file (only --data, --out, --quiet and where it runs, "
+                                  f"--workers, --ray-address, --threads-per-worker, may be given as well)")
         cfg = read_config(args.config, data=args.data, out=args.out)
     else:
         missing = [f for f, v in (("--data", args.data), ("--out", args.out)) if not v]
@@ -126,7 +128,8 @@ def cmd_benchmark(args) -> None:
                               seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
                               keys=_keys(args), model_options=_model_options(args))
     t0 = time.perf_counter()
-    results = run(replace(cfg, report=False), progress=not args.quiet)
+    results = run(replace(cfg, report=False), progress=not args.quiet, workers=args.workers,
+                  ray_address=args.ray_address, threads=args.threads_per_worker)
     t1 = time.perf_counter()
     print(format_summary(summarize(results)))
     print(f"\nwrote {cfg.out}/results.csv, summary.csv, predictions/, splits/ (grid {t1 - t0:.1f} s)")
@@ -320,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--k", type=int, default=20, help="top-k DEGs for the *_deg metrics")
     b.add_argument("--n-top-genes", type=int, default=None, help="keep the top-N highly variable genes")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--workers", type=int, default=1, help="run grid cells in parallel on a local Ray with N "
+                   "workers (results equal the serial run's)")
+    b.add_argument("--ray-address", default=None, help="run grid cells on a Ray cluster: 'auto' or HOST:PORT "
+                   "(README: 'A grid on a cluster')")
+    b.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: "
+                   "cores / workers; 1 on a cluster)")
     g = b.add_argument_group("learned models: scDCA and its variants (scdca, scdca_nores, scdca_noskip, scdca_film, "
                              "scdca_plus, finetune, concat, feature); scdca_lowrank, c3tl and the peer biolord take "
                              "--encoder and --device only (and scdca_lowrank --backbone)")
@@ -453,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ScdcaInputError, LeakageError) as err:
         print(f"scdca {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except GridError as err:
+        print(f"scdca {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
