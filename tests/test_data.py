@@ -238,3 +238,35 @@ def test_degs_of_thousands_of_conditions_are_written_to_h5ad(tmp_path):
     assert len(table) == 1500 * 20 and table["group"].nunique() == 1500
     cid = data.ids[777]
     assert list(table.loc[table["group"] == cid, "names"]) == [f"G{g}" for g in data.degs[cid][:20]]
+
+
+def test_streaming_a_backed_file_in_chunks_equals_loading_it_whole(tiny_sim, tmp_path):
+    path = tmp_path / "sim.h5ad"
+    tiny_sim.write_h5ad(path)
+    for kwargs in ({}, {"n_top_genes": 25}):
+        whole = load(path, **kwargs)
+        streamed = load(path, chunk_size=97, **kwargs)  # chunks cut across conditions and lines
+        assert list(streamed.genes) == list(whole.genes) and list(streamed.ids) == list(whole.ids)
+        pd.testing.assert_frame_equal(streamed.conditions, whole.conditions)
+        pd.testing.assert_frame_equal(streamed.controls, whole.controls)
+        for attr in ("mean", "std", "half_a", "half_b", "control_mean", "control_std"):
+            np.testing.assert_allclose(getattr(streamed, attr), getattr(whole, attr), rtol=0, atol=1e-6,
+                                       err_msg=attr)
+        assert all(np.array_equal(streamed.degs[i], whole.degs[i]) for i in whole.ids)
+    # and the pseudobulk is what numpy computes from the cells
+    streamed = load(path, chunk_size=97)
+    X = np.log1p(tiny_sim.X.toarray() / tiny_sim.X.toarray().sum(1, keepdims=True) * 1e4)
+    cid = streamed.ids[3]
+    in_cond = (tiny_sim.obs["cov_drug_dose_name"].astype(str) == cid).to_numpy()
+    np.testing.assert_allclose(streamed.mean[3], X[in_cond].mean(0), atol=1e-5)
+    np.testing.assert_allclose(streamed.std[3], X[in_cond].std(0, ddof=1), atol=1e-5)
+
+
+def test_a_bad_value_in_a_streamed_file_names_its_cells(tmp_path):
+    adata = make_cells(n_per=4, counts=False)
+    adata.X[13, 2] = -1.0
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(ScdcaInputError, match=r"X \(cells 10-19\): expression contains 1 negative"):
+        load(tmp_path / "bad.h5ad", chunk_size=10)
+    with pytest.raises(ScdcaInputError, match="chunk_size: 0"):
+        load(tmp_path / "bad.h5ad", chunk_size=0)

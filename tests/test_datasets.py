@@ -1,5 +1,8 @@
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from scdca.datasets import AtlasConfig, SimulationConfig, simulate, simulate_atlas
 from scdca.errors import ScdcaInputError
@@ -55,3 +58,24 @@ def test_atlas_same_seed_same_cells_and_bad_settings_refused():
     assert (a.X != b.X).nnz == 0 and not a.obs["screen_line"].any()
     with pytest.raises(ScdcaInputError, match="n_states"):
         AtlasConfig(n_states=1)
+
+
+def test_a_screen_streamed_to_a_file_equals_the_in_memory_one(tmp_path):
+    cfg = SimulationConfig(n_genes=200, n_drugs=5, cells_per_condition=5, control_cells=20)
+    whole = simulate(cfg, seed=3)
+    backed = simulate(cfg, seed=3, out=tmp_path / "screen.h5ad")
+    assert backed.isbacked and backed.shape == whole.shape
+    assert (backed.X[:] != whole.X).nnz == 0
+    pd.testing.assert_frame_equal(backed.to_memory().obs, whole.obs)
+    # more than one write block: appended blocks land in order
+    from scdca.datasets import _count_chunks, write_in_chunks
+
+    rng = np.random.default_rng(0)
+    prop = rng.dirichlet(np.ones(30), size=4)
+    cells = np.repeat(np.arange(4), 3000)
+    chunks = list(_count_chunks(prop, cells, np.full(cells.size, 500.0), 5.0, rng))
+    small = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(cells.size)]),
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(30)]))
+    write_in_chunks(tmp_path / "blocks.h5ad", small, iter(chunks), rows_per_write=5000)
+    back = ad.read_h5ad(tmp_path / "blocks.h5ad")
+    assert (back.X != sp.vstack(chunks).tocsr()).nnz == 0

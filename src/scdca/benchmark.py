@@ -61,6 +61,7 @@ class BenchmarkConfig:
     references: bool = True
     model_options: dict = field(default_factory=dict)  # keyword arguments for the torch models (scdca & co.)
     report: bool = True  # write report.html / report.md at the end
+    chunk_size: int | None = None  # stream the data file in chunks of this many cells (atlas-scale input)
 
     def __post_init__(self):
         self.models = MODELS.parse_list(self.models, arg="models")
@@ -87,8 +88,11 @@ class BenchmarkConfig:
 
     def identity(self) -> dict:
         """The settings that must match for a run to resume into an existing folder."""
-        return {"data": os.path.abspath(self.data), "k": self.k, "n_top_genes": self.n_top_genes,
-                "keys": asdict(self.keys), "metrics": self.metrics, "model_options": _absolute(self.model_options)}
+        identity = {"data": os.path.abspath(self.data), "k": self.k, "n_top_genes": self.n_top_genes,
+                    "keys": asdict(self.keys), "metrics": self.metrics, "model_options": _absolute(self.model_options)}
+        if self.chunk_size and self.n_top_genes:  # streamed files choose HVGs on a sample: other genes possible
+            identity["chunk_size"] = self.chunk_size
+        return identity
 
 
 def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress: bool = True,
@@ -117,7 +121,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     if _io.remove_stale_temps(out):
         log.info("benchmark: removed temporary files of an interrupted run in %s", out)
     if data is None:
-        data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes)
+        data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size)
     _io.write_json(out / "config.json", written_config(cfg))
     if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):
         _io.write_json(out / "backbone_audit.json", backbone_audit(cfg.model_options["backbone"], cfg.data))

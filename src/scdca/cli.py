@@ -95,8 +95,7 @@ def cmd_simulate(args) -> None:
               f"{adata.obs['cell_type'].nunique()} cell states; same genes as `scdca simulate --seed {args.seed}` "
               f"({time.perf_counter() - t0:.1f} s)")
         return
-    adata = simulate(cfg, seed=args.seed)
-    _io.write_h5ad(args.out, adata)
+    adata = simulate(cfg, seed=args.seed, out=args.out)  # cells streamed to the file: millions fit
     print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "
           f"{adata.obs['condition'].nunique() - 1} drugs, {adata.obs['cell_type'].nunique()} cell lines "
           f"({time.perf_counter() - t0:.1f} s)")
@@ -126,7 +125,7 @@ def cmd_benchmark(args) -> None:
             raise ScdcaInputError(f"benchmark: {' and '.join(missing)} required (or --config FILE)")
         cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
                               seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
-                              keys=_keys(args), model_options=_model_options(args))
+                              keys=_keys(args), model_options=_model_options(args), chunk_size=args.chunk_size)
     t0 = time.perf_counter()
     results = run(replace(cfg, report=False), progress=not args.quiet, workers=args.workers,
                   ray_address=args.ray_address, threads=args.threads_per_worker)
@@ -322,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metrics", default="all")
     b.add_argument("--k", type=int, default=20, help="top-k DEGs for the *_deg metrics")
     b.add_argument("--n-top-genes", type=int, default=None, help="keep the top-N highly variable genes")
+    b.add_argument("--chunk-size", type=int, default=None, help="read --data backed, this many cells at a time "
+                   "(files larger than memory; same pseudobulk)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--workers", type=int, default=1, help="run grid cells in parallel on a local Ray with N "
                    "workers (results equal the serial run's)")

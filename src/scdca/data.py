@@ -214,6 +214,7 @@ def load(
     n_degs: int | None = None,
     normalize: Literal["auto", "counts", "log"] = "auto",
     seed: int = 0,
+    chunk_size: int | None = None,
 ) -> PerturbationData:
     """Turn single-cell or pseudobulk AnnData into :class:`PerturbationData`.
 
@@ -226,6 +227,11 @@ def load(
         normalize: 'counts' applies normalize_total(1e4) + log1p, 'log' uses values as given,
             'auto' detects raw counts (non-negative integers with a maximum above 30).
         seed: seed for the split-half assignment of each condition's cells.
+        chunk_size: stream the expression matrix from a backed file in chunks of this many
+            cells, so memory does not grow with the number of cells (atlas-scale files);
+            None reads it whole. Results equal the in-memory ones (float64 sums), except
+            that 'auto' normalisation looks at the first chunk only and `n_top_genes` is
+            chosen on a random sample of `HVG_SAMPLE_CELLS` cells.
 
     Returns:
         PerturbationData with conditions, control means, DEGs and split halves.
@@ -234,21 +240,33 @@ def load(
         >>> data = scdca.data.load("sciplex3.h5ad", n_top_genes=2000)
     """
     if not isinstance(adata, ad.AnnData):
-        adata = read(adata)
+        adata = read(adata, backed="r" if chunk_size else None)
     obs = _validated_obs(adata, keys)
     gene_names = _validated_genes(adata, keys)
-    X = _validated_matrix(adata, keys)
-
+    if normalize not in ("auto", "counts", "log"):
+        raise ScdcaInputError(f"normalize: {normalize!r} is not one of 'auto', 'counts', 'log'")
+    if chunk_size is not None and chunk_size < 1:
+        raise ScdcaInputError(f"chunk_size: {chunk_size!r}; use a positive number of cells per chunk, or None")
+    if chunk_size is None:
+        X = _validated_matrix(adata, keys)
+        first = X
+    else:
+        first = next(_matrix_chunks(adata, keys, chunk_size))[1]
     if normalize == "auto":
-        normalize = "counts" if _looks_like_counts(X) else "log"
+        normalize = "counts" if _looks_like_counts(first) else "log"
     if normalize == "counts":
         log.info("data: raw counts detected; applying normalize_total(1e4) + log1p")
-        X = _normalize_log1p(X)
-    elif normalize != "log":
-        raise ScdcaInputError(f"normalize: {normalize!r} is not one of 'auto', 'counts', 'log'")
-
-    keep = _select_genes(X, gene_names, genes=genes, n_top_genes=n_top_genes)
-    X = X[:, keep]
+    norm = _normalize_log1p if normalize == "counts" else (lambda A: A)
+    if chunk_size is None:
+        X = norm(X)
+        keep = _select_genes(X, gene_names, genes=genes, n_top_genes=n_top_genes)
+        chunks = [(0, X[:, keep])]
+    else:
+        sample = None
+        if genes is None and n_top_genes is not None and n_top_genes < len(gene_names):
+            sample = norm(_sample_rows(adata, keys, HVG_SAMPLE_CELLS, seed))
+        keep = _select_genes(sample, gene_names, genes=genes, n_top_genes=n_top_genes, n_genes=len(gene_names))
+        chunks = ((i, norm(A)[:, keep]) for i, A in _matrix_chunks(adata, keys, chunk_size))
     gene_names = gene_names[keep]
 
     # Condition table ---------------------------------------------------------------
@@ -267,34 +285,38 @@ def load(
         raise ScdcaInputError("data: no perturbed (non-control) cells found; check the control flag")
 
     smiles = _drug_smiles(treated, keys)
-
-    cond_ids = np.array(
-        [condition_id(c, d, x) for c, d, x in zip(treated["_cell_line"], treated["_drug"], treated["_dose"])]
-    )
-    codes, uniq = pd.factorize(cond_ids, sort=True)
-    first = pd.Series(np.arange(len(cond_ids))).groupby(codes).first().to_numpy()
-    conditions = pd.DataFrame(
-        {
-            "cell_line": treated["_cell_line"].to_numpy()[first],
-            "drug": treated["_drug"].to_numpy()[first],
-            "dose": treated["_dose"].to_numpy()[first].astype(float),
-        },
-        index=pd.Index(uniq, name="condition_id"),
-    )
+    codes, conditions = _condition_codes(treated)
     conditions["smiles"] = conditions["drug"].map(smiles)
-    conditions["n_cells"] = np.bincount(codes, minlength=len(uniq))
+    n_cond = len(conditions)
+    conditions["n_cells"] = np.bincount(codes, minlength=n_cond)
 
-    rows_t = np.flatnonzero(~is_ctrl)
-    mean, std = _group_stats(X[rows_t], codes, len(uniq))
-    half_a, half_b = _split_half_means(X[rows_t], codes, len(uniq), seed=seed)
-
-    ctrl_rows = np.flatnonzero(is_ctrl)
-    ctrl_codes = pd.Index(lines_all).get_indexer(obs["_cell_line"].to_numpy()[ctrl_rows])
-    control_mean, control_std = _group_stats(X[ctrl_rows], ctrl_codes, len(lines_all))
-    controls = pd.DataFrame(
-        {"n_cells": np.bincount(ctrl_codes, minlength=len(lines_all))},
-        index=pd.Index(lines_all, name="cell_line"),
-    )
+    # Per-cell group codes (-1: not in the grouping), then one streaming pass over the matrix
+    cond_code = np.full(len(obs), -1, dtype=np.int64)
+    cond_code[~is_ctrl] = codes
+    in_a = _half_assignment(codes, n_cond, seed=seed)
+    half_code = {h: np.full(len(obs), -1, dtype=np.int64) for h in "ab"}
+    if in_a is not None:
+        half_code["a"][~is_ctrl] = np.where(in_a, codes, -1)
+        half_code["b"][~is_ctrl] = np.where(in_a, -1, codes)
+    ctrl_code = np.full(len(obs), -1, dtype=np.int64)
+    ctrl_code[is_ctrl] = pd.Index(lines_all).get_indexer(obs["_cell_line"].to_numpy()[is_ctrl])
+    sums = {name: _GroupSums(n, len(gene_names)) for name, n in
+            (("cond", n_cond), ("a", n_cond), ("b", n_cond), ("ctrl", len(lines_all)))}
+    groupings = {"cond": cond_code, "a": half_code["a"], "b": half_code["b"], "ctrl": ctrl_code}
+    for start, A in chunks:
+        A, A2 = _GroupSums.powers(A)
+        for name, code in groupings.items():
+            sums[name].add(A, A2, code[start : start + A.shape[0]])
+    mean, std = sums["cond"].result()
+    half_a = half_b = None
+    if in_a is not None:
+        single = conditions["n_cells"].to_numpy() < 2
+        (half_a, _), (half_b, _) = sums["a"].result(), sums["b"].result()
+        half_a[single] = np.nan
+        half_b[single] = np.nan
+    control_mean, control_std = sums["ctrl"].result()
+    controls = pd.DataFrame({"n_cells": sums["ctrl"].n.astype(np.int64)},
+                            index=pd.Index(lines_all, name="cell_line"))
 
     data = PerturbationData(
         genes=np.asarray(gene_names, dtype=object),
@@ -396,7 +418,8 @@ def _validated_genes(adata: ad.AnnData, keys: DataKeys) -> np.ndarray:
     return names.astype(object)
 
 
-def _validated_matrix(adata: ad.AnnData, keys: DataKeys):
+def _matrix(adata: ad.AnnData, keys: DataKeys):
+    """The expression matrix (X or the layer), possibly backed; checks it exists."""
     if keys.layer is not None:
         if keys.layer not in adata.layers:
             raise ScdcaInputError(
@@ -406,13 +429,17 @@ def _validated_matrix(adata: ad.AnnData, keys: DataKeys):
         X = adata.layers[keys.layer]
     else:
         X = adata.X
-    where = "X" if keys.layer is None else f"layers[{keys.layer!r}]"
     if X is None:
         raise ScdcaInputError("data: adata.X is empty; pass a layer with expression values (--layer)")
-    if hasattr(X, "to_memory"):
-        X = X.to_memory()
+    return X
+
+
+def _checked(X, keys: DataKeys, rows: slice | None = None):
+    """X as float32 (CSR if sparse), refusing NaN/inf and negative values."""
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     values = X.data if sp.issparse(X) else X
+    where = ("X" if keys.layer is None else f"layers[{keys.layer!r}]") + (
+        f" (cells {rows.start}-{rows.stop - 1})" if rows is not None else "")
     if not np.isfinite(values).all():
         n = int((~np.isfinite(values)).sum())
         raise ScdcaInputError(
@@ -426,6 +453,51 @@ def _validated_matrix(adata: ad.AnnData, keys: DataKeys):
             f"data via a layer (DataKeys(layer=...), CLI --layer)."
         )
     return X
+
+
+def _validated_matrix(adata: ad.AnnData, keys: DataKeys):
+    """The whole expression matrix in memory, checked."""
+    X = _matrix(adata, keys)
+    if hasattr(X, "to_memory"):
+        X = X.to_memory()
+    return _checked(X, keys)
+
+
+def _matrix_chunks(adata: ad.AnnData, keys: DataKeys, chunk_size: int):
+    """Yield (first row, checked chunk) over the matrix, reading only `chunk_size` rows at a time
+    from a backed file."""
+    X = _matrix(adata, keys)
+    for start in range(0, adata.n_obs, chunk_size):
+        rows = slice(start, min(start + chunk_size, adata.n_obs))
+        yield start, _checked(X[rows], keys, rows)
+
+
+HVG_SAMPLE_CELLS = 50_000  # cells that choose the highly variable genes when a file is streamed in chunks
+
+
+def _sample_rows(adata: ad.AnnData, keys: DataKeys, n: int, seed: int):
+    """A seeded random sample of up to n rows of the matrix (sorted, read in one pass)."""
+    rows = np.sort(np.random.default_rng([seed, 7]).choice(adata.n_obs, min(n, adata.n_obs), replace=False))
+    return _checked(_matrix(adata, keys)[rows], keys)
+
+
+def _condition_codes(treated: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """Each treated cell's condition index and the condition table (cell_line, drug, dose),
+    sorted by condition id. Groups on the columns, so no per-cell id strings are built."""
+    keys = ["_cell_line", "_drug", "_dose"]
+    grouped = treated.groupby(keys, sort=True, observed=True)
+    first = grouped.ngroup().to_numpy()
+    uniq = grouped.size().index.to_frame(index=False)  # in the order of ngroup (sorted keys)
+    ids = np.array([condition_id(c, d, x) for c, d, x in zip(uniq["_cell_line"], uniq["_drug"], uniq["_dose"])],
+                   dtype=object)
+    order = np.argsort(ids, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    conditions = pd.DataFrame({"cell_line": uniq["_cell_line"].to_numpy()[order].astype(object),
+                               "drug": uniq["_drug"].to_numpy()[order].astype(object),
+                               "dose": uniq["_dose"].to_numpy()[order].astype(float)},
+                              index=pd.Index(ids[order], name="condition_id"))
+    return rank[first], conditions
 
 
 def _looks_like_counts(X) -> bool:
@@ -446,7 +518,9 @@ def _normalize_log1p(X, target_sum: float = 1e4):
     return np.log1p(X * scale[:, None])
 
 
-def _select_genes(X, names, *, genes, n_top_genes) -> np.ndarray:
+def _select_genes(X, names, *, genes, n_top_genes, n_genes: int | None = None) -> np.ndarray:
+    """Columns to keep: `genes` in that order, else the top highly variable genes of X, else all."""
+    n_genes = X.shape[1] if n_genes is None else n_genes
     if genes is not None:
         index = pd.Index(names)
         pos = index.get_indexer(list(genes))
@@ -456,8 +530,8 @@ def _select_genes(X, names, *, genes, n_top_genes) -> np.ndarray:
                 f"genes: {len(missing)} requested gene(s) are not in the data, e.g. {missing[:10]!r}"
             )
         return pos
-    if n_top_genes is None or n_top_genes >= X.shape[1]:
-        return np.arange(X.shape[1])
+    if n_top_genes is None or n_top_genes >= n_genes:
+        return np.arange(n_genes)
     import scanpy as sc
 
     tmp = ad.AnnData(X)
@@ -467,7 +541,8 @@ def _select_genes(X, names, *, genes, n_top_genes) -> np.ndarray:
 
 def _drug_smiles(treated: pd.DataFrame, keys: DataKeys) -> dict[str, str]:
     per_drug: dict[str, str | None] = {}
-    for drug, smi in zip(treated["_drug"], treated["_smiles"]):
+    pairs = treated[["_drug", "_smiles"]].drop_duplicates()  # first occurrence of each pair, in order
+    for drug, smi in zip(pairs["_drug"], pairs["_smiles"]):
         if per_drug.get(drug) is None and isinstance(smi, str) and smi.strip() and smi != "nan":
             per_drug[drug] = smi
         else:
@@ -478,33 +553,55 @@ def _drug_smiles(treated: pd.DataFrame, keys: DataKeys) -> dict[str, str]:
 # ----------------------------------------------------------------------------- statistics
 
 
-def _indicator(codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
-    n = len(codes)
-    return sp.csr_matrix((np.ones(n, dtype=np.float32), (codes, np.arange(n))), shape=(n_groups, n))
+def _indicator(codes: np.ndarray, n_groups: int, rows: np.ndarray, n_rows: int) -> sp.csr_matrix:
+    """(n_groups, n_rows) 0/1 matrix with a one at (codes[i], rows[i])."""
+    return sp.csr_matrix((np.ones(len(rows)), (codes, rows)), shape=(n_groups, n_rows))
 
 
 def _dense(A) -> np.ndarray:
     return A.toarray() if sp.issparse(A) else np.asarray(A)
 
 
-def _group_stats(X, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group mean and sample standard deviation (ddof=1; NaN for groups of one)."""
-    M = _indicator(codes, n_groups)
-    counts = np.asarray(M.sum(axis=1)).ravel()[:, None]
-    X2 = X.multiply(X) if sp.issparse(X) else X.astype(np.float64) ** 2
-    s1, s2 = (_dense(M @ A).astype(np.float64) for A in (X, X2))
-    mean = s1 / counts
-    with np.errstate(invalid="ignore", divide="ignore"):
-        var = (s2 - counts * mean**2) / (counts - 1)
-    var = np.where(counts > 1, np.maximum(var, 0.0), np.nan)
-    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+class _GroupSums:
+    """Per-group running sums of x and x^2 (float64) over row chunks -> mean and sample std."""
+
+    def __init__(self, n_groups: int, n_genes: int):
+        self.s1 = np.zeros((n_groups, n_genes))
+        self.s2 = np.zeros((n_groups, n_genes))
+        self.n = np.zeros(n_groups)
+
+    @staticmethod
+    def powers(X) -> tuple:
+        """(X, X^2) in float64, computed once per chunk for all groupings."""
+        X = X.astype(np.float64)
+        return X, (X.multiply(X) if sp.issparse(X) else X**2)
+
+    def add(self, X, X2, codes: np.ndarray) -> None:
+        """Add rows: X and X2 = `powers(chunk)`, (rows, G); codes (rows,) is each row's group, -1 for none."""
+        rows = np.flatnonzero(codes >= 0)
+        if rows.size == 0:
+            return
+        present, local = np.unique(codes[rows], return_inverse=True)  # only the groups in this chunk
+        M = _indicator(local, len(present), rows, X.shape[0])
+        self.s1[present] += _dense(M @ X)
+        self.s2[present] += _dense(M @ X2)
+        self.n[present] += np.bincount(local, minlength=len(present))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) as float32; std has ddof=1 and is NaN for groups of one (mean NaN for empty ones)."""
+        n = self.n[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.s1 / n
+            var = (self.s2 - n * mean**2) / (n - 1)
+        var = np.where(n > 1, np.maximum(var, 0.0), np.nan)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-def _split_half_means(X, codes: np.ndarray, n_groups: int, *, seed: int):
-    """Means of two random halves of each group's rows; None if no group has two rows."""
+def _half_assignment(codes: np.ndarray, n_groups: int, *, seed: int) -> np.ndarray | None:
+    """Which rows form half A of their group (a seeded random half); None if no group has two rows."""
     counts = np.bincount(codes, minlength=n_groups)
     if counts.max() < 2:
-        return None, None
+        return None
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(codes))
     # rank of each row within its group, in random order
@@ -512,14 +609,7 @@ def _split_half_means(X, codes: np.ndarray, n_groups: int, *, seed: int):
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty(len(codes), dtype=np.int64)
     rank[sorted_idx] = np.arange(len(codes)) - np.repeat(starts, counts)
-    in_a = rank < (counts[codes] // 2)
-    in_b = ~in_a
-    mean_a, _ = _group_stats(X[np.flatnonzero(in_a)], codes[in_a], n_groups)
-    mean_b, _ = _group_stats(X[np.flatnonzero(in_b)], codes[in_b], n_groups)
-    single = counts < 2
-    mean_a[single] = np.nan
-    mean_b[single] = np.nan
-    return mean_a, mean_b
+    return rank < (counts[codes] // 2)
 
 
 def welch_t(mean1, std1, n1, mean0, std0, n0) -> np.ndarray:

@@ -50,14 +50,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.special import digamma
 
+from . import _io
 from .data import TRUTH_KEY, condition_id
 from .errors import ScdcaInputError
 
@@ -253,12 +255,16 @@ def _gene_world(cfg: SimulationConfig, rng: np.random.Generator):
     return base, programs, mech_vec, W, z, line_shift, sensitivity
 
 
-def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.AnnData:
+def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
+             out: str | os.PathLike | None = None) -> ad.AnnData:
     """Simulate a sci-Plex-like single-cell drug screen (see the module docstring).
 
     Args:
         config: simulator settings; defaults give the demo dataset.
         seed: random seed; the same seed gives the same AnnData.
+        out: write the file here, generating and appending cells in chunks, so memory does
+            not grow with the number of cells (millions of cells: large `cells_per_condition`);
+            the file equals the in-memory result written with `write_h5ad`. Returns it backed.
 
     Returns:
         AnnData of raw counts with chemCPA-style obs columns (`cell_type`, `condition`,
@@ -314,26 +320,30 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.Ann
     n_cells = np.array([cfg.control_cells if r[1] == "control" else cfg.cells_per_condition for r in rows])
     cond_of_cell = np.repeat(np.arange(len(rows)), n_cells)
     lib = rng.lognormal(np.log(cfg.mean_library_size), 0.35, cond_of_cell.size)
-    counts = _sample_counts(prop, cond_of_cell, lib, cfg.dispersion, rng)
+    counts = _count_chunks(prop, cond_of_cell, lib, cfg.dispersion, rng)
 
-    obs = pd.DataFrame(
+    per_condition = pd.DataFrame(
         {
-            "cell_type": [rows[k][0] for k in cond_of_cell],
-            "condition": [rows[k][1] for k in cond_of_cell],
-            "SMILES": [smiles[rows[k][3]] if rows[k][3] is not None else "" for k in cond_of_cell],
-            "dose": [rows[k][2] for k in cond_of_cell],
+            "cell_type": [r[0] for r in rows],
+            "condition": [r[1] for r in rows],
+            "SMILES": [smiles[r[3]] if r[3] is not None else "" for r in rows],
+            "dose": [r[2] for r in rows],
         }
     )
-    obs["dose_val"] = obs["dose"] / 1e4
-    obs["control"] = (obs["condition"] == "control").astype(int)
-    obs["cov_drug_dose_name"] = [
-        f"{a}_{b}_{float(v)}" for a, b, v in zip(obs["cell_type"], obs["condition"], obs["dose_val"])
-    ]
-    for col in ("cell_type", "condition", "SMILES", "cov_drug_dose_name"):
-        obs[col] = obs[col].astype("category")
-    obs.index = [f"cell{i:06d}" for i in range(len(obs))]
+    per_condition["dose_val"] = per_condition["dose"] / 1e4
+    per_condition["control"] = (per_condition["condition"] == "control").astype(int)
+    per_condition["cov_drug_dose_name"] = [f"{a}_{b}_{float(v)}" for a, b, v in zip(
+        per_condition["cell_type"], per_condition["condition"], per_condition["dose_val"])]
+    obs = pd.DataFrame(index=[f"cell{i:06d}" for i in range(cond_of_cell.size)])
+    for col in per_condition.columns:  # per-cell columns taken from the condition table (categorical codes)
+        values = per_condition[col]
+        if values.dtype == object:
+            cat = pd.Categorical(values)
+            obs[col] = pd.Categorical.from_codes(cat.codes[cond_of_cell], categories=cat.categories)
+        else:
+            obs[col] = values.to_numpy()[cond_of_cell]
     genes = [f"g{i:04d}" for i in range(G)]
-    adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes))
+    adata = ad.AnnData(obs=obs, var=pd.DataFrame(index=genes))
 
     truth = _expected_log_normalised(prop, cfg.mean_library_size, 0.35, cfg.dispersion)
     treated = [k for k, r in enumerate(rows) if r[1] != "control"]
@@ -359,7 +369,45 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0) -> ad.Ann
     params = {k: v for k, v in asdict(cfg).items() if k != "smiles"}
     params["doses_nM"] = list(cfg.doses_nM)
     adata.uns["simulation"] = {"seed": seed, **params, "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K"}
+    if out is not None:
+        write_in_chunks(out, adata, counts)
+        return ad.read_h5ad(out, backed="r")
+    adata.X = sp.vstack(list(counts)).tocsr()
     return adata
+
+
+def write_in_chunks(path: str | os.PathLike, adata: ad.AnnData, chunks: Iterable[sp.csr_matrix],
+                    *, rows_per_write: int = 65_536) -> None:
+    """Write `adata` (obs, var, uns; X is ignored) to an .h5ad whose X is the row-wise
+    concatenation of the sparse `chunks`, appending them to the file so that at most
+    `rows_per_write` rows of X are in memory. Atomic: the file appears only when complete."""
+    from anndata.io import sparse_dataset, write_elem
+
+    shell = ad.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns)
+    pending, n_pending, written = [], 0, False
+    with _io.atomic_path(path) as tmp:
+        shell.write_h5ad(tmp)
+        with h5py.File(tmp, "a") as f:
+            def flush():
+                nonlocal written
+                block = sp.vstack(pending).tocsr()
+                if written:
+                    sparse_dataset(f["X"]).append(block)
+                else:
+                    write_elem(f, "X", block)
+                    written = True
+                pending.clear()
+
+            for chunk in chunks:
+                pending.append(chunk)
+                n_pending += chunk.shape[0]
+                if n_pending >= rows_per_write:
+                    flush()
+                    n_pending = 0
+            if pending:
+                flush()
+            if f["X"].attrs["shape"][0] != adata.n_obs:
+                raise RuntimeError(f"wrote {f['X'].attrs['shape'][0]} rows of X for {adata.n_obs} cells")
 
 
 @dataclass
@@ -446,13 +494,12 @@ def simulate_atlas(config: SimulationConfig | None = None, atlas: AtlasConfig | 
     return adata
 
 
-def _sample_counts(prop, cond_of_cell, lib, theta, rng) -> sp.csr_matrix:
-    """Gamma-Poisson (negative binomial) counts, built in chunks as a sparse matrix."""
-    chunks = []
+def _count_chunks(prop, cond_of_cell, lib, theta, rng) -> Iterator[sp.csr_matrix]:
+    """Gamma-Poisson (negative binomial) counts, 4,096 cells at a time, as sparse matrices.
+    Lazy: the rng is drawn as chunks are consumed, so streamed and in-memory files are equal."""
     for start in range(0, cond_of_cell.size, 4096):
         sl = slice(start, start + 4096)
-        chunks.append(_nb_counts(prop[cond_of_cell[sl]] * lib[sl, None], theta, rng))  # mean (b, G)
-    return sp.vstack(chunks).tocsr()
+        yield _nb_counts(prop[cond_of_cell[sl]] * lib[sl, None], theta, rng)  # mean (b, G)
 
 
 def _nb_counts(mu: np.ndarray, theta: float, rng: np.random.Generator) -> sp.csr_matrix:
