@@ -182,8 +182,10 @@ def cmd_pretrain(args) -> None:
 
     cfg = PretrainConfig(layers=args.layers, dim=args.dim, heads=args.heads, genes=args.genes, steps=args.steps,
                          batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device,
-                         include_perturbed=args.include_perturbed)
+                         include_perturbed=args.include_perturbed, precision=args.precision)
     s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet)
+    if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
+        return
     _write_command(args)
     print(f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
           f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
@@ -192,8 +194,16 @@ def cmd_pretrain(args) -> None:
 
 def _model_options(args) -> dict:
     return {k: v for k, v in {"backbone": args.backbone, "encoder": args.encoder, "epochs": args.epochs,
-                              "max_steps": args.max_steps, "lr": args.lr, "device": args.device}.items()
+                              "max_steps": args.max_steps, "lr": args.lr, "device": args.device,
+                              "precision": getattr(args, "precision", None)}.items()
             if v is not None}
+
+
+def _main_process() -> bool:
+    """False in all but rank 0 of a torchrun job (`torchrun --nproc-per-node K --no-python scdca ...`)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_train(args) -> None:
@@ -212,6 +222,8 @@ def cmd_train(args) -> None:
     else:
         model = cls(**{k: v for k, v in options.items() if k in cls.options})
     model.fit(data)
+    if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
+        return
     model.save(args.out)
     _write_command(args)
     c = model.cost()
@@ -358,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--include-perturbed", action="store_true", help="also pretrain on drug-treated cells (default: "
                    "controls only); a benchmark on the same file then tests responses the backbone has seen")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast: auto = on CUDA only")
     t.add_argument("--quiet", action="store_true")
     _add_keys(t)
     t.set_defaults(func=cmd_pretrain)
@@ -372,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--epochs", type=int, default=None)
             g.add_argument("--max-steps", type=int, default=None)
             g.add_argument("--lr", type=float, default=None)
+            g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                           help="bf16 autocast (scDCA models): auto (default) = on CUDA only")
 
     tr = sub.add_parser("train", help="train scDCA (or a variant) on all conditions of a dataset and save it")
     _add_config(tr)

@@ -33,10 +33,11 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from . import _io
+from . import _io, distributed
 from .backbone import Backbone, BackboneConfig, GeneVocab, save
 from .data import (DataKeys, _looks_like_counts, _normalize_log1p, _select_genes, _validated_genes, _validated_matrix,
                    control_flags, read)
+from .distributed import check_precision
 from .errors import ScdcaInputError
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,14 @@ class PretrainConfig:
     seed: int = 0
     device: str | None = None
     include_perturbed: bool = False  # also pretrain on drug-treated cells (leaks test responses)
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it, "fp32" turns it off
 
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:
             raise ScdcaInputError(f"mask_ratio: {self.mask_ratio!r} must be in (0, 1)")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ScdcaInputError("steps, batch_size must be >= 1 and seq_len >= 2")
+        check_precision(self.precision)
 
 
 def _expression(adata: ad.AnnData, keys: DataKeys, n_genes: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +138,11 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     n_cells = X.shape[0]
     if n_cells < 10:
         raise ScdcaInputError(f"data: {n_cells} cells are too few to pretrain on; use >= 10")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = distributed.context(cfg.device)  # one of several torchrun processes (DDP), or alone
+    device = ctx.device
+    if ctx.world > cfg.batch_size:
+        raise ScdcaInputError(f"batch_size: {cfg.batch_size} cells cannot be shared by {ctx.world} processes; "
+                              f"use a batch of at least {ctx.world} (--batch-size)")
 
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n_cells)
@@ -150,6 +157,7 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     torch.manual_seed(cfg.seed)
     model = Backbone(bcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    runner = distributed.wrap(model, ctx)  # DDP with several processes: gradients averaged over ranks
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
 
     # fixed validation examples and the gene-mean baseline on exactly those masked values
@@ -171,10 +179,11 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
         step, best, history = state["step"], state["best"], state["history"]
         torch.set_rng_state(state["torch_rng"])
         log.info("pretrain: resuming at step %d", step)
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
     n_params = sum(p.numel() for p in model.parameters())
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not (progress and ctx.is_main))
     t0 = time.perf_counter()
     start = step
     while step < cfg.steps:
@@ -183,10 +192,14 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
         # batch composition depends only on (seed, step): identical after a resume
         brng = np.random.default_rng([cfg.seed, 2, step])
         cells = train_cells[brng.integers(len(train_cells), size=cfg.batch_size)]
-        ids, inp, mask, target, _ = batches.make(cells, brng)
+        ids, inp, mask, target, _ = batches.make(cells, brng)  # the global batch; this rank keeps its rows
+        n_masked = int(mask.sum())
+        ids, inp, mask, target = (distributed.shard(t, ctx) for t in (ids, inp, mask, target))
         model.train()
-        pred = model(ids.to(device), inp.to(device))["pred"]
-        loss = ((pred - target.to(device))[mask.to(device)] ** 2).mean()
+        with distributed.autocast(device, cfg.precision):
+            pred = runner(ids.to(device), inp.to(device))["pred"]
+        sq_err = ((pred.float() - target.to(device))[mask.to(device)] ** 2).sum()
+        loss = distributed.global_mean_loss(sq_err, n_masked, ctx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -194,16 +207,18 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
         sched.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        train_loss = distributed.all_sum(sq_err.item(), ctx) / n_masked
+        bar.set_postfix(loss=f"{train_loss:.4f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val_loss = _evaluate(model, val, device)
-            history.append({"step": step, "train_loss": float(loss.item()), "val_loss": val_loss,
+            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
                             "gene_mean_baseline": baseline})
             if val_loss < best:
                 best = val_loss
-                save(model, vocab, out, extra_args={"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len,
-                                                    "provenance": provenance})
-        if step % cfg.save_every == 0 or step == cfg.steps:
+                if ctx.is_main:
+                    save(model, vocab, out, extra_args={"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len,
+                                                        "provenance": provenance})
+        if (step % cfg.save_every == 0 or step == cfg.steps) and ctx.is_main:
             _io.save_state(state_path, {
                 "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                 "best": best, "history": history, "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
@@ -213,8 +228,9 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
                "seconds_this_run": time.perf_counter() - t0, "parameters": n_params, "genes": len(genes),
                "train_cells": int(len(train_cells)), "val_cells": int(n_val), "config": asdict(cfg),
                "provenance": provenance}
-    _io.write_csv(out / "pretrain_log.csv", pd.DataFrame(history))
-    _io.write_json(out / "pretrain_summary.json", summary)
+    if ctx.is_main:
+        _io.write_csv(out / "pretrain_log.csv", pd.DataFrame(history))
+        _io.write_json(out / "pretrain_summary.json", summary)
     return summary
 
 

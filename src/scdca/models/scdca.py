@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import _io
+from .. import _io, distributed
 from ..adapters import (AdapterConfig, DrugConditionalAdapter, DrugGeneConfig, DrugGeneHead, count_parameters,
                         freeze)
 from ..backbone import Backbone, reference as backbone_reference, resolve as resolve_backbone, weights_hash
@@ -85,6 +85,7 @@ class ScDCAConfig:
     #                              hidden states (full batch, this many steps), then train everything
     patience: int = 5
     max_steps: int | None = None  # stop after this many optimiser steps in total (CPU budgets)
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it, "fp32" turns it off
     seed: int = 0
 
 
@@ -250,6 +251,9 @@ class ScDCAModel(PerturbationModel):
         on the same data and settings resumes from the last finished epoch to the same result.
         `_stop_after_epochs` (tests only) stops abruptly after that many epochs of this run."""
         t_start = time.perf_counter()
+        ctx = distributed.context(self.device)  # one of several torchrun processes, or alone
+        self.device = ctx.device
+        distributed.check_precision(self.cfg.precision)
         self._setup(train)
         cfg = self.cfg
         cond = torch.from_numpy(self._conditions(train))
@@ -268,7 +272,7 @@ class ScDCAModel(PerturbationModel):
         self._cost = {**{f"params_{k}": v for k, v in count_parameters(self.net).items()}}
         summary = (f"{self.name}: {self._cost['params_trainable']:,} trainable of {self._cost['params_total']:,} "
                    f"parameters ({self._cost['params_trainable_pct']:.3f}%)")
-        if self.progress:
+        if self.progress and ctx.is_main:
             tqdm.write(summary)
         log.info(summary)
         best, best_state, bad_epochs, step, start = float("inf"), None, 0, 0, 0
@@ -290,7 +294,10 @@ class ScDCAModel(PerturbationModel):
             cfg.max_steps is not None and step >= cfg.max_steps)
         epoch = start - 1
         bar = tqdm(range(start, cfg.epochs if not stopped else start), desc=self.name, unit="epoch",
-                   disable=not self.progress)
+                   disable=not (self.progress and ctx.is_main))
+        runner = distributed.wrap(self.net, ctx)  # DDP with several processes: gradients averaged over ranks
+        n_genes = target.shape[1]
+        self.loss_history_ = []  # training loss of every optimiser step (the whole global batch)
         for epoch in bar:
             if _stop_after_epochs is not None and epoch - start >= _stop_after_epochs:
                 raise KeyboardInterrupt(f"stopped before epoch {epoch}")
@@ -298,22 +305,29 @@ class ScDCAModel(PerturbationModel):
             order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(tr_idx)
             for s in range(0, len(order), batch):
                 b = order[s : s + batch]
-                pred = self._forward(controls, cache, line_idx[b], cond[b])
-                loss = ((pred - target[b].to(self.device)) ** 2).mean()
+                mine = distributed.shard(b, ctx)  # this rank's rows of the global batch (all of it alone)
+                weight = 1.0 if len(mine) else 0.0  # a rank with no rows still joins the gradient exchange
+                mine = mine if len(mine) else b[:1]
+                with distributed.autocast(self.device, cfg.precision):
+                    pred = self._forward(controls, cache, line_idx[mine], cond[mine], net=runner)
+                sq_err = weight * ((pred.float() - target[mine].to(self.device)) ** 2).sum()
+                loss = distributed.global_mean_loss(sq_err, len(b) * n_genes, ctx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
+                self.loss_history_.append(distributed.all_sum(sq_err.item(), ctx) / (len(b) * n_genes))
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
-            val = self._loss(controls, cache, line_idx, cond, target, va_idx) if len(va_idx) else loss.item()
-            bar.set_postfix(train=f"{loss.item():.4f}", val=f"{val:.4f}")
+            train_loss = self.loss_history_[-1]
+            val = self._loss(controls, cache, line_idx, cond, target, va_idx) if len(va_idx) else train_loss
+            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}")
             if val < best - 1e-6:
                 best, bad_epochs = val, 0
                 best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
             else:
                 bad_epochs += 1
-            if ckpt is not None:
+            if ckpt is not None and ctx.is_main:
                 _io.save_state(ckpt, {"run_id": run_id, "trainable": self._trainable_state(), "opt": opt.state_dict(),
                                       "best": best, "best_state": best_state, "bad_epochs": bad_epochs, "step": step,
                                       "epoch": epoch + 1, "torch_rng": torch.get_rng_state()})
@@ -365,13 +379,15 @@ class ScDCAModel(PerturbationModel):
             return self.net.frozen_hidden(c), None, offsets  # (L, T, D)
         return None, self.net.reference_output(c), offsets  # (L, T)
 
-    def _forward(self, controls, cache, lines, cond) -> Tensor:
+    def _forward(self, controls, cache, lines, cond, net: nn.Module | None = None) -> Tensor:
+        """Predictions for rows (lines, cond); `net` is the module to call (training passes its DDP wrapper)."""
         hidden, ref, offsets = cache
+        net = net or self.net
         if self.cfg.variant == "lowrank":  # per-line hidden states, indexed inside the head
-            out = self.net(controls[lines].to(self.device), cond.to(self.device), hidden, lines=lines.to(self.device))
+            out = net(controls[lines].to(self.device), cond.to(self.device), hidden, lines=lines.to(self.device))
         else:
-            out = self.net(controls[lines].to(self.device), cond.to(self.device),
-                           hidden[lines] if hidden is not None else None, ref[lines] if ref is not None else None)
+            out = net(controls[lines].to(self.device), cond.to(self.device),
+                      hidden[lines] if hidden is not None else None, ref[lines] if ref is not None else None)
         return out if offsets is None else out + offsets[lines.to(self.device)]
 
     def _loss(self, controls, cache, line_idx, cond, target, idx) -> float:
