@@ -361,8 +361,8 @@ def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
             f"(CLI: --cell-line-key, --drug-key, --dose-key)."
         )
     obs = pd.DataFrame(index=adata.obs_names)
-    obs["_cell_line"] = adata.obs[keys.cell_line].astype(str).to_numpy()
-    obs["_drug"] = adata.obs[keys.drug].astype(str).to_numpy()
+    obs["_cell_line"] = _str_categorical(adata.obs[keys.cell_line])
+    obs["_drug"] = _str_categorical(adata.obs[keys.drug])
     is_ctrl = control_flags(adata, keys)
     obs["_control"] = is_ctrl
     dup = adata.obs_names[adata.obs_names.duplicated()].unique()
@@ -397,6 +397,15 @@ def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
             f"(CLI: --smiles-key)."
         )
     return obs
+
+
+def _str_categorical(col: pd.Series) -> pd.Categorical:
+    """A column as a categorical of strings: one small code per cell, not a string per cell."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        names = col.cat.categories.astype(str)
+        if not names.duplicated().any():
+            return pd.Categorical.from_codes(col.cat.codes.to_numpy(), categories=names)
+    return pd.Categorical(col.astype(str).to_numpy())
 
 
 def _validated_genes(adata: ad.AnnData, keys: DataKeys) -> np.ndarray:

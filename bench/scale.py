@@ -1,0 +1,117 @@
+"""Beyond one process, measured in one run: parallel grid speed-up and streaming memory.
+
+1. Grid wall time, serial vs `--workers 2` (Ray), on the demo screen: the same grid
+   (ridge, knn, c3tl + references; all four tasks; 2 seeds) run twice into fresh folders
+   from the same loaded data, then checked to give equal results. Prints both times and
+   serial / parallel. On 2 cores the ideal is 2.0; serial numpy/torch already use both
+   cores for their larger operations, so expect less.
+2. Peak resident memory of pseudobulk aggregation (`scdca.data.load(..., chunk_size=50_000)`)
+   on simulated files of 0.2M and 2M cells (200 genes; written once in chunks by
+   `simulate(out=...)` into runs/scale/, reused afterwards). Each load runs in a fresh
+   process and reports its peak RSS (ru_maxrss); also the 0.2M file loaded whole, and a
+   process that only imports scdca (the floor). Prints the 2M / 0.2M ratio: close to 1
+   means memory does not grow with the number of cells (10 would be linear).
+
+Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
+
+    python bench/scale.py [--skip-grid] [--skip-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+CHILD = r"""
+import resource, sys, time
+from scdca.data import load
+path, chunk = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+if path != "-":
+    data = load(path, chunk_size=None if chunk == "none" else int(chunk))
+    print(f"{len(data.ids)} {time.perf_counter() - t:.1f}", end=" ")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB -> MiB
+"""
+
+
+def grid(data_path: Path) -> None:
+    import pandas as pd
+
+    from scdca.benchmark import BenchmarkConfig, run
+    from scdca.data import load
+
+    data = load(data_path)
+    tmp = Path(tempfile.mkdtemp(prefix="scale_grid_"))
+    times, results = {}, {}
+    try:
+        for workers in (1, 2):
+            cfg = BenchmarkConfig(data=str(data_path), out=str(tmp / f"w{workers}"), models=["ridge", "knn", "c3tl"],
+                                  tasks="all", seeds=2, report=False)
+            t0 = time.perf_counter()
+            results[workers] = run(cfg, data=data, progress=False, workers=workers)
+            times[workers] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    key = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric"]
+    a, b = (results[w].sort_values(key).reset_index(drop=True) for w in (1, 2))
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
+    n_cells = a.groupby(["model", "task", "seed"]).ngroups
+    print(f"grid ({n_cells} cells: ridge, knn, c3tl + references, 4 tasks x 2 seeds, {len(data.ids)} conditions)")
+    print(f"  serial          {times[1]:7.1f} s")
+    print(f"  --workers 2     {times[2]:7.1f} s   (Ray start-up included; results equal to serial)")
+    print(f"  speed-up        {times[1] / times[2]:7.2f} x")
+
+
+def memory() -> None:
+    from scdca.datasets import SimulationConfig, simulate
+
+    folder = RUNS / "scale"
+    files = {}
+    for label, per_condition in (("0.2M", 137), ("2M", 1387)):  # 3 lines x 480 conditions + 3,000 controls
+        path = folder / f"cells_{label}.h5ad"
+        if not path.exists():
+            t0 = time.perf_counter()
+            a = simulate(SimulationConfig(n_genes=200, cells_per_condition=per_condition), seed=0, out=path)
+            print(f"wrote {path}: {a.n_obs:,} cells x {a.n_vars} genes ({time.perf_counter() - t0:.0f} s)")
+        files[label] = path
+
+    def child(path, chunk):
+        out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(chunk)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out
+
+    floor = float(child("-", "none")[0])
+    print(f"aggregation peak RSS (fresh process each; importing scdca alone: {floor:.0f} MiB)")
+    peak = {}
+    for label, path in files.items():
+        n_cond, secs, rss = child(path, 50_000)
+        peak[label] = float(rss)
+        print(f"  {label:>4} cells, chunks of 50,000   {peak[label]:7.0f} MiB  ({n_cond} conditions, {secs} s)")
+    _, secs, rss = child(files["0.2M"], "none")
+    print(f"  0.2M cells, read whole          {float(rss):7.0f} MiB  ({secs} s)")
+    print(f"  ratio 2M / 0.2M (chunked)       {peak['2M'] / peak['0.2M']:7.2f}   (above the import floor: "
+          f"{(peak['2M'] - floor) / (peak['0.2M'] - floor):.2f})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(RUNS / "demo" / "data.h5ad"))
+    p.add_argument("--skip-grid", action="store_true")
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args()
+    if not args.skip_grid:
+        if not Path(args.data).exists():
+            sys.exit(f"{args.data} not found; run `make demo` (or scdca simulate --out {args.data}) first")
+        grid(Path(args.data))
+    if not args.skip_memory:
+        memory()
+
+
+if __name__ == "__main__":
+    main()
