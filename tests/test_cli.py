@@ -130,3 +130,25 @@ def test_pretrain_reruns_from_its_command_yaml_and_flags_override_the_file(tmp_p
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     assert main(["pretrain", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown option(s) ['stepz'] for `scdca pretrain`" in capsys.readouterr().err
+
+
+def test_annotate_real_pbmc_cells_from_the_command_line(tmp_path, capsys):
+    import anndata as ad
+
+    assert main(["pbmc", "--out", str(tmp_path)]) == 0
+    ref, query = ad.read_h5ad(tmp_path / "reference.h5ad"), ad.read_h5ad(tmp_path / "query.h5ad")
+    assert set(ref.obs["phase"]) == {"G1"} and "G1" not in set(query.obs["phase"])
+    assert ref.n_obs + query.n_obs == 700 and ref.X.min() >= 0  # log1p values, not scanpy's scaled X
+    out = tmp_path / "annotated.h5ad"
+    code = main(["annotate", "--reference", str(tmp_path / "reference.h5ad"), "--query",
+                 str(tmp_path / "query.h5ad"), "--label-key", "bulk_labels", "--backbone", "random:1x8",
+                 "--method", "adapter", "--epochs", "1", "--max-genes", "32", "--quiet", "--out", str(out),
+                 "--explain", "--save-model", str(tmp_path / "model")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "accuracy" in printed
+    annotated = ad.read_h5ad(out)
+    assert set(annotated.obs["scdca_label"].dropna()) <= set(ref.obs["bulk_labels"])
+    assert annotated.obsm["scdca_proba"].shape == (query.n_obs, ref.obs["bulk_labels"].nunique())
+    genes = pd.read_csv(tmp_path / "annotated_genes.csv")
+    assert genes["rank"].max() == 32 and (tmp_path / "annotated_genes.png").exists()
+    assert (tmp_path / "model" / "model.json").exists()

@@ -209,3 +209,36 @@ def test_screen_skips_and_lists_bad_library_lines_unless_all_are_bad(c3tl_folder
     cfg.write_text(f"model: {c3tl_folder}\nlibrary: {lib}\ncell-line: lineA\nout: {tmp_path / 'cfg.csv'}\nquiet: true\n")
     assert main(["screen", "--config", str(cfg)]) == 0
     assert list(pd.read_csv(tmp_path / "cfg.csv")["drug"]) == ["ethanol"]
+
+
+def _annotate(tmp_path, capsys, ref, query=None, *extra) -> str:
+    _io.write_h5ad(tmp_path / "ref.h5ad", ref)
+    _io.write_h5ad(tmp_path / "query.h5ad", query if query is not None else ref)
+    return _run(capsys, ["annotate", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "query.h5ad"),
+                         "--label-key", "cell_type", "--backbone", "random:1x8", "--epochs", "1", "--quiet",
+                         "--out", str(tmp_path / "a.h5ad"), *extra])
+
+
+def test_annotate_refuses_a_missing_label_column(tmp_path, capsys):
+    ref = make_cells(genes=6, counts=False)
+    del ref.obs["cell_type"]
+    assert re.search(r"label-key: 'cell_type' is not an obs column .*condition", _annotate(tmp_path, capsys, ref))
+
+
+def test_annotate_refuses_a_label_with_one_cell(tmp_path, capsys):
+    ref = make_cells(genes=6, counts=False)
+    ref.obs["cell_type"] = ref.obs["cell_type"].astype(str)
+    ref.obs.iloc[0, ref.obs.columns.get_loc("cell_type")] = "rare"
+    assert "label(s) ['rare'] have a single reference cell" in _annotate(tmp_path, capsys, ref)
+
+
+def test_annotate_refuses_a_query_without_the_models_genes(tmp_path, capsys):
+    ref = make_cells(genes=6, counts=False)
+    query = ref.copy()
+    query.var_names = [f"other{i}" for i in range(6)]
+    assert "query: none of the model's 6 genes" in _annotate(tmp_path, capsys, ref, query)
+
+
+def test_annotate_refuses_an_unknown_method(tmp_path, capsys):
+    ref = make_cells(genes=6, counts=False)
+    assert "method: 'ia3' is not a PEFT method" in _annotate(tmp_path, capsys, ref, None, "--method", "ia3")

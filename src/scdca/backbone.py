@@ -122,14 +122,25 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+        self.cls_attention: list[Tensor] | None = None  # a list: forward appends the <cls> token's attention
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         B, T, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, self.nhead, D // self.nhead).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        self.record_cls_attention(q, k, attn_mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+    def record_cls_attention(self, q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
+        """If recording, append how the first token (<cls>) attends to every token, (B, H, T)."""
+        if self.cls_attention is None:
+            return
+        scores = (q[:, :, :1] @ k.transpose(-1, -2)).squeeze(2) * q.shape[-1] ** -0.5  # (B, H, T)
+        if attn_mask is not None:  # (B, 1, 1, T), True = attend
+            scores = scores.masked_fill(~attn_mask[:, :, 0], float("-inf"))
+        self.cls_attention.append(scores.softmax(-1).detach())
 
 
 class TransformerLayer(nn.Module):

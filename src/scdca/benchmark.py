@@ -149,7 +149,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
             failures.append((stem, result.summary))
         else:
             (out / "failed" / f"{stem}.txt").unlink(missing_ok=True)
-            _write_cell(out, model, task, seed, *result, k=cfg.k, keys=cfg.keys)
+            _write_cell(out, model, task, seed, *result)
         bar.update(1)
         bar.set_postfix_str(f"{model} / {task} / seed {seed}" + (f", {len(failures)} failed" if failures else ""))
     bar.close()
@@ -306,7 +306,8 @@ def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
 
 def compute_cell(data: PerturbationData, model_name: str, task: str, seed: int, splits: list[Split], *,
                  cfg: BenchmarkConfig):
-    """Fit and score one grid cell -> (result rows, predictions per split, costs); writes nothing."""
+    """Fit and score one grid cell -> (result rows, prediction AnnData, costs); writes nothing
+    (the driver does, so it can run in a worker elsewhere)."""
     rows, preds, costs = [], [], []
     for split in splits:
         test = data.subset(split.test)
@@ -342,7 +343,8 @@ def compute_cell(data: PerturbationData, model_name: str, task: str, seed: int, 
         else:
             rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
         preds.append((split, test, pred, observed))
-    return pd.concat(rows, ignore_index=True), preds, costs
+    return (pd.concat(rows, ignore_index=True), predictions_file(model_name, task, seed, preds, k=cfg.k, keys=cfg.keys),
+            costs)
 
 
 def spearman_brown(half: pd.DataFrame) -> pd.DataFrame:
@@ -459,17 +461,22 @@ def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[str(r + 1) for r in range(n_degs)])
 
 
-def _write_cell(out, model, task, seed, rows, preds, costs, k=20, keys: DataKeys | None = None):
+def predictions_file(model, task, seed, preds, *, k: int = 20, keys: DataKeys | None = None) -> ad.AnnData | None:
+    """One grid cell's prediction AnnData (its splits' `predictions_anndata`, concatenated)."""
+    if not preds:
+        return None
+    adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys) for s, t, p, o in preds]
+    merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
+    merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
+    merged.uns["rank_genes_groups_df"] = pd.concat([a.uns["rank_genes_groups_df"] for a in adatas], ignore_index=True)
+    merged.uns["scdca"] = {"model": model, "task": task, "seed": seed, "versions": package_versions()}
+    return merged
+
+
+def _write_cell(out, model, task, seed, rows, predictions: ad.AnnData | None, costs):
     stem = _stem(model, task, seed)
-    if preds:
-        adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys)
-                  for s, t, p, o in preds]
-        merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
-        merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
-        merged.uns["rank_genes_groups_df"] = pd.concat([a.uns["rank_genes_groups_df"] for a in adatas],
-                                                       ignore_index=True)
-        merged.uns["scdca"] = {"model": model, "task": task, "seed": seed, "versions": package_versions()}
-        _io.write_h5ad(out / "predictions" / f"{stem}.h5ad", merged)
+    if predictions is not None:
+        _io.write_h5ad(out / "predictions" / f"{stem}.h5ad", predictions)
     _io.write_csv(out / "costs" / f"{stem}.csv", pd.DataFrame(costs))
     _io.write_csv(out / "cells" / f"{stem}.csv", rows)  # last: marks the cell done
 

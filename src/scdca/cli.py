@@ -305,6 +305,52 @@ def cmd_export(args) -> None:
           f"--celltype-col cell_line --profile anndata -o {args.out}/cell-eval")
 
 
+def cmd_annotate(args) -> None:
+    from . import _io
+    from .annotate import AnnotateConfig, Annotator, write_explanation
+    from .data import read
+    from .peft import PeftConfig
+
+    reference = read(args.reference, what="reference")
+    query = read(args.query, what="query")
+    if not args.out.endswith(".h5ad"):
+        raise ScdcaInputError(f"out: {args.out!r} must be an .h5ad path (the annotated query)")
+    cfg = AnnotateConfig(peft=PeftConfig(method=args.method, r=args.r, prefix_tokens=args.prefix_tokens),
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_genes=args.max_genes,
+                         seed=args.seed)
+    ann = Annotator(args.backbone, cfg, device=args.device, progress=not args.quiet).fit(
+        reference, args.label_key, layer=args.layer)
+    out = ann.annotate(query, layer=args.layer)
+    _io.write_h5ad(args.out, out)
+    c = ann.cost
+    print(f"wrote {args.out}: {out.n_obs} cells labelled in obs['scdca_label'] (probabilities in obsm['scdca_proba']); "
+          f"{args.method} trained {c['params_trainable']:,} parameters ({c['params_trainable_pct']:.2f}%) in "
+          f"{c['fit_seconds']:.0f} s")
+    if args.label_key in query.obs:
+        truth = query.obs[args.label_key].astype(str).to_numpy()
+        pred = out.obs["scdca_label"].astype(str).to_numpy()
+        from sklearn.metrics import f1_score
+
+        print(f"query has {args.label_key!r}: accuracy {(truth == pred).mean():.3f}, macro-F1 "
+              f"{f1_score(truth, pred, average='macro', labels=sorted(set(truth))):.3f}")
+    if args.save_model:
+        ann.save(args.save_model)
+        print(f"wrote {args.save_model} (trained parameters only; the backbone is referenced)")
+    if args.explain:
+        table = ann.explain(query, out.obs["scdca_label"], layer=args.layer)
+        csv = args.out[: -len(".h5ad")] + "_genes.csv"
+        png = write_explanation(table, csv)
+        print(f"wrote {csv} (genes ranked per predicted cell type by <cls> attention) and {png}")
+
+
+def cmd_pbmc(args) -> None:
+    from .datasets import pbmc68k_split
+
+    ref, query = pbmc68k_split(args.out)
+    print(f"wrote {ref} and {query}: scanpy's pbmc68k_reduced, log1p values, labels in obs['bulk_labels']; "
+          f"reference = G1-phase cells, query = cycling (S, G2M) cells")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scdca", description="Drug perturbation prediction with scDCA.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -447,6 +493,32 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="cell-eval", help="cell-eval: real/pred AnnData pair with control rows")
     x.add_argument("--out", required=True, help="output folder")
     x.set_defaults(func=cmd_export)
+
+    an = sub.add_parser("annotate", help="cell-type annotation: a PEFT-tuned backbone trained on a labelled reference")
+    an.add_argument("--reference", required=True, help="labelled .h5ad (log1p values or raw counts in X or --layer)")
+    an.add_argument("--query", required=True, help=".h5ad to annotate")
+    an.add_argument("--label-key", required=True, help="obs column of the reference with the cell types")
+    an.add_argument("--backbone", required=True, help="checkpoint folder (scdca pretrain) or random:<layers>x<dim>")
+    an.add_argument("--method", default="lora", help="lora | prefix | adapter | token | full | linear")
+    an.add_argument("--out", required=True, help="annotated query .h5ad (obs scdca_label, scdca_confidence)")
+    an.add_argument("--explain", action="store_true", help="also rank genes per predicted type by <cls> attention: "
+                    "OUT_genes.csv and a heatmap OUT_genes.png")
+    an.add_argument("--save-model", default=None, help="folder to save the trained parts in")
+    an.add_argument("--epochs", type=int, default=10)
+    an.add_argument("--batch-size", type=int, default=32)
+    an.add_argument("--lr", type=float, default=None, help="default 1e-3 (full: 1e-4)")
+    an.add_argument("--max-genes", type=int, default=256, help="gene tokens per cell (most variable in the reference)")
+    an.add_argument("--r", type=int, default=8, help="LoRA rank")
+    an.add_argument("--prefix-tokens", type=int, default=8)
+    an.add_argument("--layer", default=None)
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--device", default=None)
+    an.add_argument("--quiet", action="store_true")
+    an.set_defaults(func=cmd_annotate)
+
+    pb = sub.add_parser("pbmc", help="write scanpy's PBMC cells as an annotation reference/query pair")
+    pb.add_argument("--out", required=True, help="folder for reference.h5ad and query.h5ad")
+    pb.set_defaults(func=cmd_pbmc)
 
     e = sub.add_parser("embed", help="precompute molecule embeddings into a table (the table: encoder format)")
     e.add_argument("--input", required=True, help="CSV with drug/name and smiles columns, or a .smi file")

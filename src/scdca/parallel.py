@@ -9,11 +9,17 @@ CPUs, `address='auto'` or 'HOST:PORT' joins a running cluster (`ray start --head
 node, `ray start --address HEAD:6379` on the others). `shared` (the dataset) is put into
 Ray's object store once and read zero-copy by every task; results come back to the
 driver, which alone writes files, so workers need no shared filesystem for outputs.
-Each task is given `threads` CPUs and sets torch's thread count to match, so N workers
-do not oversubscribe the cores (N workers x 2 threads on 2 cores runs ~3x slower).
+Each task is given `threads` CPUs and caps torch's and BLAS's threads to match, so N
+workers do not oversubscribe the cores (N workers x 2 threads on 2 cores runs ~3x slower).
+
+Results equal a serial run's with the same threads per job (`workers=1, threads=T`).
+With another thread count, BLAS and torch sum in another order: most models agree to
+the last bit, but a model whose fit amplifies rounding (c3tl on some splits, NOTES.md)
+can differ visibly.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import traceback
@@ -39,13 +45,21 @@ def default_threads(workers: int) -> int:
 
 
 def _call(fn: Callable, shared: Any, job: tuple, threads: int | None):
-    """Run one job, returning a JobFailure instead of raising (KeyboardInterrupt still stops)."""
+    """Run one job, returning a JobFailure instead of raising (KeyboardInterrupt still stops).
+
+    `threads` caps torch's and the BLAS libraries' threads (numpy's SVD sums in another order
+    with another thread count), so a job gives the same numbers wherever it runs with the same cap.
+    """
+    limits = contextlib.nullcontext()
     if threads is not None:
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(threads)
+        limits = threadpool_limits(limits=threads)
     try:
-        return fn(shared, *job)
+        with limits:
+            return fn(shared, *job)
     except Exception as err:  # noqa: BLE001 - reported to the user with its traceback, never swallowed
         return JobFailure(f"{type(err).__name__}: {err}".splitlines()[0][:300], traceback.format_exc())
 
