@@ -8,21 +8,26 @@ state was never seen in training (out of context). The backbone is pretrained by
 Each (method, seed) fit runs in its own fresh process, one after another: accuracy and
 macro-F1 on the query, trainable parameters, fit seconds, and the peak resident memory
 added by fit + predict above what the process held before fitting (ru_maxrss delta).
-Writes runs/pbmc/peft_results.csv and prints mean ± sd over seeds per method.
+`logreg` is a reference without any backbone: scikit-learn's logistic regression on the
+log1p values of the same gene tokens (fit in the bench's own process, seconds; its memory is not
+measured). Writes runs/pbmc/peft_results.csv (rows of methods not rerun are kept) and prints
+mean ± sd over seeds per method.
 Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
-    python bench/peft_pbmc.py [--seeds 5] [--epochs 10] [--steps 600]
+    python bench/peft_pbmc.py [--seeds 5] [--epochs 10] [--max-genes 128] [--steps 600]
 """
 from __future__ import annotations
 
 import argparse
 import json
+
+import numpy as np
 import subprocess
 import sys
 from pathlib import Path
 
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "pbmc"
-METHODS = ("linear", "lora", "prefix", "adapter", "token", "full")
+METHODS = ("linear", "lora", "prefix", "adapter", "token", "full", "logreg")
 
 CHILD = r"""
 import json, resource, sys
@@ -31,12 +36,14 @@ from sklearn.metrics import f1_score
 from scdca.annotate import AnnotateConfig, Annotator
 from scdca.data import read
 from scdca.peft import PeftConfig
-method, seed, epochs, backbone, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+method, seed, epochs, backbone, folder, max_genes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
+    sys.argv[5], int(sys.argv[6])
 ref, query = read(f"{folder}/reference.h5ad"), read(f"{folder}/query.h5ad")
 import torch
 torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # first optimiser's one-off imports, before measuring
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-ann = Annotator(backbone, AnnotateConfig(peft=PeftConfig(method=method), epochs=epochs, seed=seed), progress=False)
+ann = Annotator(backbone, AnnotateConfig(peft=PeftConfig(method=method), epochs=epochs, seed=seed,
+                                        max_genes=max_genes), progress=False)
 ann.fit(ref, "bulk_labels")
 pred = ann.annotate(query).obs["scdca_label"].astype(str).to_numpy()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -48,12 +55,40 @@ print(json.dumps({"method": method, "seed": seed, "accuracy": float((pred == tru
 """
 
 
+def logreg(seeds: int, max_genes: int) -> list[dict]:
+    """Logistic regression on the annotator's gene tokens (the most variable known genes)."""
+    import time
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    from scdca.annotate import expression
+    from scdca.data import read
+
+    ref, query = read(RUNS / "reference.h5ad"), read(RUNS / "query.h5ad")
+    Xr, Xq = expression(ref), expression(query)
+    keep = np.sort(np.argsort(-Xr.var(0), kind="stable")[:max_genes])  # as Annotator chooses its genes
+    truth = query.obs["bulk_labels"].astype(str).to_numpy()
+    rows = []
+    for seed in range(seeds):
+        t0 = time.perf_counter()
+        clf = LogisticRegression(max_iter=2000, random_state=seed).fit(Xr[:, keep], ref.obs["bulk_labels"].astype(str))
+        pred = clf.predict(Xq[:, keep])
+        rows.append({"method": "logreg", "seed": seed, "accuracy": float((pred == truth).mean()),
+                     "macro_f1": float(f1_score(truth, pred, average="macro", labels=sorted(set(truth)))),
+                     "params_trainable": int(clf.coef_.size + clf.intercept_.size), "trainable_pct": 100.0,
+                     "fit_seconds": time.perf_counter() - t0, "peak_added_mb": float("nan")})
+        print(f"  logreg   seed {seed}: accuracy {rows[-1]['accuracy']:.3f}, macro-F1 {rows[-1]['macro_f1']:.3f}")
+    return rows
+
+
 def main() -> None:
     import pandas as pd
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-genes", type=int, default=128, help="gene tokens per cell (annotate's default is 256)")
     p.add_argument("--steps", type=int, default=600, help="pretraining steps of the backbone")
     p.add_argument("--methods", default=",".join(METHODS))
     args = p.parse_args()
@@ -66,17 +101,25 @@ def main() -> None:
                                 "--layers", "4", "--dim", "64", "--heads", "4", "--steps", str(args.steps),
                                 "--seq-len", "128", "--quiet"], check=True)
     rows = []
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    for method in methods:
+        if method == "logreg":
+            rows += logreg(args.seeds, args.max_genes)
+            continue
         for seed in range(args.seeds):
             out = subprocess.run([sys.executable, "-c", CHILD, method, str(seed), str(args.epochs), str(backbone),
-                                  str(RUNS)], capture_output=True, text=True)
+                                  str(RUNS), str(args.max_genes)], capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{method} seed {seed} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  {method:8s} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}, macro-F1 "
                   f"{rows[-1]['macro_f1']:.3f}, {rows[-1]['fit_seconds']:.0f} s", flush=True)
     df = pd.DataFrame(rows)
-    df.to_csv(RUNS / "peft_results.csv", index=False)
+    old = RUNS / "peft_results.csv"
+    if old.exists():  # keep the methods not rerun this time
+        previous = pd.read_csv(old)
+        df = pd.concat([previous[~previous["method"].isin(methods)], df], ignore_index=True)
+    df.to_csv(old, index=False)
     g = df.groupby("method", sort=False)
     table = pd.DataFrame({
         "accuracy": g["accuracy"].agg(lambda s: f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"),
@@ -89,8 +132,8 @@ def main() -> None:
     summary = json.loads((backbone / "pretrain_summary.json").read_text())
     print(f"\nbackbone: {summary['parameters']:,} parameters, masked MSE {summary['best_val_loss']:.3f} vs "
           f"{summary['gene_mean_baseline_val_loss']:.3f} for gene means; query = {args.seeds} seeds, "
-          f"{args.epochs} epochs")
-    print(table.to_markdown() if hasattr(table, "to_markdown") else table.to_string())
+          f"{args.epochs} epochs, {args.max_genes} gene tokens per cell")
+    print(table.to_string())
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ def test_lora_targets_attention_and_feed_forward_through_hf_peft():
     model = apply(resolve("random:2x16", genes=GENES), PeftConfig(method="lora", r=2, lora_on="attention"))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names) and not any("linear1" in n for n in names)
+    ids, values = _inputs(model)
+    before = model.eval().encode(ids, values)
+    with torch.no_grad():  # a non-zero LoRA update of q/k/v must reach the attention output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)
+    assert not torch.allclose(model.encode(ids, values), before, atol=1e-4)
     ff = apply(resolve("random:2x16", genes=GENES), PeftConfig(method="lora", r=2, lora_on="ff"))
     names = [n for n, p in ff.named_parameters() if p.requires_grad]
     assert {n.split(".")[3] for n in names} == {"linear1", "linear2"}  # transformer layers' feed-forward only

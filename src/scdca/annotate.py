@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from . import _io
 from .adapters import count_parameters
-from .backbone import Backbone, SelfAttention, reference as backbone_reference, resolve as resolve_backbone, \
-    weights_hash
+from .backbone import Backbone, GeneVocab, SelfAttention, is_random, reference as backbone_reference, \
+    resolve as resolve_backbone, weights_hash
 from .data import DataKeys, _looks_like_counts, _normalize_log1p, _validated_matrix
 from .errors import ScdcaInputError
 from .peft import PeftConfig, apply as apply_peft, trainable_state
@@ -187,7 +187,14 @@ class Annotator:
 
     def _choose_genes(self, reference: ad.AnnData, layer: str | None) -> list[str]:
         names = reference.var_names.astype(str)
-        known = resolve_backbone(self.backbone_spec, genes=list(names), device="cpu").vocab
+        if is_random(self.backbone_spec):  # an untrained backbone gets the reference's genes as vocabulary
+            known = set(names)
+        else:
+            vocab_file = Path(self.backbone_spec) / "vocab.json"
+            if not vocab_file.exists():
+                raise ScdcaInputError(f"backbone: {self.backbone_spec!r} has no vocab.json; pass a folder written by "
+                                      f"`scdca pretrain` (or an scGPT release), or random:<layers>x<dim>")
+            known = GeneVocab.load(vocab_file)
         shared = [i for i, g in enumerate(names) if g in known]
         if not shared:
             raise ScdcaInputError(f"reference: none of its {len(names)} genes (e.g. {list(names[:3])}) are in the "

@@ -120,3 +120,16 @@ def test_predict_is_the_raw_prediction_clipped_at_zero(name, tiny_data):
     raw, pred = model._predict(query), model.predict(query)
     np.testing.assert_array_equal(pred, np.maximum(raw, 0))
     assert pred.min() >= 0 and model.n_clipped_ == int((raw < 0).sum())
+
+
+def test_principal_directions_have_a_fixed_sign_and_span_the_changes():
+    from scdca.models.base import principal_directions
+
+    rng = np.random.default_rng(0)
+    delta = rng.normal(size=(30, 3)) @ rng.normal(size=(3, 12))  # rank 3
+    mean, basis = principal_directions(delta, 3)
+    flipped_mean, flipped = principal_directions(delta[::-1].copy(), 3)  # another row order: same directions
+    np.testing.assert_allclose(basis, flipped, atol=1e-8)
+    rows = np.arange(3)
+    assert (basis[rows, np.abs(basis).argmax(1)] > 0).all()
+    np.testing.assert_allclose((delta - mean) @ basis.T @ basis, delta - mean, atol=1e-8)  # nothing lost
