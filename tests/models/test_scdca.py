@@ -124,16 +124,32 @@ def test_save_load_gives_identical_predictions_and_refuses_another_backbone(tiny
         ScDCAModel.load(tmp_path / "m", backbone=str(tmp_path / "other_bb"))
 
 
-@pytest.mark.parametrize("name,backbone", [("scdca_lowrank", None), ("scdca_plus", "random:1x16")])
+@pytest.mark.parametrize("name,backbone", [("scdca_lowrank", None), ("scdca_plus", "random:1x16"),
+                                           ("scdca_plus_frozen", "random:1x16")])
 def test_extensions_save_and_load_with_their_line_offsets(tiny_data, tiny_backbone, tmp_path, name, backbone):
     split = make_splits(tiny_data, "unseen_cell_zeroshot", 0)[0]  # the query line has no training offset
     model = make_model(name, backbone=backbone or tiny_backbone, encoder="morgan:bits=128", epochs=2,
-                       **({"head_warmup_epochs": 5} if name == "scdca_plus" else {})).fit(tiny_data.subset(split.train))
+                       **({"head_warmup_epochs": 5} if name.startswith("scdca_plus") else {}))
+    model.fit(tiny_data.subset(split.train))
     model.save(tmp_path / "m")
     again = ScDCAModel.load(tmp_path / "m")
     assert type(again).name == name and again.cfg.line_offset
     q = tiny_data.subset(split.test, observed=False)
     np.testing.assert_allclose(again.predict(q), model.predict(q), rtol=1e-5, atol=1e-5)
+
+
+def test_plus_frozen_keeps_the_warmed_up_head_and_trains_the_adapters(tiny_data):
+    train = tiny_data.subset(make_splits(tiny_data, "unseen_drug", 0)[0].train)
+    opts = dict(backbone="random:1x16", encoder="morgan:bits=128", head_warmup_epochs=20, seed=0)
+    warm = make_model("scdca_plus_frozen", epochs=0, **opts).fit(train)  # warm-up only
+    model = make_model("scdca_plus_frozen", epochs=3, lr=1e-2, **opts).fit(train)
+    state = {k: v for k, v in model.net.state_dict().items()}
+    for name, value in warm.net.state_dict().items():
+        if name.startswith("gene_head."):
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+    moved = [n for n, v in warm.net.state_dict().items() if n.startswith("adapters.") and not torch.equal(state[n], v)]
+    assert moved  # the adapters trained
+    assert model.cost()["steps"] > 0
 
 
 @pytest.mark.parametrize("name", ["scdca_nores", "scdca_noskip", "scdca_film", "finetune", "concat", "feature"])

@@ -15,6 +15,8 @@ Our extensions (not in the paper; why, and the ablation, in NOTES.md):
                  states; full-batch steps, a fixed budget, no early stopping
 - `scdca_plus`   FiLM adapters + the same head and line offset; the head is first fitted
                  alone on the frozen states, then everything trains within the usual budget
+- `scdca_plus_frozen` as scdca_plus, but the head keeps its warm-up fit (600 steps) and only
+                 the adapters train afterwards, on a fixed budget with no best-validation restore
 
 Output: every variant predicts control + (output - reference), where the reference is what
 the untrained model outputs for that control (the pretrained backbone's decoder on its own
@@ -82,6 +84,7 @@ class ScDCAConfig:
     line_offset: bool = False  # add each line's mean training change (global mean for unseen lines) to the
     #                            output, so the trainable parts model what differs between drugs
     head_warmup_epochs: int = 0  # gene_head with adapters: first fit the head alone on the frozen, cached
+    freeze_head: bool = False  # gene_head with adapters: the head keeps its warm-up fit; only adapters train after
     #                              hidden states (full batch, this many steps), then train everything
     patience: int = 5
     max_steps: int | None = None  # stop after this many optimiser steps in total (CPU budgets)
@@ -267,7 +270,8 @@ class ScDCAModel(PerturbationModel):
         tr_idx, va_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
         batch = cfg.batch_size if cfg.batch_size > 0 else len(tr_idx)
 
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        head = {id(p) for p in self.net.gene_head.parameters()} if cfg.freeze_head and cfg.gene_head else set()
+        params = [p for p in self.net.parameters() if p.requires_grad and id(p) not in head]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._cost = {**{f"params_{k}": v for k, v in count_parameters(self.net).items()}}
         summary = (f"{self.name}: {self._cost['params_trainable']:,} trainable of {self._cost['params_total']:,} "
@@ -523,6 +527,10 @@ ScDCALowRank.options = ("backbone", "encoder", "device", "seed")
 _variant("scdca_plus", "adapter", "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
          "hidden states, the head first fitted alone on the frozen states (our extension).", modulation="film",
          gene_head=True, head_warmup_epochs=300, line_offset=True)
+_variant("scdca_plus_frozen", "adapter", "scdca_plus whose drug x gene head keeps its warm-up fit (600 full-batch "
+         "steps, as scdca_lowrank) while the FiLM adapters train on a fixed budget, without best-validation restore "
+         "(our extension; NOTES.md, session 5).", modulation="film", gene_head=True, head_warmup_epochs=600,
+         freeze_head=True, line_offset=True, val_fraction=0.0)
 _variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
 _variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
 _variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")
