@@ -37,11 +37,14 @@ def test_training_changes_only_the_methods_parameters(method):
     ann = _fit(method, epochs=2)
     original = resolve("random:1x16", genes=GENES).state_dict()
     trainable = {n for n, p in ann.net.backbone.named_parameters() if p.requires_grad}
+    compared = set()
     for name, value in ann.net.backbone.state_dict().items():
         base = name.replace("base_layer.", "").replace(".base.", ".")  # wrapped modules keep the original tensor
         if name in trainable or base not in original:
             continue
         torch.testing.assert_close(value, original[base], rtol=0, atol=0, msg=name)
+        compared.add(base)
+    assert compared == set(original)  # every frozen tensor was found and checked
     assert trainable or method == "linear"
     assert ann.cost["params_trainable"] > 0 and ann.cost["params_trainable_pct"] < 100
 

@@ -41,6 +41,21 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     return len(stale)
 
 
+def read_mapping(path: str | os.PathLike, *, arg: str, hint: str) -> dict:
+    """A YAML (or JSON) file holding a mapping; a clear error naming `arg` otherwise (`hint`: what to pass)."""
+    import yaml
+
+    from .errors import ScdcaInputError, reason
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ScdcaInputError(f"{arg}: cannot read {str(path)!r} ({reason(err)}); pass {hint}") from None
+    if not isinstance(raw, dict):
+        raise ScdcaInputError(f"{arg}: {str(path)!r} does not hold a mapping of settings; pass {hint}")
+    return raw
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import _io
 from .backbone import is_random, reference as backbone_reference
 from .data import DataKeys, PerturbationData, deg_long_table, load, rank_degs
-from .errors import GridError, ScdcaInputError, reason
+from .errors import GridError, ScdcaInputError
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS
 from .parallel import JobFailure, run_jobs
@@ -106,7 +106,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
         workers: grid cells run in parallel on a local Ray with this many workers (1: serial,
             in this process). Results equal the serial run's (see `scdca.parallel`).
         ray_address: run the cells on this Ray cluster instead ('auto' or 'HOST:PORT').
-        threads: torch threads per worker (default: cores // workers; 1 on a cluster).
+        threads: torch and BLAS threads per worker (default: cores // workers; 1 on a cluster).
     Returns:
         The tidy results table (one row per test condition and metric).
     Raises:
@@ -240,15 +240,7 @@ def read_config(path: str | os.PathLike, **overrides) -> BenchmarkConfig:
     Keys written for provenance (identity, provenance, report) are ignored; `overrides`
     (e.g. out=...) replace file values. Unknown keys are refused, naming them.
     """
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ScdcaInputError(f"config: cannot read {str(path)!r} ({reason(err)}); pass a YAML or "
-                              f"JSON file such as a run's config.json") from None
-    if not isinstance(raw, dict):
-        raise ScdcaInputError(f"config: {str(path)!r} does not hold a mapping of settings")
+    raw = _io.read_mapping(path, arg="config", hint="a YAML or JSON file such as a run's config.json")
     raw = {k: v for k, v in raw.items() if k not in ("identity", "provenance", "report")}
     fields = {f.name for f in dataclasses.fields(BenchmarkConfig)}
     unknown = sorted(set(raw) - fields)

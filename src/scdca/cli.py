@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import GridError, LeakageError, ScdcaInputError, reason
+from .errors import GridError, LeakageError, ScdcaInputError
 
 
 def _add_keys(p: argparse.ArgumentParser) -> None:
@@ -37,17 +37,12 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     command = next((a for a in argv if not a.startswith("-")), None)
     if "--config" not in argv or command not in parser.configurable:
         return
-    import yaml
+    from . import _io
 
     sub = parser.configurable[command]
     path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ScdcaInputError(f"config: cannot read {path!r} ({reason(err)}); pass a YAML file of option names "
-                              f"and values, e.g. --out/{CONFIG_FILE} of an earlier run") from None
-    if not isinstance(raw, dict):
-        raise ScdcaInputError(f"config: {path!r} does not hold a mapping of option names to values")
+    raw = _io.read_mapping(path, arg="config", hint=f"a YAML file of option names and values, e.g. "
+                                                    f"--out/{CONFIG_FILE} of an earlier run")
     actions = {a.dest: a for a in sub._actions if a.dest not in _NOT_OPTIONS}
     values = {str(k).lstrip("-").replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - set(actions))

@@ -15,6 +15,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -79,13 +80,12 @@ def global_mean_loss(sq_err_sum: Tensor, n_global: int | float, ctx: Context) ->
     return sq_err_sum * (ctx.world / n_global)
 
 
-def all_sum(value: float | Tensor, ctx: Context) -> float:
-    """Sum a number over all ranks (the number itself with one process)."""
-    if ctx.world == 1:
-        return float(value)
-    t = torch.as_tensor(float(value), dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t)
-    return float(t)
+def all_sum(values: float | Tensor, ctx: Context) -> np.ndarray:
+    """Sum a number or a vector over all ranks, elementwise (itself with one process), as float64 numpy."""
+    t = torch.as_tensor(values, device=ctx.device).detach().to(torch.float64)
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t.cpu().numpy()
 
 
 def check_precision(precision: str) -> str:

@@ -207,7 +207,7 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
         sched.step()
         step += 1
         bar.update(1)
-        train_loss = distributed.all_sum(sq_err.item(), ctx) / n_masked
+        train_loss = float(distributed.all_sum(sq_err, ctx)) / n_masked
         bar.set_postfix(loss=f"{train_loss:.4f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val_loss = _evaluate(model, val, device)

@@ -307,6 +307,7 @@ class ScDCAModel(PerturbationModel):
                 raise KeyboardInterrupt(f"stopped before epoch {epoch}")
             self.net.train()
             order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(tr_idx)
+            sq_errs, sizes = [], []  # per step; summed over ranks and read once per epoch (no per-step sync)
             for s in range(0, len(order), batch):
                 b = order[s : s + batch]
                 mine = distributed.shard(b, ctx)  # this rank's rows of the global batch (all of it alone)
@@ -320,9 +321,11 @@ class ScDCAModel(PerturbationModel):
                 loss.backward()
                 opt.step()
                 step += 1
-                self.loss_history_.append(distributed.all_sum(sq_err.item(), ctx) / (len(b) * n_genes))
+                sq_errs.append(sq_err.detach())
+                sizes.append(len(b) * n_genes)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
+            self.loss_history_ += list(distributed.all_sum(torch.stack(sq_errs), ctx) / np.array(sizes))
             train_loss = self.loss_history_[-1]
             val = self._loss(controls, cache, line_idx, cond, target, va_idx) if len(va_idx) else train_loss
             bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}")
