@@ -7,7 +7,7 @@ with the noise-free true change (`uns['scdca_truth']`). A model that cannot fit 
 it was trained on cannot rank new ones. Needs runs/demo/data.h5ad and, for the scDCA
 family, a backbone (make demo-scdca makes both).
 
-    python bench/train_fit.py [--models ridge,c3tl,scdca_lowrank,scdca] [--backbone DIR]
+    python bench/train_fit.py [--models ridge,c3tl,scdca_lowrank,scdca_routed,scdca] [--backbone DIR]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", default="runs/demo/data.h5ad")
     p.add_argument("--backbone", default="runs/demo/backbone_atlas")
-    p.add_argument("--models", default="ridge,c3tl,scdca_lowrank,scdca")
+    p.add_argument("--models", default="ridge,c3tl,scdca_lowrank,scdca_routed,scdca")
     args = p.parse_args()
     data = load(args.data, n_top_genes=256)
     ann = ad.read_h5ad(args.data, backed="r").uns["drug_annotations"]

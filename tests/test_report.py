@@ -32,6 +32,15 @@ def test_paired_t_test_matches_scipy_by_hand():
     assert row["n_seeds"] == 3
 
 
+def test_paired_tests_keep_tasks_without_held_out_lines_after_a_plain_csv_round_trip(tmp_path):
+    tiny_results().to_csv(tmp_path / "r.csv", index=False)
+    read = pd.read_csv(tmp_path / "r.csv")  # pandas' defaults turn held_out '' into NaN
+    assert read["held_out"].isna().any()
+    t = paired_tests(read, "a", "pearson_delta_deg")
+    assert set(t["task"]) == {"unseen_drug", "unseen_cell_zeroshot"}
+    assert t[t.task == "unseen_drug"]["mean_difference"].iloc[0] == pytest.approx(0.1)
+
+
 def test_holm_correction_by_hand():
     p = pd.Series([0.01, 0.04, 0.03])
     np.testing.assert_allclose(_holm(p), [0.03, 0.06, 0.06])

@@ -86,6 +86,7 @@ class DrugGeneConfig:
     n_genes: int  # gene tokens the model reads (T), each with its own free loading vector
     rank: int = 32  # number of response axes shared by all drugs
     hidden: int = 128  # width of the drug projection q
+    dropout: float = 0.0  # dropout on q's molecule features and hidden layer while training
 
 
 class DrugGeneHead(nn.Module):
@@ -104,6 +105,8 @@ class DrugGeneHead(nn.Module):
     change' (see NOTES.md). The dose
     enters only through a per-molecule sigmoid gate, so all doses of a drug share one
     direction: with a free function of (m, t) each noisy condition was fitted on its own.
+    `dropout` on q trades fitting the training molecules for smoothness across molecules
+    (better for new molecules, worse for seen ones; NOTES.md, session 6).
     """
 
     def __init__(self, cfg: DrugGeneConfig):
@@ -133,10 +136,14 @@ class DrugGeneHead(nn.Module):
             out[pick] = weights[pick] @ loadings[line].T
         return out
 
+    def _drop(self, x: Tensor) -> Tensor:
+        return nn.functional.dropout(x, self.cfg.dropout, self.training)
+
     def drug_weights(self, cond: Tensor) -> Tensor:  # (B, C) -> (B, K)
         """u(m) * sigmoid(alpha(m) + beta(m) t): one direction per molecule m, scaled by a
         sigmoid in the scaled log dose t that rises with dose (beta > 0), as a Hill curve."""
-        out = self.drug_proj(cond[:, :-1])  # (B, K + 2)
+        first, act, last = self.drug_proj
+        out = last(self._drop(act(first(self._drop(cond[:, :-1])))))  # (B, K + 2)
         u, alpha, beta = out[:, :-2], out[:, -2], out[:, -1]
         gate = torch.sigmoid(alpha + 8.0 * nn.functional.softplus(beta) * (cond[:, -1] - 0.5))  # (B,)
         return u * gate[:, None]

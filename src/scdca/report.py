@@ -43,7 +43,8 @@ def drug_blind(results: pd.DataFrame) -> pd.DataFrame:
 def per_seed(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Mean per (model, task, seed): conditions averaged within a split, held-out lines within a seed."""
     r = results[results["metric"] == metric]
-    split = r.groupby(["model", "task", "seed", "held_out"], as_index=False)["value"].mean()
+    # dropna=False: tasks without held-out lines have held_out '' (NaN when a CSV is read with pandas' defaults)
+    split = r.groupby(["model", "task", "seed", "held_out"], as_index=False, dropna=False)["value"].mean()
     return split.groupby(["model", "task", "seed"], as_index=False)["value"].mean()
 
 

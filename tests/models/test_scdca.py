@@ -299,3 +299,60 @@ def test_plus_variant_warms_up_its_head_before_the_adapters_train(tmp_path):
     # no warm-up, no training: every drug gets the line's mean training change (line_offset)
     line_mean = data.delta()[(data.conditions["cell_line"] == "L1").to_numpy()].mean(0)
     np.testing.assert_allclose(_changes(cold.fit(data), data), np.stack([line_mean] * 2), atol=1e-5)
+
+
+def test_head_dropout_acts_only_while_training():
+    from scdca.adapters import DrugGeneConfig, DrugGeneHead
+
+    torch.manual_seed(0)
+    head = DrugGeneHead(DrugGeneConfig(d_model=8, cond_dim=6, n_genes=5, rank=3, hidden=16, dropout=0.5))
+    with torch.no_grad():
+        head.drug_proj[-1].weight.normal_()
+    h, cond = torch.randn(2, 5, 8), torch.randn(4, 6)
+    head.eval()
+    torch.testing.assert_close(head.drug_weights(cond), head.drug_weights(cond))  # deterministic
+    plain = DrugGeneHead(DrugGeneConfig(d_model=8, cond_dim=6, n_genes=5, rank=3, hidden=16))
+    plain.load_state_dict(head.state_dict())  # same keys: dropout adds no parameters
+    plain.eval()
+    torch.testing.assert_close(head.drug_weights(cond), plain.drug_weights(cond))
+    head.train()
+    assert not torch.allclose(head.drug_weights(cond), head.drug_weights(cond))
+
+
+def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_head(tiny_data, tiny_backbone,
+                                                                                 tmp_path):
+    split = make_splits(tiny_data, "unseen_drug", 0)[0]
+    train = tiny_data.subset(split.train)
+    opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=30, seed=0)
+    model = make_model("scdca_routed", new_dropout=0.5, **opts).fit(train)
+    seen_ids = list(split.train[:6])
+    new_ids = list(split.test[:6])
+    q = tiny_data.subset(seen_ids + new_ids, observed=False)
+    pred = model.predict(q)
+    plain = make_model("scdca_lowrank", **opts).fit(train)
+    dropped = make_model("scdca_lowrank", gene_head_dropout=0.5, **opts).fit(train)
+    np.testing.assert_allclose(pred[:6], plain.predict(tiny_data.subset(seen_ids, observed=False)), atol=1e-6)
+    np.testing.assert_allclose(pred[6:], dropped.predict(tiny_data.subset(new_ids, observed=False)), atol=1e-6)
+    assert not np.allclose(pred[6:], plain.predict(tiny_data.subset(new_ids, observed=False)), atol=1e-4)
+    # seen is decided on the molecule, not its spelling or name
+    smiles = q.conditions["smiles"].iloc[0]
+    from rdkit import Chem
+
+    other_spelling = Chem.MolToSmiles(Chem.MolFromSmiles(smiles), doRandom=True, canonical=False)
+    assert model.is_seen([smiles, other_spelling, "C1CCCCC1CCCCCCCCCCCCN"]).tolist() == [True, True, False]
+    c = model.cost()
+    assert c["params_trainable"] == plain.cost()["params_trainable"] * 2 and c["steps"] == 60
+
+    model.save(tmp_path / "routed")
+    from scdca.models import load_model
+
+    again = load_model(tmp_path / "routed")
+    np.testing.assert_allclose(again.predict(q), pred, rtol=1e-5, atol=1e-5)
+    from scdca.predict import predict
+
+    line = q.conditions["cell_line"].iloc[0]
+    out = predict(again, [smiles, "C1CCCCC1CCCCCCCCCCCCN"], cell_lines=[line])  # a user's query: one seen, one new
+    assert out.shape == (2, tiny_data.n_genes)
+    np.testing.assert_allclose(out.X[0], predict(again.seen, [smiles], cell_lines=[line]).X[0], atol=1e-6)
+    np.testing.assert_allclose(out.X[1], predict(again.new, ["C1CCCCC1CCCCCCCCCCCCN"], cell_lines=[line]).X[0],
+                               atol=1e-6)

@@ -53,6 +53,7 @@ from ..backbone import Backbone, reference as backbone_reference, resolve as res
 from ..data import PerturbationData
 from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
+from ..molecules import canonical_smiles
 from .base import MODELS, PerturbationModel, dose_range, read_model_json, scaled_dose, write_model_json
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class ScDCAConfig:
     gene_head: bool = False  # add the low-rank drug x gene output (DrugGeneHead) on the final hidden states
     gene_head_rank: int = 32
     gene_head_hidden: int = 128
+    gene_head_dropout: float = 0.0  # dropout inside the head's molecule projection q
     epochs: int = 20
     batch_size: int = 16  # 0: the whole training set in every step (cheap for cached variants)
     lr: float = 1e-4
@@ -122,7 +124,7 @@ class ScDCANet(nn.Module):
             self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n))
         if cfg.variant == "lowrank" or cfg.gene_head:  # low-rank drug x gene output on the final hidden states
             self.gene_head = DrugGeneHead(DrugGeneConfig(D, cond_dim, len(gene_ids), cfg.gene_head_rank,
-                                                         cfg.gene_head_hidden))
+                                                         cfg.gene_head_hidden, cfg.gene_head_dropout))
         if cfg.variant in ("concat", "feature"):  # start at 'no change', like the adapters
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
@@ -537,3 +539,82 @@ _variant("scdca_plus_frozen", "adapter", "scdca_plus whose drug x gene head keep
 _variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
 _variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
 _variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")
+
+
+@MODELS.register("scdca_routed")
+class ScDCARouted(PerturbationModel):
+    """Two `scdca_lowrank` heads on one frozen backbone, chosen per molecule (our extension).
+
+    A molecule seen in training (in any line or dose; matched by canonical SMILES) gets the
+    plain head, which fits each training molecule closely; a new molecule gets a head whose
+    molecule projection trained with dropout (`new_dropout`), which fits the training
+    molecules less closely but varies more smoothly between them. Measured: the plain head
+    ranks seen drugs better and new drugs worse than the dropout head (NOTES.md, session 6),
+    and one head shared by both kinds of molecule was worse than each on its own kind. The
+    choice uses only what is known when predicting: whether the molecule was in training.
+    """
+
+    name = "scdca_routed"
+    options = ScDCALowRank.options
+
+    def __init__(self, *, new_dropout: float = 0.6, **kwargs):
+        self.new_dropout = new_dropout
+        self.seen = ScDCALowRank(**kwargs)
+        self.new = ScDCALowRank(**kwargs, gene_head_dropout=new_dropout)
+
+    def fit(self, train: PerturbationData) -> "ScDCARouted":
+        self.seen.fit(train)
+        self.new.fit(train)
+        self._molecules = sorted({canonical_smiles(s) or s for s in train.drug_smiles().values()})
+        return self
+
+    @property
+    def _controls(self):  # what scdca.predict reads from a model: the training lines' controls, genes
+        return self.seen._controls
+
+    @property
+    def _genes(self):
+        return self.seen._genes
+
+    def is_seen(self, smiles) -> np.ndarray:
+        """(N,) True where the molecule was in the training data."""
+        known = set(self._molecules)
+        return np.array([(canonical_smiles(s) or s) in known for s in smiles], dtype=bool)
+
+    def _predict(self, query: PerturbationData) -> np.ndarray:
+        if not hasattr(self, "_molecules"):
+            raise RuntimeError("call fit() (or ScDCARouted.load) before predict()")
+        seen = self.is_seen(query.conditions["smiles"])
+        out = np.empty((len(query.ids), query.n_genes), dtype=np.float32)
+        for mask, head in ((seen, self.seen), (~seen, self.new)):
+            if mask.any():
+                out[mask] = head.predict(query.subset(np.asarray(query.ids)[mask], observed=False))
+        return out
+
+    def cost(self) -> dict[str, Any]:
+        a, b = self.seen.cost(), self.new.cost()
+        if not a or not b:
+            return {}
+        trainable = a["params_trainable"] + b["params_trainable"]
+        total = a["params_total"] + b["params_trainable"]  # one frozen backbone, two heads
+        return {"params_trainable": trainable, "params_total": total, "params_trainable_pct": 100.0 * trainable / total,
+                "steps": a["steps"] + b["steps"], "train_seconds": a["train_seconds"] + b["train_seconds"]}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Both heads in subfolders `seen/` and `new/`, then model.json (written last)."""
+        folder = Path(path)
+        self.seen.save(folder / "seen")
+        self.new.save(folder / "new")
+        write_model_json(folder, {"model": self.name, "new_dropout": self.new_dropout, "molecules": self._molecules},
+                         files=["seen/model.json", "new/model.json"])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCARouted":
+        folder = Path(path)
+        meta = read_model_json(folder)
+        model = cls.__new__(cls)
+        model.new_dropout = meta["new_dropout"]
+        model.seen = ScDCALowRank.load(folder / "seen", backbone=backbone, device=device)
+        model.new = ScDCALowRank.load(folder / "new", backbone=backbone, device=device)
+        model._molecules = list(meta["molecules"])
+        return model
