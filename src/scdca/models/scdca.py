@@ -543,7 +543,7 @@ _variant("feature", "feature", "Frozen backbone cell embedding + drug into a sep
 
 @MODELS.register("scdca_routed")
 class ScDCARouted(PerturbationModel):
-    """Two `scdca_lowrank` heads on one frozen backbone, chosen per molecule (our extension).
+    """Two `scdca_lowrank` heads on the same frozen backbone, chosen per molecule (our extension).
 
     A molecule seen in training (in any line or dose; matched by canonical SMILES) gets the
     plain head, which fits each training molecule closely; a new molecule gets a head whose
@@ -552,6 +552,8 @@ class ScDCARouted(PerturbationModel):
     ranks seen drugs better and new drugs worse than the dropout head (NOTES.md, session 6),
     and one head shared by both kinds of molecule was worse than each on its own kind. The
     choice uses only what is known when predicting: whether the molecule was in training.
+    Each head loads its own copy of the backbone (cost() counts it once); `scdca train` shows
+    no progress bar and keeps no per-epoch checkpoint for it (each head trains in seconds).
     """
 
     name = "scdca_routed"
