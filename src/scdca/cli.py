@@ -384,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: "
                    "cores / workers; 1 on a cluster)")
     g = b.add_argument_group("learned models: scDCA and its variants (scdca, scdca_nores, scdca_noskip, scdca_film, "
-                             "scdca_plus, scdca_plus_frozen, finetune, concat, feature); scdca_lowrank, c3tl and the peer biolord take "
-                             "--encoder and --device only (and scdca_lowrank --backbone)")
+                             "scdca_plus, scdca_plus_frozen, finetune, concat, feature); scdca_lowrank, scdca_routed, c3tl and the peer "
+                             "biolord take --encoder and --device only (and scdca_lowrank, scdca_routed --backbone)")
     g.add_argument("--backbone", default=None, help="backbone checkpoint folder (scdca pretrain writes one), or "
                    "random:<layers>x<dim> for an untrained one (ablation)")
     g.add_argument("--encoder", default=None, help="molecule encoder: chemnet (scDCA default), rdkit2d (biolord default), morgan, "
