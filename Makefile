@@ -22,15 +22,28 @@ demo: $(BIN)/scdca
 	$(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --models control,train_mean,additive,ridge,knn,dominant,c3tl --tasks all --seeds 5 --out runs/demo
 
+# Inputs the scDCA and peer demos share, made once (order-only on the venv, so reinstalling
+# does not redo them): the demo screen, the pretraining atlas (unperturbed cells, same genes)
+# and the backbone pretrained on it.
+DEMO_DATA := runs/demo/data.h5ad
+DEMO_ATLAS := runs/demo/atlas.h5ad
+DEMO_BACKBONE_DIR := runs/demo/backbone_atlas
+DEMO_BACKBONE := $(DEMO_BACKBONE_DIR)/best_model.pt
+
+$(DEMO_DATA): | $(BIN)/scdca
+	$(BIN)/scdca simulate --out $@ --seed 0
+
+$(DEMO_ATLAS): | $(BIN)/scdca
+	$(BIN)/scdca simulate --atlas --out $@ --seed 0
+
+$(DEMO_BACKBONE): | $(DEMO_ATLAS)
+	$(BIN)/scdca pretrain --data $(DEMO_ATLAS) --out $(DEMO_BACKBONE_DIR) --steps 1200
+
 # The recommended scDCA model next to the baselines, 5 seeds, all four tasks (issue 10's bar):
 # simulate the pretraining atlas (unperturbed cells, same genes), pretrain the demo backbone on it,
 # run the grid on the 256 most variable genes, then the same model on an untrained backbone (does
 # pretraining help?). The grids use 2 Ray workers. Timed end to end in NOTES.md.
-demo-scdca: $(BIN)/scdca
-	test -f runs/demo/data.h5ad || $(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
-	test -f runs/demo/atlas.h5ad || $(BIN)/scdca simulate --atlas --out runs/demo/atlas.h5ad --seed 0
-	test -f runs/demo/backbone_atlas/best_model.pt || \
-		$(BIN)/scdca pretrain --data runs/demo/atlas.h5ad --out runs/demo/backbone_atlas --steps 1200
+demo-scdca: $(BIN)/scdca $(DEMO_DATA) $(DEMO_BACKBONE)
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo --tasks all --seeds 5 --workers 2 \
 		--models control,train_mean,additive,ridge,knn,dominant,c3tl,scdca_lowrank,scdca_routed \
 		--n-top-genes 256 --backbone runs/demo/backbone_atlas --encoder chemnet
@@ -40,11 +53,7 @@ demo-scdca: $(BIN)/scdca
 # Every scDCA variant (the paper's adapter, ours, full fine-tuning) and biolord next to the
 # baselines, one seed (about 55 min on 2 CPU cores, estimated from its parts, not timed end to
 # end), then the scDCA family on an untrained backbone.
-demo-scdca-variants: $(BIN)/scdca
-	test -f runs/demo/data.h5ad || $(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
-	test -f runs/demo/atlas.h5ad || $(BIN)/scdca simulate --atlas --out runs/demo/atlas.h5ad --seed 0
-	test -f runs/demo/backbone_atlas/best_model.pt || \
-		$(BIN)/scdca pretrain --data runs/demo/atlas.h5ad --out runs/demo/backbone_atlas --steps 1200
+demo-scdca-variants: $(BIN)/scdca $(DEMO_DATA) $(DEMO_BACKBONE)
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_variants --tasks all --seeds 1 \
 		--models control,train_mean,additive,ridge,knn,dominant,c3tl,biolord,scdca,scdca_film,scdca_lowrank,scdca_plus,scdca_plus_frozen,scdca_routed,finetune,feature \
 		--n-top-genes 256 --backbone runs/demo/backbone_atlas --encoder chemnet --max-steps 200 --lr 1e-3
@@ -53,8 +62,7 @@ demo-scdca-variants: $(BIN)/scdca
 		--n-top-genes 256 --backbone random:4x128 --encoder chemnet --max-steps 200 --lr 1e-3
 
 # The published peer biolord next to the baselines, 5 seeds (about 25 min on 2 CPU cores).
-demo-peers: $(BIN)/scdca
-	test -f runs/demo/data.h5ad || $(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
+demo-peers: $(BIN)/scdca $(DEMO_DATA)
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/demo_peers --tasks all --seeds 5 \
 		--models control,train_mean,additive,ridge,knn,biolord
 

@@ -580,8 +580,10 @@ class ScDCARouted(PerturbationModel):
 
     def is_seen(self, smiles) -> np.ndarray:
         """(N,) True where the molecule was in the training data."""
+        smiles = list(smiles)
         known = set(self._molecules)
-        return np.array([(canonical_smiles(s) or s) in known for s in smiles], dtype=bool)
+        seen = {s: (canonical_smiles(s) or s) in known for s in set(smiles)}  # each molecule parsed once
+        return np.array([seen[s] for s in smiles], dtype=bool)
 
     def _predict(self, query: PerturbationData) -> np.ndarray:
         if not hasattr(self, "_molecules"):
