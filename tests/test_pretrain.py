@@ -5,7 +5,7 @@ import pytest
 
 from scdca.backbone import load, weights_hash
 from scdca.errors import ScdcaInputError
-from scdca.pretrain import PretrainConfig, pretrain
+from scdca.pretrain import PretrainConfig, _Batches, linear_baseline, pretrain
 
 TINY = dict(layers=1, dim=16, heads=2, steps=20, batch_size=8, seq_len=12, eval_every=10, save_every=5, val_cells=32)
 
@@ -25,6 +25,7 @@ def test_writes_a_checkpoint_that_load_reads(tmp_path):
     assert model.cfg.nlayers == 1 and model.cfg.d_model == 16
     assert "G5" in model.vocab and "<cls>" in model.vocab
     assert s["steps"] == 20 and (tmp_path / "bb" / "pretrain_log.csv").exists()
+    assert s["linear_baseline_val_loss"] < s["gene_mean_baseline_val_loss"]
 
 
 def test_masked_value_loss_beats_the_gene_mean():
@@ -35,6 +36,31 @@ def test_masked_value_loss_beats_the_gene_mean():
     with tempfile.TemporaryDirectory() as d:
         s = pretrain(structured_cells(), d, cfg, progress=False)
     assert s["best_val_loss"] < 0.85 * s["gene_mean_baseline_val_loss"]
+
+
+def _val_examples(X, seq_len=12, mask_ratio=0.4):
+    from scdca.backbone import GeneVocab
+
+    vocab = GeneVocab.from_genes([f"G{i}" for i in range(X.shape[1])])
+    batches = _Batches(X, np.arange(X.shape[1]) + 10, PretrainConfig(**{**TINY, "seq_len": seq_len,
+                                                                         "mask_ratio": mask_ratio}), vocab)
+    return batches.make(np.arange(len(X)), np.random.default_rng(1))
+
+
+def test_linear_baseline_finds_low_rank_coexpression_and_reads_only_unmasked_values():
+    X = structured_cells(n=400).X
+    train, val = X[:300], _val_examples(X[300:])
+    gene_mean = float((((train.mean(0)[val[4]] - val[3][:, 1:].numpy()) ** 2)[val[2][:, 1:].numpy()]).mean())
+    lin = linear_baseline(train, val, k=2)
+    assert lin < 0.2 * gene_mean  # rank-2 data: two axes explain nearly everything the gene means miss
+    # the masked positions' true values enter only the error, never the prediction
+    ids, inp, mask, target, cols = val
+    garbage = inp.clone()
+    garbage[mask] = 1e6
+    assert linear_baseline(train, (ids, garbage, mask, target, cols), k=2) == pytest.approx(lin)
+    shifted = target.clone()
+    shifted[mask] += 1.0
+    assert linear_baseline(train, (ids, inp, mask, shifted, cols), k=2) > lin + 0.5
 
 
 def test_same_seed_same_weights_and_resume_after_a_kill_gives_the_same_result(tmp_path):

@@ -184,7 +184,8 @@ def cmd_pretrain(args) -> None:
     _write_command(args)
     print(f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
           f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
-          f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean ({s['seconds_this_run']:.0f} s)")
+          f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean and {s['linear_baseline_val_loss']:.4f} for a "
+          f"linear (PCA) co-expression model ({s['seconds_this_run']:.0f} s)")
 
 
 def _model_options(args) -> dict:
