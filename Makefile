@@ -37,7 +37,7 @@ $(DEMO_ATLAS): | $(BIN)/scdca
 	$(BIN)/scdca simulate --atlas --out $@ --seed 0
 
 $(DEMO_BACKBONE): | $(DEMO_ATLAS)
-	$(BIN)/scdca pretrain --data $(DEMO_ATLAS) --out $(DEMO_BACKBONE_DIR) --steps 1200
+	$(BIN)/scdca pretrain --data $(DEMO_ATLAS) --out $(DEMO_BACKBONE_DIR) --steps 3000 --dropout 0
 
 # The recommended scDCA model next to the baselines, 5 seeds, all four tasks (issue 10's bar):
 # simulate the pretraining atlas (unperturbed cells, same genes), pretrain the demo backbone on it,

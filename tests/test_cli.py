@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 
 from scdca.cli import main
@@ -127,6 +129,12 @@ def test_pretrain_reruns_from_its_command_yaml_and_flags_override_the_file(tmp_p
     assert main(["pretrain", "--config", str(tmp_path / "a" / "command.yaml"), "--out", str(tmp_path / "c"),
                  "--seed", "1"]) == 0
     assert weights_hash(load(tmp_path / "c")) != weights_hash(load(tmp_path / "a"))
+    # --lr and --dropout reach the run (its summary records the settings used)
+    assert main(["pretrain", "--data", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "e"), *tiny,
+                 "--lr", "3e-3", "--dropout", "0"]) == 0
+    used = json.loads((tmp_path / "e" / "pretrain_summary.json").read_text())["config"]
+    assert used["lr"] == 3e-3 and used["dropout"] == 0.0
+    assert weights_hash(load(tmp_path / "e")) != weights_hash(load(tmp_path / "a"))
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     assert main(["pretrain", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown option(s) ['stepz'] for `scdca pretrain`" in capsys.readouterr().err

@@ -176,7 +176,8 @@ def cmd_pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(layers=args.layers, dim=args.dim, heads=args.heads, genes=args.genes, steps=args.steps,
-                         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, device=args.device,
+                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, dropout=args.dropout,
+                         seed=args.seed, device=args.device,
                          include_perturbed=args.include_perturbed, precision=args.precision)
     s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet)
     if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
@@ -408,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seq-len", type=int, default=128, help="genes per training example")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (50 warm-up steps, then linear decay)")
+    t.add_argument("--dropout", type=float, default=0.1, help="dropout in the transformer layers while pretraining")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--include-perturbed", action="store_true", help="also pretrain on drug-treated cells (default: "
                    "controls only); a benchmark on the same file then tests responses the backbone has seen")
