@@ -87,6 +87,7 @@ class DrugGeneConfig:
     rank: int = 32  # number of response axes shared by all drugs
     hidden: int = 128  # width of the drug projection q
     dropout: float = 0.0  # dropout on q's molecule features and hidden layer while training
+    free_genes: bool = True  # the free per-gene loadings E; False: loadings come from the hidden states alone
 
 
 class DrugGeneHead(nn.Module):
@@ -107,6 +108,8 @@ class DrugGeneHead(nn.Module):
     direction: with a free function of (m, t) each noisy condition was fitted on its own.
     `dropout` on q trades fitting the training molecules for smoothness across molecules
     (better for new molecules, worse for seen ones; NOTES.md, session 6).
+    `free_genes=False` drops E (an ablation: what the backbone's gene states carry alone;
+    NOTES.md, session 7).
     """
 
     def __init__(self, cfg: DrugGeneConfig):
@@ -114,7 +117,10 @@ class DrugGeneHead(nn.Module):
         self.cfg = cfg
         self.norm = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
         self.gene_proj = nn.Linear(cfg.d_model, cfg.rank)  # A
-        self.gene_emb = nn.Parameter(0.1 * torch.randn(cfg.n_genes, cfg.rank))  # E, (T, K)
+        if cfg.free_genes:
+            self.gene_emb = nn.Parameter(0.1 * torch.randn(cfg.n_genes, cfg.rank))  # E, (T, K)
+        else:  # ablation: every gene's loadings are read from its hidden state (what the backbone knows)
+            self.register_buffer("gene_emb", torch.zeros(cfg.n_genes, cfg.rank), persistent=False)
         # q reads the molecule only (cond without its last column, the dose t) and returns the
         # drug's direction u (rank) and two dose-gate parameters (alpha, beta)
         self.drug_proj = nn.Sequential(nn.Linear(cfg.cond_dim - 1, cfg.hidden), nn.GELU(),

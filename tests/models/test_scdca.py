@@ -356,3 +356,22 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
     np.testing.assert_allclose(out.X[0], predict(again.seen, [smiles], cell_lines=[line]).X[0], atol=1e-6)
     np.testing.assert_allclose(out.X[1], predict(again.new, ["C1CCCCC1CCCCCCCCCCCCN"], cell_lines=[line]).X[0],
                                atol=1e-6)
+
+
+def test_head_without_free_gene_loadings_reads_each_gene_from_its_hidden_state_alone():
+    from scdca.adapters import DrugGeneConfig, DrugGeneHead
+
+    torch.manual_seed(0)
+    cfg = dict(d_model=6, cond_dim=3, n_genes=4, rank=2, hidden=8)
+    tied = DrugGeneHead(DrugGeneConfig(**cfg, free_genes=False))
+    assert "gene_emb" not in dict(tied.named_parameters()) and "gene_emb" not in tied.state_dict()
+    with torch.no_grad():
+        tied.drug_proj[-1].weight.normal_()
+    h, cond = torch.randn(1, 4, 6), torch.randn(1, 3)
+    h[:, 1] = h[:, 0]  # genes 0 and 1 look the same to the backbone
+    out = tied(h, cond)
+    assert float(out.abs().sum()) > 0 and torch.equal(out[0, 0], out[0, 1])
+    free = DrugGeneHead(DrugGeneConfig(**cfg))
+    free.load_state_dict(tied.state_dict(), strict=False)  # same A and q, plus its own E
+    out = free(h, cond)
+    assert not torch.isclose(out[0, 0], out[0, 1])

@@ -78,6 +78,7 @@ class ScDCAConfig:
     gene_head_rank: int = 32
     gene_head_hidden: int = 128
     gene_head_dropout: float = 0.0  # dropout inside the head's molecule projection q
+    gene_head_free_genes: bool = True  # the head's free per-gene loadings E (False: ablation, hidden states only)
     epochs: int = 20
     batch_size: int = 16  # 0: the whole training set in every step (cheap for cached variants)
     lr: float = 1e-4
@@ -124,7 +125,8 @@ class ScDCANet(nn.Module):
             self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n))
         if cfg.variant == "lowrank" or cfg.gene_head:  # low-rank drug x gene output on the final hidden states
             self.gene_head = DrugGeneHead(DrugGeneConfig(D, cond_dim, len(gene_ids), cfg.gene_head_rank,
-                                                         cfg.gene_head_hidden, cfg.gene_head_dropout))
+                                                         cfg.gene_head_hidden, cfg.gene_head_dropout,
+                                                         cfg.gene_head_free_genes))
         if cfg.variant in ("concat", "feature"):  # start at 'no change', like the adapters
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
