@@ -173,7 +173,7 @@ def cmd_novelty(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import PretrainConfig, describe_learned, pretrain
 
     cfg = PretrainConfig(layers=args.layers, dim=args.dim, heads=args.heads, genes=args.genes, steps=args.steps,
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, dropout=args.dropout,
@@ -186,7 +186,8 @@ def cmd_pretrain(args) -> None:
     print(f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
           f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
           f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean and {s['linear_baseline_val_loss']:.4f} for a "
-          f"linear (PCA) co-expression model ({s['seconds_this_run']:.0f} s)")
+          f"linear (PCA) co-expression model: {describe_learned(s['coexpression_learned'])} "
+          f"({s['seconds_this_run']:.0f} s)")
 
 
 def _model_options(args) -> dict:

@@ -226,11 +226,16 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
                 "best": best, "history": history, "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
                 "genes": list(map(str, genes))})
     bar.close()
+    learned = coexpression_learned(best, baseline, linear)
     summary = {"best_val_loss": best, "gene_mean_baseline_val_loss": baseline, "linear_baseline_val_loss": linear,
-               "steps": step,
+               "coexpression_learned": learned, "steps": step,
                "seconds_this_run": time.perf_counter() - t0, "parameters": n_params, "genes": len(genes),
                "train_cells": int(len(train_cells)), "val_cells": int(n_val), "config": asdict(cfg),
                "provenance": provenance}
+    if ctx.is_main and learned < LEARNED_ENOUGH:
+        log.warning("pretrain: validation MSE %.4f is %s (gene means %.4f, PCA %.4f): the backbone has learned "
+                    "little that adapters can reuse; pretrain with more --steps (the demo needs 3000) or check --lr",
+                    best, describe_learned(learned), baseline, linear)
     if ctx.is_main:
         _io.write_csv(out / "pretrain_log.csv", pd.DataFrame(history))
         _io.write_json(out / "pretrain_summary.json", summary)
@@ -263,6 +268,25 @@ def select_cells(adata: ad.AnnData, keys: DataKeys, *, include_perturbed: bool) 
     provenance = {"cells": int(keep.sum()), "perturbed_cells": n_perturbed, "include_perturbed": include_perturbed,
                   "cell_lines": seen[:1000], "n_cell_lines": len(seen)}
     return (adata if keep.all() else adata[keep].copy()), provenance
+
+
+LEARNED_ENOUGH = 0.5  # below this share of the gene-mean -> linear gap, `pretrain` warns
+
+
+def coexpression_learned(val_loss: float, gene_mean: float, linear: float) -> float:
+    """Share of the gap from the gene-mean to the linear reference that a backbone closed:
+    0 = no better than gene means, 1 = as good as PCA, > 1 = better (NaN without a gap)."""
+    gap = gene_mean - linear
+    return float((gene_mean - val_loss) / gap) if gap > 0 else float("nan")
+
+
+def describe_learned(learned: float) -> str:
+    """`coexpression_learned` in words."""
+    if np.isnan(learned):
+        return "not comparable (PCA is no better than the gene means here)"
+    if learned < 0:
+        return "worse than the gene means"
+    return f"{100 * learned:.0f}% of the way from the gene means to PCA"
 
 
 def linear_baseline(X_train: np.ndarray, val, *, k: int = 32, max_cells: int = 5_000, seed: int = 0) -> float:
