@@ -14,7 +14,7 @@ measured). Writes runs/pbmc/peft_results.csv (rows of methods not rerun are kept
 mean ± sd over seeds per method.
 Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
-    python bench/peft_pbmc.py [--seeds 5] [--epochs 10] [--max-genes 128] [--steps 600]
+    python bench/peft_pbmc.py [--seeds 5] [--epochs 10] [--max-genes 128] [--steps 3000]
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-genes", type=int, default=128, help="gene tokens per cell (annotate's default is 256)")
-    p.add_argument("--steps", type=int, default=600, help="pretraining steps of the backbone")
+    p.add_argument("--steps", type=int, default=3000, help="pretraining steps of the backbone (no dropout)")
     p.add_argument("--methods", default=",".join(METHODS))
     args = p.parse_args()
     scdca = [str(Path(sys.executable).parent / "scdca")]
@@ -99,7 +99,7 @@ def main() -> None:
     if not (backbone / "pretrain_summary.json").exists():
         subprocess.run(scdca + ["pretrain", "--data", str(RUNS / "reference.h5ad"), "--out", str(backbone),
                                 "--layers", "4", "--dim", "64", "--heads", "4", "--steps", str(args.steps),
-                                "--seq-len", "128", "--quiet"], check=True)
+                                "--seq-len", "128", "--dropout", "0", "--quiet"], check=True)
     rows = []
     methods = args.methods.split(",")
     for method in methods:
