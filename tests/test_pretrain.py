@@ -49,18 +49,18 @@ def _val_examples(X, seq_len=12, mask_ratio=0.4):
 
 def test_linear_baseline_finds_low_rank_coexpression_and_reads_only_unmasked_values():
     X = structured_cells(n=400).X
-    train, val = X[:300], _val_examples(X[300:])
-    gene_mean = float((((train.mean(0)[val[4]] - val[3][:, 1:].numpy()) ** 2)[val[2][:, 1:].numpy()]).mean())
-    lin = linear_baseline(train, val, k=2)
+    train, val = np.arange(300), _val_examples(X[300:])
+    gene_mean = float((((X[train].mean(0)[val[4]] - val[3][:, 1:].numpy()) ** 2)[val[2][:, 1:].numpy()]).mean())
+    lin = linear_baseline(X, train, val, k=2)
     assert lin < 0.2 * gene_mean  # rank-2 data: two axes explain nearly everything the gene means miss
     # the masked positions' true values enter only the error, never the prediction
     ids, inp, mask, target, cols = val
     garbage = inp.clone()
     garbage[mask] = 1e6
-    assert linear_baseline(train, (ids, garbage, mask, target, cols), k=2) == pytest.approx(lin)
+    assert linear_baseline(X, train, (ids, garbage, mask, target, cols), k=2) == pytest.approx(lin)
     shifted = target.clone()
     shifted[mask] += 1.0
-    assert linear_baseline(train, (ids, inp, mask, shifted, cols), k=2) > lin + 0.5
+    assert linear_baseline(X, train, (ids, inp, mask, shifted, cols), k=2) > lin + 0.5
 
 
 def test_an_undertrained_backbone_is_flagged_with_the_fix(tmp_path, caplog):

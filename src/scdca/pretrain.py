@@ -166,7 +166,7 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     gene_mean = X[train_cells].mean(0)
     base_pred = np.concatenate([np.zeros((n_val, 1), np.float32), gene_mean[val[4]]], 1)
     baseline = float(((torch.from_numpy(base_pred) - val[3])[val[2]] ** 2).mean())
-    linear = linear_baseline(X[train_cells], val, seed=cfg.seed)
+    linear = linear_baseline(X, train_cells, val, seed=cfg.seed)
 
     state_path = out / "train_state.pt"
     step, best, history = 0, float("inf"), []
@@ -289,11 +289,12 @@ def describe_learned(learned: float) -> str:
     return f"{100 * learned:.0f}% of the way from the gene means to PCA"
 
 
-def linear_baseline(X_train: np.ndarray, val, *, k: int = 32, max_cells: int = 5_000, seed: int = 0) -> float:
+def linear_baseline(X: np.ndarray, cells: np.ndarray, val, *, k: int = 32, max_cells: int = 5_000,
+                    seed: int = 0) -> float:
     """Masked-value MSE of a linear co-expression model (probabilistic PCA) on `val`.
 
-    The top-`k` principal axes V (genes x k, variances lam) of the training cells (at most
-    `max_cells`, centred on the gene means mu; randomised SVD, so whole transcriptomes stay
+    The top-`k` principal axes V (genes x k, variances lam) of the training cells (rows
+    `cells` of X; at most `max_cells` of them, copied once, centred on the gene means mu; randomised SVD, so whole transcriptomes stay
     cheap) and the leftover variance per gene s2 are fitted once. Each validation cell's
     scores are their posterior mean given its unmasked values x_o alone,
     z = (V_o'V_o + s2 diag(1/lam))^-1 V_o'(x_o - mu_o), and its masked values are predicted
@@ -303,14 +304,14 @@ def linear_baseline(X_train: np.ndarray, val, *, k: int = 32, max_cells: int = 5
     from sklearn.utils.extmath import randomized_svd
 
     rng = np.random.default_rng([seed, 3])
-    rows = rng.choice(len(X_train), size=min(max_cells, len(X_train)), replace=False)
-    mu = X_train[rows].mean(0)
-    centred = X_train[rows] - mu  # (n, G)
-    n_genes = X_train.shape[1]
-    k = max(1, min(k, len(rows) - 1, n_genes - 1))
+    sample = X[rng.choice(cells, size=min(max_cells, len(cells)), replace=False)]  # (n, G)
+    mu = sample.mean(0)
+    centred = sample - mu
+    n, n_genes = centred.shape
+    k = max(1, min(k, n - 1, n_genes - 1))
     _, sv, vt = randomized_svd(centred, n_components=k, random_state=seed)
-    V, lam = vt.T, np.maximum(sv**2 / max(len(rows) - 1, 1), 1e-12)  # (G, k), (k,)
-    total = float(centred.var(0, ddof=1).sum()) if len(rows) > 1 else 0.0
+    V, lam = vt.T, np.maximum(sv**2 / max(n - 1, 1), 1e-12)  # (G, k), (k,)
+    total = float(centred.var(0, ddof=1).sum()) if n > 1 else 0.0
     s2 = max((total - float(lam.sum())) / (n_genes - k), 1e-12)
     _, inp, mask, target, cols = val  # (B, 1 + S) with <cls> first; cols (B, S) gene columns
     inp, mask, target = inp[:, 1:].numpy(), mask[:, 1:].numpy(), target[:, 1:].numpy()
