@@ -35,6 +35,9 @@ def _worker(rank: int, world: int, port: int, job: str, payload, out: str) -> No
                 np.save(out, np.array(model.loss_history_))
         else:
             pretrain(payload, out, PRETRAIN, progress=False)
+        # both ranks done before teardown: destroying the group while the peer still talks
+        # aborted a rank now and then ("terminate called without an active exception")
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
