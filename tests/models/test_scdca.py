@@ -6,7 +6,7 @@ from scdca.adapters import AdapterConfig, DrugConditionalAdapter, count_paramete
 from scdca.backbone import Backbone, BackboneConfig, GeneVocab, load, save, weights_hash
 from scdca.errors import ScdcaInputError
 from scdca.models import make_model
-from scdca.models.scdca import ScDCAModel, ScDCANet, ScDCAConfig
+from scdca.models.scdca import ScDCAModel, ScDCANet, ScDCAConfig, dose_levels, interpolation_weights
 from scdca.splits import make_splits
 
 FAST = dict(encoder="morgan:bits=128", epochs=3, batch_size=8, lr=1e-3, patience=10)
@@ -136,6 +136,48 @@ def test_extensions_save_and_load_with_their_line_offsets(tiny_data, tiny_backbo
     assert type(again).name == name and again.cfg.line_offset
     q = tiny_data.subset(split.test, observed=False)
     np.testing.assert_allclose(again.predict(q), model.predict(q), rtol=1e-5, atol=1e-5)
+
+
+def test_interpolation_weights_are_linear_between_grid_points_and_flat_beyond():
+    grid = torch.tensor([0.0, 0.5, 1.0])
+    w = interpolation_weights(torch.tensor([-1.0, 0.0, 0.25, 0.5, 0.9, 2.0]), grid)
+    expected = torch.tensor([[1, 0, 0], [1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.2, 0.8], [0, 0, 1.0]])
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(interpolation_weights(torch.tensor([0.3, 7.0]), torch.tensor([0.4])), torch.ones(2, 1))
+
+
+def test_dose_levels_keep_distinct_doses_and_bin_long_dose_series():
+    t = np.array([0.0, 1.0, 0.5, 0.0, 1.0])
+    centres, level = dose_levels(t)
+    np.testing.assert_array_equal(centres, [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(centres[level], t)
+    t = np.linspace(0, 1, 100)  # a different dose for every condition: binned
+    centres, level = dose_levels(t, max_levels=4)
+    assert len(centres) == 4 and np.all(np.diff(centres) > 0)
+    np.testing.assert_array_equal(np.bincount(level), [25, 25, 25, 25])
+
+
+def test_lowrank_starts_from_the_line_mean_change_shifted_to_the_rows_dose(tiny_data, tiny_backbone):
+    """Before any step the head is zero: the prediction is control + the line's mean training
+    change + (the mean change at the row's dose - the mean over all doses)."""
+    train = tiny_data.subset(make_splits(tiny_data, "unseen_drug", 0)[0].train)
+    model = make_model("scdca_lowrank", backbone=tiny_backbone, encoder="morgan:bits=128", epochs=0).fit(train)
+    assert model.cfg.dose_profile
+    cond = train.conditions
+    delta, line, dose = train.delta(), cond["cell_line"].to_numpy(), cond["dose"].to_numpy()
+    assert len(np.unique(dose)) > 1  # otherwise the profile is zero and this test shows nothing
+    expected = train.control_for(cond["cell_line"]) + np.stack(
+        [delta[line == c].mean(0) + delta[dose == x].mean(0) - delta.mean(0) for c, x in zip(line, dose)])
+    pred = model.predict(train.subset(train.ids, observed=False))
+    kept = model._kept
+    np.testing.assert_allclose(pred[:, kept], expected[:, kept], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(pred[:, ~kept], train.control_for(cond["cell_line"])[:, ~kept])
+    plain = make_model("scdca_lowrank", backbone=tiny_backbone, encoder="morgan:bits=128", epochs=0,
+                       dose_profile=False).fit(train)  # the ablation: the line's mean change only
+    flat = plain.predict(train.subset(train.ids, observed=False))
+    lines_mean = np.stack([delta[line == c].mean(0) for c in line])
+    np.testing.assert_allclose(flat[:, kept], (train.control_for(cond["cell_line"]) + lines_mean)[:, kept],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_plus_frozen_keeps_the_warmed_up_head_and_trains_the_adapters(tiny_data):

@@ -10,9 +10,10 @@ line's control pseudobulk and the drug condition; MSE loss):
 - `feature`      frozen backbone's mean cell embedding + drug -> a separately trained MLP
 
 Our extensions (not in the paper; why, and the ablation, in NOTES.md):
-- `scdca_lowrank` frozen backbone, no adapters: the line's mean training change plus a
-                 low-rank drug x gene head (`adapters.DrugGeneHead`) on the cached final gene
-                 states; full-batch steps, a fixed budget, no early stopping
+- `scdca_lowrank` frozen backbone, no adapters: the line's mean training change, shifted by
+                 the mean change at the row's dose (the dose profile), plus a low-rank drug x gene
+                 head (`adapters.DrugGeneHead`) on the cached final gene states; full-batch
+                 steps, a fixed budget, no early stopping
 - `scdca_plus`   FiLM adapters + the same head and line offset; the head is first fitted
                  alone on the frozen states, then everything trains within the usual budget
 - `scdca_plus_frozen` as scdca_plus, but the head keeps its warm-up fit (600 steps) and only
@@ -86,6 +87,8 @@ class ScDCAConfig:
     val_fraction: float = 0.1
     line_offset: bool = False  # add each line's mean training change (global mean for unseen lines) to the
     #                            output, so the trainable parts model what differs between drugs
+    dose_profile: bool = False  # with line_offset: also add the mean training change at the row's dose, relative
+    #                             to the mean over all doses (shared by all lines; our extension, NOTES.md session 8)
     head_warmup_epochs: int = 0  # gene_head with adapters: first fit the head alone on the frozen, cached
     freeze_head: bool = False  # gene_head with adapters: the head keeps its warm-up fit; only adapters train after
     #                              hidden states (full batch, this many steps), then train everything
@@ -359,7 +362,9 @@ class ScDCAModel(PerturbationModel):
         control + head(h_L): the adapters start from a model that already separates drugs."""
         head = self.net.gene_head
         hidden = self.net.frozen_hidden(controls.to(self.device))  # (L, T, D)
-        change = (target - controls[lines] - (offsets[lines].cpu() if offsets is not None else 0)).to(self.device)
+        change = (target - controls[lines]).to(self.device)
+        if offsets is not None:
+            change = change - self._offset(offsets, lines.to(self.device), cond.to(self.device))
         cond, lines = cond.to(self.device), lines.to(self.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
         for _ in range(self.cfg.head_warmup_epochs):
@@ -369,11 +374,17 @@ class ScDCAModel(PerturbationModel):
             opt.step()
 
     def _fit_offsets(self, train: PerturbationData) -> None:
-        """Each training line's mean change (kept genes) and the mean over all training changes."""
+        """Each training line's mean change (kept genes), the mean over all training changes and
+        the dose profile: the mean change at each training dose level minus that overall mean."""
         delta = train.delta()[:, self._kept]
         lines = train.conditions["cell_line"].to_numpy()
         self._offsets = {str(c): delta[lines == c].mean(0).astype(np.float32) for c in np.unique(lines)}
         self._global_offset = delta.mean(0).astype(np.float32)
+        t = scaled_dose(train.conditions["dose"].to_numpy(float), self._dose_lo, self._dose_span)
+        grid, level = dose_levels(t)
+        self._dose_grid = grid.astype(np.float32)  # (D,)
+        self._dose_profile = np.stack([delta[level == i].mean(0) for i in range(len(grid))]).astype(np.float32)
+        self._dose_profile -= self._global_offset  # (D, T)
 
     def _offset_rows(self, line_names: list[str]) -> Tensor | None:
         """(L, T) offsets for these lines (the global mean change for a line not seen in training)."""
@@ -399,7 +410,17 @@ class ScDCAModel(PerturbationModel):
         else:
             out = net(controls[lines].to(self.device), cond.to(self.device),
                       hidden[lines] if hidden is not None else None, ref[lines] if ref is not None else None)
-        return out if offsets is None else out + offsets[lines.to(self.device)]
+        return out if offsets is None else out + self._offset(offsets, lines.to(self.device), cond.to(self.device))
+
+    def _offset(self, offsets: Tensor, lines: Tensor, cond: Tensor) -> Tensor:
+        """(B, T) drug-agnostic part of each row's change: its line's mean change, plus the
+        dose profile at the row's scaled dose (cond's last column) with `dose_profile`."""
+        out = offsets[lines]
+        if self.cfg.dose_profile:
+            grid = torch.from_numpy(self._dose_grid).to(cond.device)
+            profile = torch.from_numpy(self._dose_profile).to(cond.device)
+            out = out + interpolation_weights(cond[:, -1], grid) @ profile  # (B, D) @ (D, T)
+        return out
 
     def _loss(self, controls, cache, line_idx, cond, target, idx) -> float:
         self.net.eval()
@@ -464,7 +485,8 @@ class ScDCAModel(PerturbationModel):
             with open(tmp, "wb") as fh:
                 np.savez(fh, cell_lines=np.array(lines), control_mean=ctrl.astype(np.float32),
                          offset_lines=np.array(list(self._offsets)), global_offset=self._global_offset,
-                         offsets=np.stack(list(self._offsets.values())))
+                         offsets=np.stack(list(self._offsets.values())), dose_grid=self._dose_grid,
+                         dose_profile=self._dose_profile)
         write_model_json(folder, meta, files=["trained.safetensors", "controls.npz"])  # last: marks it complete
 
     @classmethod
@@ -500,7 +522,37 @@ class ScDCAModel(PerturbationModel):
             model._controls = (z["cell_lines"].tolist(), z["control_mean"])
             model._offsets = dict(zip(z["offset_lines"].tolist(), z["offsets"]))
             model._global_offset = z["global_offset"]
+            # models saved before the dose profile existed have none (and dose_profile=False)
+            model._dose_grid = z["dose_grid"] if "dose_grid" in z else np.zeros(1, np.float32)
+            model._dose_profile = z["dose_profile"] if "dose_profile" in z else np.zeros((1, int(model._kept.sum())),
+                                                                                            np.float32)
         return model
+
+
+def dose_levels(t: np.ndarray, max_levels: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Dose levels for the dose profile: the distinct scaled doses, or, with more than
+    `max_levels` of them (dose series that differ per drug), that many quantile bins.
+    t (N,) -> (centres (D,) ascending, level of each row (N,))."""
+    distinct, level = np.unique(np.round(t, 6), return_inverse=True)
+    if len(distinct) > max_levels:
+        edges = np.quantile(t, np.linspace(0, 1, max_levels + 1)[1:-1])
+        _, level = np.unique(np.searchsorted(edges, t, side="right"), return_inverse=True)
+    centres = np.array([t[level == i].mean() for i in range(level.max() + 1)])
+    return centres, level
+
+
+def interpolation_weights(t: Tensor, grid: Tensor) -> Tensor:
+    """(B,) values, (D,) ascending grid -> (B, D) weights of linear interpolation between the
+    two neighbouring grid points (each row sums to 1; flat beyond the ends)."""
+    out = t.new_zeros(len(t), len(grid))
+    if len(grid) == 1:
+        return out + 1.0
+    t = t.clamp(grid[0], grid[-1])
+    hi = torch.searchsorted(grid, t, right=True).clamp(1, len(grid) - 1)  # (B,)
+    w = (t - grid[hi - 1]) / (grid[hi] - grid[hi - 1])
+    out.scatter_(1, (hi - 1)[:, None], (1 - w)[:, None])
+    out.scatter_add_(1, hi[:, None], w[:, None])
+    return out
 
 
 def validation_mask(conditions, fraction: float, seed: int) -> np.ndarray:
@@ -529,7 +581,8 @@ ScDCALowRank = _variant(
     "scdca_lowrank", "lowrank", "Frozen backbone + a low-rank drug x gene output on its final hidden states (our "
     "extension). No adapters, so the hidden states are cached per line and a full-batch step costs milliseconds: it "
     "trains on its own budget (the benchmark-wide --epochs/--max-steps/--lr CPU budgets do not apply).",
-    batch_size=0, epochs=600, lr=3e-3, val_fraction=0.0, line_offset=True)  # 600 vs 300 steps: NOTES.md, session 4
+    batch_size=0, epochs=600, lr=3e-3, val_fraction=0.0, line_offset=True,  # 600 vs 300 steps: NOTES.md, session 4
+    dose_profile=True)  # NOTES.md, session 8
 ScDCALowRank.options = ("backbone", "encoder", "device", "seed")
 _variant("scdca_plus", "adapter", "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
          "hidden states, the head first fitted alone on the frozen states (our extension).", modulation="film",
