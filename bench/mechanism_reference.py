@@ -9,8 +9,9 @@ model sees:
   are active).
 - `mechanism learned, <encoder>`: a logistic regression learns the mechanism from the
   molecule embeddings of the training drugs (their true labels), and a new drug's change is
-  the probability-weighted mean of those mechanism means. This is what a model that turned
-  structure into mechanism as well as supervised learning on the same encoder can would reach.
+  the probability-weighted mean of those mechanism means. It shows what a model would reach
+  if it learned the mechanism from structure as well as supervised learning does on the
+  same embeddings.
 
 If a model's rank is level with the second reference, the encoder, not the model, limits it.
 Rows of `results.csv` (the demo grid) are printed next to the references when given.
@@ -75,7 +76,11 @@ def main() -> None:
     p.add_argument("--n-top-genes", type=int, default=256)
     p.add_argument("--results", default="runs/scdca_demo/results.csv")
     args = p.parse_args()
-    ann = ad.read_h5ad(args.data, backed="r").uns["drug_annotations"]
+    uns = ad.read_h5ad(args.data, backed="r").uns
+    if "drug_annotations" not in uns:
+        raise SystemExit(f"--data: {args.data!r} has no uns['drug_annotations'] (the hidden mechanisms); "
+                         f"this bench needs a screen made by `scdca simulate`")
+    ann = uns["drug_annotations"]
     mechanism = pd.Series(np.asarray(ann["mechanism"]), index=np.asarray(ann["drug"]).astype(str))
     data = load(args.data, n_top_genes=args.n_top_genes)
     smiles = data.drug_smiles()

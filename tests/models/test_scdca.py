@@ -180,6 +180,11 @@ def test_lowrank_starts_from_the_line_mean_change_shifted_to_the_rows_dose(tiny_
                                rtol=1e-4, atol=1e-5)
 
 
+def test_dose_profile_without_line_offset_is_refused():
+    with pytest.raises(ScdcaInputError, match="needs line_offset=True"):
+        make_model("scdca_lowrank", backbone="random:1x16", line_offset=False)
+
+
 def test_plus_frozen_keeps_the_warmed_up_head_and_trains_the_adapters(tiny_data):
     train = tiny_data.subset(make_splits(tiny_data, "unseen_drug", 0)[0].train)
     opts = dict(backbone="random:1x16", encoder="morgan:bits=128", head_warmup_epochs=20, seed=0)

@@ -227,6 +227,9 @@ class ScDCAModel(PerturbationModel):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = ScDCAConfig(**{"variant": self.variant, **self.defaults, **config})
+        if self.cfg.dose_profile and not self.cfg.line_offset:
+            raise ScdcaInputError("dose_profile=True shifts the line offset by dose and needs line_offset=True; "
+                                  "set both, or dose_profile=False")
         self._cost: dict[str, Any] = {}
 
     # -- inputs ------------------------------------------------------------------------
