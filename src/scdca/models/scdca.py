@@ -14,8 +14,9 @@ Our extensions (not in the paper; why, and the ablation, in NOTES.md):
                  the mean change at the row's dose (the dose profile), plus a low-rank drug x gene
                  head (`adapters.DrugGeneHead`) on the cached final gene states; full-batch
                  steps, a fixed budget, no early stopping
-- `scdca_plus`   FiLM adapters + the same head and line offset; the head is first fitted
-                 alone on the frozen states, then everything trains within the usual budget
+- `scdca_plus`   FiLM adapters + the same head and line offset (no dose profile); the head is
+                 first fitted alone on the frozen states, then everything trains within the
+                 usual budget
 - `scdca_plus_frozen` as scdca_plus, but the head keeps its warm-up fit (600 steps) and only
                  the adapters train afterwards, on a fixed budget with no best-validation restore
 
