@@ -84,6 +84,22 @@ def test_group_table_pools_conditions_per_group():
     assert g.loc[("unseen_drug", "kinase"), "n_drugs"] == 1
 
 
+def test_dose_table_pools_conditions_per_dose_and_the_report_shows_rank_per_dose(tmp_path):
+    from scdca.report import dose_table
+
+    r = tiny_results()
+    r.loc[r["drug"] == "d2", "dose"] = 10.0  # d1 (0.1 below each seed's mean) at dose 1, d2 at dose 10
+    rank = r[r["metric"] == "pearson_delta_deg"].assign(metric="rank", value=0.3)
+    r = pd.concat([r, rank])
+    t = dose_table(r)
+    assert t.loc[("unseen_drug", 1.0), "a"] == pytest.approx(0.45)
+    assert t.loc[("unseen_drug", 10.0), "a"] == pytest.approx(0.65)
+    assert t.loc[("unseen_cell_zeroshot", 1.0), "n_conditions"] == 2  # d1 in lines L1 and L2
+    r.to_csv(tmp_path / "results.csv", index=False)
+    page = build(tmp_path).read_text()
+    assert "Per dose (pearson_delta_deg" in page and "Per dose (rank" in page
+
+
 def test_novelty_reads_the_split_from_the_results():
     from scdca.report import novelty
 

@@ -228,6 +228,21 @@ def group_table(results: pd.DataFrame, groups: pd.Series, metric: str = "pearson
     return table
 
 
+def dose_table(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Score per dose: rows (task, dose), columns models; conditions pooled over seeds.
+
+    Dose-dependent failures hide in the averages: a model that hedges for new molecules
+    predicts too small a change at high doses, where effects are largest (NOTES.md, session 7).
+    """
+    r = results[results["metric"] == metric]
+    if r.empty:
+        return pd.DataFrame()
+    table = r.pivot_table(index=["task", "dose"], columns="model", values="value", aggfunc="mean").round(3)
+    table.insert(0, "n_conditions", r.drop_duplicates(["task", "dose", "cell_line", "drug"])
+                 .groupby(["task", "dose"]).size())
+    return table
+
+
 NOVELTY_TASKS = ("unseen_drug", "unseen_scaffold")  # tasks whose test drugs are all new
 
 
@@ -521,6 +536,11 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     pho = per_held_out(results, metric)
     if not pho.empty:
         sections.append((f"Per held-out cell line ({metric})", pho.to_string(), None))
+    judged = [metric] + (["rank"] if metric != "rank" and (results["metric"] == "rank").any() else [])
+    for m in judged:
+        doses = dose_table(results, m)
+        if not doses.empty and doses.index.get_level_values("dose").nunique() > 1:
+            sections.append((f"Per dose ({m}; conditions pooled over seeds)", doses.to_string(), None))
     sweep = deg_sweep(folder)
     if not sweep.empty:
         sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
@@ -529,9 +549,10 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     smiles, stored, missing = data_info(folder)
     if stored is not None:
         for col in [c for c in ("mechanism", "target", "pathway") if c in stored]:
-            g = group_table(results, stored[col], metric)
-            if not g.empty:
-                sections.append((f"Per drug group: {col} ({metric}; conditions pooled over seeds)", g.to_string(), None))
+            for m in judged:
+                g = group_table(results, stored[col], m)
+                if not g.empty:
+                    sections.append((f"Per drug group: {col} ({m}; conditions pooled over seeds)", g.to_string(), None))
     if annotations is not None:
         g = group_table(results, annotations, metric)
         tested = results["drug"].nunique()
