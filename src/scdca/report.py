@@ -554,11 +554,12 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
                 if not g.empty:
                     sections.append((f"Per drug group: {col} ({m}; conditions pooled over seeds)", g.to_string(), None))
     if annotations is not None:
-        g = group_table(results, annotations, metric)
         tested = results["drug"].nunique()
         matched = results["drug"].isin(annotations.index).groupby(results["drug"]).first().sum()
-        sections.append((f"Per drug group: {annotation_name} ({metric}; {matched} of {tested} drugs annotated)",
-                         g.to_string() if not g.empty else "no tested drug matched the annotation table", None))
+        for m in judged:
+            g = group_table(results, annotations, m)
+            sections.append((f"Per drug group: {annotation_name} ({m}; {matched} of {tested} drugs annotated)",
+                             g.to_string() if not g.empty else "no tested drug matched the annotation table", None))
     nov = novelty(results, smiles, metric) if smiles else pd.DataFrame()
     if missing and results["task"].isin(NOVELTY_TASKS).any():
         sections.append(("Chemical novelty of test drugs (unseen-drug tasks)", f"not shown: {missing}.", None))
