@@ -29,10 +29,10 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
+from scdca.benchmark import BenchmarkConfig, score_conditions
 from scdca.data import PerturbationData, load
 from scdca.encoders import get_encoder, standardisation, standardise
-from scdca.metrics import ScoringInput, score
-from scdca.splits import make_splits
+from scdca.splits import Split, make_splits
 
 METRICS = ("rank", "pearson_delta_deg")
 
@@ -62,10 +62,10 @@ def predict(test: PerturbationData, probs: pd.DataFrame, means: dict) -> np.ndar
     return out
 
 
-def scores(test: PerturbationData, pred: np.ndarray) -> dict[str, float]:
-    inp = ScoringInput(pred=pred, observed=test.mean, control=test.control_for(test.conditions["cell_line"]),
-                       degs=[test.degs[i] for i in test.ids], groups=test.conditions["cell_line"].to_numpy())
-    return {k: float(np.nanmean(v)) for k, v in score(inp, METRICS).items()}
+def scores(test: PerturbationData, pred: np.ndarray, split: Split) -> dict[str, float]:
+    """Mean of each metric over the test conditions, scored as the benchmark grid scores them."""
+    rows = score_conditions(test, pred, test.mean, "reference", split, BenchmarkConfig.k, METRICS)
+    return rows.groupby("metric")["value"].mean().to_dict()
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
         test_drugs = sorted(test.conditions["drug"].astype(str).unique())
         known = pd.get_dummies(mechanism[test_drugs]).astype(float)
         rows.append({"reference": "mechanism known", "seed": seed, "accuracy": 1.0,
-                     **scores(test, predict(test, known, means))})
+                     **scores(test, predict(test, known, means), split)})
         for name, enc in encoders.items():
             emb = enc.encode([smiles[d] for d in train_drugs], names=train_drugs)
             centre, spread = standardisation(emb)
@@ -104,7 +104,7 @@ def main() -> None:
             probs = pd.DataFrame(clf.predict_proba(new), index=test_drugs, columns=clf.classes_)
             accuracy = float((probs.idxmax(axis=1).to_numpy() == mechanism[test_drugs].to_numpy()).mean())
             rows.append({"reference": f"mechanism learned, {name}", "seed": seed, "accuracy": accuracy,
-                         **scores(test, predict(test, probs, means))})
+                         **scores(test, predict(test, probs, means), split)})
         print(f"seed {seed} done", flush=True)
     table = pd.DataFrame(rows).groupby("reference", sort=False)[["accuracy", *METRICS]].mean()
     if Path(args.results).exists():

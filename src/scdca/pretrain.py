@@ -294,8 +294,9 @@ def linear_baseline(X: np.ndarray, cells: np.ndarray, val, *, k: int = 32, max_c
     """Masked-value MSE of a linear co-expression model (probabilistic PCA) on `val`.
 
     The top-`k` principal axes V (genes x k, variances lam) of the training cells (rows
-    `cells` of X; at most `max_cells` of them, copied once, centred on the gene means mu; randomised SVD, so whole transcriptomes stay
-    cheap) and the leftover variance per gene s2 are fitted once. Each validation cell's
+    `cells` of X; at most `max_cells` of them, copied once, centred on the gene means mu;
+    randomised SVD, so whole transcriptomes stay cheap) and the leftover variance per gene
+    s2 are fitted once. Each validation cell's
     scores are their posterior mean given its unmasked values x_o alone,
     z = (V_o'V_o + s2 diag(1/lam))^-1 V_o'(x_o - mu_o), and its masked values are predicted
     as mu + V z. A backbone that does not beat this has learned less gene co-expression than
