@@ -14,7 +14,8 @@ measured). Writes runs/pbmc/peft_results.csv (rows of methods not rerun are kept
 mean ± sd over seeds per method.
 Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
-    python bench/peft_pbmc.py [--seeds 5] [--epochs 10] [--max-genes 128] [--steps 3000]
+    python bench/peft_pbmc.py [--seeds 5] [--epochs 100] [--patience 5] [--max-genes 128] [--steps 3000]
+        [--out-csv runs/pbmc/peft_results.csv]
 """
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ from scdca.data import read
 from scdca.peft import PeftConfig
 method, seed, epochs, backbone, folder, max_genes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
     sys.argv[5], int(sys.argv[6])
+patience = int(sys.argv[7]) if sys.argv[7] != "none" else None
 ref, query = read(f"{folder}/reference.h5ad"), read(f"{folder}/query.h5ad")
 import torch
 torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # first optimiser's one-off imports, before measuring
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ann = Annotator(backbone, AnnotateConfig(peft=PeftConfig(method=method), epochs=epochs, seed=seed,
-                                        max_genes=max_genes), progress=False)
+                                        max_genes=max_genes, patience=patience), progress=False)
 ann.fit(ref, "bulk_labels")
 pred = ann.annotate(query).obs["scdca_label"].astype(str).to_numpy()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -51,7 +53,8 @@ truth = query.obs["bulk_labels"].astype(str).to_numpy()
 print(json.dumps({"method": method, "seed": seed, "accuracy": float((pred == truth).mean()),
                   "macro_f1": float(f1_score(truth, pred, average="macro", labels=sorted(set(truth)))),
                   "params_trainable": ann.cost["params_trainable"], "trainable_pct": ann.cost["params_trainable_pct"],
-                  "fit_seconds": ann.cost["fit_seconds"], "peak_added_mb": (peak - before) / 1024}))
+                  "fit_seconds": ann.cost["fit_seconds"], "epochs_run": ann.cost["epochs_run"],
+                  "best_epoch": ann.cost["best_epoch"], "peak_added_mb": (peak - before) / 1024}))
 """
 
 
@@ -87,7 +90,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=100, help="at most this many epochs per fit (annotate's default)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="stop a fit after this many epochs without a better validation loss (annotate's default); "
+                        "0 = train every epoch")
+    p.add_argument("--out-csv", default=str(RUNS / "peft_results.csv"))
     p.add_argument("--max-genes", type=int, default=128, help="gene tokens per cell (annotate's default is 256)")
     p.add_argument("--steps", type=int, default=3000, help="pretraining steps of the backbone (no dropout)")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -108,14 +115,16 @@ def main() -> None:
             continue
         for seed in range(args.seeds):
             out = subprocess.run([sys.executable, "-c", CHILD, method, str(seed), str(args.epochs), str(backbone),
-                                  str(RUNS), str(args.max_genes)], capture_output=True, text=True)
+                                  str(RUNS), str(args.max_genes), str(args.patience or "none")],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{method} seed {seed} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  {method:8s} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}, macro-F1 "
-                  f"{rows[-1]['macro_f1']:.3f}, {rows[-1]['fit_seconds']:.0f} s", flush=True)
+                  f"{rows[-1]['macro_f1']:.3f}, {rows[-1]['fit_seconds']:.0f} s, best epoch "
+                  f"{rows[-1]['best_epoch']} of {rows[-1]['epochs_run']}", flush=True)
     df = pd.DataFrame(rows)
-    old = RUNS / "peft_results.csv"
+    old = Path(args.out_csv)
     if old.exists():  # keep the methods not rerun this time
         previous = pd.read_csv(old)
         df = pd.concat([previous[~previous["method"].isin(methods)], df], ignore_index=True)
@@ -127,12 +136,13 @@ def main() -> None:
         "trainable": g["params_trainable"].first().map("{:,}".format),
         "trainable_%": g["trainable_pct"].first().map("{:.2f}".format),
         "fit_s": g["fit_seconds"].mean().map("{:.1f}".format),
+        "epochs": g["epochs_run"].mean().map("{:.0f}".format) if "epochs_run" in df else "",
         "peak_added_MB": g["peak_added_mb"].mean().map("{:.0f}".format),
     })
     summary = json.loads((backbone / "pretrain_summary.json").read_text())
     print(f"\nbackbone: {summary['parameters']:,} parameters, masked MSE {summary['best_val_loss']:.3f} vs "
           f"{summary['gene_mean_baseline_val_loss']:.3f} for gene means; query = {args.seeds} seeds, "
-          f"{args.epochs} epochs, {args.max_genes} gene tokens per cell")
+          f"at most {args.epochs} epochs (patience {args.patience}), {args.max_genes} gene tokens per cell")
     print(table.to_string())
 
 

@@ -91,3 +91,13 @@ def test_bad_references_are_refused_with_the_fix():
     other.var_names = [f"x{i}" for i in range(len(GENES))]
     with pytest.raises(ScdcaInputError, match="query: none of the model's 15 genes"):
         ann.annotate(other)
+
+
+def test_patience_stops_once_validation_loss_stops_improving():
+    # lr 0: the weights never move, so no epoch after the first has a lower validation loss
+    stopped = _fit("lora", epochs=20, lr=0.0, patience=2)
+    assert (stopped.cost["best_epoch"], stopped.cost["epochs_run"]) == (1, 3)
+    every = _fit("lora", epochs=8, lr=0.0, patience=None)
+    assert every.cost["epochs_run"] == 8
+    with pytest.raises(ScdcaInputError, match="patience"):
+        AnnotateConfig(patience=0)

@@ -48,7 +48,8 @@ class AnnotateConfig:
     """Training settings; `peft` chooses the method (lora, prefix, adapter, token, full, linear)."""
 
     peft: PeftConfig = field(default_factory=PeftConfig)
-    epochs: int = 10
+    epochs: int = 100  # at most; fewer when `patience` stops training
+    patience: int | None = 5  # stop after this many epochs without a better validation loss (None: never)
     batch_size: int = 32
     lr: float | None = None  # default: 1e-4 for full fine-tuning, 1e-3 for the others
     max_genes: int = 256  # gene tokens per cell
@@ -61,6 +62,8 @@ class AnnotateConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.max_genes < 1:
             raise ScdcaInputError(f"epochs {self.epochs}, batch_size {self.batch_size} and max_genes "
                                   f"{self.max_genes} must be >= 1")
+        if self.patience is not None and self.patience < 1:
+            raise ScdcaInputError(f"patience: {self.patience!r} must be >= 1 (or None to train every epoch)")
 
     @property
     def learning_rate(self) -> float:
@@ -161,10 +164,11 @@ class Annotator:
         log.info("annotate: %s trains %d of %d parameters (%.2f%%)", self.cfg.peft.method,
                  self.cost["params_trainable"], counts["total"] + head, self.cost["params_trainable_pct"])
         rng = np.random.default_rng(self.cfg.seed)
-        best, best_state = float("inf"), None
+        best, best_state, best_epoch, epochs_run = float("inf"), None, None, 0
         bar = tqdm(range(self.cfg.epochs), desc=f"annotate ({self.cfg.peft.method})", unit="epoch",
                    disable=not self.progress)
-        for _ in bar:
+        for epoch in bar:
+            epochs_run = epoch + 1
             self.net.train()
             order = rng.permutation(tr)
             for s in range(0, len(order), self.cfg.batch_size):
@@ -178,10 +182,13 @@ class Annotator:
                 val = F.cross_entropy(self._logits(ids[va], values[va]), y[va].to(self.device)).item()
                 bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
                 if val < best:
-                    best, best_state = val, trainable_state(self.net)
+                    best, best_state, best_epoch = val, trainable_state(self.net), epoch + 1
+                elif self.cfg.patience is not None and epoch + 1 - best_epoch >= self.cfg.patience:
+                    break
         if best_state is not None:
             self.net.load_state_dict(best_state, strict=False)
-        self.cost.update(fit_seconds=time.perf_counter() - t0, best_val_loss=best if len(va) else None)
+        self.cost.update(fit_seconds=time.perf_counter() - t0, best_val_loss=best if len(va) else None,
+                         epochs_run=epochs_run, best_epoch=best_epoch if len(va) else epochs_run)
         return self
 
     def _choose_genes(self, reference: ad.AnnData, layer: str | None) -> list[str]:

@@ -314,8 +314,8 @@ def cmd_annotate(args) -> None:
     if not args.out.endswith(".h5ad"):
         raise ScdcaInputError(f"out: {args.out!r} must be an .h5ad path (the annotated query)")
     cfg = AnnotateConfig(peft=PeftConfig(method=args.method, r=args.r, prefix_tokens=args.prefix_tokens),
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_genes=args.max_genes,
-                         seed=args.seed)
+                         epochs=args.epochs, patience=args.patience or None, batch_size=args.batch_size, lr=args.lr,
+                         max_genes=args.max_genes, seed=args.seed)
     ann = Annotator(args.backbone, cfg, device=args.device, progress=not args.quiet).fit(
         reference, args.label_key, layer=args.layer)
     out = ann.annotate(query, layer=args.layer)
@@ -323,7 +323,10 @@ def cmd_annotate(args) -> None:
     c = ann.cost
     print(f"wrote {args.out}: {out.n_obs} cells labelled in obs['scdca_label'] (probabilities in obsm['scdca_proba']); "
           f"{args.method} trained {c['params_trainable']:,} parameters ({c['params_trainable_pct']:.2f}%) in "
-          f"{c['fit_seconds']:.0f} s")
+          f"{c['fit_seconds']:.0f} s (best epoch {c['best_epoch']} of {c['epochs_run']} run)")
+    if c["best_val_loss"] is not None and c["best_epoch"] == c["epochs_run"] == args.epochs > 1:
+        print(f"note: the last epoch was the best; the model may be undertrained: raise --epochs "
+              f"(now {args.epochs}) and set --patience")
     if args.label_key in query.obs:
         truth = query.obs[args.label_key].astype(str).to_numpy()
         pred = out.obs["scdca_label"].astype(str).to_numpy()
@@ -504,7 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--explain", action="store_true", help="also rank genes per predicted type by <cls> attention: "
                     "OUT_genes.csv and a heatmap OUT_genes.png")
     an.add_argument("--save-model", default=None, help="folder to save the trained parts in")
-    an.add_argument("--epochs", type=int, default=10)
+    an.add_argument("--epochs", type=int, default=100, help="at most this many epochs")
+    an.add_argument("--patience", type=int, default=5,
+                    help="stop after this many epochs without a better validation loss (on a 10%% split of the "
+                         "reference; the best epoch is kept); 0 = train every epoch")
     an.add_argument("--batch-size", type=int, default=32)
     an.add_argument("--lr", type=float, default=None, help="default 1e-3 (full: 1e-4)")
     an.add_argument("--max-genes", type=int, default=256, help="gene tokens per cell (most variable in the reference)")
