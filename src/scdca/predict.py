@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data import PerturbationData, _looks_like_counts, _normalize_log1p, _validated_genes, _validated_matrix, \
     DataKeys, condition_id, read
 from .errors import ScdcaInputError
-from .molecules import canonicalize
+from .molecules import canonicalize, morgan_fingerprints, tanimoto
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,37 @@ def predict(model, smiles: Sequence[str], *, names: Sequence[str] | None = None,
     pred = model.predict(query)
     out = ad.AnnData(X=pred.astype(np.float32), obs=query.conditions[["cell_line", "drug", "dose", "smiles"]].copy(),
                      var=pd.DataFrame(index=[str(g) for g in model._genes]))
+    similarity = TrainingSimilarity(model)
+    if similarity.available:
+        per_drug = pd.DataFrame(similarity.columns(list(drugs.values())), index=list(drugs))
+        for col in per_drug:
+            out.obs[col] = out.obs["drug"].map(per_drug[col]).to_numpy()
     out.layers["control"] = query.control_for(query.conditions["cell_line"])
     return out
+
+
+class TrainingSimilarity:
+    """How close each query molecule is to the model's training molecules (its applicability
+    domain): the max Tanimoto similarity (Morgan r=2, 2048 bits) and the nearest training drug.
+    Predictions for molecules far from every training drug are the least reliable (the
+    report's score-by-similarity figure shows how much on a benchmark)."""
+
+    def __init__(self, model):
+        train = getattr(model, "training_molecules", None)
+        self.available = bool(train)
+        if not self.available:
+            log.info("the model does not record its training molecules (saved by an older version): "
+                     "no similarity-to-training columns")
+            return
+        self._names = list(train)
+        self._fps = morgan_fingerprints([train[d] for d in self._names])  # (n_train, bits)
+
+    def columns(self, smiles: Sequence[str]) -> dict[str, list]:
+        """max_tanimoto_train (float) and nearest_train_drug (str) for parseable SMILES."""
+        sim = tanimoto(morgan_fingerprints(list(smiles)), self._fps)  # (n, n_train)
+        best = sim.argmax(1)
+        return {"max_tanimoto_train": sim.max(1).astype(float).round(4).tolist(),
+                "nearest_train_drug": [self._names[j] for j in best]}
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -110,7 +139,8 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
     Returns:
         DataFrame sorted by `score` (signature cosine if given, else effect size) with columns
         drug, smiles, effect_size (RMS change from control over genes), n_up, n_down
-        (|change| > 0.5), signature_cosine (if a signature is given), score.
+        (|change| > 0.5), signature_cosine (if a signature is given), score, and, when the
+        model records its training molecules, max_tanimoto_train and nearest_train_drug.
     """
     from .molecules import canonical_smiles
 
@@ -124,6 +154,7 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
         if np.isnan(sig).all():
             raise ScdcaInputError("signature: none of its genes are model genes")
         sig = np.nan_to_num(sig)
+    similarity = TrainingSimilarity(model)
     rows = []
     pairs = list(zip(names, smiles))
     bar = tqdm(total=len(pairs), desc="screen", unit="mol", disable=not progress)
@@ -134,9 +165,11 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
         if good:
             query = _query(model._genes, {line: ctrl}, good, [dose])
             delta = model.predict(query) - ctrl[None, :]  # (b, G)
-            for (name, smi), d in zip(good.items(), delta):
+            near = similarity.columns(list(good.values())) if similarity.available else {}
+            for i, ((name, smi), d) in enumerate(zip(good.items(), delta)):
                 r = {"drug": name, "smiles": smi, "effect_size": float(np.sqrt((d**2).mean())),
-                     "n_up": int((d > 0.5).sum()), "n_down": int((d < -0.5).sum()), "error": ""}
+                     "n_up": int((d > 0.5).sum()), "n_down": int((d < -0.5).sum()), "error": "",
+                     **{col: values[i] for col, values in near.items()}}
                 if sig is not None:
                     den = np.linalg.norm(d) * np.linalg.norm(sig)
                     r["signature_cosine"] = float(d @ sig / den) if den > 0 else 0.0

@@ -262,6 +262,29 @@ def test_predict_and_screen_from_a_saved_model(tiny_data, tiny_backbone, tmp_pat
     assert ok.loc[ok["drug"] == "m0", "effect_size"].item() == pytest.approx(float(np.sqrt((d**2).mean())), rel=1e-5)
 
 
+def test_predictions_say_how_close_each_molecule_is_to_the_training_drugs(tiny_data, tiny_backbone, tmp_path):
+    from scdca.molecules import morgan_fingerprints, tanimoto
+    from scdca.predict import predict, screen
+
+    model = make_model("scdca", backbone=tiny_backbone, **FAST).fit(tiny_data)
+    model.save(tmp_path / "m")
+    m = ScDCAModel.load(tmp_path / "m")
+    train = tiny_data.drug_smiles()
+    assert m.training_molecules == train
+    known_name, known_smiles = next(iter(train.items()))
+    out = predict(m, [known_smiles, "CCCCCCCCO"], names=["again", "octanol"], cell_lines=["lineA"])
+    obs = out.obs.set_index("drug")
+    assert obs.loc["again", "max_tanimoto_train"] == 1.0 and obs.loc["again", "nearest_train_drug"] == known_name
+    sim = tanimoto(morgan_fingerprints(["CCCCCCCCO"]), morgan_fingerprints(list(train.values())))[0]
+    assert sim.max() < 1.0 and obs.loc["octanol", "max_tanimoto_train"] == pytest.approx(float(sim.max()), abs=1e-4)
+    assert obs.loc["octanol", "nearest_train_drug"] == list(train)[int(sim.argmax())]
+    ranked = screen(m, ["again", "octanol"], [known_smiles, "CCCCCCCCO"], cell_line="lineA", progress=False)
+    assert ranked.set_index("drug")["max_tanimoto_train"].to_dict() == {"again": 1.0, "octanol": pytest.approx(
+        float(sim.max()), abs=1e-4)}
+    m.training_molecules = None  # a model saved before they were recorded: no such columns, no failure
+    assert "max_tanimoto_train" not in screen(m, ["octanol"], ["CCCCCCCCO"], cell_line="lineA", progress=False)
+
+
 def test_cli_train_predict_screen(tiny_sim, tiny_backbone, tmp_path, capsys):
     from scdca.cli import main
 

@@ -232,6 +232,7 @@ class ScDCAModel(PerturbationModel):
             raise ScdcaInputError("dose_profile=True shifts the line offset by dose and needs line_offset=True; "
                                   "set both, or dose_profile=False")
         self._cost: dict[str, Any] = {}
+        self.training_molecules: dict[str, str] | None = None  # drug -> SMILES, set by fit
 
     # -- inputs ------------------------------------------------------------------------
     def _conditions(self, data: PerturbationData) -> np.ndarray:
@@ -269,6 +270,7 @@ class ScDCAModel(PerturbationModel):
         self.device = ctx.device
         distributed.check_precision(self.cfg.precision)
         self._setup(train)
+        self.training_molecules = {str(d): str(smi) for d, smi in train.drug_smiles().items()}
         cfg = self.cfg
         cond = torch.from_numpy(self._conditions(train))
         target = torch.from_numpy(train.mean[:, self._kept])  # (N, T)
@@ -483,7 +485,8 @@ class ScDCAModel(PerturbationModel):
                 "backbone_sha256": self._backbone_hash, "encoder": self.encoder_spec,
                 "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
                 "kept": self._kept.tolist(), "emb_mean": self._emb_mean.tolist(), "emb_std": self._emb_std.tolist(),
-                "dose_lo": self._dose_lo, "dose_span": self._dose_span, "cost": self._cost}
+                "dose_lo": self._dose_lo, "dose_span": self._dose_span, "cost": self._cost,
+                "training_molecules": self.training_molecules}
         lines, ctrl = self._controls
         with _io.atomic_path(folder / "controls.npz") as tmp:
             with open(tmp, "wb") as fh:
@@ -522,6 +525,7 @@ class ScDCAModel(PerturbationModel):
         if missing.unexpected_keys:
             raise ScdcaInputError(f"saved weights do not fit this model: {missing.unexpected_keys[:5]}")
         model._cost = meta.get("cost", {})
+        model.training_molecules = meta.get("training_molecules")  # None in models saved before it was kept
         with np.load(folder / "controls.npz") as z:
             model._controls = (z["cell_lines"].tolist(), z["control_mean"])
             model._offsets = dict(zip(z["offset_lines"].tolist(), z["offsets"]))
@@ -636,6 +640,10 @@ class ScDCARouted(PerturbationModel):
     @property
     def _genes(self):
         return self.seen._genes
+
+    @property
+    def training_molecules(self) -> dict[str, str] | None:
+        return self.seen.training_molecules
 
     def is_seen(self, smiles) -> np.ndarray:
         """(N,) True where the molecule was in the training data."""
