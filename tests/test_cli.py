@@ -47,6 +47,9 @@ def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, 
                  "--dose", "100", "10000", "--out", str(tmp_path / "p.h5ad")]) == 0
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
     assert pred.n_obs == 2 and pred.n_vars == tiny_sim.n_vars
+    # ethanol is not a training drug: its similarity to the nearest one is reported, below 1
+    trained = set(tiny_sim.obs["condition"].astype(str))
+    assert (pred.obs["max_tanimoto_train"] < 1).all() and set(pred.obs["nearest_train_drug"]) <= trained
 
 
 def test_a_run_reruns_exactly_from_its_written_config_and_reports_from_any_folder(tmp_path, tiny_sim, monkeypatch):

@@ -106,6 +106,7 @@ class C3TLModel(PerturbationModel):
         self.device = torch.device(device or "cpu")
         self.cfg = C3TLConfig(**config)
         self._cost: dict[str, Any] = {}
+        self.training_molecules: dict[str, str] | None = None  # drug -> SMILES, set by fit
 
     # -- features ------------------------------------------------------------------------
     def _mol(self, smiles: list[str], names: list[str]) -> Tensor:
@@ -136,6 +137,7 @@ class C3TLModel(PerturbationModel):
         cfg, cond = self.cfg, train.conditions
         self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
+        self.training_molecules = {str(d): str(smi) for d, smi in drugs.items()}
         self._emb_mean, self._emb_std = standardisation(self._encoder.encode(list(drugs.values()), names=list(drugs)))
         self._dose_lo, self._dose_span = dose_range(cond["dose"].to_numpy(float))
         delta = train.delta().astype(np.float64)
@@ -215,7 +217,7 @@ class C3TLModel(PerturbationModel):
             "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
             "dose_lo": self._dose_lo, "dose_span": self._dose_span, "obs_drug": self._obs["drug"].tolist(),
             "obs_line": self._obs["line"].tolist(), "control_lines": [str(c) for c in self._controls[0]],
-            "cost": self._cost}, files=["c3tl.safetensors"])
+            "cost": self._cost, "training_molecules": self.training_molecules}, files=["c3tl.safetensors"])
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "C3TLModel":
@@ -244,4 +246,5 @@ class C3TLModel(PerturbationModel):
         model.net.eval()
         model._controls = (meta["control_lines"], arrays["control_mean"])
         model._cost = meta.get("cost", {})
+        model.training_molecules = meta.get("training_molecules")  # None in models saved before it was kept
         return model
