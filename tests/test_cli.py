@@ -34,7 +34,7 @@ def test_missing_data_file_exits_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written half-way
 
 
-def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, tiny_sim):
+def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, tiny_sim, capsys):
     import anndata as ad
 
     from scdca import _io
@@ -43,13 +43,15 @@ def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, 
     _io.write_h5ad(data, tiny_sim)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--model", "c3tl",
                  "--encoder", "morgan:bits=128", "--epochs", "3", "--quiet"]) == 0  # --epochs: not a c3tl option
-    assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "CCO", "--cell-line", "lineA",
+    assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "OCC(O)CO", "--cell-line", "lineA",
                  "--dose", "100", "10000", "--out", str(tmp_path / "p.h5ad")]) == 0
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
     assert pred.n_obs == 2 and pred.n_vars == tiny_sim.n_vars
-    # ethanol is not a training drug: its similarity to the nearest one is reported, below 1
+    # glycerol is not a training drug: its similarity to the nearest one is reported, below 1
     trained = set(tiny_sim.obs["condition"].astype(str))
     assert (pred.obs["max_tanimoto_train"] < 1).all() and set(pred.obs["nearest_train_drug"]) <= trained
+    assert pred.obs["max_tanimoto_train"].iloc[0] < 0.2  # glycerol shares almost no substructure with them
+    assert "1 molecule(s) below 0.2, where predictions are least reliable: OCC(O)CO" in capsys.readouterr().out
 
 
 def test_a_run_reruns_exactly_from_its_written_config_and_reports_from_any_folder(tmp_path, tiny_sim, monkeypatch):

@@ -259,6 +259,12 @@ def cmd_predict(args) -> None:
                   doses=args.dose)
     _io.write_h5ad(args.out, out)
     print(f"wrote {args.out}: {out.n_obs} predictions (drug x cell line x dose) x {out.n_vars} genes")
+    if "max_tanimoto_train" in out.obs:
+        sim = out.obs.drop_duplicates("drug").set_index("drug")["max_tanimoto_train"]
+        far = sim[sim < 0.2]
+        print(f"similarity to the training drugs (obs['max_tanimoto_train']): median {sim.median():.2f}"
+              + (f"; {len(far)} molecule(s) below 0.2, where predictions are least reliable: "
+                 f"{', '.join(map(str, far.index[:10]))}{' ...' if len(far) > 10 else ''}" if len(far) else ""))
 
 
 def cmd_screen(args) -> None:
