@@ -23,6 +23,7 @@ Rows of `results.csv` (the demo grid) are printed next to the references when gi
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -110,7 +111,12 @@ def main() -> None:
                          **scores(test, predict(test, probs, means), split)})
         print(f"seed {seed} done", flush=True)
     table = pd.DataFrame(rows).groupby("reference", sort=False)[["accuracy", *METRICS]].mean()
-    if Path(args.results).exists():
+    config = Path(args.results).parent / "config.json"
+    same_data = not config.exists() or Path(json.loads(config.read_text()).get("data", args.data)).resolve() == \
+        Path(args.data).resolve()
+    if Path(args.results).exists() and not same_data:
+        print(f"not showing {args.results}: that grid ran on other data than --data {args.data}")
+    elif Path(args.results).exists():
         res = pd.read_csv(args.results, keep_default_na=False, na_values=[""], dtype={"held_out": str}, low_memory=False)
         res = res[(res["task"] == "unseen_drug") & res["metric"].isin(METRICS) & (res["seed"].astype(int) < args.seeds)]
         per_seed = res.groupby(["model", "metric", "seed"])["value"].mean().groupby(["model", "metric"]).mean()
