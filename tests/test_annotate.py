@@ -101,3 +101,22 @@ def test_patience_stops_once_validation_loss_stops_improving():
     assert every.cost["epochs_run"] == 8
     with pytest.raises(ScdcaInputError, match="patience"):
         AnnotateConfig(patience=0)
+
+
+def test_linear_probe_runs_the_frozen_backbone_once_per_cell_and_learns(monkeypatch):
+    from scdca.backbone import Backbone
+
+    calls = []
+    encode = Backbone.encode
+
+    def counted(self, ids, values, *args, **kwargs):
+        calls.append(len(ids))
+        return encode(self, ids, values, *args, **kwargs)
+
+    monkeypatch.setattr(Backbone, "encode", counted)
+    ann = _fit("linear", epochs=100, patience=None, lr=3e-2)
+    assert sum(calls) == 120 and ann.cost["epochs_run"] == 100  # 100 epochs, one pass over the 120 cells
+    query = cells(n_per=10, seed=1)
+    right = (ann.annotate(query).obs["scdca_label"].astype(str) == query.obs["cell_type"]).mean()
+    untrained = _fit("linear", epochs=1, patience=None, lr=0.0).annotate(query).obs["scdca_label"].astype(str)
+    assert right >= 0.7 > 0.4 >= (untrained == query.obs["cell_type"]).mean()  # 3 types: chance is 1/3

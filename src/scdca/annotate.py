@@ -163,6 +163,14 @@ class Annotator:
                      "params_trainable_pct": 100.0 * (counts["trainable"] + head) / (counts["total"] + head)}
         log.info("annotate: %s trains %d of %d parameters (%.2f%%)", self.cfg.peft.method,
                  self.cost["params_trainable"], counts["total"] + head, self.cost["params_trainable_pct"])
+        # a linear probe trains the head only: the frozen backbone's <cls> states are computed once
+        feats = self._cls_states(ids, values) if self.cfg.peft.method == "linear" else None  # (N, D)
+
+        def logits(rows: Tensor) -> Tensor:  # (b,) -> (b, K)
+            if feats is not None:
+                return self.net.head(feats[rows.to(feats.device)])
+            return self.net(ids[rows].to(self.device), values[rows].to(self.device))
+
         rng = np.random.default_rng(self.cfg.seed)
         best, best_state, best_epoch, epochs_run = float("inf"), None, None, 0
         bar = tqdm(range(self.cfg.epochs), desc=f"annotate ({self.cfg.peft.method})", unit="epoch",
@@ -173,13 +181,16 @@ class Annotator:
             order = rng.permutation(tr)
             for s in range(0, len(order), self.cfg.batch_size):
                 b = torch.from_numpy(order[s : s + self.cfg.batch_size])
-                loss = F.cross_entropy(self.net(ids[b].to(self.device), values[b].to(self.device)),
-                                       y[b].to(self.device))
+                loss = F.cross_entropy(logits(b), y[b].to(self.device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             if len(va):
-                val = F.cross_entropy(self._logits(ids[va], values[va]), y[va].to(self.device)).item()
+                if feats is not None:
+                    with torch.no_grad():
+                        val = F.cross_entropy(logits(torch.from_numpy(va)), y[va].to(self.device)).item()
+                else:
+                    val = F.cross_entropy(self._logits(ids[va], values[va]), y[va].to(self.device)).item()
                 bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
                 if val < best:
                     best, best_state, best_epoch = val, trainable_state(self.net), epoch + 1
@@ -209,6 +220,14 @@ class Annotator:
         X = expression(reference, layer)[:, shared]
         top = np.argsort(-X.var(0), kind="stable")[: self.cfg.max_genes]
         return [str(names[shared[i]]) for i in np.sort(top)]
+
+    @torch.no_grad()
+    def _cls_states(self, ids: Tensor, values: Tensor, batch: int = 256) -> Tensor:
+        """The frozen backbone's <cls> state per cell, in eval mode: (N, T), (N, T) -> (N, D)."""
+        self.net.backbone.eval()
+        return torch.cat([self.net.backbone.encode(ids[s : s + batch].to(self.device),
+                                                   values[s : s + batch].to(self.device))[:, 0]
+                          for s in range(0, len(ids), batch)])
 
     # -- prediction --------------------------------------------------------------------
     @torch.no_grad()
