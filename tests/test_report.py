@@ -203,3 +203,28 @@ def test_models_with_rank_near_one_half_are_flagged_as_not_distinguishing_drugs(
     assert table.loc[("unseen_drug", "blind"), "rank"].endswith("(does not distinguish drugs)")
     assert "distinguish" not in table.loc[("unseen_drug", "sees"), "rank"]
     assert "blind does not distinguish drugs" in summary_text(res)
+
+
+def test_groups_stored_with_the_data_get_their_tables(tmp_path):
+    """The simulator's hidden mechanism and activity flag, read from the benchmark's data file."""
+    import json
+
+    import anndata as ad
+
+    from scdca.report import group_table
+
+    obs = pd.DataFrame({"condition": ["d1", "d2"], "SMILES": ["CCO", "CCN"]}, index=["c0", "c1"])
+    data = ad.AnnData(X=np.zeros((2, 3), np.float32), obs=obs)
+    data.uns["drug_annotations"] = {"drug": np.array(["d1", "d2"]), "mechanism": np.array(["hdac_like", "none"]),
+                                    "active": np.array([1, 0])}
+    data.write_h5ad(tmp_path / "data.h5ad")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"data": str(tmp_path / "data.h5ad")}))
+    tiny_results().to_csv(tmp_path / "run" / "results.csv", index=False)
+    page = build(tmp_path / "run").read_text()
+    assert "Per drug group: mechanism (pearson_delta_deg" in page and "hdac_like" in page
+    assert "Per drug group: active (pearson_delta_deg" in page and "inactive" in page
+    table = group_table(tiny_results(), pd.Series({"d1": "active", "d2": "inactive"}))
+    # d1 is 0.1 below its seed's value and d2 0.1 above, pooled over seeds 0.55 / 0.45 / 0.50 for 'a'
+    assert table.loc[("unseen_drug", "active"), "a"] == pytest.approx(0.55 - 0.1)
+    assert table.loc[("unseen_drug", "inactive"), "a"] == pytest.approx(0.55 + 0.1)

@@ -548,7 +548,9 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
                          _png(_figure_sweep(sweep), folder / "fig_deg_sweep.png")))
     smiles, stored, missing = data_info(folder)
     if stored is not None:
-        for col in [c for c in ("mechanism", "target", "pathway") if c in stored]:
+        if "active" in stored:  # the simulator's hidden activity flag: does a model score on inactive drugs?
+            stored = stored.assign(active=stored["active"].astype(int).map({1: "active", 0: "inactive"}))
+        for col in [c for c in ("mechanism", "active", "target", "pathway") if c in stored]:
             for m in judged:
                 g = group_table(results, stored[col], m)
                 if not g.empty:
