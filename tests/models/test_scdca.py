@@ -294,10 +294,13 @@ def test_cli_train_predict_screen(tiny_sim, tiny_backbone, tmp_path, capsys):
                  "--encoder", "morgan:bits=64", "--epochs", "2", "--lr", "1e-3", "--quiet"]) == 0
     assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "CCO", "--cell-line", "lineA",
                  "--out", str(tmp_path / "p.h5ad")]) == 0
-    (tmp_path / "lib.smi").write_text("CCO ethanol\nc1ccccc1O phenol\n")
+    (tmp_path / "lib.smi").write_text("CCO ethanol\nc1ccccc1O phenol\nOCC(O)CO glycerol\n")
     assert main(["screen", "--model", str(tmp_path / "m"), "--library", str(tmp_path / "lib.smi"),
                  "--cell-line", "lineA", "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
-    assert "effect size" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "effect size" in printed
+    # Tanimoto to the nearest training drug: ethanol 0.20, phenol 0.30, glycerol 0.10
+    assert "median 0.20; 1 molecule(s) below 0.2, where predictions are least reliable: glycerol" in printed
 
 
 def test_unseen_fingerprint_bits_do_not_blow_up_predictions(tiny_data, tiny_backbone):
