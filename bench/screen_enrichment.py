@@ -41,15 +41,19 @@ def library(train_smiles: set[str], n: int, seed: int) -> pd.DataFrame:
                          "mechanism": [assign_mechanism(r[2]) for r in rows]})
 
 
-def nearest_drug_effect(data, lib: pd.DataFrame, dose: float) -> np.ndarray:
-    """Observed effect size (RMS change, mean over lines) of each molecule's most similar training drug."""
+def observed_effect(data, dose: float) -> pd.Series:
+    """Drug -> observed effect size (RMS change from control over genes) at `dose`, mean over lines."""
     cond = data.conditions.reset_index(drop=True)
-    top = (cond["dose"] == dose).to_numpy()
-    rms = np.sqrt((data.delta()[top] ** 2).mean(1))
-    per_drug = pd.Series(rms).groupby(cond.loc[top, "drug"].to_numpy()).mean()
+    at = (cond["dose"] == dose).to_numpy()
+    rms = np.sqrt((data.delta()[at] ** 2).mean(1))
+    return pd.Series(rms).groupby(cond.loc[at, "drug"].to_numpy()).mean()
+
+
+def nearest_drug_effect(data, lib: pd.DataFrame, dose: float) -> np.ndarray:
+    """Observed effect size of each library molecule's most similar training drug (Tanimoto)."""
+    per_drug = observed_effect(data, dose)
     drugs = data.drug_smiles()
-    names = list(per_drug.index)
-    sim = tanimoto(morgan_fingerprints(list(lib["smiles"])), morgan_fingerprints([drugs[d] for d in names]))
+    sim = tanimoto(morgan_fingerprints(list(lib["smiles"])), morgan_fingerprints([drugs[d] for d in per_drug.index]))
     return per_drug.to_numpy()[sim.argmax(1)]
 
 
@@ -98,11 +102,9 @@ def mechanism_strength(data, dose: float) -> pd.Series:
     """Mechanism -> mean observed effect size (RMS change) of the demo drugs of that mechanism at `dose`."""
     from rdkit import Chem
 
-    cond = data.conditions.reset_index(drop=True)
-    top = (cond["dose"] == dose).to_numpy()
-    rms = pd.Series(np.sqrt((data.delta()[top] ** 2).mean(1)))
-    mech = {d: assign_mechanism(Chem.MolFromSmiles(s)) for d, s in data.drug_smiles().items()}
-    return rms.groupby(cond.loc[top, "drug"].map(mech).to_numpy()).mean()
+    per_drug = observed_effect(data, dose)
+    drugs = data.drug_smiles()
+    return per_drug.groupby([assign_mechanism(Chem.MolFromSmiles(drugs[d])) for d in per_drug.index]).mean()
 
 
 if __name__ == "__main__":
