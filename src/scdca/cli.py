@@ -454,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(tr)
     tr.add_argument("--data", required=True)
     tr.add_argument("--out", required=True, help="model folder (resumes from out/checkpoint)")
-    tr.add_argument("--model", default="scdca")
+    tr.add_argument("--model", default="scdca_routed",
+                    help="scdca_routed (default; recommended: it tells drugs apart), scdca (the paper's adapter), "
+                         "another scDCA variant or c3tl")
     tr.add_argument("--n-top-genes", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
     model_args(tr, training=True)

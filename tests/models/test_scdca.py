@@ -290,8 +290,9 @@ def test_cli_train_predict_screen(tiny_sim, tiny_backbone, tmp_path, capsys):
 
     data = tmp_path / "d.h5ad"
     tiny_sim.write_h5ad(data)
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--backbone", tiny_backbone,
-                 "--encoder", "morgan:bits=64", "--epochs", "2", "--lr", "1e-3", "--quiet"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--model", "scdca",
+                 "--backbone", tiny_backbone, "--encoder", "morgan:bits=64", "--epochs", "2", "--lr", "1e-3",
+                 "--quiet"]) == 0
     assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "CCO", "--cell-line", "lineA",
                  "--out", str(tmp_path / "p.h5ad")]) == 0
     (tmp_path / "lib.smi").write_text("CCO ethanol\nc1ccccc1O phenol\nOCC(O)CO glycerol\n")
