@@ -165,3 +165,9 @@ def test_annotate_real_pbmc_cells_from_the_command_line(tmp_path, capsys):
     genes = pd.read_csv(tmp_path / "annotated_genes.csv")
     assert genes["rank"].max() == 32 and (tmp_path / "annotated_genes.png").exists()
     assert (tmp_path / "model" / "model.json").exists()
+
+
+def test_train_defaults_to_the_recommended_model():
+    from scdca.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--data", "d.h5ad", "--out", "m"]).model == "scdca_routed"
