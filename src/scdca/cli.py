@@ -207,7 +207,7 @@ def _main_process() -> bool:
 def cmd_train(args) -> None:
     from .data import load
     from .models import MODELS
-    from .models.scdca import ScDCAModel
+    from .models.scdca import ScDCAModel, ScDCARouted
 
     cls = MODELS.get(args.model)
     if not hasattr(cls, "save"):
@@ -215,7 +215,7 @@ def cmd_train(args) -> None:
         raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable)}")
     data = load(args.data, keys=_keys(args), n_top_genes=args.n_top_genes)
     options = _model_options(args)
-    if issubclass(cls, ScDCAModel):
+    if issubclass(cls, (ScDCAModel, ScDCARouted)):
         model = cls(progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint", **options)
     else:
         model = cls(**{k: v for k, v in options.items() if k in cls.options})

@@ -393,6 +393,19 @@ def test_head_dropout_acts_only_while_training():
     assert not torch.allclose(head.drug_weights(cond), head.drug_weights(cond))
 
 
+def test_routed_training_killed_in_its_second_head_resumes_to_the_same_result(tiny_data, tiny_backbone, tmp_path):
+    opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=4, seed=0)
+    q = tiny_data.subset(list(tiny_data.ids[:8]), observed=False)
+    full = make_model("scdca_routed", checkpoint_dir=tmp_path / "a", **opts).fit(tiny_data)
+    killed = make_model("scdca_routed", checkpoint_dir=tmp_path / "b", **opts)
+    killed.seen.fit(tiny_data)
+    with pytest.raises(KeyboardInterrupt):
+        killed.new.fit(tiny_data, _stop_after_epochs=2)
+    assert (tmp_path / "b" / "seen" / "train_state.pt").exists() and (tmp_path / "b" / "new" / "train_state.pt").exists()
+    resumed = make_model("scdca_routed", checkpoint_dir=tmp_path / "b", **opts).fit(tiny_data)
+    np.testing.assert_allclose(resumed.predict(q), full.predict(q), rtol=1e-5, atol=1e-6)
+
+
 def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_head(tiny_data, tiny_backbone,
                                                                                  tmp_path):
     split = make_splits(tiny_data, "unseen_drug", 0)[0]

@@ -339,8 +339,8 @@ class ScDCAModel(PerturbationModel):
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
             self.loss_history_ += list(distributed.all_sum(torch.stack(sq_errs), ctx) / np.array(sizes))
-            train_loss = self.loss_history_[-1]
-            val = self._loss(controls, cache, line_idx, cond, target, va_idx) if len(va_idx) else train_loss
+            train_loss = float(self.loss_history_[-1])  # a plain float: numpy scalars cannot be resumed from
+            val = float(self._loss(controls, cache, line_idx, cond, target, va_idx)) if len(va_idx) else train_loss
             bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}")
             if val < best - 1e-6:
                 best, bad_epochs = val, 0
@@ -615,17 +615,20 @@ class ScDCARouted(PerturbationModel):
     ranks seen drugs better and new drugs worse than the dropout head (NOTES.md, session 6),
     and one head shared by both kinds of molecule was worse than each on its own kind. The
     choice uses only what is known when predicting: whether the molecule was in training.
-    Each head loads its own copy of the backbone (cost() counts it once); `scdca train` shows
-    no progress bar and keeps no per-epoch checkpoint for it (each head trains in seconds).
+    Each head loads its own copy of the backbone (cost() counts it once). With
+    `checkpoint_dir`, each head keeps its own checkpoints (`seen/`, `new/`), so a killed run
+    resumes where it stopped.
     """
 
     name = "scdca_routed"
     options = ScDCALowRank.options
 
-    def __init__(self, *, new_dropout: float = 0.6, **kwargs):
+    def __init__(self, *, new_dropout: float = 0.6, checkpoint_dir: str | os.PathLike | None = None, **kwargs):
         self.new_dropout = new_dropout
-        self.seen = ScDCALowRank(**kwargs)
-        self.new = ScDCALowRank(**kwargs, gene_head_dropout=new_dropout)
+        folder = Path(checkpoint_dir) if checkpoint_dir else None
+        self.seen = ScDCALowRank(**kwargs, checkpoint_dir=folder / "seen" if folder else None)
+        self.new = ScDCALowRank(**kwargs, gene_head_dropout=new_dropout,
+                                checkpoint_dir=folder / "new" if folder else None)
 
     def fit(self, train: PerturbationData) -> "ScDCARouted":
         self.seen.fit(train)
