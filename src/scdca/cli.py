@@ -260,13 +260,14 @@ def cmd_predict(args) -> None:
     _io.write_h5ad(args.out, out)
     print(f"wrote {args.out}: {out.n_obs} predictions (drug x cell line x dose) x {out.n_vars} genes")
     if "max_tanimoto_train" in out.obs:
-        _print_similarity(out.obs.drop_duplicates("drug").set_index("drug")["max_tanimoto_train"], "obs")
+        _print_similarity(out.obs.drop_duplicates("drug").set_index("drug")["max_tanimoto_train"],
+                          "obs['max_tanimoto_train']")
 
 
 def _print_similarity(sim, where: str) -> None:
     """One line on how far the predicted molecules are from the model's training drugs."""
     far = sim[sim < 0.2]
-    print(f"similarity to the training drugs ({where}['max_tanimoto_train']): median {sim.median():.2f}"
+    print(f"similarity to the training drugs ({where}): median {sim.median():.2f}"
           + (f"; {len(far)} molecule(s) below 0.2, where predictions are least reliable: "
              f"{', '.join(map(str, far.index[:10]))}{' ...' if len(far) > 10 else ''}" if len(far) else ""))
 
@@ -290,7 +291,8 @@ def cmd_screen(args) -> None:
     print(ranked.head(10).to_string(index=False))
     print(f"wrote {args.out}: {len(ranked)} molecules ranked by {'signature cosine' if sig is not None else 'effect size'}")
     if "max_tanimoto_train" in ranked:
-        _print_similarity(ranked.dropna(subset=["max_tanimoto_train"]).set_index("drug")["max_tanimoto_train"], "column")
+        _print_similarity(ranked.dropna(subset=["max_tanimoto_train"]).set_index("drug")["max_tanimoto_train"],
+                          "column max_tanimoto_train")
 
 
 def cmd_report(args) -> None:
