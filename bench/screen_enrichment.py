@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from scdca.data import load
 from scdca.datasets import _druglike_pool, assign_mechanism
 from scdca.models import make_model
-from scdca.molecules import canonical_smiles, morgan_fingerprints, tanimoto
+from scdca.molecules import NearestTraining, canonical_smiles
 from scdca.predict import screen
 
 
@@ -53,8 +53,8 @@ def nearest_drug_effect(data, lib: pd.DataFrame, dose: float) -> np.ndarray:
     """Observed effect size of each library molecule's most similar training drug (Tanimoto)."""
     per_drug = observed_effect(data, dose)
     drugs = data.drug_smiles()
-    sim = tanimoto(morgan_fingerprints(list(lib["smiles"])), morgan_fingerprints([drugs[d] for d in per_drug.index]))
-    return per_drug.to_numpy()[sim.argmax(1)]
+    _, nearest = NearestTraining({d: drugs[d] for d in per_drug.index}).query(list(lib["smiles"]))
+    return per_drug.loc[nearest].to_numpy()
 
 
 def main() -> None:

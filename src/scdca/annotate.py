@@ -172,7 +172,7 @@ class Annotator:
             return self.net(ids[rows].to(self.device), values[rows].to(self.device))
 
         rng = np.random.default_rng(self.cfg.seed)
-        best, best_state, best_epoch, epochs_run = float("inf"), None, None, 0
+        best, best_state, best_epoch, epochs_run = float("inf"), None, 0, 0  # best_epoch 0: none yet
         bar = tqdm(range(self.cfg.epochs), desc=f"annotate ({self.cfg.peft.method})", unit="epoch",
                    disable=not self.progress)
         for epoch in bar:

@@ -108,6 +108,23 @@ def scaffold(smiles: str) -> str:
     return Chem.MolToSmiles(MurckoScaffold.GetScaffoldForMol(mol))
 
 
+class NearestTraining:
+    """Each query molecule's most similar training molecule and their Tanimoto similarity
+    (Morgan r=2, 2048 bits). The training fingerprints are computed once, so a library can be
+    queried in batches. `train`: drug name -> SMILES (may be empty: similarity 0, name '')."""
+
+    def __init__(self, train: Mapping[str, str]):
+        self.names = list(train)
+        self._fps = morgan_fingerprints([train[d] for d in self.names])  # (n_train, bits)
+
+    def query(self, smiles: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """(max Tanimoto (n,), nearest training drug name per molecule)."""
+        if not self.names:
+            return np.zeros(len(smiles)), ["" for _ in smiles]
+        sim = tanimoto(morgan_fingerprints(list(smiles)), self._fps)  # (n, n_train)
+        return sim.max(1), [self.names[j] for j in sim.argmax(1)]
+
+
 def novelty_table(train: Mapping[str, str], test: Mapping[str, str]):
     """Per test drug: its most similar training drug and their Tanimoto similarity (Morgan r=2, 2048).
 
@@ -119,15 +136,14 @@ def novelty_table(train: Mapping[str, str], test: Mapping[str, str]):
     """
     import pandas as pd
 
-    tr_names, te_names = list(train), list(test)
-    sim = tanimoto(morgan_fingerprints([test[d] for d in te_names]), morgan_fingerprints([train[d] for d in tr_names]))
-    best = sim.argmax(1) if tr_names else np.zeros(len(te_names), dtype=int)
-    train_scaffolds = {scaffold(train[d]) for d in tr_names}
+    te_names = list(test)
+    max_sim, nearest = NearestTraining(train).query([test[d] for d in te_names])
+    train_scaffolds = {scaffold(smi) for smi in train.values()}
     te_scaf = [scaffold(test[d]) for d in te_names]
     return pd.DataFrame(
         {
-            "max_tanimoto": sim.max(1) if tr_names else np.zeros(len(te_names)),
-            "nearest_train_drug": [tr_names[j] if tr_names else "" for j in best],
+            "max_tanimoto": max_sim,
+            "nearest_train_drug": nearest,
             "scaffold": te_scaf,
             "scaffold_in_train": [s in train_scaffolds and s != "" for s in te_scaf],
         },

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .data import PerturbationData, _looks_like_counts, _normalize_log1p, _validated_genes, _validated_matrix, \
     DataKeys, condition_id, read
 from .errors import ScdcaInputError
-from .molecules import canonicalize, morgan_fingerprints, tanimoto
+from .molecules import NearestTraining, canonicalize
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def predict(model, smiles: Sequence[str], *, names: Sequence[str] | None = None,
 
 class TrainingSimilarity:
     """How close each query molecule is to the model's training molecules (its applicability
-    domain): the max Tanimoto similarity (Morgan r=2, 2048 bits) and the nearest training drug.
+    domain): the max Tanimoto similarity and the nearest training drug (`NearestTraining`).
     Predictions for molecules far from every training drug are the least reliable (the
     report's score-by-similarity figure shows how much on a benchmark)."""
 
@@ -112,15 +112,12 @@ class TrainingSimilarity:
             log.info("the model does not record its training molecules (saved by an older version): "
                      "no similarity-to-training columns")
             return
-        self._names = list(train)
-        self._fps = morgan_fingerprints([train[d] for d in self._names])  # (n_train, bits)
+        self._nearest = NearestTraining(train)
 
     def columns(self, smiles: Sequence[str]) -> dict[str, list]:
         """max_tanimoto_train (float) and nearest_train_drug (str) for parseable SMILES."""
-        sim = tanimoto(morgan_fingerprints(list(smiles)), self._fps)  # (n, n_train)
-        best = sim.argmax(1)
-        return {"max_tanimoto_train": sim.max(1).astype(float).round(4).tolist(),
-                "nearest_train_drug": [self._names[j] for j in best]}
+        max_sim, nearest = self._nearest.query(smiles)
+        return {"max_tanimoto_train": max_sim.astype(float).round(4).tolist(), "nearest_train_drug": nearest}
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
