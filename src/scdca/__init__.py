@@ -2,7 +2,8 @@
 from . import data, datasets, metrics, models, splits
 from .data import DataKeys, PerturbationData, load
 from .errors import LeakageError, ScdcaInputError
+from .lincs import read_lincs
 
 __version__ = "0.1.0"
-__all__ = ["data", "datasets", "metrics", "models", "splits", "DataKeys", "PerturbationData", "load",
+__all__ = ["data", "datasets", "metrics", "models", "splits", "DataKeys", "PerturbationData", "load", "read_lincs",
            "ScdcaInputError", "LeakageError"]

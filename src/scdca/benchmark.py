@@ -62,6 +62,7 @@ class BenchmarkConfig:
     model_options: dict = field(default_factory=dict)  # keyword arguments for the torch models (scdca & co.)
     report: bool = True  # write report.html / report.md at the end
     chunk_size: int | None = None  # stream the data file in chunks of this many cells (atlas-scale input)
+    compounds: str | None = None  # a LINCS .gct/.gctx `data` file's compounds table (pert_id/pert_iname -> smiles)
 
     def __post_init__(self):
         self.models = MODELS.parse_list(self.models, arg="models")
@@ -90,6 +91,8 @@ class BenchmarkConfig:
         """The settings that must match for a run to resume into an existing folder."""
         identity = {"data": os.path.abspath(self.data), "k": self.k, "n_top_genes": self.n_top_genes,
                     "keys": asdict(self.keys), "metrics": self.metrics, "model_options": _absolute(self.model_options)}
+        if self.compounds:
+            identity["compounds"] = os.path.abspath(self.compounds)
         if self.chunk_size and self.n_top_genes:  # streamed files choose HVGs on a sample: other genes possible
             identity["chunk_size"] = self.chunk_size
         return identity
@@ -121,7 +124,8 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     if _io.remove_stale_temps(out):
         log.info("benchmark: removed temporary files of an interrupted run in %s", out)
     if data is None:
-        data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size)
+        data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size,
+                    compounds=cfg.compounds)
     _io.write_json(out / "config.json", written_config(cfg))
     if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):
         _io.write_json(out / "backbone_audit.json", backbone_audit(cfg.model_options["backbone"], cfg.data))
@@ -199,6 +203,8 @@ def written_config(cfg: BenchmarkConfig) -> dict:
     data = Path(cfg.data)
     if data.is_file():
         settings["data"] = str(data.resolve())
+    if cfg.compounds and Path(cfg.compounds).is_file():
+        settings["compounds"] = str(Path(cfg.compounds).resolve())
     provenance = {"data_sha256": _io.file_sha256(data) if data.is_file() else None, "versions": package_versions(),
                   "git_commit": _git_commit()}
     return {**settings, "identity": cfg.identity(), "provenance": provenance}

@@ -19,6 +19,8 @@ def _add_keys(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-key", default="control")
     g.add_argument("--gene-symbols-key", default=None)
     g.add_argument("--layer", default=None, help="read expression from this layer instead of X")
+    g.add_argument("--compounds", default=None, help="for a LINCS .gct/.gctx --data: CSV mapping pert_id or "
+                   "pert_iname to smiles (wells of compounds without a structure are skipped)")
 
 
 CONFIG_FILE = "command.yaml"  # what `pretrain` and `train` write into --out; their --config reads it
@@ -120,7 +122,8 @@ def cmd_benchmark(args) -> None:
             raise ScdcaInputError(f"benchmark: {' and '.join(missing)} required (or --config FILE)")
         cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
                               seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
-                              keys=_keys(args), model_options=_model_options(args), chunk_size=args.chunk_size)
+                              keys=_keys(args), model_options=_model_options(args), chunk_size=args.chunk_size,
+                              compounds=args.compounds)
     t0 = time.perf_counter()
     results = run(replace(cfg, report=False), progress=not args.quiet, workers=args.workers,
                   ray_address=args.ray_address, threads=args.threads_per_worker)
@@ -179,7 +182,7 @@ def cmd_pretrain(args) -> None:
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, dropout=args.dropout,
                          seed=args.seed, device=args.device,
                          include_perturbed=args.include_perturbed, precision=args.precision)
-    s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet)
+    s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet, compounds=args.compounds)
     if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
         return
     _write_command(args)
@@ -213,7 +216,7 @@ def cmd_train(args) -> None:
     if not hasattr(cls, "save"):
         savable = [n for n in MODELS.names() if hasattr(MODELS.get(n), "save")]
         raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable)}")
-    data = load(args.data, keys=_keys(args), n_top_genes=args.n_top_genes)
+    data = load(args.data, keys=_keys(args), n_top_genes=args.n_top_genes, compounds=args.compounds)
     options = _model_options(args)
     if issubclass(cls, (ScDCAModel, ScDCARouted)):
         model = cls(progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint", **options)

@@ -186,16 +186,24 @@ class PerturbationData:
 # ----------------------------------------------------------------------------- loading
 
 
-def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = None) -> ad.AnnData:
-    """Read an .h5ad file with a clear error when it is missing, empty, truncated or not AnnData.
-
-    `what` names the argument in the error message.
+def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = None,
+         compounds: str | os.PathLike | None = None, keys: DataKeys | None = None) -> ad.AnnData:
+    """Read an .h5ad file, or a LINCS .gct/.gctx plate (`scdca.lincs.read_lincs`, with the
+    `compounds` table giving its SMILES), with a clear error when it is missing, empty,
+    truncated or not AnnData. `what` names the argument in the error message.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ScdcaInputError(f"{what}: file {path!r} does not exist; pass the path of an .h5ad file")
+        raise ScdcaInputError(f"{what}: file {path!r} does not exist; pass the path of an .h5ad, .gct or .gctx file")
+    if path.lower().endswith((".gct", ".gctx")):
+        from .lincs import read_lincs  # lincs imports this module
+
+        return read_lincs(path, compounds=compounds, keys=keys or DataKeys())
+    if compounds is not None:
+        raise ScdcaInputError(f"compounds: {os.fspath(compounds)!r} is given, but {what} {path!r} is not a LINCS "
+                              f".gct/.gctx file; SMILES of an .h5ad come from its obs (--smiles-key)")
     if not path.endswith(".h5ad"):
-        raise ScdcaInputError(f"{what}: {path!r} is not an .h5ad file; convert it with anndata first")
+        raise ScdcaInputError(f"{what}: {path!r} is not an .h5ad, .gct or .gctx file; convert it with anndata first")
     if os.path.getsize(path) == 0:
         raise ScdcaInputError(f"{what}: {path!r} is empty (0 bytes); rewrite it, e.g. with adata.write_h5ad")
     try:
@@ -215,6 +223,7 @@ def load(
     normalize: Literal["auto", "counts", "log"] = "auto",
     seed: int = 0,
     chunk_size: int | None = None,
+    compounds: str | os.PathLike | None = None,
 ) -> PerturbationData:
     """Turn single-cell or pseudobulk AnnData into :class:`PerturbationData`.
 
@@ -232,6 +241,7 @@ def load(
             None reads it whole. Results equal the in-memory ones (float64 sums), except
             that 'auto' normalisation looks at the first chunk only and `n_top_genes` is
             chosen on a random sample of `HVG_SAMPLE_CELLS` cells.
+        compounds: for a LINCS .gct/.gctx path, the table mapping its compounds to SMILES.
 
     Returns:
         PerturbationData with conditions, control means, DEGs and split halves.
@@ -240,7 +250,7 @@ def load(
         >>> data = scdca.data.load("sciplex3.h5ad", n_top_genes=2000)
     """
     if not isinstance(adata, ad.AnnData):
-        adata = read(adata, backed="r" if chunk_size else None)
+        adata = read(adata, backed="r" if chunk_size else None, compounds=compounds, keys=keys)
     obs = _validated_obs(adata, keys)
     gene_names = _validated_genes(adata, keys)
     if normalize not in ("auto", "counts", "log"):
@@ -252,8 +262,9 @@ def load(
         first = X
     else:
         first = next(_matrix_chunks(adata, keys, chunk_size))[1]
-    if normalize == "auto":
-        normalize = "counts" if _looks_like_counts(first) else "log"
+    if normalize == "auto":  # a file that says it is log-scale (LINCS: log2) is never taken for counts
+        known_log = str(adata.uns.get("expression_scale", "")).startswith("log")
+        normalize = "counts" if not known_log and _looks_like_counts(first) else "log"
     if normalize == "counts":
         log.info("data: raw counts detected; applying normalize_total(1e4) + log1p")
     norm = _normalize_log1p if normalize == "counts" else (lambda A: A)

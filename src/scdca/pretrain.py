@@ -80,7 +80,7 @@ def _expression(adata: ad.AnnData, keys: DataKeys, n_genes: int | None) -> tuple
     """Log-normalised dense float32 expression (cells x genes) and gene names."""
     genes = _validated_genes(adata, keys)
     X = _validated_matrix(adata, keys)
-    if _looks_like_counts(X):
+    if not str(adata.uns.get("expression_scale", "")).startswith("log") and _looks_like_counts(X):
         X = _normalize_log1p(X)
     keep = _select_genes(X, genes, genes=None, n_top_genes=n_genes)
     X = X[:, keep]
@@ -112,7 +112,8 @@ class _Batches:
 
 
 def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
-             *, keys: DataKeys = DataKeys(), progress: bool = True, _stop_after: int | None = None) -> dict:
+             *, keys: DataKeys = DataKeys(), progress: bool = True, _stop_after: int | None = None,
+             compounds: str | os.PathLike | None = None) -> dict:
     """Pretrain a backbone on the cells of any AnnData; returns the run summary.
 
     Args:
@@ -131,7 +132,7 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
         >>> scdca.pretrain.pretrain("cells.h5ad", "models/demo_backbone")
     """
     out = Path(out)
-    adata = data if isinstance(data, ad.AnnData) else read(data)
+    adata = data if isinstance(data, ad.AnnData) else read(data, compounds=compounds, keys=keys)
     adata, provenance = select_cells(adata, keys, include_perturbed=cfg.include_perturbed)
     if not isinstance(data, ad.AnnData):
         provenance = {"data_file": os.path.abspath(data), "data_sha256": _io.file_sha256(data), **provenance}

@@ -199,7 +199,7 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
     from .errors import ScdcaInputError
 
     try:
-        a = read(found, what="data", backed="r")
+        a = read(found, what="data", backed=None if cfg.get("compounds") else "r", compounds=cfg.get("compounds"))
     except ScdcaInputError as err:  # a damaged data file costs the report one section, not the report
         return {}, None, str(err)
     obs = a.obs
@@ -210,7 +210,8 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
         smiles = {d: s_ for d, s_ in zip(sub[drug_col], sub[smi_col]) if s_ and s_ != "nan"}
     ann = a.uns.get("drug_annotations")
     table = pd.DataFrame({k: np.asarray(v) for k, v in ann.items()}).set_index("drug") if isinstance(ann, dict) else None
-    a.file.close()
+    if a.isbacked:
+        a.file.close()
     return smiles, table, "" if smiles else f"{found} has no {smi_col!r} column for the {drug_col!r} drugs"
 
 
