@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import _io
 from .backbone import is_random, reference as backbone_reference
 from .data import DataKeys, PerturbationData, deg_long_table, load, rank_degs
+from .diagnostics import plate_diagnostics
 from .errors import GridError, ScdcaInputError
 from .metrics import METRICS, ScoringInput, score
 from .models import MODELS
@@ -127,6 +128,7 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
         data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size,
                     compounds=cfg.compounds)
     _io.write_json(out / "config.json", written_config(cfg))
+    _io.write_csv(out / "diagnostics.csv", plate_diagnostics(data))
     if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):
         _io.write_json(out / "backbone_audit.json", backbone_audit(cfg.model_options["backbone"], cfg.data))
 
@@ -500,7 +502,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return summary[["model", "task", "metric", "mean", "se", "n"]]
 
 
-def format_summary(summary: pd.DataFrame, metrics=("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank")) -> str:
+def format_summary(summary: pd.DataFrame, metrics=("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")) -> str:
     """A wide text table: rows model x task, columns metrics as 'mean ± se'."""
     s = summary[summary["metric"].isin(metrics)].copy()
     s["cell"] = [f"{m:.3f} ± {e:.3f}" if np.isfinite(e) else f"{m:.3f}" for m, e in zip(s["mean"], s["se"])]

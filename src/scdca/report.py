@@ -19,11 +19,12 @@ import pandas as pd
 
 from . import _io
 from .benchmark import REFERENCES, read_predictions
+from .diagnostics import describe as describe_diagnostics
 from .models.peers import PEERS, peer_status
 from .metrics import METRICS, r2_rows
 
-MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank")
-BASELINES = ("control", "train_mean", "additive", "ridge", "knn", "dominant")
+MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")
+BASELINES = ("control", "train_mean", "additive", "ridge", "knn", "dominant", "scaled_mean", "ridge_shrunk")
 DRUG_BLIND_TOLERANCE = 0.02  # |rank - 0.5| at or below this: the model does not distinguish drugs
 DRUG_BLIND_NOTE = "does not distinguish drugs"
 
@@ -162,7 +163,7 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     c = pd.concat(frames, ignore_index=True)
-    agg = {"seconds": "mean"}
+    agg = {"seconds": "mean", **({"shrinkage": "mean"} if "shrinkage" in c else {})}
     for col in ("peak_python_mb", "params_trainable", "params_total", "params_trainable_pct"):
         if col in c:
             agg[col] = "max"
@@ -523,6 +524,10 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     sections: list[tuple[str, str, str | None]] = []  # (title, markdown/html table, image b64)
 
     sections.append(("Summary", summary_text(results, metric), None))
+    if (folder / "diagnostics.csv").exists():
+        diag = pd.read_csv(folder / "diagnostics.csv")
+        sections.append(("How much drug signal the data carries (before any model; scdca.diagnostics)",
+                         describe_diagnostics(diag) + "\n\n" + diag.round(3).to_string(index=False), None))
     main = main_table(results)
     sections.append(("Main table (mean ± SE over seeds; * = best non-reference model)", main.to_string(), _png(_figure_bars(results, metric), folder / "fig_main.png")))
     tests = paired_tests(results, model, metric)

@@ -411,7 +411,7 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
     split = make_splits(tiny_data, "unseen_drug", 0)[0]
     train = tiny_data.subset(split.train)
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=30, seed=0)
-    model = make_model("scdca_routed", new_dropout=0.5, **opts).fit(train)
+    model = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, **opts).fit(train)
     seen_ids = list(split.train[:6])
     new_ids = list(split.test[:6])
     q = tiny_data.subset(seen_ids + new_ids, observed=False)
@@ -462,3 +462,33 @@ def test_head_without_free_gene_loadings_reads_each_gene_from_its_hidden_state_a
     free.load_state_dict(tied.state_dict(), strict=False)  # same A and q, plus its own E
     out = free(h, cond)
     assert not torch.isclose(out[0, 0], out[0, 1])
+
+
+def test_routed_pulls_new_molecules_toward_the_drug_blind_answer_by_a_weight_from_training_drugs(
+        tiny_data, tiny_backbone, tmp_path):
+    from scdca.models import load_model
+    from scdca.models.shrinkage import ScaledMeanBaseline
+
+    split = make_splits(tiny_data, "unseen_drug", 0)[0]
+    train = tiny_data.subset(split.train)
+    opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=6, seed=0)
+    model = make_model("scdca_routed", **opts).fit(train)
+    w = model.shrinkage_
+    assert 0.0 <= w <= 1.0 and model.cost()["shrinkage"] == w
+    assert model.shrinkage_cv_["sse_w"] <= min(model.shrinkage_cv_["sse_w0"], model.shrinkage_cv_["sse_w1"]) + 1e-9
+    new_ids, seen_ids = list(split.test[:5]), list(split.train[:3])
+    q = tiny_data.subset(new_ids + seen_ids, observed=False)
+    pred = model.predict(q)
+    raw = make_model("scdca_routed", new_shrinkage=1.0, **opts).fit(train)
+    qn = tiny_data.subset(new_ids, observed=False)
+    anchor = qn.control_for(qn.conditions["cell_line"]) + ScaledMeanBaseline().fit(train).change(qn)
+    np.testing.assert_allclose(pred[:5], np.maximum(anchor + w * (raw.predict(qn) - anchor), 0), atol=1e-5)
+    np.testing.assert_allclose(pred[5:], raw.predict(tiny_data.subset(seen_ids, observed=False)), atol=1e-6)
+    model.save(tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert again.shrinkage_ == w
+    np.testing.assert_allclose(again.predict(q), pred, rtol=1e-5, atol=1e-5)
+    blind = make_model("scdca_routed", new_shrinkage=0.0, **opts).fit(train)
+    np.testing.assert_allclose(blind.predict(qn), np.maximum(anchor, 0), atol=1e-5)
+    with pytest.raises(ScdcaInputError, match="new_shrinkage"):
+        make_model("scdca_routed", new_shrinkage=1.5, **opts)

@@ -57,6 +57,7 @@ from ..encoders import get_encoder, standardisation, standardise
 from ..errors import ScdcaInputError
 from ..molecules import canonical_smiles
 from .base import MODELS, PerturbationModel, dose_range, read_model_json, scaled_dose, write_model_json
+from .shrinkage import ScaledMeanBaseline
 
 log = logging.getLogger(__name__)
 
@@ -615,6 +616,13 @@ class ScDCARouted(PerturbationModel):
     ranks seen drugs better and new drugs worse than the dropout head (NOTES.md, session 6),
     and one head shared by both kinds of molecule was worse than each on its own kind. The
     choice uses only what is known when predicting: whether the molecule was in training.
+
+    A new molecule's predicted change is then pulled toward the drug-blind `scaled_mean`:
+    anchor + w * (head - anchor), with w in [0, 1] chosen on the training drugs alone
+    (`shrinkage.cv_shrinkage`: the new head refitted on `shrinkage_folds` folds of training
+    drugs, w minimising the error on the held-out ones). Where structure predicts little
+    (real L1000 plates) w is small and the model falls back to the common response; where
+    it predicts much, w is near 1. `new_shrinkage` fixes w instead (1.0: no shrinkage).
     Each head loads its own copy of the backbone (cost() counts it once). With
     `checkpoint_dir`, each head keeps its own checkpoints (`seen/`, `new/`), so a killed run
     resumes where it stopped.
@@ -623,17 +631,42 @@ class ScDCARouted(PerturbationModel):
     name = "scdca_routed"
     options = ScDCALowRank.options
 
-    def __init__(self, *, new_dropout: float = 0.6, checkpoint_dir: str | os.PathLike | None = None, **kwargs):
-        self.new_dropout = new_dropout
+    def __init__(self, *, new_dropout: float = 0.6, new_shrinkage: float | None = None, shrinkage_folds: int = 3,
+                 checkpoint_dir: str | os.PathLike | None = None, **kwargs):
+        if new_shrinkage is not None and not 0.0 <= new_shrinkage <= 1.0:
+            raise ScdcaInputError(f"new_shrinkage: {new_shrinkage!r}; use a weight in [0, 1], or None to choose it "
+                                  f"by cross-validation over the training drugs")
+        if shrinkage_folds < 2:
+            raise ScdcaInputError(f"shrinkage_folds: {shrinkage_folds!r}; use at least 2 folds of training drugs")
+        self.new_dropout, self.new_shrinkage, self.shrinkage_folds = new_dropout, new_shrinkage, shrinkage_folds
         folder = Path(checkpoint_dir) if checkpoint_dir else None
+        self._new_kwargs = {**kwargs, "gene_head_dropout": new_dropout}
         self.seen = ScDCALowRank(**kwargs, checkpoint_dir=folder / "seen" if folder else None)
-        self.new = ScDCALowRank(**kwargs, gene_head_dropout=new_dropout,
-                                checkpoint_dir=folder / "new" if folder else None)
+        self.new = ScDCALowRank(**self._new_kwargs, checkpoint_dir=folder / "new" if folder else None)
 
     def fit(self, train: PerturbationData) -> "ScDCARouted":
+        from .shrinkage import cv_shrinkage
+
         self.seen.fit(train)
         self.new.fit(train)
         self._molecules = sorted({canonical_smiles(s) or s for s in train.drug_smiles().values()})
+        self._anchor = ScaledMeanBaseline().fit(train)
+        t0 = time.perf_counter()
+        self.shrinkage_cv_: dict = {}
+        n_drugs = train.conditions["drug"].nunique()
+        if self.new_shrinkage is not None:
+            self.shrinkage_ = float(self.new_shrinkage)
+        elif n_drugs < 2 * self.shrinkage_folds:
+            self.shrinkage_ = 1.0
+            log.warning("scdca_routed: %d training drugs are too few to choose the shrinkage of new molecules by "
+                        "%d-fold cross-validation; new molecules are not shrunk", n_drugs, self.shrinkage_folds)
+        else:
+            def fit_predict(inner, held):
+                return ScDCALowRank(**self._new_kwargs).fit(inner).predict(held)
+
+            self.shrinkage_, self.shrinkage_cv_ = cv_shrinkage(fit_predict, train, n_folds=self.shrinkage_folds,
+                                                               seed=int(self._new_kwargs.get("seed", 0)))
+        self._shrinkage_seconds = time.perf_counter() - t0
         return self
 
     @property
@@ -663,6 +696,10 @@ class ScDCARouted(PerturbationModel):
         for mask, head in ((seen, self.seen), (~seen, self.new)):
             if mask.any():
                 out[mask] = head.predict(query.subset(np.asarray(query.ids)[mask], observed=False))
+        if (~seen).any() and self.shrinkage_ < 1.0:  # new molecules: toward the drug-blind answer
+            new = query.subset(np.asarray(query.ids)[~seen], observed=False)
+            anchor = new.control_for(new.conditions["cell_line"]) + self._anchor.change(new)
+            out[~seen] = anchor + self.shrinkage_ * (out[~seen] - anchor)
         return out
 
     def cost(self) -> dict[str, Any]:
@@ -672,15 +709,20 @@ class ScDCARouted(PerturbationModel):
         trainable = a["params_trainable"] + b["params_trainable"]
         total = a["params_total"] + b["params_trainable"]  # one frozen backbone, two heads
         return {"params_trainable": trainable, "params_total": total, "params_trainable_pct": 100.0 * trainable / total,
-                "steps": a["steps"] + b["steps"], "train_seconds": a["train_seconds"] + b["train_seconds"]}
+                "steps": a["steps"] + b["steps"], "train_seconds": a["train_seconds"] + b["train_seconds"],
+                "shrinkage": getattr(self, "shrinkage_", float("nan")),
+                "shrinkage_seconds": getattr(self, "_shrinkage_seconds", 0.0)}
 
     def save(self, path: str | os.PathLike) -> None:
         """Both heads in subfolders `seen/` and `new/`, then model.json (written last)."""
         folder = Path(path)
         self.seen.save(folder / "seen")
         self.new.save(folder / "new")
-        write_model_json(folder, {"model": self.name, "new_dropout": self.new_dropout, "molecules": self._molecules},
-                         files=["seen/model.json", "new/model.json"])
+        anchor = {str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
+                  for k, (m, lv, sc) in self._anchor._fits.items()}
+        write_model_json(folder, {"model": self.name, "new_dropout": self.new_dropout, "molecules": self._molecules,
+                                  "shrinkage": self.shrinkage_, "shrinkage_cv": self.shrinkage_cv_,
+                                  "anchor": anchor}, files=["seen/model.json", "new/model.json"])
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCARouted":
@@ -691,4 +733,7 @@ class ScDCARouted(PerturbationModel):
         model.seen = ScDCALowRank.load(folder / "seen", backbone=backbone, device=device)
         model.new = ScDCALowRank.load(folder / "new", backbone=backbone, device=device)
         model._molecules = list(meta["molecules"])
+        model.new_shrinkage, model.shrinkage_folds = meta.get("shrinkage", 1.0), 3
+        model.shrinkage_, model.shrinkage_cv_ = float(meta.get("shrinkage", 1.0)), meta.get("shrinkage_cv", {})
+        model._anchor = ScaledMeanBaseline.from_fits(meta.get("anchor") or {})
         return model
