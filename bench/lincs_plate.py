@@ -7,9 +7,9 @@ Runs every baseline, `dominant`, `scaled_mean`, ridge (plain and shrunk), knn, c
 unseen drugs), prints pearson_delta_deg, rank and mse side by side (mean ± SE over seeds),
 the paired t-tests of the recommended model against each other model on all three, the
 plate's diagnostics, and how the recommended model trades rank against error and change
-score as the shrinkage of new molecules varies (its new head refitted once per seed with
-no shrinkage, then blended toward `scaled_mean` at fixed weights; the chosen weight per
-seed is in the grid's costs.csv).
+score as the shrinkage of new molecules varies (its new head, and ridge, refitted once per
+seed with no shrinkage, then blended toward `scaled_mean` at fixed weights; the weights the
+model chose per seed are in the grid's costs/).
 """
 from __future__ import annotations
 
@@ -96,9 +96,9 @@ def main(argv=None) -> None:
     tests = pd.concat([paired_tests(results, RECOMMENDED, m) for m in JUDGED])
     print(tests[["metric", "versus", "mean_difference", "p", "p_holm"]].round(4).to_string(index=False))
     costs = pd.concat(pd.read_csv(f) for f in sorted((Path(args.out) / "costs").glob(f"{RECOMMENDED}__*.csv")))
-    w = costs["shrinkage"]
-    print(f"\n{RECOMMENDED}: shrinkage of new molecules chosen on the training drugs, per seed: "
-          f"{', '.join(f'{x:.2f}' for x in w)}")
+    print(f"\n{RECOMMENDED}: weights of new molecules' deviations from scaled_mean, chosen on the training drugs, "
+          f"per seed: new head {', '.join(f'{x:.2f}' for x in costs['shrinkage'])}; ridge "
+          f"{', '.join(f'{x:.2f}' for x in costs['ridge_weight'])}")
     diag = plate_diagnostics(data)
     print("\nplate diagnostics:\n" + diag.round(3).to_string(index=False) + "\n" + describe(diag))
     print("\ntrade-off: anchor (scaled_mean) + w x (model without shrinkage - anchor), mean over seeds:")

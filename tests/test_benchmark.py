@@ -248,3 +248,15 @@ def test_ceiling_is_the_split_half_correlation_corrected_by_spearman_brown(bench
     r = both["value_y"].to_numpy()
     np.testing.assert_allclose(both["value_x"], np.where(r > 0, 2 * r / (1 + r), r))
     assert (both["value_x"] >= both["value_y"]).all()
+
+
+def test_the_run_records_the_data_diagnostics_and_the_report_opens_with_them(bench):
+    from scdca.diagnostics import plate_diagnostics
+    from scdca.report import build
+
+    _, out, _, data = bench
+    stored = pd.read_csv(out / "diagnostics.csv")
+    pd.testing.assert_frame_equal(stored, plate_diagnostics(data).astype(stored.dtypes.to_dict()), check_exact=False)
+    assert list(stored["cell_line"]) == data.cell_lines
+    page = build(out).read_text()
+    assert page.index("How much drug signal the data carries") < page.index("Main table")

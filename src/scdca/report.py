@@ -163,7 +163,7 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     c = pd.concat(frames, ignore_index=True)
-    agg = {"seconds": "mean", **({"shrinkage": "mean"} if "shrinkage" in c else {})}
+    agg = {"seconds": "mean", **{col: "mean" for col in ("shrinkage", "ridge_weight") if col in c}}
     for col in ("peak_python_mb", "params_trainable", "params_total", "params_trainable_pct"):
         if col in c:
             agg[col] = "max"

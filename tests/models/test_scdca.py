@@ -473,20 +473,26 @@ def test_routed_pulls_new_molecules_toward_the_drug_blind_answer_by_a_weight_fro
     train = tiny_data.subset(split.train)
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=6, seed=0)
     model = make_model("scdca_routed", **opts).fit(train)
-    w = model.shrinkage_
-    assert 0.0 <= w <= 1.0 and model.cost()["shrinkage"] == w
-    assert model.shrinkage_cv_["sse_w"] <= min(model.shrinkage_cv_["sse_w0"], model.shrinkage_cv_["sse_w1"]) + 1e-9
+    model.predict(tiny_data.subset(list(split.train[:3]), observed=False))  # seen molecules only: no weights needed
+    assert model._weights is None and np.isnan(model.cost()["shrinkage"])
+    w, w_ridge = model.weights_["scdca"], model.weights_.get("ridge", 0.0)
+    assert 0.0 <= w <= 1.0 and 0.0 <= w_ridge <= 1.0 and model.cost()["shrinkage"] == w
+    cv = model.shrinkage_cv_
+    assert cv["sse_blend"] <= min(cv["sse_anchor"], cv["sse_scdca"], cv["sse_ridge"]) + 1e-9
+    assert (w == 1.0 and w_ridge == 0.0) == (cv["p_worse_scdca"] >= 0.05)
     new_ids, seen_ids = list(split.test[:5]), list(split.train[:3])
     q = tiny_data.subset(new_ids + seen_ids, observed=False)
     pred = model.predict(q)
     raw = make_model("scdca_routed", new_shrinkage=1.0, **opts).fit(train)
     qn = tiny_data.subset(new_ids, observed=False)
     anchor = qn.control_for(qn.conditions["cell_line"]) + ScaledMeanBaseline().fit(train).change(qn)
-    np.testing.assert_allclose(pred[:5], np.maximum(anchor + w * (raw.predict(qn) - anchor), 0), atol=1e-5)
+    ridge = make_model("ridge").fit(train).predict(qn)
+    expected = anchor + w * (raw.predict(qn) - anchor) + w_ridge * (ridge - anchor)
+    np.testing.assert_allclose(pred[:5], np.maximum(expected, 0), atol=1e-5)
     np.testing.assert_allclose(pred[5:], raw.predict(tiny_data.subset(seen_ids, observed=False)), atol=1e-6)
     model.save(tmp_path / "m")
     again = load_model(tmp_path / "m")
-    assert again.shrinkage_ == w
+    assert again.weights_ == model.weights_
     np.testing.assert_allclose(again.predict(q), pred, rtol=1e-5, atol=1e-5)
     blind = make_model("scdca_routed", new_shrinkage=0.0, **opts).fit(train)
     np.testing.assert_allclose(blind.predict(qn), np.maximum(anchor, 0), atol=1e-5)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from scdca.models import make_model
-from scdca.models.shrinkage import ScaledMeanBaseline, best_weight, cv_shrinkage, drug_folds
+from scdca.models.shrinkage import ScaledMeanBaseline, best_weights, cv_weights, drug_folds, trust_or_stack, worse_than_anchor
 
 from ..conftest import make_pb
 
@@ -40,10 +40,12 @@ def test_drug_folds_keep_every_dose_of_a_drug_together_and_use_every_fold():
     assert sorted(np.bincount(fold)) == [12, 12, 12]
 
 
-def test_best_weight_is_least_squares_clipped_to_the_unit_interval():
-    d = np.array([1.0, 2.0, -1.0])
-    assert best_weight(d, 0.3 * d) == pytest.approx(0.3)
-    assert best_weight(d, -d) == 0.0 and best_weight(d, 5 * d) == 1.0 and best_weight(np.zeros(3), d) == 0.0
+def test_best_weights_are_non_negative_least_squares_capped_at_one():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 40, 5))
+    np.testing.assert_allclose(best_weights(np.stack([a, b]), 0.3 * a + 0.6 * b), [0.3, 0.6], atol=1e-6)
+    np.testing.assert_allclose(best_weights(np.stack([a, b]), 0.5 * a - 0.7 * b), [best_weights(a[None], 0.5 * a - 0.7 * b)[0], 0.0], atol=1e-6)
+    assert best_weights(a[None], 5 * a)[0] == 1.0 and best_weights(np.zeros((1, 40, 5)), a)[0] == 0.0
 
 
 def test_cv_weight_is_near_one_for_a_model_that_knows_and_near_zero_for_noise():
@@ -58,10 +60,11 @@ def test_cv_weight_is_near_one_for_a_model_that_knows_and_near_zero_for_noise():
         anchor = ScaledMeanBaseline().fit(inner).change(held)
         return control + anchor + 3 * rng.normal(size=anchor.shape)
 
-    w_knows, info = cv_shrinkage(knows, data, n_folds=3)
-    w_noise, _ = cv_shrinkage(noise, data, n_folds=3)
-    assert w_knows > 0.95 and w_noise < 0.05
-    assert info["sse_w"] <= info["sse_w0"]
+    w, info = cv_weights({"knows": knows, "noise": noise}, data, n_folds=3)
+    assert w["knows"] > 0.95 and w["noise"] < 0.05
+    assert info["sse_blend"] <= min(info["sse_anchor"], info["sse_knows"], info["sse_noise"]) + 1e-9
+    alone, _ = cv_weights({"noise": noise}, data, n_folds=3)
+    assert alone["noise"] < 0.05
 
 
 def test_cv_never_shows_a_held_out_drug_to_its_fold_model():
@@ -73,7 +76,7 @@ def test_cv_never_shows_a_held_out_drug_to_its_fold_model():
         assert held.mean is None  # held-out observations are withheld
         return np.tile(data.control_mean[0], (len(held.ids), 1))
 
-    cv_shrinkage(spy, data, n_folds=4)
+    cv_weights({"spy": spy}, data, n_folds=4)
     assert len(seen_together) == 4 and all(not s for s in seen_together)
 
 
@@ -88,3 +91,18 @@ def test_ridge_shrunk_lies_between_the_anchor_and_ridge():
     w = shrunk.shrinkage_
     assert 0 <= w <= 1
     np.testing.assert_allclose(shrunk.predict(q), anchor + w * (ridge - anchor), atol=1e-6)
+
+
+def test_a_model_that_beats_the_anchor_out_of_fold_is_kept_unshrunk_else_stacked():
+    stacked = {"scdca": 0.4, "ridge": 0.3}
+    assert trust_or_stack(stacked, {"p_worse_scdca": 0.3}, "scdca") == {"scdca": 1.0}
+    assert trust_or_stack(stacked, {"p_worse_scdca": 0.01}, "scdca") == stacked
+
+
+def test_worse_than_anchor_is_small_only_for_a_model_that_adds_error_on_most_drugs():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(40, 10))
+    drugs = np.repeat(np.arange(20), 2)
+    assert worse_than_anchor(rng.normal(size=target.shape), target, drugs) < 0.01  # a deviation of pure noise
+    assert worse_than_anchor(0.8 * target, target, drugs) > 0.99  # most of the truth
+

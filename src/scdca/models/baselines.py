@@ -124,8 +124,27 @@ class RidgeBaseline(PerturbationModel):
         return self
 
     def _predict(self, query):
-        delta = self._model.predict(self._features(query)) @ self._basis + self._y_mean
-        return query.control_for(query.conditions["cell_line"]) + delta
+        scores = self._model.predict(self._features(query)).reshape(len(query.ids), -1)  # (N, C)
+        return query.control_for(query.conditions["cell_line"]) + scores @ self._basis + self._y_mean
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything a fitted ridge predicts from, as arrays (for models that save one inside them)."""
+        return {"coef": self._model.coef_, "intercept": np.atleast_1d(self._model.intercept_), "basis": self._basis,
+                "y_mean": self._y_mean, "lines": np.array(self._lines, dtype=str),
+                "dose": np.array([self._dose_lo, self._dose_span]), "shape": np.array([self.radius, self.n_bits])}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "RidgeBaseline":
+        from sklearn.linear_model import Ridge
+
+        model = cls(radius=int(arrays["shape"][0]), n_bits=int(arrays["shape"][1]))
+        model._dose_lo, model._dose_span = (float(x) for x in arrays["dose"])
+        model._lines = [str(x) for x in arrays["lines"]]
+        model._basis, model._y_mean = np.asarray(arrays["basis"]), np.asarray(arrays["y_mean"])
+        model._model = Ridge()
+        model._model.coef_, model._model.intercept_ = np.asarray(arrays["coef"]), np.asarray(arrays["intercept"])
+        model._model.n_features_in_ = model._model.coef_.shape[-1]
+        return model
 
 
 @MODELS.register("knn")

@@ -617,12 +617,15 @@ class ScDCARouted(PerturbationModel):
     and one head shared by both kinds of molecule was worse than each on its own kind. The
     choice uses only what is known when predicting: whether the molecule was in training.
 
-    A new molecule's predicted change is then pulled toward the drug-blind `scaled_mean`:
-    anchor + w * (head - anchor), with w in [0, 1] chosen on the training drugs alone
-    (`shrinkage.cv_shrinkage`: the new head refitted on `shrinkage_folds` folds of training
-    drugs, w minimising the error on the held-out ones). Where structure predicts little
-    (real L1000 plates) w is small and the model falls back to the common response; where
-    it predicts much, w is near 1. `new_shrinkage` fixes w instead (1.0: no shrinkage).
+    A new molecule's predicted change is then a stack anchored on the drug-blind
+    `scaled_mean`: anchor + w_scdca * (head - anchor) + w_ridge * (ridge - anchor), with
+    non-negative weights chosen on the training drugs alone (`shrinkage.cv_weights`: the new
+    head and a fingerprint `ridge` refitted on `shrinkage_folds` folds of training drugs, the
+    weights minimising the error on the held-out ones), unless the head on its own already
+    beats the anchor on the held-out drugs: then it is kept as trained (`trust_or_stack`).
+    Where structure predicts little (real L1000 plates) the weights are small and the model
+    falls back to the common response; where the head generalises, it is left alone. `stack_ridge=False` stacks the head
+    alone; `new_shrinkage` fixes the head's weight instead (1.0: the head unshrunk, no ridge).
     Each head loads its own copy of the backbone (cost() counts it once). With
     `checkpoint_dir`, each head keeps its own checkpoints (`seen/`, `new/`), so a killed run
     resumes where it stopped.
@@ -632,42 +635,70 @@ class ScDCARouted(PerturbationModel):
     options = ScDCALowRank.options
 
     def __init__(self, *, new_dropout: float = 0.6, new_shrinkage: float | None = None, shrinkage_folds: int = 3,
-                 checkpoint_dir: str | os.PathLike | None = None, **kwargs):
+                 stack_ridge: bool = True, checkpoint_dir: str | os.PathLike | None = None, **kwargs):
         if new_shrinkage is not None and not 0.0 <= new_shrinkage <= 1.0:
             raise ScdcaInputError(f"new_shrinkage: {new_shrinkage!r}; use a weight in [0, 1], or None to choose it "
                                   f"by cross-validation over the training drugs")
         if shrinkage_folds < 2:
             raise ScdcaInputError(f"shrinkage_folds: {shrinkage_folds!r}; use at least 2 folds of training drugs")
         self.new_dropout, self.new_shrinkage, self.shrinkage_folds = new_dropout, new_shrinkage, shrinkage_folds
+        self.stack_ridge = stack_ridge and new_shrinkage is None
         folder = Path(checkpoint_dir) if checkpoint_dir else None
         self._new_kwargs = {**kwargs, "gene_head_dropout": new_dropout}
         self.seen = ScDCALowRank(**kwargs, checkpoint_dir=folder / "seen" if folder else None)
         self.new = ScDCALowRank(**self._new_kwargs, checkpoint_dir=folder / "new" if folder else None)
 
     def fit(self, train: PerturbationData) -> "ScDCARouted":
-        from .shrinkage import cv_shrinkage
-
         self.seen.fit(train)
         self.new.fit(train)
         self._molecules = sorted({canonical_smiles(s) or s for s in train.drug_smiles().values()})
         self._anchor = ScaledMeanBaseline().fit(train)
-        t0 = time.perf_counter()
         self.shrinkage_cv_: dict = {}
-        n_drugs = train.conditions["drug"].nunique()
-        if self.new_shrinkage is not None:
-            self.shrinkage_ = float(self.new_shrinkage)
-        elif n_drugs < 2 * self.shrinkage_folds:
-            self.shrinkage_ = 1.0
-            log.warning("scdca_routed: %d training drugs are too few to choose the shrinkage of new molecules by "
-                        "%d-fold cross-validation; new molecules are not shrunk", n_drugs, self.shrinkage_folds)
-        else:
-            def fit_predict(inner, held):
-                return ScDCALowRank(**self._new_kwargs).fit(inner).predict(held)
-
-            self.shrinkage_, self.shrinkage_cv_ = cv_shrinkage(fit_predict, train, n_folds=self.shrinkage_folds,
-                                                               seed=int(self._new_kwargs.get("seed", 0)))
-        self._shrinkage_seconds = time.perf_counter() - t0
+        self._ridge, self._shrinkage_seconds = None, 0.0
+        # the weights are chosen when first needed (a new molecule to predict, save): a grid cell
+        # whose test molecules were all seen in training (few-shot, zero-shot lines) never pays for them
+        self._weights = {"scdca": float(self.new_shrinkage)} if self.new_shrinkage is not None else None
+        self._train = train if self._weights is None else None
         return self
+
+    @property
+    def weights_(self) -> dict[str, float]:
+        """Weights of the new molecules' deviations from `scaled_mean` (chosen on first use)."""
+        if self._weights is None:
+            self._weights = self._choose_weights(self._train)
+            self._train = None
+        return self._weights
+
+    @weights_.setter
+    def weights_(self, value: dict[str, float]) -> None:
+        self._weights = value
+
+    def _choose_weights(self, train: PerturbationData) -> dict[str, float]:
+        from .shrinkage import cv_weights, trust_or_stack
+
+        t0 = time.perf_counter()
+        n_drugs = train.conditions["drug"].nunique()
+        if n_drugs < 2 * self.shrinkage_folds:
+            weights = {"scdca": 1.0}
+            log.warning("scdca_routed: %d training drugs are too few to choose the weights of new molecules by "
+                        "%d-fold cross-validation; new molecules get the new head unshrunk", n_drugs,
+                        self.shrinkage_folds)
+        else:
+            models = {"scdca": lambda inner, held: ScDCALowRank(**self._new_kwargs).fit(inner).predict(held)}
+            if self.stack_ridge:
+                models["ridge"] = lambda inner, held: MODELS.get("ridge")().fit(inner).predict(held)
+            stacked, self.shrinkage_cv_ = cv_weights(models, train, n_folds=self.shrinkage_folds,
+                                                     seed=int(self._new_kwargs.get("seed", 0)))
+            weights = trust_or_stack(stacked, self.shrinkage_cv_, "scdca")
+            if weights.get("ridge", 0.0) > 0.0:
+                self._ridge = MODELS.get("ridge")().fit(train)
+        self._shrinkage_seconds = time.perf_counter() - t0
+        return weights
+
+    @property
+    def shrinkage_(self) -> float:
+        """The new head's weight (1: unshrunk)."""
+        return self.weights_["scdca"]
 
     @property
     def _controls(self):  # what scdca.predict reads from a model: the training lines' controls, genes
@@ -696,10 +727,13 @@ class ScDCARouted(PerturbationModel):
         for mask, head in ((seen, self.seen), (~seen, self.new)):
             if mask.any():
                 out[mask] = head.predict(query.subset(np.asarray(query.ids)[mask], observed=False))
-        if (~seen).any() and self.shrinkage_ < 1.0:  # new molecules: toward the drug-blind answer
+        if (~seen).any() and self.weights_ != {"scdca": 1.0}:  # new molecules: the stack on the drug-blind answer
             new = query.subset(np.asarray(query.ids)[~seen], observed=False)
             anchor = new.control_for(new.conditions["cell_line"]) + self._anchor.change(new)
-            out[~seen] = anchor + self.shrinkage_ * (out[~seen] - anchor)
+            blend = anchor + self.weights_["scdca"] * (out[~seen] - anchor)
+            if self.weights_.get("ridge", 0.0) > 0:
+                blend += self.weights_["ridge"] * (self._ridge.predict(new) - anchor)
+            out[~seen] = blend
         return out
 
     def cost(self) -> dict[str, Any]:
@@ -710,19 +744,27 @@ class ScDCARouted(PerturbationModel):
         total = a["params_total"] + b["params_trainable"]  # one frozen backbone, two heads
         return {"params_trainable": trainable, "params_total": total, "params_trainable_pct": 100.0 * trainable / total,
                 "steps": a["steps"] + b["steps"], "train_seconds": a["train_seconds"] + b["train_seconds"],
-                "shrinkage": getattr(self, "shrinkage_", float("nan")),
-                "shrinkage_seconds": getattr(self, "_shrinkage_seconds", 0.0)}
+                "shrinkage": self._weights["scdca"] if self._weights else float("nan"),  # NaN: never needed
+                "ridge_weight": self._weights.get("ridge", 0.0) if self._weights else float("nan"),
+                "shrinkage_seconds": self._shrinkage_seconds}
 
     def save(self, path: str | os.PathLike) -> None:
         """Both heads in subfolders `seen/` and `new/`, then model.json (written last)."""
         folder = Path(path)
+        weights = self.weights_  # a saved model predicts any molecule: choose the weights now
         self.seen.save(folder / "seen")
         self.new.save(folder / "new")
         anchor = {str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
                   for k, (m, lv, sc) in self._anchor._fits.items()}
+        files = ["seen/model.json", "new/model.json"]
+        if self._ridge is not None:
+            with _io.atomic_path(folder / "ridge.npz") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **self._ridge.to_arrays())
+            files.append("ridge.npz")
         write_model_json(folder, {"model": self.name, "new_dropout": self.new_dropout, "molecules": self._molecules,
-                                  "shrinkage": self.shrinkage_, "shrinkage_cv": self.shrinkage_cv_,
-                                  "anchor": anchor}, files=["seen/model.json", "new/model.json"])
+                                  "weights": weights, "shrinkage_cv": self.shrinkage_cv_,
+                                  "anchor": anchor}, files=files)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCARouted":
@@ -733,7 +775,14 @@ class ScDCARouted(PerturbationModel):
         model.seen = ScDCALowRank.load(folder / "seen", backbone=backbone, device=device)
         model.new = ScDCALowRank.load(folder / "new", backbone=backbone, device=device)
         model._molecules = list(meta["molecules"])
-        model.new_shrinkage, model.shrinkage_folds = meta.get("shrinkage", 1.0), 3
-        model.shrinkage_, model.shrinkage_cv_ = float(meta.get("shrinkage", 1.0)), meta.get("shrinkage_cv", {})
+        # models saved before the stack existed have no weights: their new head, unshrunk
+        model._weights = {k: float(v) for k, v in (meta.get("weights") or {"scdca": 1.0}).items()}
+        model._train, model._shrinkage_seconds = None, 0.0
+        model.shrinkage_cv_ = meta.get("shrinkage_cv", {})
+        model.new_shrinkage, model.shrinkage_folds, model.stack_ridge = None, 3, "ridge" in model.weights_
         model._anchor = ScaledMeanBaseline.from_fits(meta.get("anchor") or {})
+        model._ridge = None
+        if (folder / "ridge.npz").exists():
+            with np.load(folder / "ridge.npz") as z:
+                model._ridge = MODELS.get("ridge").from_arrays(dict(z))
         return model
