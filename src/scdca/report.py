@@ -199,10 +199,17 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
     from .data import read
     from .errors import ScdcaInputError
 
+    import logging
+
+    lincs_log = logging.getLogger("scdca.lincs")
+    level = lincs_log.level
+    lincs_log.setLevel(logging.ERROR)  # the benchmark already warned about the plate's wells
     try:
         a = read(found, what="data", backed=None if cfg.get("compounds") else "r", compounds=cfg.get("compounds"))
     except ScdcaInputError as err:  # a damaged data file costs the report one section, not the report
         return {}, None, str(err)
+    finally:
+        lincs_log.setLevel(level)
     obs = a.obs
     drug_col, smi_col = keys.get("drug", "condition"), keys.get("smiles", "SMILES")
     smiles = {}
