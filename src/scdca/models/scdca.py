@@ -621,11 +621,13 @@ class ScDCARouted(PerturbationModel):
     `scaled_mean`: anchor + w_scdca * (head - anchor) + w_ridge * (ridge - anchor), with
     non-negative weights chosen on the training drugs alone (`shrinkage.cv_weights`: the new
     head and a fingerprint `ridge` refitted on `shrinkage_folds` folds of training drugs, the
-    weights minimising the error on the held-out ones), unless the head on its own already
-    beats the anchor on the held-out drugs: then it is kept as trained (`trust_or_stack`).
-    Where structure predicts little (real L1000 plates) the weights are small and the model
-    falls back to the common response; where the head generalises, it is left alone. `stack_ridge=False` stacks the head
-    alone; `new_shrinkage` fixes the head's weight instead (1.0: the head unshrunk, no ridge).
+    weights minimising the error on the held-out ones). The stack is used only where the
+    held-out drugs show the head doing worse than the anchor (one-sided paired t-test over
+    drugs, p < 0.05; `trust_or_stack`); otherwise the head is kept as trained. Where
+    structure predicts little (real L1000 plates) the model so falls back to the common
+    response; where the head generalises (the simulated demo) it is left alone. The weights
+    are chosen on first use (a new molecule to predict, or `save`). `stack_ridge=False`
+    stacks the head alone; `new_shrinkage` fixes the head's weight instead (1.0: unshrunk).
     Each head loads its own copy of the backbone (cost() counts it once). With
     `checkpoint_dir`, each head keeps its own checkpoints (`seen/`, `new/`), so a killed run
     resumes where it stopped.
@@ -668,10 +670,6 @@ class ScDCARouted(PerturbationModel):
             self._weights = self._choose_weights(self._train)
             self._train = None
         return self._weights
-
-    @weights_.setter
-    def weights_(self, value: dict[str, float]) -> None:
-        self._weights = value
 
     def _choose_weights(self, train: PerturbationData) -> dict[str, float]:
         from .shrinkage import cv_weights, trust_or_stack

@@ -8,7 +8,9 @@ drugs), the deviation is confident noise: its error adds to the anchor's. `cv_we
 refits one or more models on folds of the training *drugs* (every dose of a drug in the same
 fold, as in the unseen-drug task) and returns the non-negative weights w_k (at most 1) that
 minimise the squared error of anchor + sum_k w_k * deviation_k on the held-out training
-drugs: one model gives a shrinkage, several a stack. The test drugs are never used.
+drugs: one model gives a shrinkage, several a stack. `trust_or_stack` keeps a model as it
+is unless those held-out drugs show it doing worse than the anchor. The test drugs are
+never used.
 """
 from __future__ import annotations
 
