@@ -145,3 +145,28 @@ def test_gct_table_dimensions(tmp_path):
     M, r, c = read_gct_table(tmp_path / "p.gct")
     assert M.shape == (4, 5) and list(c.index) == list(cols.index)
     assert c.loc["P:A01", "pert_dose"] is np.nan or pd.isna(c.loc["P:A01", "pert_dose"])  # -666 is missing
+
+
+def test_gct_v12_reads_as_a_table_but_has_no_well_annotations(tmp_path):
+    (tmp_path / "p.gct").write_text("#1.2\n2\t3\nName\tDescription\tw1\tw2\tw3\n"
+                                    "g1\tgene one\t1.0\t2.0\t3.0\ng2\tgene two\t4.0\t5.0\t6.0\n")
+    X, rows, cols = read_gct_table(tmp_path / "p.gct")
+    np.testing.assert_allclose(X, [[1, 2, 3], [4, 5, 6]])
+    assert list(rows["Description"]) == ["gene one", "gene two"] and list(cols.index) == ["w1", "w2", "w3"]
+    with pytest.raises(ScdcaInputError, match="pert_id"):
+        read_lincs(tmp_path / "p.gct")
+
+
+def test_a_plate_with_two_times_splits_each_line_by_time(tmp_path):
+    X, rows, cols = _tiny_tables()
+    cols["pert_time"] = ["24", "6", "24", "6", "24"]
+    _write_gct(tmp_path / "p.gct", X, rows, cols)
+    pd.DataFrame({"pert_id": ["BRD-K00000001"], "smiles": [SMILES[0]]}).to_csv(tmp_path / "c.csv", index=False)
+    a = read_lincs(tmp_path / "p.gct", compounds=tmp_path / "c.csv")
+    assert list(a.obs["cell_type"]) == ["MCF7_24h", "MCF7_6h", "MCF7_24h", "MCF7_6h"]
+
+
+def test_a_compounds_table_next_to_an_h5ad_is_refused(tiny_sim, tmp_path):
+    tiny_sim.write_h5ad(tmp_path / "d.h5ad")
+    with pytest.raises(ScdcaInputError, match="not a LINCS"):
+        read(tmp_path / "d.h5ad", compounds=tmp_path / "c.csv")
