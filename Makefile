@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo demo-scdca demo-scdca-variants demo-peers test bench clean
+.PHONY: demo demo-scdca demo-scdca-variants demo-peers test bench bench-lincs clean
 
 # torch goes in first, pinned, so nothing later pulls a multi-GB CUDA build.
 $(BIN)/scdca: pyproject.toml requirements.lock requirements-peers.lock requirements-eval.lock
@@ -76,6 +76,13 @@ bench: $(BIN)/scdca
 	$(BIN)/python bench/novelty_sciplex.py
 	$(BIN)/python bench/c3tl_vs_scdca.py
 	$(BIN)/python bench/train_fit.py
+
+# The unseen-drug grid on a real LINCS L1000 plate (about 5 min for LJP009 on 2 cores):
+#   make bench-lincs PLATE=plate.gct COMPOUNDS=compounds.csv
+PLATE ?= ../shared/data/lincs/LJP009_A375_24H_X1_B20_QNORM_n371x978.gct
+COMPOUNDS ?= ../shared/data/lincs/LJP009_compounds.csv
+bench-lincs: $(BIN)/scdca
+	$(BIN)/python bench/lincs_plate.py $(PLATE) $(COMPOUNDS) --out runs/lincs_plate
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
