@@ -110,6 +110,10 @@ def test_compounds_table_matches_names_when_ids_are_missing(tmp_path):
     pd.DataFrame({"pert_iname": ["Aspirin"], "smiles": [SMILES[0]]}).to_csv(tmp_path / "c.csv", index=False)
     a = read_lincs(tmp_path / "p.gct", compounds=tmp_path / "c.csv")
     assert (a.obs.loc[~a.obs["control"], "SMILES"] == SMILES[0]).all()
+    b = read_lincs(tmp_path / "p.gct", compounds=pd.read_csv(tmp_path / "c.csv"))  # a DataFrame works too
+    assert list(b.obs["SMILES"]) == list(a.obs["SMILES"])
+    with pytest.raises(ScdcaInputError, match="needs a 'smiles'"):
+        read_lincs(tmp_path / "p.gct", compounds=pd.DataFrame({"pert_id": ["x"], "structure": ["C"]}))
 
 
 def test_dose_units():

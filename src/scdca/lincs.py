@@ -133,25 +133,29 @@ def _missing(df: pd.DataFrame) -> pd.DataFrame:
     return df.astype(str).apply(lambda col: col.where(~col.str.strip().str.lower().isin(MISSING)))
 
 
-def read_compounds(path: str | os.PathLike) -> pd.DataFrame:
-    """A compounds table (CSV or TSV) -> columns key (13-character compound id or lower-case name) and smiles.
+def read_compounds(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
+    """A compounds table (CSV/TSV path or DataFrame) -> columns key (13-character compound id
+    or lower-case name) and smiles.
 
     Needs a `smiles` (or `canonical_smiles`) column and a `pert_id` and/or `pert_iname`
     (or `name`) column.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ScdcaInputError(f"compounds: file {str(path)!r} does not exist; pass a CSV with pert_id (or pert_iname) "
-                              f"and smiles columns")
-    try:
-        table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
-    except Exception as err:
-        raise ScdcaInputError(f"compounds: {str(path)!r} is not a readable CSV/TSV ({reason(err, 120)})") from None
+    if isinstance(path, pd.DataFrame):
+        table = path.astype(str)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ScdcaInputError(f"compounds: file {str(path)!r} does not exist; pass a CSV with pert_id (or "
+                                  f"pert_iname) and smiles columns")
+        try:
+            table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+        except Exception as err:
+            raise ScdcaInputError(f"compounds: {str(path)!r} is not a readable CSV/TSV ({reason(err, 120)})") from None
     lower = {c.lower(): c for c in table.columns}
     smi = next((lower[c] for c in ("smiles", "canonical_smiles") if c in lower), None)
     ids = [lower[c] for c in ("pert_id", "pert_iname", "name", "drug") if c in lower]
     if smi is None or not ids:
-        raise ScdcaInputError(f"compounds: {str(path)!r} has columns {list(table.columns)!r}; it needs a 'smiles' "
+        raise ScdcaInputError(f"compounds: the table has columns {list(table.columns)!r}; it needs a 'smiles' "
                               f"column and a 'pert_id' or 'pert_iname' column")
     keys = []
     for col in ids:
@@ -289,8 +293,7 @@ def _well_smiles(cols, compound_id, iname, compounds, where) -> pd.Series:
             raise ScdcaInputError(f"{where} has no SMILES in its metadata; pass a compounds table (--compounds "
                                   f"FILE.csv, or compounds= in Python) mapping pert_id or pert_iname to smiles")
         return cols[field]
-    table = compounds if isinstance(compounds, pd.DataFrame) and list(compounds.columns) == ["key", "smiles"] \
-        else read_compounds(compounds)
+    table = read_compounds(compounds)
     lookup = dict(zip(table["key"], table["smiles"]))
     by_id = compound_id.map(lookup)
     by_name = iname.str.lower().map(lookup)
