@@ -148,7 +148,7 @@ def test_gct_table_dimensions(tmp_path):
     _write_gct(tmp_path / "p.gct", X, rows, cols)
     M, r, c = read_gct_table(tmp_path / "p.gct")
     assert M.shape == (4, 5) and list(c.index) == list(cols.index)
-    assert c.loc["P:A01", "pert_dose"] is np.nan or pd.isna(c.loc["P:A01", "pert_dose"])  # -666 is missing
+    assert pd.isna(c.loc["P:A01", "pert_dose"]) and c.loc["P:A03", "pert_dose"] == "500"  # -666 is missing
 
 
 def test_gct_v12_reads_as_a_table_but_has_no_well_annotations(tmp_path):

@@ -26,6 +26,7 @@ from .molecules import canonicalize
 log = logging.getLogger(__name__)
 
 CONTROL_NAMES = ("control", "dmso", "vehicle", "ctrl")
+SCALE_KEY = "expression_scale"  # uns key a reader sets when values are already log-scale ('log2' for LINCS)
 TRUTH_KEY = "scdca_truth"
 
 
@@ -195,9 +196,9 @@ def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = No
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ScdcaInputError(f"{what}: file {path!r} does not exist; pass the path of an .h5ad, .gct or .gctx file")
-    if path.lower().endswith((".gct", ".gctx")):
-        from .lincs import read_lincs  # lincs imports this module
+    from .lincs import is_lincs, read_lincs  # lincs imports this module
 
+    if is_lincs(path):
         return read_lincs(path, compounds=compounds, keys=keys or DataKeys())
     if compounds is not None:
         raise ScdcaInputError(f"compounds: {os.fspath(compounds)!r} is given, but {what} {path!r} is not a LINCS "
@@ -263,8 +264,7 @@ def load(
     else:
         first = next(_matrix_chunks(adata, keys, chunk_size))[1]
     if normalize == "auto":  # a file that says it is log-scale (LINCS: log2) is never taken for counts
-        known_log = str(adata.uns.get("expression_scale", "")).startswith("log")
-        normalize = "counts" if not known_log and _looks_like_counts(first) else "log"
+        normalize = "counts" if not says_log_scale(adata) and _looks_like_counts(first) else "log"
     if normalize == "counts":
         log.info("data: raw counts detected; applying normalize_total(1e4) + log1p")
     norm = _normalize_log1p if normalize == "counts" else (lambda A: A)
@@ -518,6 +518,11 @@ def _condition_codes(treated: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
                                "dose": uniq["_dose"].to_numpy()[order].astype(float)},
                               index=pd.Index(ids[order], name="condition_id"))
     return rank[first], conditions
+
+
+def says_log_scale(adata: ad.AnnData) -> bool:
+    """True when the file records that its values are already log-scale (uns[SCALE_KEY])."""
+    return str(adata.uns.get(SCALE_KEY, "")).startswith("log")
 
 
 def _looks_like_counts(X) -> bool:

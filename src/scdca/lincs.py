@@ -20,7 +20,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .data import DataKeys
+from .data import SCALE_KEY, DataKeys
 from .errors import ScdcaInputError, reason
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ LINCS_SUFFIXES = (".gct", ".gctx")
 MISSING = ("-666", "-666.0", "nan", "na", "")  # the LINCS pipeline writes -666 for "not applicable"
 COMPOUND_ID_LEN = 13  # 'BRD-K05870596-001-01-5' -> 'BRD-K05870596': the compound, without batch/salt
 DOSE_TO_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micromolar": 1.0, "nm": 1e-3, "pm": 1e-6, "mm": 1e3, "m": 1e6}
-SCALE_KEY = "expression_scale"  # uns key: 'log2' tells `data.load` the values are already log-scale
 
 
 def is_lincs(path: str | os.PathLike) -> bool:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import _io, distributed
 from .backbone import Backbone, BackboneConfig, GeneVocab, save
 from .data import (DataKeys, _looks_like_counts, _normalize_log1p, _select_genes, _validated_genes, _validated_matrix,
-                   control_flags, read)
+                   control_flags, read, says_log_scale)
 from .distributed import check_precision
 from .errors import ScdcaInputError
 
@@ -80,7 +80,7 @@ def _expression(adata: ad.AnnData, keys: DataKeys, n_genes: int | None) -> tuple
     """Log-normalised dense float32 expression (cells x genes) and gene names."""
     genes = _validated_genes(adata, keys)
     X = _validated_matrix(adata, keys)
-    if not str(adata.uns.get("expression_scale", "")).startswith("log") and _looks_like_counts(X):
+    if not says_log_scale(adata) and _looks_like_counts(X):
         X = _normalize_log1p(X)
     keep = _select_genes(X, genes, genes=None, n_top_genes=n_genes)
     X = X[:, keep]

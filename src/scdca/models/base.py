@@ -84,6 +84,20 @@ def principal_directions(delta: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     return mean, vt * np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])[:, None]
 
 
+def per_line_fits(train: PerturbationData, fit) -> dict:
+    """{None: fit over all training changes, line: fit over that line's}, where
+    fit(delta (n, G), log10 dose (n,)) is a drug-blind model's summary of changes."""
+    cond = train.conditions
+    delta = train.delta()
+    logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
+    lines = cond["cell_line"].to_numpy()
+    fits = {None: fit(delta, logd)}
+    for line in np.unique(lines):
+        rows = lines == line
+        fits[line] = fit(delta[rows], logd[rows])
+    return fits
+
+
 def write_model_json(folder, meta: dict, files: list[str]) -> None:
     """Write model.json last, with the SHA-256 of each saved file, so a folder whose files
     were changed or damaged after saving is refused on load (`read_model_json`)."""

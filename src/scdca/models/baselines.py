@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..data import PerturbationData
 from ..molecules import morgan_fingerprints, tanimoto
-from .base import MODELS, PerturbationModel, dose_range, principal_directions, scaled_dose
+from .base import MODELS, PerturbationModel, dose_range, per_line_fits, principal_directions, scaled_dose
 
 
 class _Changes:
@@ -206,14 +206,7 @@ class DominantDirectionBaseline(PerturbationModel):
     name = "dominant"
 
     def fit(self, train):
-        cond = train.conditions
-        delta = train.delta()
-        logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
-        lines = cond["cell_line"].to_numpy()
-        self._fits = {None: self._direction(delta, logd)}
-        for line in np.unique(lines):
-            rows = lines == line
-            self._fits[line] = self._direction(delta[rows], logd[rows])
+        self._fits = per_line_fits(train, self._direction)
         return self
 
     @staticmethod

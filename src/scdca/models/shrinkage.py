@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import PerturbationData
-from .base import MODELS, PerturbationModel
+from .base import MODELS, PerturbationModel, per_line_fits
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,12 @@ class ScaledMeanBaseline(PerturbationModel):
     name = "scaled_mean"
 
     def fit(self, train: PerturbationData) -> "ScaledMeanBaseline":
-        cond = train.conditions
-        delta = train.delta().astype(np.float64)  # (N, G)
-        logd = np.log10(np.maximum(cond["dose"].to_numpy(float), 1e-12))
-        lines = cond["cell_line"].to_numpy()
-        self._fits = {None: self._scales(delta, logd)}
-        for line in np.unique(lines):
-            rows = lines == line
-            self._fits[line] = self._scales(delta[rows], logd[rows])
+        self._fits = per_line_fits(train, self._scales)
         return self
 
     @staticmethod
     def _scales(delta: np.ndarray, logd: np.ndarray):
+        delta = delta.astype(np.float64)
         mean = delta.mean(0)  # (G,)
         norm2 = float(mean @ mean)
         proj = delta @ mean / norm2 if norm2 > 0 else np.zeros(len(delta))  # (N,)
