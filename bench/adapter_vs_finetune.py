@@ -22,8 +22,9 @@ SIZES = {"whole-human": dict(nlayers=12, d_model=512, nhead=8, d_hid=512),
 def one(variant: str, size: str, tokens: int, batch: int, steps: int) -> dict:
     import torch
 
-    from scdca.backbone import Backbone, BackboneConfig
-    from scdca.models.scdca import ScDCAConfig, ScDCANet
+    from scdca.models.scdca.config import ScDCAConfig
+    from scdca.models.scdca.net import ScDCANet
+    from scdca.nn.backbone import Backbone, BackboneConfig
 
     torch.manual_seed(0)
     bb = Backbone(BackboneConfig(ntoken=60697, pad_token_id=60694, dropout=0.0, **SIZES[size]))

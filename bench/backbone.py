@@ -35,7 +35,7 @@ def forward_flops(nlayers, d_model, d_hid, tokens, **_) -> float:
 def measure(name: str, dtype: str, batch: int, repeats: int) -> dict:
     import torch
 
-    from scdca.backbone import Backbone, BackboneConfig
+    from scdca.nn.backbone import Backbone, BackboneConfig
 
     c = CONFIGS[name]
     torch.manual_seed(0)

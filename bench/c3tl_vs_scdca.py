@@ -23,7 +23,7 @@ CHILD = r"""
 import json, os, sys, threading, time
 from scdca.data import load
 from scdca.models import make_model
-from scdca.splits import make_splits
+from scdca.data.splits import make_splits
 
 def rss_mb():
     with open("/proc/self/statm") as fh:

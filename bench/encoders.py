@@ -12,7 +12,7 @@ import time
 
 import pandas as pd
 
-from scdca.encoders import get_encoder
+from scdca.chem.encoders import get_encoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCIPLEX = os.path.join(HERE, "..", "..", "shared", "data", "Supplementary_Table_3.txt")
@@ -26,7 +26,7 @@ def compounds(path: str | None) -> tuple[list[str], list[str], str]:
     if path:
         df = pd.read_csv(path)
         return df.iloc[:, 0].astype(str).tolist(), df.iloc[:, 1].tolist(), path
-    from scdca.datasets import nci_smiles
+    from scdca.data.simulate import nci_smiles
 
     mols = nci_smiles()[:500]
     return [m[0] for m in mols], [m[1] for m in mols], "RDKit NCI first 500"

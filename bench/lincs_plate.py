@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scdca.benchmark import BenchmarkConfig, run
-from scdca.data import load
-from scdca.diagnostics import describe, plate_diagnostics
-from scdca.metrics import ScoringInput, score
+from scdca.data.screen import load
+from scdca.data.splits import make_splits
+from scdca.eval.diagnostics import describe, plate_diagnostics
+from scdca.eval.grid import BenchmarkConfig, run
+from scdca.eval.metrics import ScoringInput, score
+from scdca.eval.stats import paired_tests, per_seed
 from scdca.models import MODELS
-from scdca.models.scdca import ScDCARouted
+from scdca.models.scdca.routed import ScDCARouted
 from scdca.models.shrinkage import ScaledMeanBaseline
-from scdca.report import paired_tests, per_seed
-from scdca.splits import make_splits
 
 RECOMMENDED = "scdca_routed"
 JUDGED = ("pearson_delta_deg", "rank", "mse")

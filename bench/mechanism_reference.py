@@ -32,10 +32,10 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 
-from scdca.benchmark import BenchmarkConfig, score_conditions
-from scdca.data import PerturbationData, load
-from scdca.encoders import get_encoder, standardisation, standardise
-from scdca.splits import Split, make_splits
+from scdca.chem.encoders import get_encoder, standardisation, standardise
+from scdca.data.screen import PerturbationData, load
+from scdca.data.splits import Split, make_splits
+from scdca.eval.grid import BenchmarkConfig, score_conditions
 
 METRICS = ("rank", "pearson_delta_deg")
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from scdca.molecules import canonicalize, novelty_table
+from scdca.chem.molecules import canonicalize, novelty_table
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "trapnell_drugs_smiles.csv")
 

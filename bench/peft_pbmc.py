@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "pbmc"
 METHODS = ("linear", "lora", "prefix", "adapter", "token", "full", "logreg")
@@ -36,7 +36,7 @@ import numpy as np
 from sklearn.metrics import f1_score
 from scdca.annotate import AnnotateConfig, Annotator
 from scdca.data import read
-from scdca.peft import PeftConfig
+from scdca.nn.peft import PeftConfig
 method, seed, epochs, backbone, folder, max_genes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
     sys.argv[5], int(sys.argv[6])
 patience = int(sys.argv[7]) if sys.argv[7] != "none" else None
@@ -66,7 +66,7 @@ def logreg(seeds: int, max_genes: int) -> list[dict]:
     from sklearn.metrics import f1_score
 
     from scdca.annotate import expression
-    from scdca.data import read
+    from scdca.data.screen import read
 
     ref, query = read(RUNS / "reference.h5ad"), read(RUNS / "query.h5ad")
     Xr, Xq = expression(ref), expression(query)

@@ -45,8 +45,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB -
 def grid(data_path: Path) -> None:
     import pandas as pd
 
-    from scdca.benchmark import BenchmarkConfig, run
-    from scdca.data import load
+    from scdca.data.screen import load
+    from scdca.eval.grid import BenchmarkConfig, run
 
     data = load(data_path)
     tmp = Path(tempfile.mkdtemp(prefix="scale_grid_"))
@@ -80,7 +80,7 @@ def grid(data_path: Path) -> None:
 
 
 def memory() -> None:
-    from scdca.datasets import SimulationConfig, simulate
+    from scdca.data.simulate import SimulationConfig, simulate
 
     folder = RUNS / "scale"
     files = {}

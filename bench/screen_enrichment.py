@@ -4,7 +4,7 @@ Each model is trained on every condition of the demo screen (256 most variable g
 screens molecules it never saw: RDKit's bundled NCI compounds that pass the simulator's drug
 filter and are not demo drugs. Each library molecule's predicted effect size (RMS change from
 control at the top training dose, averaged over the cell lines) is scored against the hidden
-mechanism the simulator's rules give it (`scdca.datasets.assign_mechanism`; never shown to a
+mechanism the simulator's rules give it (`scdca.data.simulate.assign_mechanism`; never shown to a
 model): one-vs-rest AUROC per mechanism. A model that separates drugs puts the strong
 mechanisms (hdac_like: four programs at double strength, 95% of its drugs active) on top and
 the weak ones ('none', 20% active) at the bottom; a drug-agnostic model scores 0.5 everywhere.
@@ -25,10 +25,10 @@ import pandas as pd
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from scdca.data import load
-from scdca.datasets import _druglike_pool, assign_mechanism
+from scdca.chem.molecules import NearestTraining, canonical_smiles
+from scdca.data.screen import load
+from scdca.data.simulate import _druglike_pool, assign_mechanism
 from scdca.models import make_model
-from scdca.molecules import NearestTraining, canonical_smiles
 from scdca.predict import screen
 
 

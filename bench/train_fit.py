@@ -16,9 +16,9 @@ import argparse
 import anndata as ad
 import numpy as np
 
-from scdca.data import load
+from scdca.data.screen import load
+from scdca.data.splits import make_splits
 from scdca.models import make_model
-from scdca.splits import make_splits
 
 
 def main() -> None:

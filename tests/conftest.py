@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scdca.data import PerturbationData, condition_id
+from scdca.data.keys import condition_id
+from scdca.data.screen import PerturbationData
 
 # Small real molecules (aspirin, caffeine, ibuprofen, paracetamol, vorinostat-like hydroxamate, ...)
 SMILES = [
@@ -30,7 +31,7 @@ SMILES = [
 
 @pytest.fixture(scope="session")
 def tiny_sim() -> ad.AnnData:
-    from scdca.datasets import SimulationConfig, simulate
+    from scdca.data.simulate import SimulationConfig, simulate
 
     cfg = SimulationConfig(n_genes=60, n_cell_lines=3, cells_per_condition=6, control_cells=30,
                            n_programs=6, doses_nM=(100.0, 10000.0), smiles=SMILES)
@@ -39,7 +40,7 @@ def tiny_sim() -> ad.AnnData:
 
 @pytest.fixture(scope="session")
 def tiny_data(tiny_sim):
-    from scdca.data import load
+    from scdca.data.screen import load
 
     return load(tiny_sim)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from scdca.annotate import AnnotateConfig, Annotator, write_explanation
-from scdca.backbone import resolve
 from scdca.errors import ScdcaInputError
-from scdca.peft import PeftConfig
+from scdca.nn.backbone import resolve
+from scdca.nn.peft import PeftConfig
 
 GENES = [f"g{i}" for i in range(15)]
 MARKERS = {"A": "g7", "B": "g3", "C": "g11"}
@@ -104,7 +104,7 @@ def test_patience_stops_once_validation_loss_stops_improving():
 
 
 def test_linear_probe_runs_the_frozen_backbone_once_per_cell_and_learns(monkeypatch):
-    from scdca.backbone import Backbone
+    from scdca.nn.backbone import Backbone
 
     calls = []
     encode = Backbone.encode

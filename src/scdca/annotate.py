@@ -1,7 +1,7 @@
 """Cell-type annotation with a PEFT-adapted frozen backbone, and attention-based gene ranking.
 
 scPEFT's main task: a classifier reads the `<cls>` token's final hidden state of the
-backbone; the backbone stays frozen except for the PEFT method's parts (`scdca.peft`).
+backbone; the backbone stays frozen except for the PEFT method's parts (`scdca.nn.peft`).
 Every cell is the same sequence: `<cls>` then the `max_genes` most variable genes of the
 reference that the backbone knows, with the cell's log1p values (raw counts are
 log-normalised first, as everywhere in scdca).
@@ -30,13 +30,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import _io
-from .adapters import count_parameters
-from .backbone import Backbone, GeneVocab, SelfAttention, is_random, reference as backbone_reference, \
-    resolve as resolve_backbone, weights_hash
-from .data import DataKeys, _looks_like_counts, _normalize_log1p, _validated_matrix
-from .errors import ScdcaInputError
-from .peft import PeftConfig, apply as apply_peft, trainable_state
+from scdca import storage
+from scdca.data.expression import looks_like_counts, normalize_log1p, validated_matrix
+from scdca.data.keys import DataKeys
+from scdca.errors import ScdcaInputError
+from scdca.nn.adapters import count_parameters
+from scdca.nn.backbone import Backbone, GeneVocab, SelfAttention, is_random, weights_hash
+from scdca.nn.backbone import reference as backbone_reference
+from scdca.nn.backbone import resolve as resolve_backbone
+from scdca.nn.peft import PeftConfig, trainable_state
+from scdca.nn.peft import apply as apply_peft
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,10 @@ class CellTypeClassifier(nn.Module):
 
 def expression(adata: ad.AnnData, layer: str | None = None, *, what: str = "reference") -> np.ndarray:
     """Dense log1p expression (cells x genes); raw counts are log-normalised."""
-    X = _validated_matrix(adata, DataKeys(layer=layer))
-    if _looks_like_counts(X):
+    X = validated_matrix(adata, DataKeys(layer=layer))
+    if looks_like_counts(X):
         log.info("%s: raw counts detected; applying normalize_total(1e4) + log1p", what)
-        X = _normalize_log1p(X)
+        X = normalize_log1p(X)
     return X.toarray() if hasattr(X, "toarray") else np.asarray(X)
 
 
@@ -301,12 +304,12 @@ class Annotator:
         backbone is referenced by path and weights hash, not copied."""
         from safetensors.torch import save_file
 
-        from .models.base import write_model_json
+        from scdca.models.base import write_model_json
 
         self._check_fitted()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with _io.atomic_path(folder / "trained.safetensors") as tmp:
+        with storage.atomic_path(folder / "trained.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in trainable_state(self.net).items()}, str(tmp))
         meta = {"model": "annotator", "backbone": backbone_reference(self.backbone_spec),
                 "backbone_sha256": self._backbone_hash, "config": {**asdict(self.cfg), "peft": self.cfg.peft.to_dict()},
@@ -318,7 +321,7 @@ class Annotator:
         """Rebuild a saved annotator on its backbone (refused if the backbone's weights changed)."""
         from safetensors.torch import load_file
 
-        from .models.base import read_model_json
+        from scdca.models.base import read_model_json
 
         meta = read_model_json(folder)
         if meta.get("model") != "annotator":
@@ -365,7 +368,7 @@ def write_explanation(table: pd.DataFrame, out_csv: str | os.PathLike, *, top: i
     import matplotlib.pyplot as plt
 
     out_csv = Path(out_csv)
-    _io.write_csv(out_csv, table)
+    storage.write_csv(out_csv, table)
     genes = list(dict.fromkeys(table.loc[table["rank"] <= top].sort_values(["group", "rank"])["gene"]))
     wide = table.pivot(index="gene", columns="group", values="attention").loc[genes]
     fig, ax = plt.subplots(figsize=(1.0 + 0.5 * wide.shape[1], 1.0 + 0.22 * wide.shape[0]))
@@ -376,7 +379,7 @@ def write_explanation(table: pd.DataFrame, out_csv: str | os.PathLike, *, top: i
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     png = out_csv.with_suffix(".png")
-    with _io.atomic_path(png) as tmp:
+    with storage.atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return png

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import PerturbationData, _looks_like_counts, _normalize_log1p, _validated_genes, _validated_matrix, \
-    DataKeys, condition_id, read
-from .errors import ScdcaInputError
-from .molecules import NearestTraining, canonicalize
+from scdca.chem.molecules import NearestTraining, canonicalize
+from scdca.data.expression import looks_like_counts, normalize_log1p, validated_genes, validated_matrix
+from scdca.data.keys import DataKeys, condition_id
+from scdca.data.screen import PerturbationData, read
+from scdca.errors import ScdcaInputError
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,10 @@ def control_from_anndata(adata: ad.AnnData | str | os.PathLike, genes: Sequence[
     Raw counts are detected and normalised as in `scdca.data.load`. Returns (G,) in `genes` order.
     """
     adata = adata if isinstance(adata, ad.AnnData) else read(adata)
-    names = _validated_genes(adata, keys)
-    X = _validated_matrix(adata, keys)
-    if _looks_like_counts(X):
-        X = _normalize_log1p(X)
+    names = validated_genes(adata, keys)
+    X = validated_matrix(adata, keys)
+    if looks_like_counts(X):
+        X = normalize_log1p(X)
     pos = pd.Index(names).get_indexer(list(genes))
     if (pos < 0).any():
         missing = [g for g, p in zip(genes, pos) if p < 0]
@@ -139,7 +140,7 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
         (|change| > 0.5), signature_cosine (if a signature is given), score, and, when the
         model records its training molecules, max_tanimoto_train and nearest_train_drug.
     """
-    from .molecules import canonical_smiles
+    from scdca.chem.molecules import canonical_smiles
 
     controls = resolve_controls(model, [cell_line] if cell_line else None, control)
     if len(controls) != 1:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterable, TypeVar
 
-from .errors import ScdcaInputError
+from scdca.errors import ScdcaInputError
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from scdca.data import condition_id
+from scdca.data.keys import condition_id
 from scdca.errors import ScdcaInputError
 from scdca.models import MODELS, make_model
 
@@ -112,7 +112,7 @@ def test_a_predicted_decrease_below_zero_is_clipped_to_zero_for_every_model():
 
 @pytest.mark.parametrize("name", ["additive", "ridge", "knn", "dominant"])
 def test_predict_is_the_raw_prediction_clipped_at_zero(name, tiny_data):
-    from scdca.splits import make_splits
+    from scdca.data.splits import make_splits
 
     split = make_splits(tiny_data, "unseen_cell_zeroshot", seed=0)[0]
     model = make_model(name).fit(tiny_data.subset(split.train))

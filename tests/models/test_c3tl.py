@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from scdca.data import condition_id
+from scdca.data.keys import condition_id
+from scdca.data.splits import make_splits
 from scdca.errors import ScdcaInputError
 from scdca.models import make_model
 from scdca.models.c3tl import C3TLConfig, C3TLModel, C3TLNet
-from scdca.splits import make_splits
 
 from ..conftest import make_pb
 

@@ -99,7 +99,7 @@ def test_dose_scaling_is_unit_free_and_never_zero():
 
 
 def test_benchmark_refuses_a_missing_peer_before_running_anything(monkeypatch, tmp_path, tiny_sim):
-    from scdca.benchmark import BenchmarkConfig, run
+    from scdca.eval.grid import BenchmarkConfig, run
 
     monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
     cfg = BenchmarkConfig(data="unused.h5ad", out=str(tmp_path / "b"), models=["control", "biolord"], seeds=[0])

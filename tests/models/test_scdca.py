@@ -2,12 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from scdca.adapters import AdapterConfig, DrugConditionalAdapter, count_parameters
-from scdca.backbone import Backbone, BackboneConfig, GeneVocab, load, save, weights_hash
+from scdca.data.splits import make_splits
 from scdca.errors import ScdcaInputError
 from scdca.models import make_model
-from scdca.models.scdca import ScDCAModel, ScDCANet, ScDCAConfig, dose_levels, interpolation_weights
-from scdca.splits import make_splits
+from scdca.models.scdca.config import ScDCAConfig
+from scdca.models.scdca.model import ScDCAModel, dose_levels, interpolation_weights
+from scdca.models.scdca.net import ScDCANet
+from scdca.nn.adapters import AdapterConfig, DrugConditionalAdapter, count_parameters
+from scdca.nn.backbone import Backbone, BackboneConfig, GeneVocab, load, save, weights_hash
 
 FAST = dict(encoder="morgan:bits=128", epochs=3, batch_size=8, lr=1e-3, patience=10)
 
@@ -263,7 +265,7 @@ def test_predict_and_screen_from_a_saved_model(tiny_data, tiny_backbone, tmp_pat
 
 
 def test_predictions_say_how_close_each_molecule_is_to_the_training_drugs(tiny_data, tiny_backbone, tmp_path):
-    from scdca.molecules import morgan_fingerprints, tanimoto
+    from scdca.chem.molecules import morgan_fingerprints, tanimoto
     from scdca.predict import predict, screen
 
     model = make_model("scdca", backbone=tiny_backbone, **FAST).fit(tiny_data)
@@ -316,7 +318,7 @@ def test_unseen_fingerprint_bits_do_not_blow_up_predictions(tiny_data, tiny_back
 
 
 def test_drug_gene_head_starts_at_zero_and_gives_each_drug_its_own_gene_pattern():
-    from scdca.adapters import DrugGeneConfig, DrugGeneHead
+    from scdca.nn.adapters import DrugGeneConfig, DrugGeneHead
 
     head = DrugGeneHead(DrugGeneConfig(d_model=6, cond_dim=3, n_genes=5, rank=2, hidden=8))
     h, c = torch.randn(2, 5, 6), torch.randn(2, 3)
@@ -348,7 +350,7 @@ def _two_program_screen(tmp_path):
 
 
 def _changes(model, data):
-    from scdca.data import condition_id
+    from scdca.data.keys import condition_id
 
     q = [condition_id("L1", "aspirin", 1.0), condition_id("L1", "caffeine", 1.0)]
     return model.predict(data.subset(q, observed=False)) - data.control_mean[0]
@@ -376,7 +378,7 @@ def test_plus_variant_warms_up_its_head_before_the_adapters_train(tmp_path):
 
 
 def test_head_dropout_acts_only_while_training():
-    from scdca.adapters import DrugGeneConfig, DrugGeneHead
+    from scdca.nn.adapters import DrugGeneConfig, DrugGeneHead
 
     torch.manual_seed(0)
     head = DrugGeneHead(DrugGeneConfig(d_model=8, cond_dim=6, n_genes=5, rank=3, hidden=16, dropout=0.5))
@@ -446,7 +448,7 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
 
 
 def test_head_without_free_gene_loadings_reads_each_gene_from_its_hidden_state_alone():
-    from scdca.adapters import DrugGeneConfig, DrugGeneHead
+    from scdca.nn.adapters import DrugGeneConfig, DrugGeneHead
 
     torch.manual_seed(0)
     cfg = dict(d_model=6, cond_dim=3, n_genes=4, rank=2, hidden=8)

@@ -1,9 +1,15 @@
 """Shrinkage toward the drug-blind answer: the anchor, the drug folds and the cross-validated weight."""
 import numpy as np
-import pytest
 
 from scdca.models import make_model
-from scdca.models.shrinkage import ScaledMeanBaseline, best_weights, cv_weights, drug_folds, trust_or_stack, worse_than_anchor
+from scdca.models.shrinkage import (
+    ScaledMeanBaseline,
+    best_weights,
+    cv_weights,
+    drug_folds,
+    trust_or_stack,
+    worse_than_anchor,
+)
 
 from ..conftest import make_pb
 

@@ -6,8 +6,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data import PerturbationData
-from ..registry import Registry
+from scdca.data.screen import PerturbationData
+from scdca.registry import Registry
 
 
 class PerturbationModel(ABC):
@@ -103,10 +103,10 @@ def write_model_json(folder, meta: dict, files: list[str]) -> None:
     were changed or damaged after saving is refused on load (`read_model_json`)."""
     from pathlib import Path
 
-    from .. import _io
+    from scdca import storage
 
     folder = Path(folder)
-    _io.write_json(folder / "model.json", {**meta, "files": {f: _io.file_sha256(folder / f) for f in files}})
+    storage.write_json(folder / "model.json", {**meta, "files": {f: storage.file_sha256(folder / f) for f in files}})
 
 
 def read_model_json(folder) -> dict:
@@ -114,8 +114,8 @@ def read_model_json(folder) -> dict:
     import json
     from pathlib import Path
 
-    from .. import _io
-    from ..errors import ScdcaInputError
+    from scdca import storage
+    from scdca.errors import ScdcaInputError
 
     folder = Path(folder)
     path = folder / "model.json"
@@ -127,7 +127,7 @@ def read_model_json(folder) -> dict:
                               f"written by `scdca train`") from None
     for file, digest in (meta.get("files") or {}).items():
         target = folder / file
-        if not target.is_file() or _io.file_sha256(target) != digest:
+        if not target.is_file() or storage.file_sha256(target) != digest:
             raise ScdcaInputError(f"model: {str(target)!r} is missing or differs from what `scdca train` saved "
                                   f"(checksum mismatch); the {name!r} model folder was changed or damaged: "
                                   f"retrain it or restore the folder")
@@ -143,7 +143,7 @@ def load_model(path, **kwargs) -> PerturbationModel:
     """
     import inspect
 
-    from ..errors import ScdcaInputError, reason
+    from scdca.errors import ScdcaInputError, reason
 
     meta = read_model_json(path)
     cls = MODELS.get(meta["model"])

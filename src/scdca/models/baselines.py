@@ -10,9 +10,9 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from ..data import PerturbationData
-from ..molecules import morgan_fingerprints, tanimoto
-from .base import MODELS, PerturbationModel, dose_range, per_line_fits, principal_directions, scaled_dose
+from scdca.chem.molecules import morgan_fingerprints, tanimoto
+from scdca.data.screen import PerturbationData
+from scdca.models.base import MODELS, PerturbationModel, dose_range, per_line_fits, principal_directions, scaled_dose
 
 
 class _Changes:

@@ -36,12 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _io
-from ..data import PerturbationData
-from ..encoders import get_encoder, standardisation, standardise
-from ..errors import ScdcaInputError
-from .base import (MODELS, PerturbationModel, dose_range, principal_directions, read_model_json, scaled_dose,
-                   write_model_json)
+from scdca import storage
+from scdca.chem.encoders import get_encoder, standardisation, standardise
+from scdca.data.screen import PerturbationData
+from scdca.errors import ScdcaInputError
+from scdca.models.base import (
+    MODELS,
+    PerturbationModel,
+    dose_range,
+    principal_directions,
+    read_model_json,
+    scaled_dose,
+    write_model_json,
+)
 
 
 @dataclass
@@ -210,7 +217,7 @@ class C3TLModel(PerturbationModel):
         arrays.update(basis=self._basis, mean_change=self._mean_change, ctrl_centre=self._ctrl_centre,
                       emb_mean=self._emb_mean, emb_std=self._emb_std, control_mean=self._controls[1],
                       **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")})
-        with _io.atomic_path(folder / "c3tl.safetensors") as tmp:
+        with storage.atomic_path(folder / "c3tl.safetensors") as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         write_model_json(folder, {
             "model": self.name, "config": asdict(self.cfg), "encoder": self.encoder_spec,

@@ -28,10 +28,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..data import PerturbationData
-from ..encoders import get_encoder, standardisation, standardise
-from ..errors import ScdcaInputError
-from .base import MODELS, PerturbationModel
+from scdca.chem.encoders import get_encoder, standardisation, standardise
+from scdca.data.screen import PerturbationData
+from scdca.errors import ScdcaInputError
+from scdca.models.base import MODELS, PerturbationModel
 
 log = logging.getLogger(__name__)
 

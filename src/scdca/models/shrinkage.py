@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..data import PerturbationData
-from .base import MODELS, PerturbationModel, per_line_fits
+from scdca.data.screen import PerturbationData
+from scdca.models.base import MODELS, PerturbationModel, per_line_fits
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Chemistry: SMILES handling, fingerprints and similarity, molecule encoders."""

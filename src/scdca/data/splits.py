@@ -1,0 +1,194 @@
+"""The four generalisation tasks of the scDCA paper, as seeded and audited splits.
+
+Unit of splitting: a drug (all its doses, all lines) for `unseen_drug`, a
+(drug, cell line) pair (all its doses) for `unseen_pair` and the few-shot drugs.
+Control expression of every cell line, held-out lines included, is always
+available: it is the model's input, not a target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from scdca.data.screen import PerturbationData
+from scdca.errors import LeakageError, ScdcaInputError
+from scdca.storage import write_json
+
+Task = Literal["unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot", "unseen_scaffold"]
+TASKS: tuple[str, ...] = ("unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot")
+# Extra tasks run only when named: not part of the paper's four ('all').
+EXTRA_TASKS: tuple[str, ...] = ("unseen_scaffold",)
+ALL_TASKS = TASKS + EXTRA_TASKS
+CELL_TASKS = ("unseen_cell_fewshot", "unseen_cell_zeroshot")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train and test condition ids for one task, seed and (for cell tasks) held-out line."""
+
+    task: str
+    seed: int
+    held_out: str  # the held-out cell line, or "" for drug/pair tasks
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        tail = f"__{self.held_out}" if self.held_out else ""
+        return f"{self.task}__seed{self.seed}{tail}"
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, {**asdict(self), "train": list(self.train), "test": list(self.test)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Split":
+        with open(path) as fh:
+            d = json.load(fh)
+        return cls(d["task"], int(d["seed"]), d["held_out"], tuple(d["train"]), tuple(d["test"]))
+
+
+def _rng(task: str, seed: int, held_out: str = "") -> np.random.Generator:
+    # independent, reproducible stream per (task, seed, line), stable across Python runs
+    return np.random.default_rng([seed, zlib.crc32(task.encode()), zlib.crc32(held_out.encode())])
+
+
+def make_splits(
+    data: PerturbationData,
+    task: str,
+    seed: int,
+    *,
+    test_fraction: float | None = None,
+    fewshot_fraction: float = 0.1,
+) -> list[Split]:
+    """All splits of one task for one seed (one per held-out line for the cell tasks).
+
+    Args:
+        data: the perturbation data to split.
+        task: one of `TASKS`.
+        seed: random seed.
+        test_fraction: share of drugs (unseen_drug, default 0.3) or of pairs (unseen_pair,
+            default 0.5) held out.
+        fewshot_fraction: share of the held-out line's drugs seen in training (few-shot).
+    Returns:
+        A list of audited splits.
+    """
+    if task not in ALL_TASKS:
+        raise ScdcaInputError(f"task: unknown task {task!r}; choose from {', '.join(ALL_TASKS)} (or 'all')")
+    cond = data.conditions
+    splits: list[Split] = []
+    if task == "unseen_drug":
+        frac = 0.3 if test_fraction is None else test_fraction
+        drugs = np.array(sorted(cond["drug"].unique()))
+        n_test = int(round(frac * len(drugs)))
+        test_drugs = set(_rng(task, seed).choice(drugs, size=n_test, replace=False))
+        is_test = cond["drug"].isin(test_drugs).to_numpy()
+        splits.append(_split(data, task, seed, "", is_test))
+    elif task == "unseen_scaffold":
+        # whole Bemis-Murcko scaffolds go to test, in random order, until >= 30% of drugs
+        from scdca.chem.molecules import scaffold
+
+        frac = 0.3 if test_fraction is None else test_fraction
+        smiles = data.drug_smiles()
+        drugs = sorted(smiles)
+        groups: dict[str, list[str]] = {}
+        for d in drugs:
+            groups.setdefault(scaffold(smiles[d]) or f"acyclic:{d}", []).append(d)
+        order = list(groups)
+        test_drugs: set[str] = set()
+        for i in _rng(task, seed).permutation(len(order)):
+            if len(test_drugs) >= frac * len(drugs):
+                break
+            test_drugs.update(groups[order[i]])
+        is_test = cond["drug"].isin(test_drugs).to_numpy()
+        splits.append(_split(data, task, seed, "", is_test))
+    elif task == "unseen_pair":
+        frac = 0.5 if test_fraction is None else test_fraction
+        pairs = sorted(set(zip(cond["drug"], cond["cell_line"])))
+        n_test = int(round(frac * len(pairs)))
+        pick = _rng(task, seed).choice(len(pairs), size=n_test, replace=False)
+        test_pairs = {pairs[i] for i in pick}
+        is_test = np.array([p in test_pairs for p in zip(cond["drug"], cond["cell_line"])], dtype=bool)
+        splits.append(_split(data, task, seed, "", is_test))
+    else:
+        lines = sorted(cond["cell_line"].unique())
+        if len(lines) < 2:
+            raise ScdcaInputError(
+                f"task {task!r} needs >= 2 cell lines with perturbations; the data has {lines!r}"
+            )
+        for line in lines:
+            in_line = (cond["cell_line"] == line).to_numpy()
+            if task == "unseen_cell_zeroshot":
+                is_test = in_line
+            else:
+                drugs = np.array(sorted(cond.loc[in_line, "drug"].unique()))
+                n_train = max(1, int(round(fewshot_fraction * len(drugs))))
+                seen = set(_rng(task, seed, line).choice(drugs, size=n_train, replace=False))
+                is_test = in_line & ~cond["drug"].isin(seen).to_numpy()
+            splits.append(_split(data, task, seed, line, is_test))
+    for s in splits:
+        audit(s, data)
+    return splits
+
+
+def _split(data, task, seed, held_out, is_test) -> Split:
+    ids = np.asarray(data.ids)
+    split = Split(task, seed, held_out, tuple(ids[~is_test]), tuple(ids[is_test]))
+    if not split.test:
+        raise ScdcaInputError(
+            f"split {split.name}: no test conditions. The data has too few drugs/pairs for this "
+            f"task; add conditions or drop the task (--tasks)."
+        )
+    if not split.train:
+        raise ScdcaInputError(
+            f"split {split.name}: no training conditions. Add conditions or drop the task (--tasks)."
+        )
+    return split
+
+
+def audit(split: Split, data: PerturbationData, *, fewshot_fraction: float = 0.1) -> None:
+    """Raise LeakageError if any held-out drug, pair or line reaches training for its task."""
+    cond = data.conditions
+    train, test = cond.loc[list(split.train)], cond.loc[list(split.test)]
+    both = set(split.train) & set(split.test)
+    if both:
+        raise LeakageError(f"{split.name}: {len(both)} condition(s) in train and test, e.g. {sorted(both)[:3]}")
+    if split.task in ("unseen_drug", "unseen_scaffold"):
+        leaked = set(train["drug"]) & set(test["drug"])
+        if leaked:
+            raise LeakageError(f"{split.name}: test drug(s) {sorted(leaked)[:5]} appear in training")
+        if split.task == "unseen_scaffold":
+            from scdca.chem.molecules import scaffold
+
+            smiles = data.drug_smiles()
+            scaf = lambda ds: {scaffold(smiles[d]) for d in ds} - {""}  # noqa: E731
+            shared = scaf(set(train["drug"])) & scaf(set(test["drug"]))
+            if shared:
+                raise LeakageError(f"{split.name}: scaffold(s) {sorted(shared)[:3]} in train and test")
+    elif split.task == "unseen_pair":
+        leaked = set(zip(train["drug"], train["cell_line"])) & set(zip(test["drug"], test["cell_line"]))
+        if leaked:
+            raise LeakageError(f"{split.name}: test pair(s) {sorted(leaked)[:5]} appear in training")
+    elif split.task in CELL_TASKS:
+        if set(test["cell_line"]) != {split.held_out}:
+            raise LeakageError(f"{split.name}: test set contains lines other than {split.held_out!r}")
+        train_line = train[train["cell_line"] == split.held_out]
+        if split.task == "unseen_cell_zeroshot" and len(train_line):
+            raise LeakageError(f"{split.name}: {len(train_line)} held-out-line condition(s) in training")
+        if split.task == "unseen_cell_fewshot":
+            leaked = set(train_line["drug"]) & set(test["drug"])
+            if leaked:
+                raise LeakageError(f"{split.name}: held-out-line test drug(s) {sorted(leaked)[:5]} in training")
+            n_drugs = cond.loc[cond["cell_line"] == split.held_out, "drug"].nunique()
+            allowed = max(1, int(round(fewshot_fraction * n_drugs)))
+            if train_line["drug"].nunique() > allowed:
+                raise LeakageError(
+                    f"{split.name}: {train_line['drug'].nunique()} held-out-line drugs in training, "
+                    f"more than the few-shot budget {allowed}"
+                )
+    else:
+        raise ScdcaInputError(f"task: unknown task {split.task!r}; choose from {', '.join(ALL_TASKS)}")

@@ -1,0 +1,152 @@
+"""The report's figures; each takes its table and returns a matplotlib figure."""
+from __future__ import annotations
+
+import base64
+import glob
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scdca import storage
+from scdca.eval.runs import REFERENCES, read_predictions
+from scdca.eval.stats import per_seed
+from scdca.eval.tables import BASELINES
+from scdca.models.peers import PEERS
+
+
+def model_colors(models) -> dict:
+    """One distinct, stable colour per model name (sorted), shared by the line figures."""
+    import matplotlib.pyplot as plt
+
+    return {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(set(models)))}
+
+
+def novelty_figure(nov: pd.DataFrame, metric: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drugs = nov.drop_duplicates(["task", "seed", "drug"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.hist(drugs["max_tanimoto"], bins=np.linspace(0, 1, 21), color="#555555")
+    ax1.axvline(0.4, color="red", ls="--", lw=1)
+    ax1.set_xlabel("max Tanimoto to training drugs (Morgan r=2, 2048 bits)")
+    ax1.set_ylabel("test drugs (all seeds)")
+    ax1.set_title(f"{np.mean(drugs['max_tanimoto'] < 0.4):.0%} of test drugs below 0.4", fontsize=10)
+    bins = [0, 0.2, 0.3, 0.4, 0.6, 1.0001]
+    nov = nov.assign(bin=pd.cut(nov["max_tanimoto"], bins, right=False))
+    colors = model_colors(nov["model"])
+    for model, g in nov.groupby("model"):
+        m = g.groupby("bin", observed=False)["value"].mean()
+        ax2.plot([f"{b.left:.1f}-{min(b.right, 1):.1f}" for b in m.index], m.to_numpy(), marker="o",
+                 label=model, color=colors[model], ls="--" if model in REFERENCES else "-")
+    ax2.set_xlabel("max Tanimoto to training (bin)")
+    ax2.set_ylabel(metric)
+    ax2.set_title("score of test drugs by similarity to training", fontsize=10)
+    ax2.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def genes_figure(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
+    """Control, observed (± cell SD) and predicted expression of the top-k DEGs for the
+    conditions with the largest observed change (paper's Figure 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(glob.glob(str(folder / "predictions" / f"{model}__*__seed0.h5ad")))
+    if not files:
+        return None
+    a = read_predictions(files[0])
+    change = np.abs(a.layers["observed"] - a.layers["control"]).mean(1)
+    picks = np.argsort(-change)[:n_conditions]
+    genes = pd.Index(a.var_names)
+    fig, axes = plt.subplots(n_conditions, 1, figsize=(10, 2.8 * n_conditions), squeeze=False)
+    for ax, i in zip(axes[:, 0], picks):
+        cid = a.obs_names[i]
+        names = [g for g in a.uns["degs"].loc[cid].tolist() if g][:k]
+        idx = genes.get_indexer(names)
+        x = np.arange(len(idx))
+        ax.plot(x, a.layers["control"][i, idx], "s", color="#999999", label="control")
+        sd = a.layers["observed_std"][i, idx] if "observed_std" in a.layers else None
+        ax.errorbar(x, a.layers["observed"][i, idx], yerr=sd, fmt="o", color="black", capsize=2,
+                    label="observed" + (" ± cell SD" if sd is not None else ""))
+        ax.plot(x, np.asarray(a.X)[i, idx], "x", color="#d62728", ms=8, label=f"predicted ({model})")
+        ax.set_xticks(x, names, rotation=60, fontsize=7)
+        ax.set_ylabel("log1p expression")
+        ax.set_title(f"{cid} ({Path(files[0]).stem.split('__')[1]}, seed 0)", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+def bars_figure(results: pd.DataFrame, metric: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = per_seed(results, metric).groupby(["task", "model"])["value"].agg(["mean", "sem"]).reset_index()
+    tasks = list(dict.fromkeys(s["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.8), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        t = s[s["task"] == task]
+        colors = ["#999999" if m in REFERENCES else "#1f77b4" if m in BASELINES
+                  else "#ff7f0e" if m in PEERS else "#d62728" for m in t["model"]]
+        ax.barh(t["model"], t["mean"], xerr=t["sem"].fillna(0), color=colors)
+        ax.set_title(task.replace("_", " "), fontsize=10)
+        ax.set_xlabel(metric)
+        ax.axvline(0, color="black", lw=0.5)
+    fig.suptitle(f"{metric} by task (mean ± SE over seeds; grey = references, blue = baselines, orange = published peers, red = scDCA & co.)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figure(sweep: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(sweep["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), sharey=True, squeeze=False)
+    order = [k for k in ("10", "20", "50", "100", "200", "all") if k in set(sweep["k"])]
+    # the axis starts just below 'control' (no change), so one collapsed model cannot flatten the
+    # others into a single line; models cut off are named under each panel
+    anchor = sweep[sweep["model"] == "control"]["value"]
+    floor = float(anchor.min()) - 0.1 if len(anchor) else float(sweep["value"].min())
+    colors = model_colors(sweep["model"])
+    for ax, task in zip(axes[0], tasks):
+        t = sweep[sweep["task"] == task]
+        for model, g in t.groupby("model"):
+            g = g.set_index("k").reindex(order)
+            ax.plot(order, g["value"], marker="o", label=model, color=colors[model],
+                    ls="--" if model in REFERENCES else "-")
+        ax.set_title(task.replace("_", " "), fontsize=10)
+        below = t[t["value"] < floor].groupby("model")["value"].min()
+        note = "\n".join(f"{m} below axis (min {v:.2f})" for m, v in below.items())
+        ax.set_xlabel("top-k DEGs" + (f"\n{note}" if note else ""))
+        ax.set_ylabel("R² (expression)")
+    top = float(sweep["value"].max())
+    axes[0][0].set_ylim(floor, top + 0.02 * max(top - floor, 1e-3))
+    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def png(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    data = buf.getvalue()
+    with storage.atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return base64.b64encode(data).decode()

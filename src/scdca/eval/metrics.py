@@ -1,0 +1,162 @@
+"""Metrics: a registry of per-condition scores on pseudobulk predictions.
+
+Every metric takes the same :class:`ScoringInput` (all test conditions at once, so
+set-level scores such as `rank` fit the same interface) and returns one value per
+condition. Averages are taken later, from the tidy results table.
+
+Conventions: R^2 is sklearn's `r2_score` over genes (1 - SS_res / SS_tot), never
+clipped; it is NaN when the observed values are constant. A Pearson correlation with
+a constant side (e.g. the `control` baseline's zero change) is 0: no association
+can be detected, and dropping it would hide a useless model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from scdca.errors import ScdcaInputError
+from scdca.registry import Registry
+
+
+@dataclass(frozen=True)
+class ScoringInput:
+    """Predictions and observations for N test conditions over G genes.
+
+    Attributes:
+        pred: (N, G) predicted mean expression.
+        observed: (N, G) observed mean expression.
+        control: (N, G) the control mean of each condition's cell line.
+        degs: N arrays of gene indices, ranked (most differential first).
+        groups: (N,) group label per condition (cell line) for set-level metrics.
+        k: number of top DEGs used by the `*_deg` metrics.
+    """
+
+    pred: np.ndarray
+    observed: np.ndarray
+    control: np.ndarray
+    degs: Sequence[np.ndarray]
+    groups: np.ndarray
+    k: int = 20
+
+    def __post_init__(self):
+        shapes = {a: getattr(self, a).shape for a in ("pred", "observed", "control")}
+        if len(set(shapes.values())) != 1 or len(self.pred.shape) != 2:
+            raise ScdcaInputError(f"pred/observed/control must share one 2-D shape; got {shapes}")
+        if len(self.degs) != self.pred.shape[0] or len(self.groups) != self.pred.shape[0]:
+            raise ScdcaInputError("degs and groups need one entry per condition")
+        if not np.isfinite(self.pred).all():
+            raise ScdcaInputError("pred: the model produced NaN or infinite predictions")
+        if self.k < 2:
+            raise ScdcaInputError(f"k: {self.k!r} DEGs is too few for R^2 or correlation; use k >= 2")
+
+    def top(self, i: int) -> np.ndarray:
+        return np.asarray(self.degs[i][: self.k])
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    description: str
+    higher_is_better: bool
+    fn: Callable[[ScoringInput], np.ndarray]
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def _metric(name: str, description: str, higher_is_better: bool):
+    def deco(fn):
+        METRICS.add(name, Metric(name, description, higher_is_better, fn))
+        return fn
+
+    return deco
+
+
+def r2(y: np.ndarray, yhat: np.ndarray) -> float:
+    """Coefficient of determination of yhat for y (sklearn's r2_score, one output)."""
+    return float(r2_rows(np.asarray(y)[None], np.asarray(yhat)[None])[0])
+
+
+def r2_rows(y: np.ndarray, yhat: np.ndarray) -> np.ndarray:
+    """`r2` of each row of yhat (n, k) for the same row of y -> (n,); NaN where a row of y is constant."""
+    ss_tot = ((y - y.mean(1, keepdims=True)) ** 2).sum(1)
+    ss_res = ((y - yhat) ** 2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ss_tot > 0, 1.0 - ss_res / ss_tot, np.nan)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant."""
+    a = a - a.mean()
+    b = b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / den if den > 0 else 0.0
+
+
+def _per_condition(inp: ScoringInput, f) -> np.ndarray:
+    return np.array([f(inp, i) for i in range(inp.pred.shape[0])], dtype=float)
+
+
+@_metric("r2_deg", "R^2 between predicted and observed expression over the top-k DEGs (the paper's metric)", True)
+def _r2_deg(inp: ScoringInput) -> np.ndarray:
+    return _per_condition(inp, lambda s, i: r2(s.observed[i, s.top(i)], s.pred[i, s.top(i)]))
+
+
+def _on_deg_change(score_fn):
+    """Apply score_fn(observed change, predicted change) over each condition's top-k DEGs."""
+
+    def f(s: ScoringInput, i: int) -> float:
+        g = s.top(i)
+        return score_fn(s.observed[i, g] - s.control[i, g], s.pred[i, g] - s.control[i, g])
+
+    return f
+
+
+@_metric("r2_delta_deg", "R^2 of the change from control over the top-k DEGs", True)
+def _r2_delta_deg(inp: ScoringInput) -> np.ndarray:
+    return _per_condition(inp, _on_deg_change(r2))
+
+
+@_metric("pearson_delta_deg", "Pearson correlation of the change from control over the top-k DEGs", True)
+def _pearson_delta_deg(inp: ScoringInput) -> np.ndarray:
+    return _per_condition(inp, _on_deg_change(pearson))
+
+
+@_metric("pearson_delta", "Pearson correlation of the change from control over all genes", True)
+def _pearson_delta(inp: ScoringInput) -> np.ndarray:
+    return _per_condition(inp, lambda s, i: pearson(s.observed[i] - s.control[i], s.pred[i] - s.control[i]))
+
+
+@_metric("mse", "mean squared error over all genes", False)
+def _mse(inp: ScoringInput) -> np.ndarray:
+    return ((inp.pred - inp.observed) ** 2).mean(axis=1).astype(float)
+
+
+@_metric(
+    "rank",
+    "normalised rank of a condition's own observation among all test observations of its cell "
+    "line, by distance to its prediction (0 = always closest, 0.5 = random; exposes one "
+    "prediction for every drug)",
+    False,
+)
+def _rank(inp: ScoringInput) -> np.ndarray:
+    out = np.full(inp.pred.shape[0], np.nan)
+    for g in np.unique(inp.groups):
+        idx = np.flatnonzero(inp.groups == g)
+        if idx.size < 2:
+            continue
+        P, O = inp.pred[idx].astype(np.float64), inp.observed[idx].astype(np.float64)
+        d = (P**2).sum(1)[:, None] + (O**2).sum(1)[None, :] - 2 * P @ O.T  # (n, n) squared distances
+        own = np.diag(d)[:, None]
+        closer = (d < own - 1e-9).sum(1)
+        ties = (np.abs(d - own) <= 1e-9).sum(1) - 1  # minus itself
+        out[idx] = (closer + 0.5 * ties) / (idx.size - 1)
+    return out
+
+
+def score(inp: ScoringInput, metrics: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Compute the named metrics (default: all) -> name -> (N,) values."""
+    names = list(metrics) if metrics is not None else METRICS.names()
+    return {n: METRICS.get(n).fn(inp) for n in names}

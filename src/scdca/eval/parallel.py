@@ -1,0 +1,120 @@
+"""Run independent jobs (benchmark grid cells) in this process, or in parallel on Ray.
+
+`run_jobs(fn, jobs, shared, ...)` yields `(job, result)` pairs as jobs finish, where each
+job is a tuple of arguments for `fn(shared, *job)` and `result` is the return value or a
+:class:`JobFailure` (the job's formatted traceback). A failing job never stops the others.
+
+Ray is the engine for more than one worker: `workers=N` starts a private local Ray with N
+CPUs, `address='auto'` or 'HOST:PORT' joins a running cluster (`ray start --head` on one
+node, `ray start --address HEAD:6379` on the others). `shared` (the dataset) is put into
+Ray's object store once and read zero-copy by every task; results come back to the
+driver, which alone writes files, so workers need no shared filesystem for outputs.
+Each task is given `threads` CPUs and caps torch's and BLAS's threads to match, so N
+workers do not oversubscribe the cores (N workers x 2 threads on 2 cores runs ~3x slower).
+
+Results equal a serial run's with the same threads per job (`workers=1, threads=T`).
+With another thread count, BLAS and torch sum in another order: most models agree to
+the last bit, but a model whose fit amplifies rounding (c3tl on some splits, NOTES.md)
+can differ visibly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from scdca.errors import ScdcaInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobFailure:
+    """A job that raised: the exception's one-line summary and its full traceback."""
+
+    summary: str
+    traceback: str
+
+
+def default_threads(workers: int) -> int:
+    """Threads per worker so that `workers` workers fill this machine's cores without oversubscribing."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _call(fn: Callable, shared: Any, job: tuple, threads: int | None):
+    """Run one job, returning a JobFailure instead of raising (KeyboardInterrupt still stops).
+
+    `threads` caps torch's and the BLAS libraries' threads (numpy's SVD sums in another order
+    with another thread count), so a job gives the same numbers wherever it runs with the same cap.
+    """
+    limits = contextlib.nullcontext()
+    if threads is not None:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(threads)
+        limits = threadpool_limits(limits=threads)
+    try:
+        with limits:
+            return fn(shared, *job)
+    except Exception as err:  # noqa: BLE001 - reported to the user with its traceback, never swallowed
+        return JobFailure(f"{type(err).__name__}: {err}".splitlines()[0][:300], traceback.format_exc())
+
+
+def run_jobs(fn: Callable, jobs: Sequence[tuple], shared: Any = None, *, workers: int = 1,
+             address: str | None = None, threads: int | None = None) -> Iterator[tuple[tuple, Any]]:
+    """Yield `(job, fn(shared, *job) or JobFailure)` for every job, in order of completion.
+
+    Args:
+        fn: a module-level function (Ray workers import it by name).
+        jobs: argument tuples, one per job.
+        shared: one large read-only object every job needs (put in Ray's object store once).
+        workers: 1 runs the jobs here, one after another; N > 1 runs them on a local Ray
+            with N CPUs.
+        address: a running Ray cluster ('auto' or 'HOST:PORT'); overrides `workers`.
+        threads: torch threads (= Ray CPUs) per job; default: cores // workers locally,
+            1 on a cluster.
+    """
+    if workers < 1:
+        raise ScdcaInputError(f"workers: {workers!r}; use 1 (serial) or more")
+    if address is None and workers == 1:
+        for job in jobs:
+            yield job, _call(fn, shared, job, threads)
+        return
+    yield from _run_ray(fn, jobs, shared, workers=workers, address=address,
+                        threads=threads or (1 if address else default_threads(workers)))
+
+
+def _run_ray(fn, jobs, shared, *, workers: int, address: str | None, threads: int):
+    try:
+        import ray
+    except ImportError:
+        raise ScdcaInputError("workers: running in parallel needs Ray; install it (pip install 'ray==2.60.0') "
+                              "or use --workers 1") from None
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
+        kwargs = {"address": address} if address else {"num_cpus": workers * threads}
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ScdcaInputError(f"ray-address: cannot reach a Ray cluster at {address!r} ({err}); start one "
+                                  f"with `ray start --head` or drop --ray-address") from None
+    try:
+        remote = ray.remote(num_cpus=threads, max_retries=0)(_call)
+        ref = ray.put(shared)
+        pending = {remote.remote(fn, ref, job, threads): job for job in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - the worker process died (out of memory, killed, segfault)
+                result = JobFailure(f"{type(err).__name__}: {err}".splitlines()[0][:300], str(err))
+            yield job, result
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,329 @@
+"""Tables, statistics, figures and an HTML/Markdown report, all pure functions of a benchmark folder.
+
+Inputs: `DIR/results.csv` (tidy per-condition scores), `DIR/predictions/*.h5ad` (for the
+DEG-size sweep) and `DIR/costs/*.csv`. Nothing here trains or predicts.
+"""
+from __future__ import annotations
+
+import glob
+import html
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from scdca import storage
+from scdca.eval.diagnostics import describe as describe_diagnostics
+from scdca.eval.figures import bars_figure, genes_figure, novelty_figure, png, sweep_figure
+from scdca.eval.metrics import METRICS, r2_rows
+from scdca.eval.runs import REFERENCES, read_predictions
+from scdca.eval.stats import DRUG_BLIND_TOLERANCE, drug_blind, paired_tests, per_seed
+from scdca.eval.tables import (
+    BASELINES,
+    NOVELTY_TASKS,
+    dose_table,
+    group_table,
+    main_table,
+    novelty,
+    per_held_out,
+    sweep_table,
+)
+from scdca.models.peers import peer_status
+
+
+def deg_sweep(folder: str | os.PathLike, ks: Sequence[int | str] = (10, 20, 50, 100, 200, "all")) -> pd.DataFrame:
+    """R^2 of expression over the top-k DEGs as a function of k (paper's Figure 8), from the saved
+    predictions -> columns model, task, k, value (mean over seeds; held-out lines averaged first).
+
+    k values larger than the number of DEGs stored in the prediction files are skipped;
+    'all' uses every gene.
+    """
+    rows = []
+    for path in sorted(glob.glob(str(Path(folder) / "predictions" / "*.h5ad"))):
+        model, task, seed = Path(path).stem.split("__")
+        a = read_predictions(path)
+        table = a.uns["degs"].loc[list(a.obs_names)]
+        idx = pd.Index(a.var_names).get_indexer(table.to_numpy().ravel()).reshape(table.shape)  # -1 = none
+        n_stored = int((idx >= 0).sum(1).min())
+        pred, obs = np.asarray(a.X, dtype=np.float64), np.asarray(a.layers["observed"], dtype=np.float64)
+        for k in ks:
+            if k == "all":
+                p, o = pred, obs
+            elif int(k) <= n_stored:
+                sel = idx[:, : int(k)]
+                p, o = np.take_along_axis(pred, sel, 1), np.take_along_axis(obs, sel, 1)
+            else:
+                continue
+            per_split = pd.Series(r2_rows(o, p)).groupby(a.obs["held_out"].to_numpy()).mean().mean()
+            rows.append({"model": model, "task": task, "seed": seed, "k": str(k), "value": per_split})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.groupby(["model", "task", "k"], as_index=False)["value"].mean()
+
+
+def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
+    """Per model: mean fit+predict seconds per split, trainable and total parameters (Table 9)."""
+    files = glob.glob(str(Path(folder) / "costs" / "*.csv"))
+    frames = [pd.read_csv(f) for f in files if os.path.getsize(f) > 1]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    c = pd.concat(frames, ignore_index=True)
+    agg = {"seconds": "mean", **{col: "mean" for col in ("shrinkage", "ridge_weight") if col in c}}
+    for col in ("peak_python_mb", "params_trainable", "params_total", "params_trainable_pct"):
+        if col in c:
+            agg[col] = "max"
+    return c.groupby("model").agg(agg).round(3).sort_values("seconds")
+
+
+def _cost_text(table: pd.DataFrame) -> str:
+    """Parameter counts as whole numbers with separators; '-' where a model has none (closed form)."""
+    shown = table.copy()
+    for col in ("params_trainable", "params_total"):
+        if col in shown:
+            shown[col] = shown[col].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}")
+    return shown.to_string(na_rep="-")
+
+
+def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame | None, str]:
+    """Drug -> SMILES and the per-drug annotation table of the benchmark's dataset, and why
+    not ('' when read). The data path in config.json is absolute (relative paths of runs made
+    before that are tried from the run's parent folder and the working directory)."""
+    import json
+
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.exists():
+        return {}, None, f"{cfg_path} does not exist"
+    cfg = json.loads(cfg_path.read_text())
+    path, keys = cfg.get("data"), cfg.get("keys", {})
+    candidates = [Path(path)] if path and Path(path).is_absolute() else \
+        [Path(folder).resolve().parent / str(path), Path(str(path))] if path else []
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return {}, None, (f"the benchmark's data file {path!r} (config.json 'data') is not found"
+                          + (f" (tried {', '.join(map(str, candidates))})" if candidates else ""))
+    import logging
+
+    from scdca.data.screen import read
+    from scdca.errors import ScdcaInputError
+
+    lincs_log = logging.getLogger("scdca.data.lincs")
+    level = lincs_log.level
+    lincs_log.setLevel(logging.ERROR)  # the benchmark already warned about the plate's wells
+    try:
+        a = read(found, what="data", backed=None if cfg.get("compounds") else "r", compounds=cfg.get("compounds"))
+    except ScdcaInputError as err:  # a damaged data file costs the report one section, not the report
+        return {}, None, str(err)
+    finally:
+        lincs_log.setLevel(level)
+    obs = a.obs
+    drug_col, smi_col = keys.get("drug", "condition"), keys.get("smiles", "SMILES")
+    smiles = {}
+    if drug_col in obs and smi_col in obs:
+        sub = obs[[drug_col, smi_col]].astype(str).drop_duplicates(drug_col)
+        smiles = {d: s_ for d, s_ in zip(sub[drug_col], sub[smi_col]) if s_ and s_ != "nan"}
+    ann = a.uns.get("drug_annotations")
+    table = pd.DataFrame({k: np.asarray(v) for k, v in ann.items()}).set_index("drug") if isinstance(ann, dict) else None
+    if a.isbacked:
+        a.file.close()
+    return smiles, table, "" if smiles else f"{found} has no {smi_col!r} column for the {drug_col!r} drugs"
+
+
+def backbone_text(audit: dict) -> str:
+    """One paragraph from backbone_audit.json (see `benchmark.backbone_audit`)."""
+    verdict, prov = audit["verdict"], audit.get("provenance") or {}
+    if verdict == "random":
+        return f"{audit['backbone']}: an untrained (randomly initialised) backbone; it saw no data."
+    if verdict == "unknown":
+        return f"{audit['backbone']}: the checkpoint records no pretraining data (e.g. an official release)."
+    seen = (f"{prov.get('cells', '?'):,} cells from {prov.get('n_cell_lines', '?')} cell lines/states of "
+            f"{prov.get('data_file', '?')}, {prov.get('perturbed_cells', 0):,} of them drug-treated")
+    meaning = {"leak": "LEAK: these include treated cells of this benchmark's data, so the backbone has seen "
+                       "test-condition responses; scores of backbone models are optimistic.",
+               "controls of this file": "only control cells of this benchmark's data: no test response was seen.",
+               "other data": "a different file from this benchmark's data."}[verdict]
+    return f"{audit['backbone']}: pretrained on {seen}; {meaning}"
+
+
+def peers_text(results: pd.DataFrame) -> str:
+    """One line per published peer model: in this report, installed but not run, or not installable here."""
+    lines = []
+    for name, missing in peer_status().items():
+        if name in set(results["model"]):
+            lines.append(f"{name}: in this report, trained on the same pseudobulk profiles and splits as every "
+                         f"other model (set-up: scdca.models.peers).")
+        elif missing is None:
+            lines.append(f"{name}: installed but not in this run; add it to --models (e.g. make demo-peers).")
+        else:
+            lines.append(f"{name}: not run, its package is not installed here ({missing}).")
+    return "\n".join(lines) + "\n"
+
+
+def _test_phrase(results: pd.DataFrame, model: str, versus: str, task: str, metric: str) -> str:
+    """'paired t-test p = ...' for model vs versus on task, or why there is none."""
+    tests = paired_tests(results, model, metric)
+    row = tests[(tests["task"] == task) & (tests["versus"] == versus)]
+    p = row["p"].iloc[0] if len(row) else np.nan
+    return f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test"
+
+
+def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
+    """A plain-language paragraph: who wins each task on `metric`, against the best simple baseline."""
+    s = per_seed(results, metric)
+    means = s.groupby(["task", "model"])["value"].mean()
+    higher = METRICS.get(metric).higher_is_better
+    parts = []
+    for task in means.index.get_level_values(0).unique():
+        m = means[task].drop([r for r in REFERENCES if r in means[task].index])
+        best = m.idxmax() if higher else m.idxmin()
+        base = m[[b for b in BASELINES if b in m.index]]
+        best_base = (base.idxmax() if higher else base.idxmin()) if len(base) else None
+        text = f"On {task}, {best} scores best ({m[best]:.3f})"
+        learned = [x for x in m.index if x not in BASELINES]
+        if best in BASELINES:
+            text += (", a simple baseline: no learned model beats it" if learned
+                     else " (only simple baselines in this run)")
+            if learned:
+                top = max(learned, key=lambda x: m[x]) if higher else min(learned, key=lambda x: m[x])
+                text += (f"; the best learned model, {top}, scores {m[top]:.3f} ({m[top] - m[best]:+.3f}, "
+                         f"{_test_phrase(results, top, best, task, metric)})")
+        elif best_base:
+            text += (f", {m[best] - m[best_base]:+.3f} over the best simple baseline {best_base} "
+                     f"({_test_phrase(results, best, best_base, task, metric)})")
+        if "oracle" in means[task].index:
+            text += f"; the noise-free oracle reaches {means[task]['oracle']:.3f}"
+        parts.append(text + ".")
+    blind = drug_blind(results)
+    for task, grp in blind.groupby("task", sort=False):
+        parts.append(f"On {task}, {', '.join(grp['model'])} {'does' if len(grp) == 1 else 'do'} not distinguish "
+                     f"drugs (rank within {DRUG_BLIND_TOLERANCE} of 0.5): {'its' if len(grp) == 1 else 'their'} "
+                     f"change scores reflect the line's average response, not drug effects.")
+    return f"Metric: {metric} (mean over seeds). " + " ".join(parts)
+
+
+def read_annotations(path: str | os.PathLike, *, drug_column: str, group_column: str) -> pd.Series:
+    """Drug -> group from a CSV/TSV (e.g. sci-Plex's drugProperties_short.tsv: Product.Name -> Target).
+
+    Names are matched as given and also without a trailing parenthesis ('Veliparib (ABT-888)'
+    -> 'Veliparib'), so product names match the short names used in chemCPA's files.
+    """
+    from scdca.errors import ScdcaInputError
+
+    sep = "\t" if str(path).endswith((".tsv", ".txt")) else ","
+    table = pd.read_csv(path, sep=sep)
+    for col in (drug_column, group_column):
+        if col not in table.columns:
+            raise ScdcaInputError(f"annotations: column {col!r} not in {str(path)!r}; columns: {list(table.columns)!r}")
+    table = table.dropna(subset=[drug_column, group_column])
+    names = table[drug_column].astype(str)
+    groups = pd.Series(table[group_column].astype(str).to_numpy(), index=names)
+    short = pd.Series(groups.to_numpy(), index=names.str.replace(r"\s*\(.*\)\s*$", "", regex=True))
+    both = pd.concat([groups, short])
+    return both[~both.index.duplicated()]
+
+
+def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = "pearson_delta_deg",
+          annotations: pd.Series | None = None, annotation_name: str = "group") -> Path:
+    """Write DIR/report.md and a self-contained DIR/report.html (+ PNG figures). Returns the HTML path.
+
+    `annotations` (drug -> group, see `read_annotations`) adds a per-group table next to any
+    annotations stored in the dataset itself.
+    """
+    folder = Path(folder)
+    results = pd.read_csv(folder / "results.csv", keep_default_na=False, na_values=[""], dtype={"held_out": str})
+    results["held_out"] = results["held_out"].fillna("").astype(str)
+    learned = [m for m in results["model"].unique() if m not in BASELINES and m not in REFERENCES]
+    model = model or (learned[0] if learned else "additive")
+    sections: list[tuple[str, str, str | None]] = []  # (title, markdown/html table, image b64)
+
+    sections.append(("Summary", summary_text(results, metric), None))
+    if (folder / "diagnostics.csv").exists():
+        diag = pd.read_csv(folder / "diagnostics.csv")
+        sections.append(("How much drug signal the data carries (before any model; scdca.eval.diagnostics)",
+                         describe_diagnostics(diag) + "\n\n" + diag.round(3).to_string(index=False), None))
+    main = main_table(results)
+    sections.append(("Main table (mean ± SE over seeds; * = best non-reference model)", main.to_string(), png(bars_figure(results, metric), folder / "fig_main.png")))
+    tests = paired_tests(results, model, metric)
+    title = f"Paired t-tests: {model} vs every other model ({metric}, paired on seed; Holm-corrected within task)"
+    if tests.empty:
+        pass
+    elif tests["n_seeds"].max() < 2:
+        sections.append((title, f"Not computed: this run has {int(tests['n_seeds'].max())} seed; a paired test "
+                                f"needs at least 2 (the paper uses 5: --seeds 5).", None))
+    else:
+        sections.append((title, tests.round(4).to_string(index=False), None))
+    pho = per_held_out(results, metric)
+    if not pho.empty:
+        sections.append((f"Per held-out cell line ({metric})", pho.to_string(), None))
+    judged = [metric] + (["rank"] if metric != "rank" and (results["metric"] == "rank").any() else [])
+    for m in judged:
+        doses = dose_table(results, m)
+        if not doses.empty and doses.index.get_level_values("dose").nunique() > 1:
+            sections.append((f"Per dose ({m}; conditions pooled over seeds)", doses.to_string(), None))
+    sweep = deg_sweep(folder)
+    if not sweep.empty:
+        sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
+                         sweep_table(sweep).to_string(),
+                         png(sweep_figure(sweep), folder / "fig_deg_sweep.png")))
+    smiles, stored, missing = data_info(folder)
+    if stored is not None:
+        if "active" in stored:  # the simulator's hidden activity flag: does a model score on inactive drugs?
+            stored = stored.assign(active=stored["active"].astype(int).map({1: "active", 0: "inactive"}))
+        for col in [c for c in ("mechanism", "active", "target", "pathway") if c in stored]:
+            for m in judged:
+                g = group_table(results, stored[col], m)
+                if not g.empty:
+                    sections.append((f"Per drug group: {col} ({m}; conditions pooled over seeds)", g.to_string(), None))
+    if annotations is not None:
+        tested = results["drug"].nunique()
+        matched = results["drug"].isin(annotations.index).groupby(results["drug"]).first().sum()
+        for m in judged:
+            g = group_table(results, annotations, m)
+            sections.append((f"Per drug group: {annotation_name} ({m}; {matched} of {tested} drugs annotated)",
+                             g.to_string() if not g.empty else "no tested drug matched the annotation table", None))
+    nov = novelty(results, smiles, metric) if smiles else pd.DataFrame()
+    if missing and results["task"].isin(NOVELTY_TASKS).any():
+        sections.append(("Chemical novelty of test drugs (unseen-drug tasks)", f"not shown: {missing}.", None))
+    if not nov.empty:
+        sections.append(("Chemical novelty of test drugs (unseen-drug tasks)",
+                         nov.assign(bin=pd.cut(nov["max_tanimoto"], [0, 0.2, 0.3, 0.4, 0.6, 1.0001], right=False))
+                         .pivot_table(index="bin", columns="model", values="value", aggfunc="mean", observed=False)
+                         .round(3).to_string(), png(novelty_figure(nov, metric), folder / "fig_novelty.png")))
+    genes_fig = genes_figure(folder, model)
+    if genes_fig is not None:
+        sections.append((f"Per-gene view: top-20 DEGs of the two most-changed test conditions ({model})",
+                         "Grey squares: control; black: observed (± SD across cells when stored); red x: predicted.",
+                         png(genes_fig, folder / "fig_genes.png")))
+    costs = cost_table(folder)
+    if not costs.empty:
+        sections.append(("Cost (seconds per split for fit + predict; peak_python_mb = peak Python-heap allocation "
+                         "traced by tracemalloc, which does not see torch's tensor memory; parameters, '-' = "
+                         "closed form)",
+                         _cost_text(costs), None))
+    sections.append(("Published peers", peers_text(results), None))
+    audit_path = folder / "backbone_audit.json"
+    if audit_path.exists():
+        sections.append(("What the backbone saw in pretraining", backbone_text(json.loads(audit_path.read_text())),
+                         None))
+
+    md = [f"# scdca benchmark report: {folder.name}\n"]
+    for title, body, _ in sections:
+        md.append(f"## {title}\n\n```\n{body}\n```\n" if "\n" in body else f"## {title}\n\n{body}\n")
+    storage.write_text(folder / "report.md", "\n".join(md))
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>scdca report {html.escape(folder.name)}"
+             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "pre{background:#f6f6f6;padding:0.8em;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd}"
+             "img{max-width:100%}</style></head><body>", f"<h1>scdca benchmark report: {html.escape(folder.name)}</h1>"]
+    for title, body, img in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(f"<pre>{html.escape(body)}</pre>" if "\n" in body else f"<p>{html.escape(body)}</p>")
+        if img:
+            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{img}'>")
+    parts.append("</body></html>")
+    storage.write_text(folder / "report.html", "\n".join(parts))
+    return folder / "report.html"

@@ -1,0 +1,175 @@
+""""""
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scdca import storage
+from scdca.errors import ScdcaInputError
+
+CONTROL = "control"
+
+
+def perturbation_label(drug: str, dose: float) -> str:
+    """The perturbation name of a condition: 'Dacinostat@0.1'."""
+    return f"{drug}@{float(dose):g}"
+
+
+def prediction_file(run: str | Path, model: str, task: str, seed: int) -> Path:
+    """The prediction file of one grid cell, or an error listing what the run holds."""
+    folder = Path(run) / "predictions"
+    path = folder / f"{model}__{task}__seed{seed}.h5ad"
+    if not path.is_file():
+        have = sorted(p.stem for p in folder.glob("*.h5ad")) if folder.is_dir() else []
+        hint = f"the run holds: {', '.join(have[:12])}{' ...' if len(have) > 12 else ''}" if have else \
+            f"{str(folder)!r} holds no prediction files; pass the --out folder of `scdca benchmark`"
+        raise ScdcaInputError(f"model/task/seed: no predictions for {model!r} on {task!r} seed {seed} in "
+                              f"{str(run)!r}; {hint}")
+    return path
+
+
+
+import logging
+import os
+
+from scdca.data.degs import deg_long_table
+from scdca.data.keys import DataKeys
+from scdca.data.screen import PerturbationData
+
+log = logging.getLogger(__name__)
+
+
+RESULT_COLUMNS = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]
+REFERENCES = ("ceiling", "ceiling_half", "oracle")  # reference rows, not models
+
+
+def cell_stem(model: str, task: str, seed: int) -> str:
+    return f"{model}__{task}__seed{seed}"
+
+
+def cell_path(out: Path, model: str, task: str, seed: int) -> Path:
+    return Path(out) / "cells" / f"{cell_stem(model, task, seed)}.csv"
+
+
+def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str = "", n_degs: int = 50,
+                        keys: DataKeys | None = None) -> ad.AnnData:
+    """One split's predictions as AnnData that scanpy, pertpy and cell-eval read as they are.
+
+    Rows: the tested conditions, then one control row per cell line (prediction = observation
+    = the line's control mean). X = prediction; layers observed, observed_std, control.
+    obs: canonical cell_line, drug, dose, smiles, held_out, `perturbation` ('drug@dose' or
+    'control') and `control` (bool), plus the same values under the data's own obs keys
+    (`keys`, e.g. cell_type / condition / dose_val). uns['degs']: each condition's ranked DEG
+    names (the report reads them); uns['rank_genes_groups_df']: the same DEGs with scanpy's
+    t-test statistics in the long form of `sc.get.rank_genes_groups_df` (`data.deg_long_table`;
+    `data.rank_genes_groups_uns` turns it into scanpy's uns['rank_genes_groups'] in memory).
+    """
+    from scdca.eval.runs import CONTROL, perturbation_label
+
+    cond = test.conditions
+    lines = list(dict.fromkeys(cond["cell_line"]))  # in order of appearance
+    control = test.control_for(cond["cell_line"])
+    ctrl_rows = test.control_for(lines)
+    std = test.std if test.std is not None and test.std.shape == control.shape else np.full_like(control, np.nan)
+    ctrl_std = test.control_std[test.controls.index.get_indexer(lines)]
+    obs = pd.DataFrame({
+        "cell_line": list(cond["cell_line"]) + lines,
+        "drug": list(cond["drug"]) + [CONTROL] * len(lines),
+        "dose": list(cond["dose"].astype(float)) + [0.0] * len(lines),
+        "smiles": list(cond["smiles"].astype(str)) + [""] * len(lines),
+        "held_out": held_out,
+        "perturbation": [perturbation_label(d, x) for d, x in zip(cond["drug"], cond["dose"])] + [CONTROL] * len(lines),
+        "control": [False] * len(cond) + [True] * len(lines),
+    }, index=list(test.ids) + [f"{line}_{CONTROL}" for line in lines])
+    keys = keys or DataKeys()
+    for canonical, user in (("cell_line", keys.cell_line), ("drug", keys.drug), ("dose", keys.dose),
+                            ("smiles", keys.smiles), ("control", keys.control)):
+        if user not in obs:
+            obs[user] = obs[canonical]
+    adata = ad.AnnData(X=np.vstack([pred, ctrl_rows]).astype(np.float32), obs=obs,
+                       var=pd.DataFrame(index=[str(g) for g in test.genes]))
+    adata.layers["observed"] = np.vstack([observed, ctrl_rows]).astype(np.float32)
+    adata.layers["observed_std"] = np.vstack([std, ctrl_std]).astype(np.float32)  # across cells, per-gene plots
+    adata.layers["control"] = np.vstack([control, ctrl_rows]).astype(np.float32)
+    adata.uns["degs"] = deg_table(test, n_degs)
+    adata.uns["rank_genes_groups_df"] = deg_long_table(test, n_degs=n_degs)
+    return adata
+
+
+def read_predictions(path: str | os.PathLike) -> ad.AnnData:
+    """A prediction file's condition rows (its control rows dropped), as the report and export use them."""
+    from scdca.data.screen import read
+
+    a = read(path, what="predictions")
+    return a[~a.obs["control"].to_numpy(bool)].copy() if "control" in a.obs else a
+
+
+def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
+    """Condition id (index) -> its ranked DEG names in columns '1'..'n' ('' past the end)."""
+    rows = {}
+    for i in test.ids:
+        names = [str(g) for g in test.genes[test.degs[i][:n_degs]]]
+        rows[i] = names + [""] * (n_degs - len(names))
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[str(r + 1) for r in range(n_degs)])
+
+
+def predictions_file(model, task, seed, preds, *, k: int = 20, keys: DataKeys | None = None) -> ad.AnnData | None:
+    """One grid cell's prediction AnnData (its splits' `predictions_anndata`, concatenated)."""
+    if not preds:
+        return None
+    adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys) for s, t, p, o in preds]
+    merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
+    merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
+    merged.uns["rank_genes_groups_df"] = pd.concat([a.uns["rank_genes_groups_df"] for a in adatas], ignore_index=True)
+    merged.uns["scdca"] = {"model": model, "task": task, "seed": seed, "versions": package_versions()}
+    return merged
+
+
+def write_cell(out, model, task, seed, rows, predictions: ad.AnnData | None, costs):
+    stem = cell_stem(model, task, seed)
+    if predictions is not None:
+        storage.write_h5ad(out / "predictions" / f"{stem}.h5ad", predictions)
+    storage.write_csv(out / "costs" / f"{stem}.csv", pd.DataFrame(costs))
+    storage.write_csv(out / "cells" / f"{stem}.csv", rows)  # last: marks the cell done
+
+
+def collect(out: Path, grid) -> pd.DataFrame:
+    frames = []
+    for model, task, seed in grid:
+        df = pd.read_csv(cell_path(out, model, task, seed), keep_default_na=False, na_values=[""], dtype={"held_out": str})
+        df["held_out"] = df["held_out"].fillna("")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)[RESULT_COLUMNS] if frames else pd.DataFrame(columns=RESULT_COLUMNS)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that decide a run's numbers (those installed)."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("scdca", "torch", "numpy", "pandas", "anndata", "scanpy", "scikit-learn", "rdkit"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the scdca source tree when it is a git checkout (editable install)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = res.stdout.split()
+    if res.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "scdca" != here:
+        return None  # not our checkout (e.g. installed inside someone else's repository)
+    return lines[1]

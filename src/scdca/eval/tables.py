@@ -1,0 +1,136 @@
+""""""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from scdca.eval.metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard error over seeds: conditions are averaged within each split,
+
+    held-out lines within each seed, then seeds give mean, se and n.
+    """
+    per_split = results.groupby(["model", "task", "metric", "seed", "held_out"], as_index=False)["value"].mean()
+    per_seed = per_split.groupby(["model", "task", "metric", "seed"], as_index=False)["value"].mean()
+    g = per_seed.groupby(["model", "task", "metric"])["value"]
+    summary = pd.DataFrame({"mean": g.mean(), "se": g.sem(ddof=1), "n": g.count()}).reset_index()
+    return summary[["model", "task", "metric", "mean", "se", "n"]]
+
+
+def format_summary(summary: pd.DataFrame, metrics=("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")) -> str:
+    """A wide text table: rows model x task, columns metrics as 'mean ± se'."""
+    s = summary[summary["metric"].isin(metrics)].copy()
+    s["cell"] = [f"{m:.3f} ± {e:.3f}" if np.isfinite(e) else f"{m:.3f}" for m, e in zip(s["mean"], s["se"])]
+    wide = s.pivot_table(index=["task", "model"], columns="metric", values="cell", aggfunc="first")
+    wide = wide[[m for m in metrics if m in wide.columns]]
+    return wide.to_string()
+
+
+
+from typing import Sequence
+
+from scdca.eval.runs import REFERENCES
+from scdca.eval.stats import DRUG_BLIND_NOTE, drug_blind, per_seed
+
+MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")
+BASELINES = ("control", "train_mean", "additive", "ridge", "knn", "dominant", "scaled_mean", "ridge_shrunk")
+
+
+def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:
+    """Rows (task, model); columns metric -> 'mean ± se', best non-reference model per column marked '*'."""
+    out = {}
+    blind = {(t, m) for t, m in drug_blind(results)[["task", "model"]].itertuples(index=False)} \
+        if "rank" in metrics else set()
+    for m in metrics:
+        s = per_seed(results, m).groupby(["task", "model"])["value"].agg(["mean", "sem", "count"])
+        higher = METRICS.get(m).higher_is_better
+        cells = {}
+        for task, grp in s.groupby(level=0):
+            models = grp.droplevel(0)
+            cand = models.drop([r for r in REFERENCES if r in models.index])
+            best = (cand["mean"].idxmax() if higher else cand["mean"].idxmin()) if len(cand) else None
+            for model, row in models.iterrows():
+                se = "" if not np.isfinite(row["sem"]) else f" ± {row['sem']:.3f}"
+                flag = f" ({DRUG_BLIND_NOTE})" if m == "rank" and (task, model) in blind else ""
+                cells[(task, model)] = f"{row['mean']:.3f}{se}{' *' if model == best else ''}{flag}"
+        out[m] = pd.Series(cells)
+    table = pd.DataFrame(out)
+    table.index.names = ["task", "model"]
+    return table
+
+
+def per_held_out(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Cell-line tasks: mean over seeds of each model's score per held-out line (paper's Table 8)."""
+    r = results[(results["metric"] == metric) & (results["held_out"].astype(str) != "")]
+    split = r.groupby(["task", "model", "held_out", "seed"])["value"].mean()
+    return split.groupby(["task", "model", "held_out"]).mean().unstack("held_out").round(3)
+
+
+def group_table(results: pd.DataFrame, groups: pd.Series, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Score per drug group (target, pathway, mechanism ...): rows (task, group), columns models.
+
+    Conditions are pooled over seeds; the `n_drugs` column counts the group's tested drugs.
+    """
+    r = results[(results["metric"] == metric) & results["drug"].isin(groups.index)].copy()
+    if r.empty:
+        return pd.DataFrame()
+    r["group"] = r["drug"].map(groups).astype(str)
+    table = r.pivot_table(index=["task", "group"], columns="model", values="value", aggfunc="mean").round(3)
+    table.insert(0, "n_drugs", r.groupby(["task", "group"])["drug"].nunique())
+    return table
+
+
+def dose_table(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Score per dose: rows (task, dose), columns models; conditions pooled over seeds.
+
+    Dose-dependent failures hide in the averages: a model that hedges for new molecules
+    predicts too small a change at high doses, where effects are largest (NOTES.md, session 7).
+    """
+    r = results[results["metric"] == metric]
+    if r.empty:
+        return pd.DataFrame()
+    table = r.pivot_table(index=["task", "dose"], columns="model", values="value", aggfunc="mean").round(3)
+    table.insert(0, "n_conditions", r.drop_duplicates(["task", "dose", "cell_line", "drug"])
+                 .groupby(["task", "dose"]).size())
+    return table
+
+
+NOVELTY_TASKS = ("unseen_drug", "unseen_scaffold")  # tasks whose test drugs are all new
+
+
+def novelty(results: pd.DataFrame, smiles: dict[str, str], metric: str = "pearson_delta_deg",
+            tasks: Sequence[str] = NOVELTY_TASKS) -> pd.DataFrame:
+    """Per (task, seed, model, test drug): its max Tanimoto to the training drugs and its mean score.
+
+    In these tasks every drug that is not tested is a training drug, so the split is read
+    from the results table itself.
+    """
+    from scdca.chem.molecules import novelty_table
+
+    rows = []
+    r = results[results["metric"] == metric]
+    for (task, seed), grp in r[r["task"].isin(tasks)].groupby(["task", "seed"]):
+        test = sorted(d for d in grp["drug"].unique() if d in smiles)
+        train = [d for d in smiles if d not in set(grp["drug"])]
+        if not test or not train:
+            continue
+        sim = novelty_table({d: smiles[d] for d in train}, {d: smiles[d] for d in test})["max_tanimoto"]
+        per_drug = grp.groupby(["model", "drug"])["value"].mean().reset_index()
+        per_drug = per_drug[per_drug["drug"].isin(test)]
+        per_drug["max_tanimoto"] = per_drug["drug"].map(sim)
+        per_drug["task"], per_drug["seed"] = task, seed
+        rows.append(per_drug)
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def sweep_table(sweep: pd.DataFrame) -> pd.DataFrame:
+    """task x model rows, k columns in numeric order with 'all' last (k is stored as text)."""
+    table = sweep.pivot_table(index=["task", "model"], columns="k", values="value").round(3)
+    order = sorted(table.columns, key=lambda k: (k == "all", int(k) if k != "all" else 0))
+    return table[order]

@@ -1,0 +1,398 @@
+"""`ScDCAModel`: fit and predict the scDCA network behind the model interface."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from scdca import storage
+from scdca.chem.encoders import get_encoder, standardisation, standardise
+from scdca.data.screen import PerturbationData
+from scdca.errors import ScdcaInputError
+from scdca.models.base import MODELS, PerturbationModel, dose_range, read_model_json, scaled_dose, write_model_json
+from scdca.models.scdca.config import ScDCAConfig
+from scdca.models.scdca.net import ScDCANet
+from scdca.nn import distributed
+from scdca.nn.adapters import count_parameters
+from scdca.nn.backbone import reference as backbone_reference
+from scdca.nn.backbone import resolve as resolve_backbone
+from scdca.nn.backbone import weights_hash
+
+log = logging.getLogger(__name__)
+
+
+class ScDCAModel(PerturbationModel):
+    """scDCA behind the common interface: `fit(train)` then `predict(query)`.
+
+    Args:
+        backbone: checkpoint folder (scGPT format; `scdca pretrain` writes one).
+        encoder: molecule encoder spec ('chemnet', 'morgan', 'hf:<folder>', 'table:<file>').
+        device: 'cpu', 'cuda', ... (default: cuda if available).
+        progress: show a progress bar while training.
+        **config: fields of ScDCAConfig.
+    """
+
+    name = "scdca"
+    options = ("backbone", "encoder", "epochs", "max_steps", "lr", "device", "seed")
+    variant: str = "adapter"
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, *, backbone: str | None = None, encoder: str = "chemnet", device: str | None = None,
+                 progress: bool = False, checkpoint_dir: str | os.PathLike | None = None, **config):
+        if backbone is None:
+            raise ScdcaInputError(f"model {self.name!r} needs a backbone checkpoint folder: pass backbone=... "
+                                  f"(CLI: --backbone DIR; `scdca pretrain` makes one)")
+        self.backbone_path, self.encoder_spec, self.progress = backbone, encoder, progress
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg = ScDCAConfig(**{"variant": self.variant, **self.defaults, **config})
+        if self.cfg.dose_profile and not self.cfg.line_offset:
+            raise ScdcaInputError("dose_profile=True shifts the line offset by dose and needs line_offset=True; "
+                                  "set both, or dose_profile=False")
+        self._cost: dict[str, Any] = {}
+        self.training_molecules: dict[str, str] | None = None  # drug -> SMILES, set by fit
+
+    # -- inputs ------------------------------------------------------------------------
+    def _conditions(self, data: PerturbationData) -> np.ndarray:
+        cond = data.conditions
+        smiles = list(cond["smiles"])
+        emb = self._encoder.encode(smiles, names=list(cond["drug"]))
+        emb = standardise(emb, self._emb_mean, self._emb_std)
+        t = scaled_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span)
+        return np.hstack([emb, t[:, None]]).astype(np.float32)  # (N, C)
+
+    def _setup(self, train: PerturbationData) -> None:
+        self._encoder = get_encoder(self.encoder_spec)
+        drugs = train.drug_smiles()
+        emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
+        self._emb_mean, self._emb_std = standardisation(emb)
+        self._dose_lo, self._dose_span = dose_range(train.conditions["dose"].to_numpy(float))
+        backbone = resolve_backbone(self.backbone_path, genes=train.genes, device=self.device)
+        self._backbone_hash = weights_hash(backbone)
+        mapping = backbone.vocab.map_genes(train.genes)
+        if len(mapping.ids) == 0:
+            raise ScdcaInputError("none of the data's genes are in the backbone vocabulary; check gene symbols "
+                                  "(--gene-symbols-key) or pretrain a backbone on these genes")
+        self._kept, self._genes = mapping.kept, np.asarray(train.genes)
+        cond_dim = emb.shape[1] + 1
+        torch.manual_seed(self.cfg.seed)
+        self.net = ScDCANet(backbone, torch.from_numpy(mapping.ids), cond_dim, self.cfg).to(self.device)
+
+    # -- training ----------------------------------------------------------------------
+    def fit(self, train: PerturbationData, *, _stop_after_epochs: int | None = None) -> "ScDCAModel":
+        """Train on `train`. With `checkpoint_dir`, every epoch is saved atomically and a rerun
+        on the same data and settings resumes from the last finished epoch to the same result.
+        `_stop_after_epochs` (tests only) stops abruptly after that many epochs of this run."""
+        t_start = time.perf_counter()
+        ctx = distributed.context(self.device)  # one of several torchrun processes, or alone
+        self.device = ctx.device
+        distributed.check_precision(self.cfg.precision)
+        self._setup(train)
+        self.training_molecules = {str(d): str(smi) for d, smi in train.drug_smiles().items()}
+        cfg = self.cfg
+        cond = torch.from_numpy(self._conditions(train))
+        target = torch.from_numpy(train.mean[:, self._kept])  # (N, T)
+        line_idx = torch.from_numpy(train.controls.index.get_indexer(train.conditions["cell_line"]))
+        controls = torch.from_numpy(train.control_mean[:, self._kept])  # (L, T)
+        self._fit_offsets(train)
+        cache = self._line_hidden(controls, list(train.controls.index))
+
+        is_val = validation_mask(train.conditions, cfg.val_fraction, cfg.seed)
+        tr_idx, va_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        batch = cfg.batch_size if cfg.batch_size > 0 else len(tr_idx)
+
+        head = {id(p) for p in self.net.gene_head.parameters()} if cfg.freeze_head and cfg.gene_head else set()
+        params = [p for p in self.net.parameters() if p.requires_grad and id(p) not in head]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._cost = {**{f"params_{k}": v for k, v in count_parameters(self.net).items()}}
+        summary = (f"{self.name}: {self._cost['params_trainable']:,} trainable of {self._cost['params_total']:,} "
+                   f"parameters ({self._cost['params_trainable_pct']:.3f}%)")
+        if self.progress and ctx.is_main:
+            tqdm.write(summary)
+        log.info(summary)
+        best, best_state, bad_epochs, step, start = float("inf"), None, 0, 0, 0
+        ckpt = self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None
+        run_id = {"config": asdict(cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name}
+        if ckpt is not None and ckpt.exists():
+            state = storage.load_state(ckpt, what="checkpoint_dir")
+            if state["run_id"] != run_id:
+                raise ScdcaInputError(f"checkpoint_dir: {str(self.checkpoint_dir)!r} holds a run with other data or "
+                                      f"settings; use another folder or delete it")
+            self.net.load_state_dict(state["trainable"], strict=False)
+            opt.load_state_dict(state["opt"])
+            best, best_state, bad_epochs, step, start = (state[k] for k in ("best", "best_state", "bad_epochs",
+                                                                             "step", "epoch"))
+            torch.set_rng_state(state["torch_rng"])
+        if start == 0 and cfg.variant == "adapter" and cfg.gene_head and cfg.head_warmup_epochs > 0:
+            self._warm_up_head(controls, cache[2], line_idx[tr_idx], cond[tr_idx], target[tr_idx])
+        stopped = start >= cfg.epochs or (len(va_idx) and bad_epochs >= cfg.patience) or (
+            cfg.max_steps is not None and step >= cfg.max_steps)
+        epoch = start - 1
+        bar = tqdm(range(start, cfg.epochs if not stopped else start), desc=self.name, unit="epoch",
+                   disable=not (self.progress and ctx.is_main))
+        runner = distributed.wrap(self.net, ctx)  # DDP with several processes: gradients averaged over ranks
+        n_genes = target.shape[1]
+        self.loss_history_ = []  # training loss of every optimiser step (the whole global batch)
+        for epoch in bar:
+            if _stop_after_epochs is not None and epoch - start >= _stop_after_epochs:
+                raise KeyboardInterrupt(f"stopped before epoch {epoch}")
+            self.net.train()
+            order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(tr_idx)
+            sq_errs, sizes = [], []  # per step; summed over ranks and read once per epoch (no per-step sync)
+            for s in range(0, len(order), batch):
+                b = order[s : s + batch]
+                mine = distributed.shard(b, ctx)  # this rank's rows of the global batch (all of it alone)
+                weight = 1.0 if len(mine) else 0.0  # a rank with no rows still joins the gradient exchange
+                mine = mine if len(mine) else b[:1]
+                with distributed.autocast(self.device, cfg.precision):
+                    pred = self._forward(controls, cache, line_idx[mine], cond[mine], net=runner)
+                sq_err = weight * ((pred.float() - target[mine].to(self.device)) ** 2).sum()
+                loss = distributed.global_mean_loss(sq_err, len(b) * n_genes, ctx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                sq_errs.append(sq_err.detach())
+                sizes.append(len(b) * n_genes)
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+            self.loss_history_ += list(distributed.all_sum(torch.stack(sq_errs), ctx) / np.array(sizes))
+            train_loss = float(self.loss_history_[-1])  # a plain float: numpy scalars cannot be resumed from
+            val = float(self._loss(controls, cache, line_idx, cond, target, va_idx)) if len(va_idx) else train_loss
+            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}")
+            if val < best - 1e-6:
+                best, bad_epochs = val, 0
+                best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+            else:
+                bad_epochs += 1
+            if ckpt is not None and ctx.is_main:
+                storage.save_state(ckpt, {"run_id": run_id, "trainable": self._trainable_state(), "opt": opt.state_dict(),
+                                      "best": best, "best_state": best_state, "bad_epochs": bad_epochs, "step": step,
+                                      "epoch": epoch + 1, "torch_rng": torch.get_rng_state()})
+            # without a validation set there is nothing to stop early on: the budget is fixed
+            if (len(va_idx) and bad_epochs >= cfg.patience) or (cfg.max_steps is not None and step >= cfg.max_steps):
+                break
+        if best_state is not None:
+            self.net.load_state_dict(best_state, strict=False)
+        self._controls = (list(train.controls.index), train.control_mean.copy())
+        self._cost.update(epochs_run=epoch + 1, steps=step, best_val_mse=best,
+                          train_seconds=time.perf_counter() - t_start)
+        return self
+
+    def _warm_up_head(self, controls: Tensor, offsets: Tensor | None, lines: Tensor, cond: Tensor, target: Tensor,
+                      lr: float = 3e-3) -> None:
+        """Fit the drug x gene head alone, full batch, on the frozen backbone's per-line hidden
+        states. The adapters are still the identity, so the model's output is then exactly
+        control + head(h_L): the adapters start from a model that already separates drugs."""
+        head = self.net.gene_head
+        hidden = self.net.frozen_hidden(controls.to(self.device))  # (L, T, D)
+        change = (target - controls[lines]).to(self.device)
+        if offsets is not None:
+            change = change - self._offset(offsets, lines.to(self.device), cond.to(self.device))
+        cond, lines = cond.to(self.device), lines.to(self.device)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        for _ in range(self.cfg.head_warmup_epochs):
+            loss = ((head(hidden, cond, lines) - change) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def _fit_offsets(self, train: PerturbationData) -> None:
+        """Each training line's mean change (kept genes), the mean over all training changes and
+        the dose profile: the mean change at each training dose level minus that overall mean."""
+        delta = train.delta()[:, self._kept]
+        lines = train.conditions["cell_line"].to_numpy()
+        self._offsets = {str(c): delta[lines == c].mean(0).astype(np.float32) for c in np.unique(lines)}
+        self._global_offset = delta.mean(0).astype(np.float32)
+        t = scaled_dose(train.conditions["dose"].to_numpy(float), self._dose_lo, self._dose_span)
+        grid, level = dose_levels(t)
+        self._dose_grid = grid.astype(np.float32)  # (D,)
+        self._dose_profile = np.stack([delta[level == i].mean(0) for i in range(len(grid))]).astype(np.float32)
+        self._dose_profile -= self._global_offset  # (D, T)
+
+    def _offset_rows(self, line_names: list[str]) -> Tensor | None:
+        """(L, T) offsets for these lines (the global mean change for a line not seen in training)."""
+        if not self.cfg.line_offset:
+            return None
+        rows = [self._offsets.get(str(c), self._global_offset) for c in line_names]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
+    def _line_hidden(self, controls: Tensor, line_names: list[str]) -> tuple[Tensor | None, ...]:
+        """Per-line caches (frozen, so computed once): hidden states or reference outputs, offsets."""
+        c = controls.to(self.device)
+        offsets = self._offset_rows(line_names)
+        if self.cfg.variant in ("concat", "feature", "lowrank"):
+            return self.net.frozen_hidden(c), None, offsets  # (L, T, D)
+        return None, self.net.reference_output(c), offsets  # (L, T)
+
+    def _forward(self, controls, cache, lines, cond, net: nn.Module | None = None) -> Tensor:
+        """Predictions for rows (lines, cond); `net` is the module to call (training passes its DDP wrapper)."""
+        hidden, ref, offsets = cache
+        net = net or self.net
+        if self.cfg.variant == "lowrank":  # per-line hidden states, indexed inside the head
+            out = net(controls[lines].to(self.device), cond.to(self.device), hidden, lines=lines.to(self.device))
+        else:
+            out = net(controls[lines].to(self.device), cond.to(self.device),
+                      hidden[lines] if hidden is not None else None, ref[lines] if ref is not None else None)
+        return out if offsets is None else out + self._offset(offsets, lines.to(self.device), cond.to(self.device))
+
+    def _offset(self, offsets: Tensor, lines: Tensor, cond: Tensor) -> Tensor:
+        """(B, T) drug-agnostic part of each row's change: its line's mean change, plus the
+        dose profile at the row's scaled dose (cond's last column) with `dose_profile`."""
+        out = offsets[lines]
+        if self.cfg.dose_profile:
+            grid = torch.from_numpy(self._dose_grid).to(cond.device)
+            profile = torch.from_numpy(self._dose_profile).to(cond.device)
+            out = out + interpolation_weights(cond[:, -1], grid) @ profile  # (B, D) @ (D, T)
+        return out
+
+    def _loss(self, controls, cache, line_idx, cond, target, idx) -> float:
+        self.net.eval()
+        total = 0.0
+        with torch.no_grad():
+            for s in range(0, len(idx), 64):
+                b = idx[s : s + 64]
+                pred = self._forward(controls, cache, line_idx[b], cond[b])
+                total += float(((pred - target[b].to(self.device)) ** 2).sum())
+        return total / (len(idx) * target.shape[1])
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        names = {n for n, p in self.net.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.net.state_dict().items() if k in names}
+
+    # -- prediction --------------------------------------------------------------------
+    def _predict(self, query: PerturbationData) -> np.ndarray:
+        if not hasattr(self, "net"):
+            raise RuntimeError("call fit() (or ScDCAModel.load) before predict()")
+        if list(query.genes) != list(self._genes):
+            raise ScdcaInputError("query genes differ from the genes the model was trained on")
+        cond = torch.from_numpy(self._conditions(query))
+        lines = query.controls.index.get_indexer(query.conditions["cell_line"])  # (N,) row of each line
+        line_controls = torch.from_numpy(query.control_mean[:, self._kept])  # (L, T)
+        out = query.control_mean[lines].copy()  # (N, G): genes the model does not cover stay at control
+        self.net.eval()
+        with torch.no_grad():
+            # per-line caches, computed once however many drugs are asked for (screening);
+            # finetune changed its backbone, so its 'no change' reference comes from the checkpoint
+            if self.cfg.variant == "finetune":
+                pretrained = resolve_backbone(self.backbone_path, genes=self._genes, device=self.device)
+                cache = (None, self.net.reference_output(line_controls.to(self.device), pretrained),
+                         self._offset_rows(list(query.controls.index)))
+                del pretrained
+            else:
+                cache = self._line_hidden(line_controls, list(query.controls.index))
+            preds = [self._forward(line_controls, cache, torch.from_numpy(lines[s : s + 64]), cond[s : s + 64])
+                     .float().cpu().numpy() for s in range(0, len(cond), 64)]
+        out[:, self._kept] = np.concatenate(preds) if preds else np.zeros((0, int(self._kept.sum())))
+        return out
+
+    def cost(self) -> dict[str, Any]:
+        return dict(self._cost)
+
+    # -- save / load -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Save only what was trained (safetensors) + config, genes, encoder id, backbone hash."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self._trainable_state().items()}
+        with storage.atomic_path(folder / "trained.safetensors") as tmp:
+            save_file(state, str(tmp))
+        meta = {"model": self.name, "config": asdict(self.cfg), "backbone": backbone_reference(self.backbone_path),
+                "backbone_sha256": self._backbone_hash, "encoder": self.encoder_spec,
+                "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
+                "kept": self._kept.tolist(), "emb_mean": self._emb_mean.tolist(), "emb_std": self._emb_std.tolist(),
+                "dose_lo": self._dose_lo, "dose_span": self._dose_span, "cost": self._cost,
+                "training_molecules": self.training_molecules}
+        lines, ctrl = self._controls
+        with storage.atomic_path(folder / "controls.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, cell_lines=np.array(lines), control_mean=ctrl.astype(np.float32),
+                         offset_lines=np.array(list(self._offsets)), global_offset=self._global_offset,
+                         offsets=np.stack(list(self._offsets.values())), dose_grid=self._dose_grid,
+                         dose_profile=self._dose_profile)
+        write_model_json(folder, meta, files=["trained.safetensors", "controls.npz"])  # last: marks it complete
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCAModel":
+        """Load a saved model; refuses a backbone whose weights differ from the one it was trained on."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        meta = read_model_json(folder)
+        klass = MODELS.get(meta["model"])
+        model = klass(backbone=backbone or meta["backbone"], encoder=meta["encoder"], device=device,
+                      **{k: v for k, v in meta["config"].items() if k != "variant"})
+        bb = resolve_backbone(model.backbone_path, genes=meta["genes"], device=model.device)
+        if weights_hash(bb) != meta["backbone_sha256"]:
+            raise ScdcaInputError(f"backbone {model.backbone_path!r} differs from the one this model was trained on "
+                                  f"(weights hash mismatch); pass the original backbone folder")
+        model._encoder = get_encoder(model.encoder_spec)
+        if model._encoder.identifier != meta["encoder_identifier"]:
+            raise ScdcaInputError(f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
+                                  f"training ({meta['encoder_identifier']!r})")
+        model._backbone_hash = meta["backbone_sha256"]
+        model._genes, model._kept = np.array(meta["genes"], dtype=object), np.array(meta["kept"], dtype=bool)
+        model._emb_mean = np.array(meta["emb_mean"], dtype=np.float32)
+        model._emb_std = np.array(meta["emb_std"], dtype=np.float32)
+        model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
+        mapping = bb.vocab.map_genes(model._genes)
+        model.net = ScDCANet(bb, torch.from_numpy(mapping.ids), len(model._emb_mean) + 1, model.cfg).to(model.device)
+        missing = model.net.load_state_dict(load_file(str(folder / "trained.safetensors")), strict=False)
+        if missing.unexpected_keys:
+            raise ScdcaInputError(f"saved weights do not fit this model: {missing.unexpected_keys[:5]}")
+        model._cost = meta.get("cost", {})
+        model.training_molecules = meta.get("training_molecules")  # None in models saved before it was kept
+        with np.load(folder / "controls.npz") as z:
+            model._controls = (z["cell_lines"].tolist(), z["control_mean"])
+            model._offsets = dict(zip(z["offset_lines"].tolist(), z["offsets"]))
+            model._global_offset = z["global_offset"]
+            # models saved before the dose profile existed have none (and dose_profile=False)
+            model._dose_grid = z["dose_grid"] if "dose_grid" in z else np.zeros(1, np.float32)
+            model._dose_profile = z["dose_profile"] if "dose_profile" in z else np.zeros((1, int(model._kept.sum())),
+                                                                                            np.float32)
+        return model
+
+
+def dose_levels(t: np.ndarray, max_levels: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Dose levels for the dose profile: the distinct scaled doses, or, with more than
+    `max_levels` of them (dose series that differ per drug), that many quantile bins.
+    t (N,) -> (centres (D,) ascending, level of each row (N,))."""
+    distinct, level = np.unique(np.round(t, 6), return_inverse=True)
+    if len(distinct) > max_levels:
+        edges = np.quantile(t, np.linspace(0, 1, max_levels + 1)[1:-1])
+        _, level = np.unique(np.searchsorted(edges, t, side="right"), return_inverse=True)
+    centres = np.array([t[level == i].mean() for i in range(level.max() + 1)])
+    return centres, level
+
+
+def interpolation_weights(t: Tensor, grid: Tensor) -> Tensor:
+    """(B,) values, (D,) ascending grid -> (B, D) weights of linear interpolation between the
+    two neighbouring grid points (each row sums to 1; flat beyond the ends)."""
+    out = t.new_zeros(len(t), len(grid))
+    if len(grid) == 1:
+        return out + 1.0
+    t = t.clamp(grid[0], grid[-1])
+    hi = torch.searchsorted(grid, t, right=True).clamp(1, len(grid) - 1)  # (B,)
+    w = (t - grid[hi - 1]) / (grid[hi] - grid[hi - 1])
+    out.scatter_(1, (hi - 1)[:, None], (1 - w)[:, None])
+    out.scatter_add_(1, hi[:, None], w[:, None])
+    return out
+
+
+def validation_mask(conditions, fraction: float, seed: int) -> np.ndarray:
+    """Training conditions held out for early stopping: every condition of a random `fraction`
+    of the training drugs (none with fewer than 5 drugs, or fraction 0)."""
+    drugs = np.array(sorted(conditions["drug"].astype(str).unique()))
+    n_val = int(round(fraction * len(drugs))) if len(drugs) >= 5 else 0
+    held = set(np.random.default_rng([seed, 0]).choice(drugs, size=n_val, replace=False)) if n_val else set()
+    return conditions["drug"].astype(str).isin(held).to_numpy()

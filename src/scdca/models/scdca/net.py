@@ -1,0 +1,119 @@
+"""The scDCA network: frozen backbone, drug-conditional adapters, output head."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from scdca.errors import ScdcaInputError
+from scdca.models.scdca.config import ScDCAConfig
+from scdca.nn.adapters import AdapterConfig, DrugConditionalAdapter, DrugGeneConfig, DrugGeneHead, freeze
+from scdca.nn.backbone import Backbone
+
+log = logging.getLogger(__name__)
+
+
+class ScDCANet(nn.Module):
+    """The torch module: backbone (shared, frozen unless finetune) + the variant's trainable parts."""
+
+    def __init__(self, backbone: Backbone, gene_ids: Tensor, cond_dim: int, cfg: ScDCAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.register_buffer("gene_ids", gene_ids.long(), persistent=False)  # (T,)
+        D = backbone.cfg.d_model
+        if cfg.variant != "finetune":
+            freeze(backbone)
+        if cfg.variant not in ("adapter", "finetune", "concat", "feature", "lowrank"):
+            raise ScdcaInputError(f"variant: {cfg.variant!r} is not one of adapter, finetune, concat, feature, lowrank")
+        if cfg.variant == "adapter":
+            acfg = AdapterConfig(D, cond_dim, cfg.bottleneck, cfg.proj_hidden, cfg.residual, cfg.skip, cfg.modulation)
+            self.adapters = nn.ModuleList(DrugConditionalAdapter(acfg) for _ in range(backbone.cfg.nlayers))
+            # the pretrained expression decoder; a trainable copy only if asked
+            self.head = copy.deepcopy(backbone.decoder).requires_grad_(True) if cfg.train_head else backbone.decoder
+        elif cfg.variant == "finetune":
+            self.mol_in = nn.Linear(cond_dim, D)
+            nn.init.zeros_(self.mol_in.weight)
+            nn.init.zeros_(self.mol_in.bias)
+        elif cfg.variant == "concat":
+            self.head = nn.Sequential(nn.Linear(D + cond_dim, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(),
+                                      nn.Linear(D, 1))
+        elif cfg.variant == "feature":
+            n = len(gene_ids)
+            self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n))
+        if cfg.variant == "lowrank" or cfg.gene_head:  # low-rank drug x gene output on the final hidden states
+            self.gene_head = DrugGeneHead(DrugGeneConfig(D, cond_dim, len(gene_ids), cfg.gene_head_rank,
+                                                         cfg.gene_head_hidden, cfg.gene_head_dropout,
+                                                         cfg.gene_head_free_genes))
+        if cfg.variant in ("concat", "feature"):  # start at 'no change', like the adapters
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+
+    def train(self, mode: bool = True) -> "ScDCANet":
+        """Frozen backbone layers stay in eval mode (no dropout) while the trainable parts train.
+
+        With dropout on, the frozen layers added noise larger than most drug effects to every
+        training output, and a systematic shift that the 'no change' reference (computed in
+        eval mode) does not contain: scDCA then fitted its training conditions worse than
+        predicting no change. `finetune` trains the backbone itself, so it keeps dropout.
+        """
+        super().train(mode)
+        if self.cfg.variant != "finetune":
+            self.backbone.eval()
+        return self
+
+    def reference_output(self, values: Tensor, pretrained: Backbone | None = None) -> Tensor:
+        """What the untrained model predicts for control inputs (B, T) -> (B, T): the pretrained
+        backbone's decoder on its own encoding. `forward` predicts control + (output - reference),
+        so every variant starts at 'no change' and learns the drug's effect.
+
+        For `finetune` the backbone itself changes during training, so the caller computes this
+        before training (cached per line) or passes the `pretrained` backbone reloaded from disk.
+        """
+        ids = self.gene_ids.expand(values.shape[0], -1)
+        ref = pretrained if pretrained is not None else self.backbone
+        with torch.no_grad():
+            return ref.decoder(ref.encode(ids, values))
+
+    def frozen_hidden(self, values: Tensor) -> Tensor:
+        """h_L of the frozen backbone for control inputs (B, T) -> (B, T, D); cacheable per line."""
+        ids = self.gene_ids.expand(values.shape[0], -1)
+        with torch.no_grad():
+            return self.backbone.encode(ids, values)
+
+    def forward(self, values: Tensor, cond: Tensor, hidden: Tensor | None = None,
+                reference: Tensor | None = None, *, lines: Tensor | None = None) -> Tensor:
+        """values (B, T) control expression, cond (B, C) -> predicted expression (B, T).
+
+        `hidden` (frozen h_L) and `reference` (reference_output) depend only on the cell line,
+        so callers may pass them cached; they are computed when omitted. `lowrank` also takes
+        `hidden` per line (L, T, D) with `lines` (B,), so the head reads each line once.
+        """
+        v = self.cfg.variant
+        if v == "lowrank":
+            if hidden is None:
+                hidden, lines = self.frozen_hidden(values), None  # (B, T, D)
+            return values + self.gene_head(hidden, cond, lines)
+        if v in ("concat", "feature"):
+            h = hidden if hidden is not None else self.frozen_hidden(values)  # (B, T, D)
+            if v == "concat":
+                c = cond[:, None, :].expand(-1, h.shape[1], -1)
+                return values + self.head(torch.cat([h, c], -1)).squeeze(-1)
+            return values + self.head(torch.cat([h.mean(1), cond], -1))
+        ids = self.gene_ids.expand(values.shape[0], -1)
+        h = self.backbone.embed(ids, values)  # (B, T, D)
+        if v == "finetune":
+            out = self.backbone.decoder(self.backbone.transformer_encoder(h + self.mol_in(cond)[:, None, :]))
+        else:
+            for layer, adapter in zip(self.backbone.transformer_encoder.layers, self.adapters):
+                h = adapter(layer(h), cond)
+            out = self.head(h)  # (B, T)
+            if self.cfg.gene_head:
+                out = out + self.gene_head(h, cond)
+        if reference is None:
+            if v == "finetune":
+                raise ValueError("finetune needs `reference` (the pretrained model's output), computed before training")
+            reference = self.reference_output(values)
+        return values + out - reference

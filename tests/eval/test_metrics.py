@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from sklearn.metrics import r2_score
+
+from scdca.errors import ScdcaInputError
+from scdca.eval.metrics import METRICS, ScoringInput, pearson, r2, score
+
+
+def inp(pred, obs, ctrl, degs, groups=None, k=3):
+    pred, obs, ctrl = (np.atleast_2d(np.asarray(a, dtype=float)) for a in (pred, obs, ctrl))
+    groups = np.zeros(len(pred)) if groups is None else np.asarray(groups)
+    return ScoringInput(pred, obs, ctrl, [np.asarray(d) for d in degs], groups, k=k)
+
+
+def test_r2_matches_sklearn_and_is_not_clipped():
+    y, yhat = np.array([1.0, 2.0, 4.0]), np.array([3.0, 0.0, 1.0])
+    assert r2(y, yhat) == pytest.approx(r2_score(y, yhat))
+    assert r2(y, yhat) < 0
+
+
+def test_r2_deg_uses_only_top_k_degs():
+    # genes 0,1,2 are the top DEGs; gene 3 is badly predicted but not scored
+    obs, pred, ctrl = [1.0, 2.0, 4.0, 0.0], [1.0, 2.0, 3.0, 100.0], [0, 0, 0, 0]
+    # hand: mean 7/3; SS_tot = (4/3)^2+(1/3)^2+(5/3)^2 = 42/9; SS_res = 1 -> 1 - 9/42
+    v = score(inp(pred, obs, ctrl, [[2, 1, 0, 3]]), ["r2_deg"])["r2_deg"][0]
+    assert v == pytest.approx(1 - 9 / 42)
+
+
+def test_delta_metrics_subtract_control():
+    ctrl = [1.0, 1.0, 1.0, 1.0]
+    obs = [2.0, 0.0, 3.0, 1.0]   # change +1, -1, +2, 0
+    pred = [2.0, 1.0, 2.0, 1.5]  # change +1,  0, +1, 0.5
+    s = score(inp(pred, obs, ctrl, [[0, 1, 2]]), ["r2_delta_deg", "pearson_delta_deg", "pearson_delta"])
+    assert s["r2_delta_deg"][0] == pytest.approx(r2_score([1, -1, 2], [1, 0, 1]))
+    assert s["pearson_delta_deg"][0] == pytest.approx(np.corrcoef([1, -1, 2], [1, 0, 1])[0, 1])
+    assert s["pearson_delta"][0] == pytest.approx(np.corrcoef([1, -1, 2, 0], [1, 0, 1, 0.5])[0, 1])
+
+
+def test_constant_change_has_zero_correlation():
+    s = score(inp([1, 1, 1], [2, 0, 3], [1, 1, 1], [[0, 1, 2]]), ["pearson_delta_deg"])
+    assert s["pearson_delta_deg"][0] == 0.0
+    assert pearson(np.ones(3), np.arange(3.0)) == 0.0
+
+
+def test_mse_by_hand():
+    s = score(inp([[1, 2], [0, 0]], [[1, 4], [1, 1]], [[0, 0], [0, 0]], [[0, 1], [0, 1]], k=2), ["mse"])
+    np.testing.assert_allclose(s["mse"], [2.0, 1.0])
+
+
+def test_rank_perfect_random_and_collapsed():
+    obs = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    degs = [[0, 1]] * 4
+    perfect = score(inp(obs, obs, np.zeros_like(obs), degs, k=2), ["rank"])["rank"]
+    np.testing.assert_allclose(perfect, 0.0)
+    # one prediction for every drug: closest to obs[0]; ranks 0, 1/3, 1/3, 1 (with ties at 0.5)
+    collapsed = np.tile([0.1, 0.1], (4, 1))
+    r = score(inp(collapsed, obs, np.zeros_like(obs), degs, k=2), ["rank"])["rank"]
+    np.testing.assert_allclose(r, [0.0, 0.5, 0.5, 1.0])
+    assert r.mean() == pytest.approx(0.5)
+
+
+def test_rank_is_within_group():
+    obs = np.array([[0.0], [5.0], [0.0], [5.0]])
+    pred = np.array([[5.0], [0.0], [0.0], [5.0]])
+    r = score(inp(pred, obs, np.zeros_like(obs), [[0]] * 4, groups=["a", "a", "b", "b"], k=2), ["rank"])["rank"]
+    np.testing.assert_allclose(r, [1.0, 1.0, 0.0, 0.0])
+
+
+def test_unknown_metric_lists_choices():
+    with pytest.raises(ScdcaInputError, match="unknown metric 'r3'.*r2_deg"):
+        METRICS.get("r3")
+
+
+def test_nan_prediction_is_refused():
+    with pytest.raises(ScdcaInputError, match="NaN"):
+        inp([np.nan, 1, 1], [1, 1, 1], [1, 1, 1], [[0, 1, 2]])

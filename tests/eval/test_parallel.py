@@ -1,0 +1,61 @@
+import operator
+
+import pandas as pd
+import pytest
+
+from scdca.errors import GridError, ScdcaInputError
+from scdca.eval.grid import BenchmarkConfig, run
+from scdca.eval.parallel import JobFailure, default_threads, run_jobs
+
+
+def test_serial_jobs_report_a_failure_and_finish_the_others():
+    out = dict(run_jobs(operator.truediv, [(2.0,), (0.0,), (4.0,)], 8.0))
+    assert out[2.0,] == 4.0 and out[4.0,] == 2.0
+    assert isinstance(out[0.0,], JobFailure)
+    assert "ZeroDivisionError" in out[0.0,].summary and "Traceback" in out[0.0,].traceback
+
+
+def test_threads_per_worker_share_the_cores(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert default_threads(1) == 8 and default_threads(3) == 2 and default_threads(16) == 1
+    with pytest.raises(ScdcaInputError, match="workers: 0"):
+        list(run_jobs(operator.add, [(1,)], 1, workers=0))
+
+
+@pytest.fixture(scope="module")
+def grids(tiny_data, tmp_path_factory):
+    """The same tiny grid, serial and on 2 Ray workers; in the parallel one a third model's
+    cells all fail (its backbone folder holds no checkpoint)."""
+    pytest.importorskip("ray")
+    broken = tmp_path_factory.mktemp("broken_backbone")
+    (broken / "best_model.pt").write_bytes(b"not a checkpoint")
+    common = dict(data="tiny.h5ad", tasks=["unseen_drug", "unseen_cell_zeroshot"], seeds=2, k=5, report=False)
+    serial = run(BenchmarkConfig(out=str(tmp_path_factory.mktemp("serial")), models=["control", "additive", "ridge"],
+                                 **common), data=tiny_data, progress=False)
+    out = tmp_path_factory.mktemp("parallel")
+    cfg = BenchmarkConfig(out=str(out), models=["control", "additive", "ridge", "scdca_lowrank"],
+                          model_options={"backbone": str(broken)}, **common)
+    with pytest.raises(GridError) as err:
+        run(cfg, data=tiny_data, progress=False, workers=2)
+    return serial, out, str(err.value)
+
+
+def test_parallel_grid_equals_the_serial_one(grids):
+    serial, out, _ = grids
+    parallel = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""], dtype={"held_out": str})
+    parallel["held_out"] = parallel["held_out"].fillna("")
+    key = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric"]
+    a = serial.sort_values(key).reset_index(drop=True)
+    b = parallel.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9, atol=1e-12)
+    assert set(b["model"]) >= {"control", "additive", "ridge", "ceiling", "oracle"}
+
+
+def test_a_failing_cell_is_reported_and_the_others_are_kept(grids):
+    _, out, message = grids
+    failed = sorted(p.name for p in (out / "failed").iterdir())
+    assert failed == [f"scdca_lowrank__{t}__seed{s}.txt" for t in ("unseen_cell_zeroshot", "unseen_drug")
+                      for s in (0, 1)]
+    assert "Traceback" in (out / "failed" / failed[0]).read_text()
+    assert message.startswith("4 of 24 grid cell(s) failed: scdca_lowrank__") and "rerun the same command" in message
+    assert not any(p.name.startswith("scdca_lowrank") for p in (out / "cells").iterdir())
