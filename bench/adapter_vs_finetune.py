@@ -6,6 +6,7 @@ scdca / finetune (the paper, on a GPU: 1.07 / 1.20 s per epoch = 0.89; 45 / 53 G
 
 Usage: python bench/adapter_vs_finetune.py [--size whole-human|demo] [--tokens 1000] [--batch 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,10 @@ import subprocess
 import sys
 import time
 
-SIZES = {"whole-human": dict(nlayers=12, d_model=512, nhead=8, d_hid=512),
-         "demo": dict(nlayers=4, d_model=128, nhead=4, d_hid=128)}
+SIZES = {
+    "whole-human": dict(nlayers=12, d_model=512, nhead=8, d_hid=512),
+    "demo": dict(nlayers=4, d_model=128, nhead=4, d_hid=128),
+}
 
 
 def one(variant: str, size: str, tokens: int, batch: int, steps: int) -> dict:
@@ -47,8 +50,12 @@ def one(variant: str, size: str, tokens: int, batch: int, steps: int) -> dict:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"step_s": min(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in net.parameters())}
+    return {
+        "step_s": min(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable": sum(p.numel() for p in params),
+        "total": sum(p.numel() for p in net.parameters()),
+    }
 
 
 def main() -> None:
@@ -64,17 +71,35 @@ def main() -> None:
         return
     res = {}
     for variant in ("adapter", "finetune"):
-        out = subprocess.run([sys.executable, __file__, "--one", variant, "--size", a.size, "--tokens", str(a.tokens),
-                              "--batch", str(a.batch), "--steps", str(a.steps)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                variant,
+                "--size",
+                a.size,
+                "--tokens",
+                str(a.tokens),
+                "--batch",
+                str(a.batch),
+                "--steps",
+                str(a.steps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         res[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     s, f = res["adapter"], res["finetune"]
     print(f"{a.size} backbone, {a.tokens} gene tokens, batch {a.batch}, CPU")
     print(f"{'model':<10}{'step s':>9}{'peak RSS MB':>13}{'trainable':>12}{'of total':>12}")
     for name, r in (("scdca", s), ("finetune", f)):
         print(f"{name:<10}{r['step_s']:>9.2f}{r['peak_rss_mb']:>13.0f}{r['trainable']:>12,}{r['total']:>12,}")
-    print(f"ratio scdca/finetune: step time {s['step_s'] / f['step_s']:.2f}, peak memory "
-          f"{s['peak_rss_mb'] / f['peak_rss_mb']:.2f} (paper on GPU: 0.89 and 0.85)")
+    print(
+        f"ratio scdca/finetune: step time {s['step_s'] / f['step_s']:.2f}, peak memory "
+        f"{s['peak_rss_mb'] / f['peak_rss_mb']:.2f} (paper on GPU: 0.89 and 0.85)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ autocast. Each measurement runs in its own subprocess so peak RSS belongs to it 
 
 Usage: python bench/backbone.py [--batch 4] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,16 @@ def measure(name: str, dtype: str, batch: int, repeats: int) -> dict:
 
     c = CONFIGS[name]
     torch.manual_seed(0)
-    model = Backbone(BackboneConfig(ntoken=60697, d_model=c["d_model"], nhead=c["nhead"], d_hid=c["d_hid"],
-                                    nlayers=c["nlayers"], pad_token_id=60694)).eval()
+    model = Backbone(
+        BackboneConfig(
+            ntoken=60697,
+            d_model=c["d_model"],
+            nhead=c["nhead"],
+            d_hid=c["d_hid"],
+            nlayers=c["nlayers"],
+            pad_token_id=60694,
+        )
+    ).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     ids = torch.randint(0, 60000, (batch, c["tokens"]))
@@ -101,16 +110,34 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     peaks = {d: matmul_peak(d) for d in ("fp32", "bf16")}
     print(f"measured matmul peak (2048^2): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
-    print(f"{'config':<34}{'dtype':>6}{'fwd s/sample':>14}{'fwd+bwd s/sample':>18}{'peak MB':>9}"
-          f"{'fwd GFLOP/s':>13}{'% of matmul':>13}")
+    print(
+        f"{'config':<34}{'dtype':>6}{'fwd s/sample':>14}{'fwd+bwd s/sample':>18}{'peak MB':>9}"
+        f"{'fwd GFLOP/s':>13}{'% of matmul':>13}"
+    )
     for name in CONFIGS:
         for dtype in ("fp32", "bf16"):
-            res = subprocess.run([sys.executable, __file__, "--one", name, dtype, "--batch", str(args.batch),
-                                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    name,
+                    dtype,
+                    "--batch",
+                    str(args.batch),
+                    "--repeats",
+                    str(args.repeats),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(res.stdout.strip().splitlines()[-1])
             rate = r["gflop_fwd"] / r["fwd"]
-            print(f"{name:<34}{dtype:>6}{r['fwd']:>14.3f}{r['fwd_bwd']:>18.3f}{r['peak_rss_mb']:>9.0f}"
-                  f"{rate:>13.0f}{rate / peaks[dtype]:>13.0%}")
+            print(
+                f"{name:<34}{dtype:>6}{r['fwd']:>14.3f}{r['fwd_bwd']:>18.3f}{r['peak_rss_mb']:>9.0f}"
+                f"{rate:>13.0f}{rate / peaks[dtype]:>13.0%}"
+            )
 
 
 if __name__ == "__main__":

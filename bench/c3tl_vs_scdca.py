@@ -12,6 +12,7 @@ Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
     python bench/c3tl_vs_scdca.py [--data runs/demo/data.h5ad] [--backbone runs/demo/backbone_atlas]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,16 +72,26 @@ def main() -> None:
         sys.exit(f"missing {missing}: run `make demo-scdca` first (it writes the demo data and backbone)")
     rows = {}
     for name in ("c3tl", "scdca_lowrank", "scdca"):
-        out = subprocess.run([sys.executable, "-c", CHILD, name, args.data, args.backbone], check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", CHILD, name, args.data, args.backbone],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         rows[name] = json.loads(out)
     print(f"{'model':15s} {'fit+predict s':>14s} {'peak extra RSS MB':>18s} {'trainable':>10s}")
     for r in rows.values():
         print(f"{r['model']:15s} {r['seconds']:14.2f} {r['peak_extra_mb']:18.0f} {r['trainable'] or 0:10,}")
     base = rows["scdca"]
     for name in ("c3tl", "scdca_lowrank"):
-        print(f"{name} / scdca: time {rows[name]['seconds'] / base['seconds']:.3f}, "
-              f"peak extra memory {rows[name]['peak_extra_mb'] / max(base['peak_extra_mb'], 1e-9):.2f}")
+        print(
+            f"{name} / scdca: time {rows[name]['seconds'] / base['seconds']:.3f}, "
+            f"peak extra memory {rows[name]['peak_extra_mb'] / max(base['peak_extra_mb'], 1e-9):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Usage: python bench/encoders.py [--smiles-file CSV]   (default: ../shared/data sci-Plex compounds if
 present, else 500 NCI compounds from the RDKit wheel). Caches are off, so every molecule is computed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def main() -> None:
     specs = ["morgan", "chemnet"]
     spec = importlib.util.find_spec("rxnfp")
     if spec is not None:
-        specs.append("hf:" + os.path.join(spec.submodule_search_locations[0], "models", "transformers", "bert_pretrained"))
+        specs.append(
+            "hf:" + os.path.join(spec.submodule_search_locations[0], "models", "transformers", "bert_pretrained")
+        )
     print(f"{len(smiles)} molecules from {source}")
     print(f"{'encoder':<24}{'dim':>6}{'load s':>9}{'encode s':>10}{'s / 1000 mol':>14}")
     for s in specs:

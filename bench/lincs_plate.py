@@ -11,6 +11,7 @@ score as the shrinkage of new molecules varies (its new head, and ridge, refitte
 seed with no shrinkage, then blended toward `scaled_mean` at fixed weights; the weights the
 model chose per seed are in the grid's costs/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,23 @@ def tradeoff(data, seeds, model_options) -> pd.DataFrame:
         query = data.subset(split.test, observed=False)
         control = query.control_for(query.conditions["cell_line"])
         anchor = control + ScaledMeanBaseline().fit(train).change(query)
-        raw = {"scdca_routed": ScDCARouted(new_shrinkage=1.0, seed=seed, **model_options).fit(train).predict(query),
-               "ridge": MODELS.get("ridge")().fit(train).predict(query)}
+        raw = {
+            "scdca_routed": ScDCARouted(new_shrinkage=1.0, seed=seed, **model_options).fit(train).predict(query),
+            "ridge": MODELS.get("ridge")().fit(train).predict(query),
+        }
         for name, pred in raw.items():
             for w in WEIGHTS:
-                inp = ScoringInput(pred=np.maximum(anchor + w * (pred - anchor), 0), observed=test.mean, control=control,
-                                   degs=[test.degs[i] for i in test.ids], groups=test.conditions["cell_line"].to_numpy())
-                rows += [{"model": name, "w": w, "seed": seed, "metric": m, "value": float(np.nanmean(v))}
-                         for m, v in score(inp, JUDGED).items()]
+                inp = ScoringInput(
+                    pred=np.maximum(anchor + w * (pred - anchor), 0),
+                    observed=test.mean,
+                    control=control,
+                    degs=[test.degs[i] for i in test.ids],
+                    groups=test.conditions["cell_line"].to_numpy(),
+                )
+                rows += [
+                    {"model": name, "w": w, "seed": seed, "metric": m, "value": float(np.nanmean(v))}
+                    for m, v in score(inp, JUDGED).items()
+                ]
     t = pd.DataFrame(rows).groupby(["model", "w", "metric"])["value"].mean().unstack("metric")
     return t[list(JUDGED)]
 
@@ -87,8 +97,15 @@ def main(argv=None) -> None:
     options = {"backbone": args.backbone, "encoder": args.encoder}
     data = load(args.plate, compounds=args.compounds)
     t0 = time.perf_counter()
-    cfg = BenchmarkConfig(data=args.plate, compounds=args.compounds, out=args.out, models=models,
-                          tasks=["unseen_drug"], seeds=args.seeds, model_options=options)
+    cfg = BenchmarkConfig(
+        data=args.plate,
+        compounds=args.compounds,
+        out=args.out,
+        models=models,
+        tasks=["unseen_drug"],
+        seeds=args.seeds,
+        model_options=options,
+    )
     results = run(cfg, data=data, progress=False)
     print(f"grid: {time.perf_counter() - t0:.0f} s, {args.seeds} seeds, unseen drugs, {Path(args.plate).name}\n")
     print(side_by_side(results).to_string())
@@ -96,9 +113,11 @@ def main(argv=None) -> None:
     tests = pd.concat([paired_tests(results, RECOMMENDED, m) for m in JUDGED])
     print(tests[["metric", "versus", "mean_difference", "p", "p_holm"]].round(4).to_string(index=False))
     costs = pd.concat(pd.read_csv(f) for f in sorted((Path(args.out) / "costs").glob(f"{RECOMMENDED}__*.csv")))
-    print(f"\n{RECOMMENDED}: weights of new molecules' deviations from scaled_mean, chosen on the training drugs, "
-          f"per seed: new head {', '.join(f'{x:.2f}' for x in costs['shrinkage'])}; ridge "
-          f"{', '.join(f'{x:.2f}' for x in costs['ridge_weight'])}")
+    print(
+        f"\n{RECOMMENDED}: weights of new molecules' deviations from scaled_mean, chosen on the training drugs, "
+        f"per seed: new head {', '.join(f'{x:.2f}' for x in costs['shrinkage'])}; ridge "
+        f"{', '.join(f'{x:.2f}' for x in costs['ridge_weight'])}"
+    )
     diag = plate_diagnostics(data)
     print("\nplate diagnostics:\n" + diag.round(3).to_string(index=False) + "\n" + describe(diag))
     print("\ntrade-off: anchor (scaled_mean) + w x (model without shrinkage - anchor), mean over seeds:")

@@ -20,6 +20,7 @@ Rows of `results.csv` (the demo grid) are printed next to the references when gi
     python bench/mechanism_reference.py [--data runs/demo/data.h5ad] [--encoders chemnet,rdkit2d,morgan]
         [--seeds 5] [--results runs/scdca_demo/results.csv]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,10 @@ def main() -> None:
     args = p.parse_args()
     uns = ad.read_h5ad(args.data, backed="r").uns
     if "drug_annotations" not in uns:
-        raise SystemExit(f"--data: {args.data!r} has no uns['drug_annotations'] (the hidden mechanisms); "
-                         f"this bench needs a screen made by `scdca simulate`")
+        raise SystemExit(
+            f"--data: {args.data!r} has no uns['drug_annotations'] (the hidden mechanisms); "
+            f"this bench needs a screen made by `scdca simulate`"
+        )
     ann = uns["drug_annotations"]
     mechanism = pd.Series(np.asarray(ann["mechanism"]), index=np.asarray(ann["drug"]).astype(str))
     data = load(args.data, n_top_genes=args.n_top_genes)
@@ -96,34 +99,56 @@ def main() -> None:
         train_drugs = sorted(train.conditions["drug"].astype(str).unique())
         test_drugs = sorted(test.conditions["drug"].astype(str).unique())
         known = pd.get_dummies(mechanism[test_drugs]).astype(float)
-        rows.append({"reference": "mechanism known", "seed": seed, "accuracy": 1.0,
-                     **scores(test, predict(test, known, means), split)})
+        rows.append(
+            {
+                "reference": "mechanism known",
+                "seed": seed,
+                "accuracy": 1.0,
+                **scores(test, predict(test, known, means), split),
+            }
+        )
         for name, enc in encoders.items():
             emb = enc.encode([smiles[d] for d in train_drugs], names=train_drugs)
             centre, spread = standardisation(emb)
-            clf = LogisticRegressionCV(Cs=np.logspace(-3, 2, 11), cv=StratifiedKFold(3, shuffle=True, random_state=seed),
-                                       scoring="neg_log_loss", max_iter=5000)
+            clf = LogisticRegressionCV(
+                Cs=np.logspace(-3, 2, 11),
+                cv=StratifiedKFold(3, shuffle=True, random_state=seed),
+                scoring="neg_log_loss",
+                max_iter=5000,
+            )
             clf.fit(standardise(emb, centre, spread), mechanism[train_drugs].to_numpy())
             new = standardise(enc.encode([smiles[d] for d in test_drugs], names=test_drugs), centre, spread)
             probs = pd.DataFrame(clf.predict_proba(new), index=test_drugs, columns=clf.classes_)
             accuracy = float((probs.idxmax(axis=1).to_numpy() == mechanism[test_drugs].to_numpy()).mean())
-            rows.append({"reference": f"mechanism learned, {name}", "seed": seed, "accuracy": accuracy,
-                         **scores(test, predict(test, probs, means), split)})
+            rows.append(
+                {
+                    "reference": f"mechanism learned, {name}",
+                    "seed": seed,
+                    "accuracy": accuracy,
+                    **scores(test, predict(test, probs, means), split),
+                }
+            )
         print(f"seed {seed} done", flush=True)
     table = pd.DataFrame(rows).groupby("reference", sort=False)[["accuracy", *METRICS]].mean()
     config = Path(args.results).parent / "config.json"
-    same_data = not config.exists() or Path(json.loads(config.read_text()).get("data", args.data)).resolve() == \
-        Path(args.data).resolve()
+    same_data = (
+        not config.exists()
+        or Path(json.loads(config.read_text()).get("data", args.data)).resolve() == Path(args.data).resolve()
+    )
     if Path(args.results).exists() and not same_data:
         print(f"not showing {args.results}: that grid ran on other data than --data {args.data}")
     elif Path(args.results).exists():
-        res = pd.read_csv(args.results, keep_default_na=False, na_values=[""], dtype={"held_out": str}, low_memory=False)
+        res = pd.read_csv(
+            args.results, keep_default_na=False, na_values=[""], dtype={"held_out": str}, low_memory=False
+        )
         res = res[(res["task"] == "unseen_drug") & res["metric"].isin(METRICS) & (res["seed"].astype(int) < args.seeds)]
         per_seed = res.groupby(["model", "metric", "seed"])["value"].mean().groupby(["model", "metric"]).mean()
         models = per_seed.unstack("metric").loc[lambda t: t.index.isin(["scdca_routed", "c3tl", "ridge"])]
         table = pd.concat([table, models.rename(index=lambda m: f"model {m} ({args.results})")])
-    print(f"\nunseen drug, {args.seeds} seeds, {args.n_top_genes} genes: mean over seeds "
-          f"(accuracy: test drugs whose most probable mechanism is the true one)")
+    print(
+        f"\nunseen drug, {args.seeds} seeds, {args.n_top_genes} genes: mean over seeds "
+        f"(accuracy: test drugs whose most probable mechanism is the true one)"
+    )
     print(table.round(3).to_string())
 
 

@@ -4,6 +4,7 @@ For 5 random 70/30 drug splits: each test drug's maximum Tanimoto similarity (Mo
 2048 bits) to any training drug, and the share below 0.4 (paper: 88% for its split).
 Needs ../shared/data/trapnell_drugs_smiles.csv (chemCPA's drug table; not shipped with scdca).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ import pandas as pd
 
 from scdca.chem.molecules import canonicalize, novelty_table
 
-PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "trapnell_drugs_smiles.csv")
+PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "trapnell_drugs_smiles.csv"
+)
 
 
 def main() -> None:
@@ -33,8 +36,11 @@ def main() -> None:
         train = {names[i]: mols[names[i]] for i in order[n_test:]}
         t = novelty_table(train, test)
         pooled.append(t["max_tanimoto"].to_numpy())
-        print(f"  seed {seed}: below 0.4 {np.mean(t['max_tanimoto'] < 0.4):.0%}, median {t['max_tanimoto'].median():.2f}, "
-              f"scaffold seen in training {t['scaffold_in_train'].mean():.0%}")
+        print(
+            f"  seed {seed}: below 0.4 {np.mean(t['max_tanimoto'] < 0.4):.0%}, "
+            f"median {t['max_tanimoto'].median():.2f}, "
+            f"scaffold seen in training {t['scaffold_in_train'].mean():.0%}"
+        )
     allv = np.concatenate(pooled)
     hist, edges = np.histogram(allv, bins=np.linspace(0, 1, 11))
     print("pooled histogram of max Tanimoto to training:")

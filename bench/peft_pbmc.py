@@ -17,6 +17,7 @@ Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
     python bench/peft_pbmc.py [--seeds 5] [--epochs 100] [--patience 5] [--max-genes 128] [--steps 3000]
         [--out-csv runs/pbmc/peft_results.csv]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,10 +78,18 @@ def logreg(seeds: int, max_genes: int) -> list[dict]:
         t0 = time.perf_counter()
         clf = LogisticRegression(max_iter=2000, random_state=seed).fit(Xr[:, keep], ref.obs["bulk_labels"].astype(str))
         pred = clf.predict(Xq[:, keep])
-        rows.append({"method": "logreg", "seed": seed, "accuracy": float((pred == truth).mean()),
-                     "macro_f1": float(f1_score(truth, pred, average="macro", labels=sorted(set(truth)))),
-                     "params_trainable": int(clf.coef_.size + clf.intercept_.size), "trainable_pct": 100.0,
-                     "fit_seconds": time.perf_counter() - t0, "peak_added_mb": float("nan")})
+        rows.append(
+            {
+                "method": "logreg",
+                "seed": seed,
+                "accuracy": float((pred == truth).mean()),
+                "macro_f1": float(f1_score(truth, pred, average="macro", labels=sorted(set(truth)))),
+                "params_trainable": int(clf.coef_.size + clf.intercept_.size),
+                "trainable_pct": 100.0,
+                "fit_seconds": time.perf_counter() - t0,
+                "peak_added_mb": float("nan"),
+            }
+        )
         print(f"  logreg   seed {seed}: accuracy {rows[-1]['accuracy']:.3f}, macro-F1 {rows[-1]['macro_f1']:.3f}")
     return rows
 
@@ -91,9 +100,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=100, help="at most this many epochs per fit (annotate's default)")
-    p.add_argument("--patience", type=int, default=5,
-                   help="stop a fit after this many epochs without a better validation loss (annotate's default); "
-                        "0 = train every epoch")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="stop a fit after this many epochs without a better validation loss (annotate's default); "
+        "0 = train every epoch",
+    )
     p.add_argument("--out-csv", default=str(RUNS / "peft_results.csv"))
     p.add_argument("--max-genes", type=int, default=128, help="gene tokens per cell (annotate's default is 256)")
     p.add_argument("--steps", type=int, default=3000, help="pretraining steps of the backbone (no dropout)")
@@ -104,9 +117,30 @@ def main() -> None:
         subprocess.run(scdca + ["pbmc", "--out", str(RUNS)], check=True)
     backbone = RUNS / "backbone"
     if not (backbone / "pretrain_summary.json").exists():
-        subprocess.run(scdca + ["pretrain", "--data", str(RUNS / "reference.h5ad"), "--out", str(backbone),
-                                "--layers", "4", "--dim", "64", "--heads", "4", "--steps", str(args.steps),
-                                "--seq-len", "128", "--dropout", "0", "--quiet"], check=True)
+        subprocess.run(
+            scdca
+            + [
+                "pretrain",
+                "--data",
+                str(RUNS / "reference.h5ad"),
+                "--out",
+                str(backbone),
+                "--layers",
+                "4",
+                "--dim",
+                "64",
+                "--heads",
+                "4",
+                "--steps",
+                str(args.steps),
+                "--seq-len",
+                "128",
+                "--dropout",
+                "0",
+                "--quiet",
+            ],
+            check=True,
+        )
     rows = []
     methods = args.methods.split(",")
     for method in methods:
@@ -114,15 +148,31 @@ def main() -> None:
             rows += logreg(args.seeds, args.max_genes)
             continue
         for seed in range(args.seeds):
-            out = subprocess.run([sys.executable, "-c", CHILD, method, str(seed), str(args.epochs), str(backbone),
-                                  str(RUNS), str(args.max_genes), str(args.patience or "none")],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    method,
+                    str(seed),
+                    str(args.epochs),
+                    str(backbone),
+                    str(RUNS),
+                    str(args.max_genes),
+                    str(args.patience or "none"),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 sys.exit(f"{method} seed {seed} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  {method:8s} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}, macro-F1 "
-                  f"{rows[-1]['macro_f1']:.3f}, {rows[-1]['fit_seconds']:.0f} s, best epoch "
-                  f"{rows[-1]['best_epoch']} of {rows[-1]['epochs_run']}", flush=True)
+            print(
+                f"  {method:8s} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}, macro-F1 "
+                f"{rows[-1]['macro_f1']:.3f}, {rows[-1]['fit_seconds']:.0f} s, best epoch "
+                f"{rows[-1]['best_epoch']} of {rows[-1]['epochs_run']}",
+                flush=True,
+            )
     df = pd.DataFrame(rows)
     old = Path(args.out_csv)
     if old.exists():  # keep the methods not rerun this time
@@ -130,19 +180,23 @@ def main() -> None:
         df = pd.concat([previous[~previous["method"].isin(methods)], df], ignore_index=True)
     df.to_csv(old, index=False)
     g = df.groupby("method", sort=False)
-    table = pd.DataFrame({
-        "accuracy": g["accuracy"].agg(lambda s: f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"),
-        "macro_f1": g["macro_f1"].agg(lambda s: f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"),
-        "trainable": g["params_trainable"].first().map("{:,}".format),
-        "trainable_%": g["trainable_pct"].first().map("{:.2f}".format),
-        "fit_s": g["fit_seconds"].mean().map("{:.1f}".format),
-        "epochs": g["epochs_run"].mean().map("{:.0f}".format) if "epochs_run" in df else "",
-        "peak_added_MB": g["peak_added_mb"].mean().map("{:.0f}".format),
-    })
+    table = pd.DataFrame(
+        {
+            "accuracy": g["accuracy"].agg(lambda s: f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"),
+            "macro_f1": g["macro_f1"].agg(lambda s: f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"),
+            "trainable": g["params_trainable"].first().map("{:,}".format),
+            "trainable_%": g["trainable_pct"].first().map("{:.2f}".format),
+            "fit_s": g["fit_seconds"].mean().map("{:.1f}".format),
+            "epochs": g["epochs_run"].mean().map("{:.0f}".format) if "epochs_run" in df else "",
+            "peak_added_MB": g["peak_added_mb"].mean().map("{:.0f}".format),
+        }
+    )
     summary = json.loads((backbone / "pretrain_summary.json").read_text())
-    print(f"\nbackbone: {summary['parameters']:,} parameters, masked MSE {summary['best_val_loss']:.3f} vs "
-          f"{summary['gene_mean_baseline_val_loss']:.3f} for gene means; query = {args.seeds} seeds, "
-          f"at most {args.epochs} epochs (patience {args.patience}), {args.max_genes} gene tokens per cell")
+    print(
+        f"\nbackbone: {summary['parameters']:,} parameters, masked MSE {summary['best_val_loss']:.3f} vs "
+        f"{summary['gene_mean_baseline_val_loss']:.3f} for gene means; query = {args.seeds} seeds, "
+        f"at most {args.epochs} epochs (patience {args.patience}), {args.max_genes} gene tokens per cell"
+    )
     print(table.to_string())
 
 

@@ -18,6 +18,7 @@ Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
     python bench/scale.py [--skip-grid] [--skip-memory]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,14 @@ def grid(data_path: Path) -> None:
     times, results = {}, {}
     try:
         for name, workers, threads in (("serial", 1, None), ("serial_1thread", 1, 1), ("workers2", 2, None)):
-            cfg = BenchmarkConfig(data=str(data_path), out=str(tmp / name), models=["ridge", "knn", "c3tl"],
-                                  tasks="all", seeds=2, report=False)
+            cfg = BenchmarkConfig(
+                data=str(data_path),
+                out=str(tmp / name),
+                models=["ridge", "knn", "c3tl"],
+                tasks="all",
+                seeds=2,
+                report=False,
+            )
             t0 = time.perf_counter()
             results[name] = run(cfg, data=data, progress=False, workers=workers, threads=threads)
             times[name] = time.perf_counter() - t0
@@ -93,8 +100,9 @@ def memory() -> None:
         files[label] = path
 
     def child(path, chunk):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(chunk)], capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), str(chunk)], capture_output=True, text=True, check=True
+        ).stdout.split()
         return out
 
     floor = float(child("-", "none")[0])
@@ -106,8 +114,10 @@ def memory() -> None:
         print(f"  {label:>4} cells, chunks of 50,000   {peak[label]:7.0f} MiB  ({n_cond} conditions, {secs} s)")
     _, secs, rss = child(files["0.2M"], "none")
     print(f"  0.2M cells, read whole          {float(rss):7.0f} MiB  ({secs} s)")
-    print(f"  ratio 2M / 0.2M (chunked)       {peak['2M'] / peak['0.2M']:7.2f}   (above the import floor: "
-          f"{(peak['2M'] - floor) / (peak['0.2M'] - floor):.2f})")
+    print(
+        f"  ratio 2M / 0.2M (chunked)       {peak['2M'] / peak['0.2M']:7.2f}   (above the import floor: "
+        f"{(peak['2M'] - floor) / (peak['0.2M'] - floor):.2f})"
+    )
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ its most similar demo drug (Tanimoto on Morgan r=2 bits), the screen a chemist w
     python bench/screen_enrichment.py [--data runs/demo/data.h5ad] [--backbone runs/demo/backbone_atlas]
         [--models scdca_routed,c3tl] [--n 1000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ def library(train_smiles: set[str], n: int, seed: int) -> pd.DataFrame:
     pool = [(name, smi, mol) for name, smi, mol in _druglike_pool() if smi not in train_smiles]
     pick = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
     rows = [pool[i] for i in np.sort(pick)]
-    return pd.DataFrame({"drug": [r[0] for r in rows], "smiles": [r[1] for r in rows],
-                         "mechanism": [assign_mechanism(r[2]) for r in rows]})
+    return pd.DataFrame(
+        {
+            "drug": [r[0] for r in rows],
+            "smiles": [r[1] for r in rows],
+            "mechanism": [assign_mechanism(r[2]) for r in rows],
+        }
+    )
 
 
 def observed_effect(data, dose: float) -> pd.Series:
@@ -80,22 +86,33 @@ def main() -> None:
             ranked = screen(model, list(lib["drug"]), list(lib["smiles"]), cell_line=line, dose=dose, progress=False)
             effect += ranked.set_index("drug").loc[lib["drug"], "effect_size"].to_numpy() / len(lines)
         scores[name] = effect
-        print(f"{name}: trained and screened {len(lib)} molecules x {len(lines)} lines in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"{name}: trained and screened {len(lib)} molecules x {len(lines)} lines in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     counts = lib["mechanism"].value_counts()
-    table = pd.DataFrame({model: {m: roc_auc_score(lib["mechanism"] == m, s) for m in counts.index if counts[m] >= 5}
-                          for model, s in scores.items()}).round(3)
+    table = pd.DataFrame(
+        {
+            model: {m: roc_auc_score(lib["mechanism"] == m, s) for m in counts.index if counts[m] >= 5}
+            for model, s in scores.items()
+        }
+    ).round(3)
     table.insert(0, "molecules", counts[table.index])
     # how strong each mechanism is in the demo: mean observed effect size of its demo drugs at that dose
     strength = mechanism_strength(data, dose)
     table.insert(1, "demo_effect", strength.reindex(table.index).round(3))
     expected = lib["mechanism"].map(strength).to_numpy()
-    print(f"\n{len(lib)} library molecules (not demo drugs), effect size at dose {dose:g} averaged over "
-          f"{len(lines)} lines; one-vs-rest AUROC of each hidden mechanism (0.5 = not separated); demo_effect: "
-          f"the mechanism's mean observed effect size among the demo drugs")
+    print(
+        f"\n{len(lib)} library molecules (not demo drugs), effect size at dose {dose:g} averaged over "
+        f"{len(lines)} lines; one-vs-rest AUROC of each hidden mechanism (0.5 = not separated); demo_effect: "
+        f"the mechanism's mean observed effect size among the demo drugs"
+    )
     print(table.to_string())
-    print("Spearman of the predicted effect with demo_effect: " + ", ".join(
-        f"{model} {spearmanr(s, expected).statistic:.3f}" for model, s in scores.items()))
+    print(
+        "Spearman of the predicted effect with demo_effect: "
+        + ", ".join(f"{model} {spearmanr(s, expected).statistic:.3f}" for model, s in scores.items())
+    )
 
 
 def mechanism_strength(data, dose: float) -> pd.Series:

@@ -9,6 +9,7 @@ family, a backbone (make demo-scdca makes both).
 
     python bench/train_fit.py [--models ridge,c3tl,scdca_lowrank,scdca_routed,scdca] [--backbone DIR]
 """
+
 from __future__ import annotations
 
 import argparse

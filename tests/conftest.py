@@ -1,4 +1,5 @@
 """Shared tiny fixtures: a few real molecules, a tiny simulated screen, hand-made tables."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,15 @@ SMILES = [
 def tiny_sim() -> ad.AnnData:
     from scdca.data.simulate import SimulationConfig, simulate
 
-    cfg = SimulationConfig(n_genes=60, n_cell_lines=3, cells_per_condition=6, control_cells=30,
-                           n_programs=6, doses_nM=(100.0, 10000.0), smiles=SMILES)
+    cfg = SimulationConfig(
+        n_genes=60,
+        n_cell_lines=3,
+        cells_per_condition=6,
+        control_cells=30,
+        n_programs=6,
+        doses_nM=(100.0, 10000.0),
+        smiles=SMILES,
+    )
     return simulate(cfg, seed=0)
 
 
@@ -56,7 +64,11 @@ def make_cells(n_per=4, *, lines=("L1", "L2"), drugs=("aspirin", "caffeine"), ge
             rows += [(line, d, 1.0, smiles[d], 0)] * n_per
     obs = pd.DataFrame(rows, columns=["cell_type", "condition", "dose_val", "SMILES", "control"])
     obs.index = [f"c{i}" for i in range(len(obs))]
-    X = rng.poisson(20, (len(obs), genes)).astype(np.float32) if counts else rng.random((len(obs), genes)).astype(np.float32)
+    X = (
+        rng.poisson(20, (len(obs), genes)).astype(np.float32)
+        if counts
+        else rng.random((len(obs), genes)).astype(np.float32)
+    )
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(genes)]))
 
 
@@ -69,14 +81,24 @@ def make_pb(delta: dict, *, control: dict, smiles: dict | None = None) -> Pertur
     lines = sorted(control)
     cm = np.stack([np.asarray(control[c], dtype=np.float32) for c in lines])
     mean = np.stack([cm[lines.index(c)] + np.asarray(delta[k], dtype=np.float32) for k, (c, _, _) in zip(keys, keys)])
-    cond = pd.DataFrame({"cell_line": [k[0] for k in keys], "drug": [k[1] for k in keys],
-                         "dose": [float(k[2]) for k in keys],
-                         "smiles": [smiles.get(k[1], default.get(k[1])) for k in keys],
-                         "n_cells": 10}, index=pd.Index(ids, name="condition_id"))
+    cond = pd.DataFrame(
+        {
+            "cell_line": [k[0] for k in keys],
+            "drug": [k[1] for k in keys],
+            "dose": [float(k[2]) for k in keys],
+            "smiles": [smiles.get(k[1], default.get(k[1])) for k in keys],
+            "n_cells": 10,
+        },
+        index=pd.Index(ids, name="condition_id"),
+    )
     G = cm.shape[1]
     return PerturbationData(
-        genes=np.array([f"G{i}" for i in range(G)], dtype=object), conditions=cond, mean=mean,
-        std=np.ones_like(mean), controls=pd.DataFrame({"n_cells": 10}, index=pd.Index(lines, name="cell_line")),
-        control_mean=cm, control_std=np.ones_like(cm),
+        genes=np.array([f"G{i}" for i in range(G)], dtype=object),
+        conditions=cond,
+        mean=mean,
+        std=np.ones_like(mean),
+        controls=pd.DataFrame({"n_cells": 10}, index=pd.Index(lines, name="cell_line")),
+        control_mean=cm,
+        control_std=np.ones_like(cm),
         degs={i: np.argsort(-np.abs(mean[j] - cm[lines.index(keys[j][0])]), kind="stable") for j, i in enumerate(ids)},
     )

@@ -27,8 +27,14 @@ def cells(n_per=40, seed=0, types=("A", "B", "C"), markers=MARKERS) -> ad.AnnDat
 
 
 def _fit(method, reference=None, **kw):
-    cfg = AnnotateConfig(peft=PeftConfig(method=method, r=2, prefix_tokens=2), epochs=kw.pop("epochs", 4),
-                         batch_size=16, seed=0, lr=kw.pop("lr", 1e-2), **kw)
+    cfg = AnnotateConfig(
+        peft=PeftConfig(method=method, r=2, prefix_tokens=2),
+        epochs=kw.pop("epochs", 4),
+        batch_size=16,
+        seed=0,
+        lr=kw.pop("lr", 1e-2),
+        **kw,
+    )
     return Annotator("random:1x16", cfg, progress=False).fit(cells() if reference is None else reference, "cell_type")
 
 

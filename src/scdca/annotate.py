@@ -14,6 +14,7 @@ log-normalised first, as everywhere in scdca).
 averaged over heads, layers and the type's cells (scPEFT's reading of condition-specific
 genes from attention).
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,8 +64,9 @@ class AnnotateConfig:
         if isinstance(self.peft, dict):
             self.peft = PeftConfig(**self.peft)
         if self.epochs < 1 or self.batch_size < 1 or self.max_genes < 1:
-            raise ScdcaInputError(f"epochs {self.epochs}, batch_size {self.batch_size} and max_genes "
-                                  f"{self.max_genes} must be >= 1")
+            raise ScdcaInputError(
+                f"epochs {self.epochs}, batch_size {self.batch_size} and max_genes {self.max_genes} must be >= 1"
+            )
         if self.patience is not None and self.patience < 1:
             raise ScdcaInputError(f"patience: {self.patience!r} must be >= 1 (or None to train every epoch)")
 
@@ -104,8 +106,14 @@ class Annotator:
         progress: show a progress bar while training.
     """
 
-    def __init__(self, backbone: str | os.PathLike, cfg: AnnotateConfig | None = None, *, device: str | None = None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        backbone: str | os.PathLike,
+        cfg: AnnotateConfig | None = None,
+        *,
+        device: str | None = None,
+        progress: bool = True,
+    ):
         self.backbone_spec = os.fspath(backbone)
         self.cfg = cfg or AnnotateConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -127,9 +135,11 @@ class Annotator:
         names = pd.Index(adata.var_names.astype(str))
         pos = names.get_indexer(self.genes)
         if (pos < 0).all():
-            raise ScdcaInputError(f"{what}: none of the model's {len(self.genes)} genes (e.g. {self.genes[:3]}) are "
-                                  f"in its var_names (e.g. {list(names[:3])}); use the same gene symbols as the "
-                                  f"reference")
+            raise ScdcaInputError(
+                f"{what}: none of the model's {len(self.genes)} genes (e.g. {self.genes[:3]}) are "
+                f"in its var_names (e.g. {list(names[:3])}); use the same gene symbols as the "
+                f"reference"
+            )
         if (pos < 0).any():
             log.warning("%s: %d of %d model genes are missing and are set to 0", what, int((pos < 0).sum()), len(pos))
         X = expression(adata, layer, what=what)
@@ -139,7 +149,7 @@ class Annotator:
         return ids, torch.from_numpy(values)
 
     # -- training ----------------------------------------------------------------------
-    def fit(self, reference: ad.AnnData, label_key: str, *, layer: str | None = None) -> "Annotator":
+    def fit(self, reference: ad.AnnData, label_key: str, *, layer: str | None = None) -> Annotator:
         """Train on `reference` (labels in obs[label_key]); the best epoch on a stratified
         validation split is kept."""
         from sklearn.model_selection import train_test_split
@@ -153,19 +163,28 @@ class Annotator:
         y = torch.from_numpy(pd.Categorical(labels, categories=classes).codes.astype(np.int64))
         n_val = int(round(self.cfg.val_fraction * len(y)))
         if n_val >= len(classes):
-            tr, va = train_test_split(np.arange(len(y)), test_size=n_val, stratify=y.numpy(),
-                                      random_state=self.cfg.seed)
+            tr, va = train_test_split(
+                np.arange(len(y)), test_size=n_val, stratify=y.numpy(), random_state=self.cfg.seed
+            )
         else:  # too few cells for a validation split: train on all, keep the last epoch
             tr, va = np.arange(len(y)), np.array([], dtype=int)
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=0.01)
         counts = count_parameters(self.net.backbone)
         head = sum(p.numel() for p in self.net.head.parameters())
-        self.cost = {"method": self.cfg.peft.method, "params_backbone": counts["total"],
-                     "params_trainable": counts["trainable"] + head,
-                     "params_trainable_pct": 100.0 * (counts["trainable"] + head) / (counts["total"] + head)}
-        log.info("annotate: %s trains %d of %d parameters (%.2f%%)", self.cfg.peft.method,
-                 self.cost["params_trainable"], counts["total"] + head, self.cost["params_trainable_pct"])
+        self.cost = {
+            "method": self.cfg.peft.method,
+            "params_backbone": counts["total"],
+            "params_trainable": counts["trainable"] + head,
+            "params_trainable_pct": 100.0 * (counts["trainable"] + head) / (counts["total"] + head),
+        }
+        log.info(
+            "annotate: %s trains %d of %d parameters (%.2f%%)",
+            self.cfg.peft.method,
+            self.cost["params_trainable"],
+            counts["total"] + head,
+            self.cost["params_trainable_pct"],
+        )
         # a linear probe trains the head only: the frozen backbone's <cls> states are computed once
         feats = self._cls_states(ids, values) if self.cfg.peft.method == "linear" else None  # (N, D)
 
@@ -176,8 +195,9 @@ class Annotator:
 
         rng = np.random.default_rng(self.cfg.seed)
         best, best_state, best_epoch, epochs_run = float("inf"), None, 0, 0  # best_epoch 0: none yet
-        bar = tqdm(range(self.cfg.epochs), desc=f"annotate ({self.cfg.peft.method})", unit="epoch",
-                   disable=not self.progress)
+        bar = tqdm(
+            range(self.cfg.epochs), desc=f"annotate ({self.cfg.peft.method})", unit="epoch", disable=not self.progress
+        )
         for epoch in bar:
             epochs_run = epoch + 1
             self.net.train()
@@ -201,8 +221,12 @@ class Annotator:
                     break
         if best_state is not None:
             self.net.load_state_dict(best_state, strict=False)
-        self.cost.update(fit_seconds=time.perf_counter() - t0, best_val_loss=best if len(va) else None,
-                         epochs_run=epochs_run, best_epoch=best_epoch if len(va) else epochs_run)
+        self.cost.update(
+            fit_seconds=time.perf_counter() - t0,
+            best_val_loss=best if len(va) else None,
+            epochs_run=epochs_run,
+            best_epoch=best_epoch if len(va) else epochs_run,
+        )
         return self
 
     def _choose_genes(self, reference: ad.AnnData, layer: str | None) -> list[str]:
@@ -212,14 +236,18 @@ class Annotator:
         else:
             vocab_file = Path(self.backbone_spec) / "vocab.json"
             if not vocab_file.exists():
-                raise ScdcaInputError(f"backbone: {self.backbone_spec!r} has no vocab.json; pass a folder written by "
-                                      f"`scdca pretrain` (or an scGPT release), or random:<layers>x<dim>")
+                raise ScdcaInputError(
+                    f"backbone: {self.backbone_spec!r} has no vocab.json; pass a folder written by "
+                    f"`scdca pretrain` (or an scGPT release), or random:<layers>x<dim>"
+                )
             known = GeneVocab.load(vocab_file)
         shared = [i for i, g in enumerate(names) if g in known]
         if not shared:
-            raise ScdcaInputError(f"reference: none of its {len(names)} genes (e.g. {list(names[:3])}) are in the "
-                                  f"backbone's vocabulary; pretrain a backbone on these genes (scdca pretrain) or "
-                                  f"map the gene names to the backbone's symbols")
+            raise ScdcaInputError(
+                f"reference: none of its {len(names)} genes (e.g. {list(names[:3])}) are in the "
+                f"backbone's vocabulary; pretrain a backbone on these genes (scdca pretrain) or "
+                f"map the gene names to the backbone's symbols"
+            )
         X = expression(reference, layer)[:, shared]
         top = np.argsort(-X.var(0), kind="stable")[: self.cfg.max_genes]
         return [str(names[shared[i]]) for i in np.sort(top)]
@@ -228,16 +256,25 @@ class Annotator:
     def _cls_states(self, ids: Tensor, values: Tensor, batch: int = 256) -> Tensor:
         """The frozen backbone's <cls> state per cell, in eval mode: (N, T), (N, T) -> (N, D)."""
         self.net.backbone.eval()
-        return torch.cat([self.net.backbone.encode(ids[s : s + batch].to(self.device),
-                                                   values[s : s + batch].to(self.device))[:, 0]
-                          for s in range(0, len(ids), batch)])
+        return torch.cat(
+            [
+                self.net.backbone.encode(ids[s : s + batch].to(self.device), values[s : s + batch].to(self.device))[
+                    :, 0
+                ]
+                for s in range(0, len(ids), batch)
+            ]
+        )
 
     # -- prediction --------------------------------------------------------------------
     @torch.no_grad()
     def _logits(self, ids: Tensor, values: Tensor, batch: int = 256) -> Tensor:
         self.net.eval()
-        return torch.cat([self.net(ids[s : s + batch].to(self.device), values[s : s + batch].to(self.device))
-                          for s in range(0, len(ids), batch)])
+        return torch.cat(
+            [
+                self.net(ids[s : s + batch].to(self.device), values[s : s + batch].to(self.device))
+                for s in range(0, len(ids), batch)
+            ]
+        )
 
     def predict_proba(self, query: ad.AnnData, *, layer: str | None = None) -> pd.DataFrame:
         """Class probabilities, cells x classes."""
@@ -254,9 +291,12 @@ class Annotator:
         out.obs[f"{KEY}_label"] = pd.Categorical(proba.idxmax(axis=1).to_numpy(), categories=self.classes)
         out.obs[f"{KEY}_confidence"] = proba.max(axis=1).to_numpy()
         out.obsm[f"{KEY}_proba"] = proba.to_numpy(np.float32)
-        out.uns[f"{KEY}_annotate"] = {"classes": np.array(self.classes), "method": self.cfg.peft.method,
-                                      "backbone": backbone_reference(self.backbone_spec),
-                                      "params_trainable_pct": float(self.cost.get("params_trainable_pct", np.nan))}
+        out.uns[f"{KEY}_annotate"] = {
+            "classes": np.array(self.classes),
+            "method": self.cfg.peft.method,
+            "backbone": backbone_reference(self.backbone_spec),
+            "params_trainable_pct": float(self.cost.get("params_trainable_pct", np.nan)),
+        }
         return out
 
     @torch.no_grad()
@@ -290,8 +330,16 @@ class Annotator:
         for g in sorted(set(groups)):
             mean = A[groups == g].mean(0)
             order = np.argsort(-mean, kind="stable")
-            rows.append(pd.DataFrame({"group": g, "gene": np.asarray(self.genes)[order], "attention": mean[order],
-                                      "rank": np.arange(1, len(order) + 1)}))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "group": g,
+                        "gene": np.asarray(self.genes)[order],
+                        "attention": mean[order],
+                        "rank": np.arange(1, len(order) + 1),
+                    }
+                )
+            )
         return pd.concat(rows, ignore_index=True)
 
     def _check_fitted(self) -> None:
@@ -311,13 +359,19 @@ class Annotator:
         folder.mkdir(parents=True, exist_ok=True)
         with storage.atomic_path(folder / "trained.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in trainable_state(self.net).items()}, str(tmp))
-        meta = {"model": "annotator", "backbone": backbone_reference(self.backbone_spec),
-                "backbone_sha256": self._backbone_hash, "config": {**asdict(self.cfg), "peft": self.cfg.peft.to_dict()},
-                "genes": self.genes, "classes": self.classes, "cost": self.cost}
+        meta = {
+            "model": "annotator",
+            "backbone": backbone_reference(self.backbone_spec),
+            "backbone_sha256": self._backbone_hash,
+            "config": {**asdict(self.cfg), "peft": self.cfg.peft.to_dict()},
+            "genes": self.genes,
+            "classes": self.classes,
+            "cost": self.cost,
+        }
         write_model_json(folder, meta, files=["trained.safetensors"])
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, *, device: str | None = None, backbone: str | None = None) -> "Annotator":
+    def load(cls, folder: str | os.PathLike, *, device: str | None = None, backbone: str | None = None) -> Annotator:
         """Rebuild a saved annotator on its backbone (refused if the backbone's weights changed)."""
         from safetensors.torch import load_file
 
@@ -329,8 +383,10 @@ class Annotator:
         self = cls(backbone or meta["backbone"], AnnotateConfig(**meta["config"]), device=device, progress=False)
         self._build(meta["genes"], meta["classes"])
         if self._backbone_hash != meta["backbone_sha256"]:
-            raise ScdcaInputError(f"backbone: {self.backbone_spec!r} is not the backbone this annotator was trained "
-                                  f"on (weights differ); pass the original with --backbone")
+            raise ScdcaInputError(
+                f"backbone: {self.backbone_spec!r} is not the backbone this annotator was trained "
+                f"on (weights differ); pass the original with --backbone"
+            )
         state = load_file(str(Path(folder) / "trained.safetensors"))
         missing = set(trainable_state(self.net)) - set(state)
         if missing:
@@ -342,20 +398,27 @@ class Annotator:
 
 def _labels(reference: ad.AnnData, label_key: str) -> pd.Series:
     if label_key not in reference.obs.columns:
-        raise ScdcaInputError(f"label-key: {label_key!r} is not an obs column of the reference; available: "
-                              f"{list(reference.obs.columns)}")
+        raise ScdcaInputError(
+            f"label-key: {label_key!r} is not an obs column of the reference; available: {list(reference.obs.columns)}"
+        )
     labels = reference.obs[label_key]
     if labels.isna().any():
-        raise ScdcaInputError(f"label-key: {int(labels.isna().sum())} reference cell(s) have no {label_key!r} label; "
-                              f"drop them (reference[reference.obs[{label_key!r}].notna()])")
+        raise ScdcaInputError(
+            f"label-key: {int(labels.isna().sum())} reference cell(s) have no {label_key!r} label; "
+            f"drop them (reference[reference.obs[{label_key!r}].notna()])"
+        )
     labels = labels.astype(str)
     counts = labels.value_counts()
     single = sorted(counts.index[counts < 2])
     if single:
-        raise ScdcaInputError(f"label-key: label(s) {single} have a single reference cell; a classifier cannot "
-                              f"learn or validate them: drop or merge them")
+        raise ScdcaInputError(
+            f"label-key: label(s) {single} have a single reference cell; a classifier cannot "
+            f"learn or validate them: drop or merge them"
+        )
     if len(counts) < 2:
-        raise ScdcaInputError(f"label-key: {label_key!r} has only one label ({counts.index[0]!r}); nothing to tell apart")
+        raise ScdcaInputError(
+            f"label-key: {label_key!r} has only one label ({counts.index[0]!r}); nothing to tell apart"
+        )
     return labels
 
 

@@ -4,11 +4,12 @@
 genes, `layers['control']` = the line's control, `obs` with cell_line, drug, dose, smiles.
 A cell line never seen in training only needs its control expression (zero-shot).
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import anndata as ad
 import numpy as np
@@ -24,8 +25,9 @@ from scdca.errors import ScdcaInputError
 log = logging.getLogger(__name__)
 
 
-def control_from_anndata(adata: ad.AnnData | str | os.PathLike, genes: Sequence[str], *,
-                         keys: DataKeys = DataKeys()) -> np.ndarray:
+def control_from_anndata(
+    adata: ad.AnnData | str | os.PathLike, genes: Sequence[str], *, keys: DataKeys = DataKeys()
+) -> np.ndarray:
     """Mean log1p expression over the rows of an AnnData of control cells (or one pseudobulk row).
 
     Raw counts are detected and normalised as in `scdca.data.load`. Returns (G,) in `genes` order.
@@ -38,45 +40,69 @@ def control_from_anndata(adata: ad.AnnData | str | os.PathLike, genes: Sequence[
     pos = pd.Index(names).get_indexer(list(genes))
     if (pos < 0).any():
         missing = [g for g, p in zip(genes, pos) if p < 0]
-        raise ScdcaInputError(f"control: {len(missing)} of the model's genes are missing from the control data, "
-                              f"e.g. {missing[:10]}; provide expression for every model gene")
+        raise ScdcaInputError(
+            f"control: {len(missing)} of the model's genes are missing from the control data, "
+            f"e.g. {missing[:10]}; provide expression for every model gene"
+        )
     mean = np.asarray(X.mean(axis=0)).ravel()
     return mean[pos].astype(np.float32)
 
 
 def _query(genes, controls: dict[str, np.ndarray], drugs: dict[str, str], doses: Sequence[float]) -> PerturbationData:
     rows = [(c, d, float(x)) for c in controls for d in drugs for x in doses]
-    cond = pd.DataFrame({"cell_line": [r[0] for r in rows], "drug": [r[1] for r in rows], "dose": [r[2] for r in rows],
-                         "smiles": [drugs[r[1]] for r in rows], "n_cells": 0},
-                        index=pd.Index([condition_id(*r) for r in rows], name="condition_id"))
+    cond = pd.DataFrame(
+        {
+            "cell_line": [r[0] for r in rows],
+            "drug": [r[1] for r in rows],
+            "dose": [r[2] for r in rows],
+            "smiles": [drugs[r[1]] for r in rows],
+            "n_cells": 0,
+        },
+        index=pd.Index([condition_id(*r) for r in rows], name="condition_id"),
+    )
     lines = list(controls)
     cm = np.stack([controls[c] for c in lines]).astype(np.float32)
-    return PerturbationData(genes=np.asarray(genes, dtype=object), conditions=cond, mean=None, std=None,
-                            controls=pd.DataFrame({"n_cells": 0}, index=pd.Index(lines, name="cell_line")),
-                            control_mean=cm, control_std=np.full_like(cm, np.nan))
+    return PerturbationData(
+        genes=np.asarray(genes, dtype=object),
+        conditions=cond,
+        mean=None,
+        std=None,
+        controls=pd.DataFrame({"n_cells": 0}, index=pd.Index(lines, name="cell_line")),
+        control_mean=cm,
+        control_std=np.full_like(cm, np.nan),
+    )
 
 
 def resolve_controls(model, cell_lines: Sequence[str] | None, control: dict[str, np.ndarray] | None):
     """Known lines by name (from the model's training data) plus new lines given as control vectors."""
-    known_lines, known = model._controls
+    known = model.control_lines
     out: dict[str, np.ndarray] = {}
     for c in cell_lines or []:
-        if c not in known_lines:
-            raise ScdcaInputError(f"cell_line: {c!r} was not in the training data (known: {known_lines}); "
-                                  f"for a new line pass its control expression (--control FILE)")
-        out[c] = known[known_lines.index(c)]
+        if c not in known:
+            raise ScdcaInputError(
+                f"cell_line: {c!r} was not in the training data (known: {list(known)}); "
+                f"for a new line pass its control expression (--control FILE)"
+            )
+        out[c] = known[c]
     out.update(control or {})
     if not out:
         raise ScdcaInputError("give at least one cell line (--cell-line NAME) or a control file (--control FILE)")
     return out
 
 
-def predict(model, smiles: Sequence[str], *, names: Sequence[str] | None = None, cell_lines: Sequence[str] | None = None,
-            control: dict[str, np.ndarray] | None = None, doses: Sequence[float] = (1.0,)) -> ad.AnnData:
+def predict(
+    model,
+    smiles: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    cell_lines: Sequence[str] | None = None,
+    control: dict[str, np.ndarray] | None = None,
+    doses: Sequence[float] = (1.0,),
+) -> ad.AnnData:
     """Predict every drug x cell line x dose.
 
     Args:
-        model: a fitted or loaded ScDCAModel (or any model with `_controls` and `predict`).
+        model: a fitted or loaded ScDCAModel (or any fitted model: `genes`, `control_lines`, `predict`).
         smiles: drugs to predict (need not have been seen in training).
         names: drug names (default: the SMILES).
         cell_lines: known lines by name.
@@ -87,10 +113,13 @@ def predict(model, smiles: Sequence[str], *, names: Sequence[str] | None = None,
     """
     names = list(names) if names is not None else list(smiles)
     drugs = canonicalize(dict(zip(names, smiles)), arg="smiles")
-    query = _query(model._genes, resolve_controls(model, cell_lines, control), drugs, doses)
+    query = _query(model.genes, resolve_controls(model, cell_lines, control), drugs, doses)
     pred = model.predict(query)
-    out = ad.AnnData(X=pred.astype(np.float32), obs=query.conditions[["cell_line", "drug", "dose", "smiles"]].copy(),
-                     var=pd.DataFrame(index=[str(g) for g in model._genes]))
+    out = ad.AnnData(
+        X=pred.astype(np.float32),
+        obs=query.conditions[["cell_line", "drug", "dose", "smiles"]].copy(),
+        var=pd.DataFrame(index=[str(g) for g in model.genes]),
+    )
     similarity = TrainingSimilarity(model)
     if similarity.available:
         per_drug = pd.DataFrame(similarity.columns(list(drugs.values())), index=list(drugs))
@@ -110,8 +139,10 @@ class TrainingSimilarity:
         train = getattr(model, "training_molecules", None)
         self.available = bool(train)
         if not self.available:
-            log.info("the model does not record its training molecules (saved by an older version): "
-                     "no similarity-to-training columns")
+            log.info(
+                "the model does not record its training molecules (saved by an older version): "
+                "no similarity-to-training columns"
+            )
             return
         self._nearest = NearestTraining(train)
 
@@ -126,9 +157,18 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[s : s + size]
 
 
-def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str | None = None,
-           control: dict[str, np.ndarray] | None = None, dose: float = 1.0, signature: pd.Series | None = None,
-           batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
+def screen(
+    model,
+    names: Sequence[str],
+    smiles: Sequence[str],
+    *,
+    cell_line: str | None = None,
+    control: dict[str, np.ndarray] | None = None,
+    dose: float = 1.0,
+    signature: pd.Series | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Rank a molecule library by predicted effect size (and similarity to a target signature).
 
     Streams the library in batches: memory holds batch_size x genes predictions at a time.
@@ -148,7 +188,7 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
     line, ctrl = next(iter(controls.items()))
     sig = None
     if signature is not None:
-        sig = signature.reindex([str(g) for g in model._genes]).to_numpy(float)
+        sig = signature.reindex([str(g) for g in model.genes]).to_numpy(float)
         if np.isnan(sig).all():
             raise ScdcaInputError("signature: none of its genes are model genes")
         sig = np.nan_to_num(sig)
@@ -159,15 +199,23 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
     for chunk in _batches(pairs, batch_size):
         ok = [(n, canonical_smiles(s)) for n, s in chunk]
         good = {n: c for n, c in ok if c is not None}
-        rows += [{"drug": n, "smiles": s, "error": "unparseable SMILES"} for (n, s), (_, c) in zip(chunk, ok) if c is None]
+        rows += [
+            {"drug": n, "smiles": s, "error": "unparseable SMILES"} for (n, s), (_, c) in zip(chunk, ok) if c is None
+        ]
         if good:
-            query = _query(model._genes, {line: ctrl}, good, [dose])
+            query = _query(model.genes, {line: ctrl}, good, [dose])
             delta = model.predict(query) - ctrl[None, :]  # (b, G)
             near = similarity.columns(list(good.values())) if similarity.available else {}
             for i, ((name, smi), d) in enumerate(zip(good.items(), delta)):
-                r = {"drug": name, "smiles": smi, "effect_size": float(np.sqrt((d**2).mean())),
-                     "n_up": int((d > 0.5).sum()), "n_down": int((d < -0.5).sum()), "error": "",
-                     **{col: values[i] for col, values in near.items()}}
+                r = {
+                    "drug": name,
+                    "smiles": smi,
+                    "effect_size": float(np.sqrt((d**2).mean())),
+                    "n_up": int((d > 0.5).sum()),
+                    "n_down": int((d < -0.5).sum()),
+                    "error": "",
+                    **{col: values[i] for col, values in near.items()},
+                }
                 if sig is not None:
                     den = np.linalg.norm(d) * np.linalg.norm(sig)
                     r["signature_cosine"] = float(d @ sig / den) if den > 0 else 0.0
@@ -176,16 +224,22 @@ def screen(model, names: Sequence[str], smiles: Sequence[str], *, cell_line: str
     bar.close()
     df = pd.DataFrame(rows)
     if df.empty:
-        raise ScdcaInputError("library: no molecules in it; pass one SMILES per line (.smi) or a CSV with a "
-                              "'smiles' column")
+        raise ScdcaInputError(
+            "library: no molecules in it; pass one SMILES per line (.smi) or a CSV with a 'smiles' column"
+        )
     failed = df["error"] != ""
     if failed.all():
-        raise ScdcaInputError(f"library: none of its {len(df)} SMILES could be parsed (e.g. "
-                              f"{df['smiles'].head(3).tolist()!r}); pass one SMILES per line (.smi) or a CSV "
-                              f"with a 'smiles' column")
+        raise ScdcaInputError(
+            f"library: none of its {len(df)} SMILES could be parsed (e.g. "
+            f"{df['smiles'].head(3).tolist()!r}); pass one SMILES per line (.smi) or a CSV "
+            f"with a 'smiles' column"
+        )
     if failed.any():
-        log.warning("screen: skipped %d molecule(s) with unparseable SMILES: %s%s (listed in the 'error' column)",
-                    failed.sum(), ", ".join(df.loc[failed, "drug"].astype(str).head(10)),
-                    " ..." if failed.sum() > 10 else "")
+        log.warning(
+            "screen: skipped %d molecule(s) with unparseable SMILES: %s%s (listed in the 'error' column)",
+            failed.sum(),
+            ", ".join(df.loc[failed, "drug"].astype(str).head(10)),
+            " ..." if failed.sum() > 10 else "",
+        )
     df["score"] = df["signature_cosine"] if sig is not None else df.get("effect_size")
     return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)

@@ -1,7 +1,9 @@
 """A tiny name -> object registry used for models, metrics and encoders."""
+
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 from scdca.errors import ScdcaInputError
 
@@ -29,9 +31,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise ScdcaInputError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
-            )
+            raise ScdcaInputError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:
@@ -46,8 +46,7 @@ class Registry(Generic[T]):
         bad = [n for n in names if n not in self._entries]
         if bad or not names:
             raise ScdcaInputError(
-                f"{arg}: unknown {self.kind} name(s) {bad!r}; choose from: "
-                f"{', '.join(self.names())} (or 'all')"
+                f"{arg}: unknown {self.kind} name(s) {bad!r}; choose from: {', '.join(self.names())} (or 'all')"
             )
         return names
 

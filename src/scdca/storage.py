@@ -3,14 +3,16 @@ resume files that load without running code.
 
 A run killed mid-write never leaves a half-written file under the final name.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -97,8 +99,10 @@ def load_state(path: str | os.PathLike, *, what: str = "out") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError/EOFError for damage
-        raise ScdcaInputError(f"{what}: the resume file {str(path)!r} is damaged or holds more than tensors and "
-                              f"plain values ({reason(err)}); it was not run. Delete it to start over") from None
+        raise ScdcaInputError(
+            f"{what}: the resume file {str(path)!r} is damaged or holds more than tensors and "
+            f"plain values ({reason(err)}); it was not run. Delete it to start over"
+        ) from None
 
 
 def _json_default(obj: Any) -> Any:

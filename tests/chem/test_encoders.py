@@ -1,4 +1,5 @@
 """Every molecule encoder passes the same contract."""
+
 import importlib.util
 import os
 
@@ -7,7 +8,6 @@ import pytest
 
 from scdca.chem.encoders import ENCODERS, get_encoder, read_molecule_list, write_table
 from scdca.errors import ScdcaInputError
-
 from tests.conftest import SMILES
 
 
@@ -29,15 +29,29 @@ def tiny_roberta(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny_roberta")
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SMILES * 20, vocab_size=300, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        SMILES * 20, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     bpe.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>", mask_token="<mask>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
     tok.save_pretrained(folder)
     assert len(set(map(tuple, tok(SMILES[:3])["input_ids"]))) == 3  # the tokenizer really tokenises
-    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=130, pad_token_id=tok.pad_token_id)
+    cfg = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=tok.pad_token_id,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -144,16 +158,30 @@ def test_rxnfp_bert_is_loaded_with_its_pretrained_weights():
 
     model = _load_hf_model(d, True)
     saved = torch.load(os.path.join(d, "pytorch_model.bin"), map_location="cpu")
-    torch.testing.assert_close(model.encoder.layer[0].attention.self.query.weight,
-                               saved["bert.encoder.layer.0.attention.self.query.weight"])
+    torch.testing.assert_close(
+        model.encoder.layer[0].attention.self.query.weight, saved["bert.encoder.layer.0.attention.self.query.weight"]
+    )
 
 
 def test_embed_cli_writes_a_table_the_table_encoder_reads(tmp_path, capsys):
     from scdca.cli import main
 
     (tmp_path / "in.csv").write_text("drug,smiles\n" + "\n".join(f"d{i},{s}" for i, s in enumerate(SMILES)))
-    assert main(["embed", "--input", str(tmp_path / "in.csv"), "--encoder", "morgan:bits=64",
-                 "--out", str(tmp_path / "e.csv"), "--no-cache"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--input",
+                str(tmp_path / "in.csv"),
+                "--encoder",
+                "morgan:bits=64",
+                "--out",
+                str(tmp_path / "e.csv"),
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
     direct = get_encoder("morgan:bits=64", cache_dir=None).encode(SMILES)
     np.testing.assert_array_equal(get_encoder(f"table:{tmp_path / 'e.csv'}").encode(SMILES), direct)
 

@@ -4,7 +4,6 @@ import pytest
 from scdca.chem.molecules import canonicalize, morgan_fingerprints, novelty_table, scaffold, tanimoto
 from scdca.data.splits import make_splits
 from scdca.errors import ScdcaInputError
-
 from tests.conftest import SMILES, make_pb
 
 

@@ -11,10 +11,31 @@ def test_simulate_then_benchmark_from_the_command_line(tmp_path, capsys):
     from tests.conftest import SMILES
 
     smi.write_text("\n".join(SMILES) + "\n")
-    assert main(["simulate", "--out", str(data), "--seed", "1", "--genes", "60", "--cells", "4",
-                 "--smiles", str(smi)]) == 0
-    assert main(["benchmark", "--data", str(data), "--out", str(tmp_path / "b"), "--models", "control,knn",
-                 "--tasks", "unseen_pair", "--seeds", "1", "--k", "5", "--quiet"]) == 0
+    assert (
+        main(["simulate", "--out", str(data), "--seed", "1", "--genes", "60", "--cells", "4", "--smiles", str(smi)])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "benchmark",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "b"),
+                "--models",
+                "control,knn",
+                "--tasks",
+                "unseen_pair",
+                "--seeds",
+                "1",
+                "--k",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "pearson_delta_deg" in out and "knn" in out
     s = pd.read_csv(tmp_path / "b" / "summary.csv")
@@ -41,10 +62,44 @@ def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, 
 
     data = tmp_path / "d.h5ad"
     storage.write_h5ad(data, tiny_sim)
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--model", "c3tl",
-                 "--encoder", "morgan:bits=128", "--epochs", "3", "--quiet"]) == 0  # --epochs: not a c3tl option
-    assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "OCC(O)CO", "--cell-line", "lineA",
-                 "--dose", "100", "10000", "--out", str(tmp_path / "p.h5ad")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "m"),
+                "--model",
+                "c3tl",
+                "--encoder",
+                "morgan:bits=128",
+                "--epochs",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )  # --epochs: not a c3tl option
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "m"),
+                "--smiles",
+                "OCC(O)CO",
+                "--cell-line",
+                "lineA",
+                "--dose",
+                "100",
+                "10000",
+                "--out",
+                str(tmp_path / "p.h5ad"),
+            ]
+        )
+        == 0
+    )
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
     assert pred.n_obs == 2 and pred.n_vars == tiny_sim.n_vars
     # glycerol is not a training drug: its similarity to the nearest one is reported, below 1
@@ -62,8 +117,27 @@ def test_a_run_reruns_exactly_from_its_written_config_and_reports_from_any_folde
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     storage.write_h5ad("d.h5ad", tiny_sim)  # a relative path, as users type it
-    assert main(["benchmark", "--data", "d.h5ad", "--out", "first", "--models", "control,ridge",
-                 "--tasks", "unseen_drug", "--seeds", "2", "--k", "5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "benchmark",
+                "--data",
+                "d.h5ad",
+                "--out",
+                "first",
+                "--models",
+                "control,ridge",
+                "--tasks",
+                "unseen_drug",
+                "--seeds",
+                "2",
+                "--k",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((tmp_path / "work" / "first" / "config.json").read_text())
     assert cfg["data"] == str(tmp_path / "work" / "d.h5ad")
     assert len(cfg["provenance"]["data_sha256"]) == 64 and "torch" in cfg["provenance"]["versions"]
@@ -95,12 +169,39 @@ def test_prediction_files_keep_the_users_obs_keys_and_scanpy_reads_their_degs(tm
     from scdca.eval.runs import read_predictions
 
     renamed = tiny_sim.copy()
-    renamed.obs = renamed.obs.rename(columns={"cell_type": "line", "condition": "compound", "dose_val": "conc",
-                                              "SMILES": "smi"})
+    renamed.obs = renamed.obs.rename(
+        columns={"cell_type": "line", "condition": "compound", "dose_val": "conc", "SMILES": "smi"}
+    )
     storage.write_h5ad(tmp_path / "d.h5ad", renamed)
-    assert main(["benchmark", "--data", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "o"), "--models", "ridge",
-                 "--tasks", "unseen_drug", "--seeds", "1", "--k", "5", "--quiet", "--cell-line-key", "line",
-                 "--drug-key", "compound", "--dose-key", "conc", "--smiles-key", "smi"]) == 0
+    assert (
+        main(
+            [
+                "benchmark",
+                "--data",
+                str(tmp_path / "d.h5ad"),
+                "--out",
+                str(tmp_path / "o"),
+                "--models",
+                "ridge",
+                "--tasks",
+                "unseen_drug",
+                "--seeds",
+                "1",
+                "--k",
+                "5",
+                "--quiet",
+                "--cell-line-key",
+                "line",
+                "--drug-key",
+                "compound",
+                "--dose-key",
+                "conc",
+                "--smiles-key",
+                "smi",
+            ]
+        )
+        == 0
+    )
     a = sc.read_h5ad(tmp_path / "o" / "predictions" / "ridge__unseen_drug__seed0.h5ad")
     assert {"line", "compound", "conc", "smi", "perturbation", "control"} <= set(a.obs.columns)
     treated = a.obs[~a.obs["control"]]
@@ -122,8 +223,21 @@ def test_pretrain_reruns_from_its_command_yaml_and_flags_override_the_file(tmp_p
     from scdca.nn.backbone import load, weights_hash
 
     storage.write_h5ad(tmp_path / "d.h5ad", tiny_sim)
-    tiny = ["--layers", "1", "--dim", "16", "--heads", "2", "--steps", "6", "--batch-size", "8", "--seq-len", "12",
-            "--quiet"]
+    tiny = [
+        "--layers",
+        "1",
+        "--dim",
+        "16",
+        "--heads",
+        "2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "12",
+        "--quiet",
+    ]
     assert main(["pretrain", "--data", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "a"), *tiny]) == 0
     written = yaml.safe_load((tmp_path / "a" / "command.yaml").read_text())
     assert written["steps"] == 6 and written["batch-size"] == 8 and written["out"] == str(tmp_path / "a")
@@ -131,12 +245,31 @@ def test_pretrain_reruns_from_its_command_yaml_and_flags_override_the_file(tmp_p
     assert main(["pretrain", "--config", str(tmp_path / "a" / "command.yaml"), "--out", str(tmp_path / "b")]) == 0
     assert weights_hash(load(tmp_path / "b")) == weights_hash(load(tmp_path / "a"))
     # a flag beats the file: another seed, other weights
-    assert main(["pretrain", "--config", str(tmp_path / "a" / "command.yaml"), "--out", str(tmp_path / "c"),
-                 "--seed", "1"]) == 0
+    assert (
+        main(
+            ["pretrain", "--config", str(tmp_path / "a" / "command.yaml"), "--out", str(tmp_path / "c"), "--seed", "1"]
+        )
+        == 0
+    )
     assert weights_hash(load(tmp_path / "c")) != weights_hash(load(tmp_path / "a"))
     # --lr and --dropout reach the run (its summary records the settings used)
-    assert main(["pretrain", "--data", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "e"), *tiny,
-                 "--lr", "3e-3", "--dropout", "0"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(tmp_path / "d.h5ad"),
+                "--out",
+                str(tmp_path / "e"),
+                *tiny,
+                "--lr",
+                "3e-3",
+                "--dropout",
+                "0",
+            ]
+        )
+        == 0
+    )
     used = json.loads((tmp_path / "e" / "pretrain_summary.json").read_text())["config"]
     assert used["lr"] == 3e-3 and used["dropout"] == 0.0
     assert weights_hash(load(tmp_path / "e")) != weights_hash(load(tmp_path / "a"))
@@ -153,10 +286,31 @@ def test_annotate_real_pbmc_cells_from_the_command_line(tmp_path, capsys):
     assert set(ref.obs["phase"]) == {"G1"} and "G1" not in set(query.obs["phase"])
     assert ref.n_obs + query.n_obs == 700 and ref.X.min() >= 0  # log1p values, not scanpy's scaled X
     out = tmp_path / "annotated.h5ad"
-    code = main(["annotate", "--reference", str(tmp_path / "reference.h5ad"), "--query",
-                 str(tmp_path / "query.h5ad"), "--label-key", "bulk_labels", "--backbone", "random:1x8",
-                 "--method", "adapter", "--epochs", "1", "--max-genes", "32", "--quiet", "--out", str(out),
-                 "--explain", "--save-model", str(tmp_path / "model")])
+    code = main(
+        [
+            "annotate",
+            "--reference",
+            str(tmp_path / "reference.h5ad"),
+            "--query",
+            str(tmp_path / "query.h5ad"),
+            "--label-key",
+            "bulk_labels",
+            "--backbone",
+            "random:1x8",
+            "--method",
+            "adapter",
+            "--epochs",
+            "1",
+            "--max-genes",
+            "32",
+            "--quiet",
+            "--out",
+            str(out),
+            "--explain",
+            "--save-model",
+            str(tmp_path / "model"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "accuracy" in printed
     annotated = ad.read_h5ad(out)

@@ -1,5 +1,6 @@
 """Every bad input a user can hand the command line: exit code 2, one line naming the
 argument or column, the bad value and the fix, and no traceback."""
+
 import json
 import re
 
@@ -8,7 +9,6 @@ import pytest
 
 from scdca import storage
 from scdca.cli import main
-
 from tests.conftest import make_cells
 
 BENCH = ["--models", "control", "--tasks", "unseen_pair", "--seeds", "1", "--quiet"]
@@ -39,6 +39,7 @@ def _dose(value):
     def f(a):
         a.obs.loc[a.obs["condition"] == "caffeine", "dose_val"] = value
         return a
+
     return f
 
 
@@ -82,16 +83,22 @@ CASES = {
     "wrong --drug-key": (lambda a: a, ["--drug-key", "compound"], r"drug='compound'.*Available obs columns"),
     "wrong --layer": (lambda a: a, ["--layer", "counts"], r"layer: 'counts' not in adata.layers"),
     "NaN in X": (_nan_x, [], r"X: expression contains 1 NaN"),
-    "negative in layer": (_layer_with_negative, ["--layer", "logn"],
-                          r"layers\['logn'\]: expression contains 1 negative.*--layer"),
+    "negative in layer": (
+        _layer_with_negative,
+        ["--layer", "logn"],
+        r"layers\['logn'\]: expression contains 1 negative.*--layer",
+    ),
     "NaN dose": (_dose(np.nan), [], r"obs\['dose_val'\]: 8 perturbed cell\(s\) have a missing"),
     "zero dose": (_dose(0.0), [], r"zero or negative dose \(e.g. \[0.0\], drugs \['caffeine'\]\)"),
     "negative dose": (_dose(-1.0), [], r"zero or negative dose \(e.g. \[-1.0\]"),
     "duplicated var_names": (_dup_var, [], r"gene names are not unique: \['G1'\]"),
     "duplicated obs_names": (_dup_obs, [], r"obs_names: 1 cell name.*'c0'.*obs_names_make_unique"),
     "line without controls": (_no_controls, [], r"\['L2'\] have no control cells"),
-    "missing and unparseable SMILES": (_smiles_problems, [],
-                                       r"no SMILES: \['caffeine'\].*cannot parse.*aspirin \('C1CC\(\('\)"),
+    "missing and unparseable SMILES": (
+        _smiles_problems,
+        [],
+        r"no SMILES: \['caffeine'\].*cannot parse.*aspirin \('C1CC\(\('\)",
+    ),
 }
 
 
@@ -117,18 +124,34 @@ def test_empty_truncated_or_foreign_file(content, tmp_path, capsys):
     assert ("is empty (0 bytes)" in err) if content == b"" else ("could not be read as AnnData" in err)
 
 
-@pytest.mark.parametrize("flag,value,pattern", [
-    ("--models", "nope", r"models: unknown model name\(s\) \['nope'\]; choose from: control"),
-    ("--tasks", "nope", r"tasks: unknown task\(s\) \['nope'\]; choose from unseen_drug"),
-    ("--metrics", "nope", r"metrics: unknown metric name\(s\) \['nope'\]; choose from: r2_deg"),
-    ("--encoder", "nope", r"encoder: unknown molecule encoder 'nope'; choose one of: morgan"),
-    ("--seeds", "0", r"seeds: 0; use at least 1"),
-])
+@pytest.mark.parametrize(
+    "flag,value,pattern",
+    [
+        ("--models", "nope", r"models: unknown model name\(s\) \['nope'\]; choose from: control"),
+        ("--tasks", "nope", r"tasks: unknown task\(s\) \['nope'\]; choose from unseen_drug"),
+        ("--metrics", "nope", r"metrics: unknown metric name\(s\) \['nope'\]; choose from: r2_deg"),
+        ("--encoder", "nope", r"encoder: unknown molecule encoder 'nope'; choose one of: morgan"),
+        ("--seeds", "0", r"seeds: 0; use at least 1"),
+    ],
+)
 def test_unknown_names_and_zero_seeds_fail_before_any_work(flag, value, pattern, tmp_path, capsys):
     path = tmp_path / "d.h5ad"
     storage.write_h5ad(path, make_cells())
-    argv = ["benchmark", "--data", str(path), "--out", str(tmp_path / "o"), "--models", "control",
-            "--tasks", "unseen_pair", "--seeds", "1", flag, value]
+    argv = [
+        "benchmark",
+        "--data",
+        str(path),
+        "--out",
+        str(tmp_path / "o"),
+        "--models",
+        "control",
+        "--tasks",
+        "unseen_pair",
+        "--seeds",
+        "1",
+        flag,
+        value,
+    ]
     assert re.search(pattern, _run(capsys, argv))
     assert not (tmp_path / "o").exists()
 
@@ -148,8 +171,23 @@ def test_an_output_folder_holding_another_run_is_refused(tmp_path, capsys, tiny_
 def c3tl_folder(tmp_path_factory, tiny_sim):
     tmp = tmp_path_factory.mktemp("model")
     storage.write_h5ad(tmp / "d.h5ad", tiny_sim)
-    assert main(["train", "--data", str(tmp / "d.h5ad"), "--out", str(tmp / "m"), "--model", "c3tl",
-                 "--encoder", "morgan:bits=128", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp / "d.h5ad"),
+                "--out",
+                str(tmp / "m"),
+                "--model",
+                "c3tl",
+                "--encoder",
+                "morgan:bits=128",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return tmp / "m"
 
 
@@ -160,8 +198,19 @@ def _copy(folder, tmp_path):
 
 
 def _predict(folder):
-    return ["predict", "--model", str(folder), "--smiles", "CCO", "--cell-line", "lineA", "--dose", "100",
-            "--out", str(folder.parent / "p.h5ad")]
+    return [
+        "predict",
+        "--model",
+        str(folder),
+        "--smiles",
+        "CCO",
+        "--cell-line",
+        "lineA",
+        "--dose",
+        "100",
+        "--out",
+        str(folder.parent / "p.h5ad"),
+    ]
 
 
 def test_a_model_folder_with_corrupted_weights_is_refused(c3tl_folder, tmp_path, capsys):
@@ -174,11 +223,14 @@ def test_a_model_folder_with_corrupted_weights_is_refused(c3tl_folder, tmp_path,
     assert not (tmp_path / "p.h5ad").exists()
 
 
-@pytest.mark.parametrize("edit,pattern", [
-    (lambda meta: meta["config"].update(hidden=meta["config"]["hidden"] * 2), r"does not load \(RuntimeError"),
-    (lambda meta: meta.pop("genes"), r"does not load \(KeyError"),
-    (lambda meta: meta.update(model="nope"), r"unknown model 'nope'"),
-])
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (lambda meta: meta["config"].update(hidden=meta["config"]["hidden"] * 2), r"does not load \(RuntimeError"),
+        (lambda meta: meta.pop("genes"), r"does not load \(KeyError"),
+        (lambda meta: meta.update(model="nope"), r"unknown model 'nope'"),
+    ],
+)
 def test_a_model_folder_with_an_edited_model_json_is_refused(edit, pattern, c3tl_folder, tmp_path, capsys):
     m = _copy(c3tl_folder, tmp_path)
     meta = json.loads((m / "model.json").read_text())
@@ -191,8 +243,18 @@ def test_screen_skips_and_lists_bad_library_lines_unless_all_are_bad(c3tl_folder
     lib = tmp_path / "lib.smi"
     lib.write_text("CCO ethanol\nC1CC(( broken\nCC(=O)Oc1ccccc1C(=O)O aspirin\nnot_a_smiles junk\n")
     out = tmp_path / "ranked.csv"
-    argv = ["screen", "--model", str(c3tl_folder), "--library", str(lib), "--cell-line", "lineA", "--out", str(out),
-            "--quiet"]
+    argv = [
+        "screen",
+        "--model",
+        str(c3tl_folder),
+        "--library",
+        str(lib),
+        "--cell-line",
+        "lineA",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     assert "skipped 2 molecule(s)" in caplog.text and "broken, junk" in caplog.text
     import pandas as pd
@@ -206,7 +268,9 @@ def test_screen_skips_and_lists_bad_library_lines_unless_all_are_bad(c3tl_folder
     # the same screen from a config file of option names (flags would override it)
     lib.write_text("CCO ethanol\n")
     cfg = tmp_path / "screen.yaml"
-    cfg.write_text(f"model: {c3tl_folder}\nlibrary: {lib}\ncell-line: lineA\nout: {tmp_path / 'cfg.csv'}\nquiet: true\n")
+    cfg.write_text(
+        f"model: {c3tl_folder}\nlibrary: {lib}\ncell-line: lineA\nout: {tmp_path / 'cfg.csv'}\nquiet: true\n"
+    )
     assert main(["screen", "--config", str(cfg)]) == 0
     assert list(pd.read_csv(tmp_path / "cfg.csv")["drug"]) == ["ethanol"]
 
@@ -214,9 +278,26 @@ def test_screen_skips_and_lists_bad_library_lines_unless_all_are_bad(c3tl_folder
 def _annotate(tmp_path, capsys, ref, query=None, *extra) -> str:
     storage.write_h5ad(tmp_path / "ref.h5ad", ref)
     storage.write_h5ad(tmp_path / "query.h5ad", query if query is not None else ref)
-    return _run(capsys, ["annotate", "--reference", str(tmp_path / "ref.h5ad"), "--query", str(tmp_path / "query.h5ad"),
-                         "--label-key", "cell_type", "--backbone", "random:1x8", "--epochs", "1", "--quiet",
-                         "--out", str(tmp_path / "a.h5ad"), *extra])
+    return _run(
+        capsys,
+        [
+            "annotate",
+            "--reference",
+            str(tmp_path / "ref.h5ad"),
+            "--query",
+            str(tmp_path / "query.h5ad"),
+            "--label-key",
+            "cell_type",
+            "--backbone",
+            "random:1x8",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path / "a.h5ad"),
+            *extra,
+        ],
+    )
 
 
 def test_annotate_refuses_a_missing_label_column(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """LINCS L1000 files: the real development plate from ../shared and tiny hand-made GCT/GCTX files."""
+
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,6 @@ import pytest
 from scdca.data.lincs import dose_in_um, read_gct_table, read_lincs, write_gctx
 from scdca.data.screen import load, read
 from scdca.errors import ScdcaInputError
-
 from tests.conftest import SMILES
 
 LINCS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "lincs")
@@ -63,15 +63,23 @@ def test_real_plate_skips_compounds_without_structure_with_one_warning(caplog):
 def _tiny_tables(n_genes=4):
     rng = np.random.default_rng(0)
     wells = ["P:A01", "P:A02", "P:A03", "P:A04", "P:A05"]
-    cols = pd.DataFrame({"pert_id": ["DMSO", "DMSO", "BRD-K00000001-001-01-1", "BRD-K00000001-003-02-9", "BRD-K00000002-001-01-1"],
-                         "pert_iname": ["DMSO", "DMSO", "aspirin", "aspirin", "caffeine"],
-                         "pert_type": ["ctl_vehicle", "ctl_vehicle", "trt_cp", "trt_cp", "trt_poscon"],
-                         "pert_dose": ["-666", "-666", "500", "10", "1"],
-                         "pert_dose_unit": ["-666", "-666", "nM", "uM", "uM"],
-                         "pert_time": ["24"] * 5, "pert_time_unit": ["h"] * 5, "cell_id": ["MCF7"] * 5},
-                        index=pd.Index(wells, name="id"))
-    rows = pd.DataFrame({"pr_gene_symbol": [f"GENE{i}" for i in range(n_genes)]},
-                        index=pd.Index([f"{200 + i}_at" for i in range(n_genes)], name="id"))
+    cols = pd.DataFrame(
+        {
+            "pert_id": ["DMSO", "DMSO", "BRD-K00000001-001-01-1", "BRD-K00000001-003-02-9", "BRD-K00000002-001-01-1"],
+            "pert_iname": ["DMSO", "DMSO", "aspirin", "aspirin", "caffeine"],
+            "pert_type": ["ctl_vehicle", "ctl_vehicle", "trt_cp", "trt_cp", "trt_poscon"],
+            "pert_dose": ["-666", "-666", "500", "10", "1"],
+            "pert_dose_unit": ["-666", "-666", "nM", "uM", "uM"],
+            "pert_time": ["24"] * 5,
+            "pert_time_unit": ["h"] * 5,
+            "cell_id": ["MCF7"] * 5,
+        },
+        index=pd.Index(wells, name="id"),
+    )
+    rows = pd.DataFrame(
+        {"pr_gene_symbol": [f"GENE{i}" for i in range(n_genes)]},
+        index=pd.Index([f"{200 + i}_at" for i in range(n_genes)], name="id"),
+    )
     X = rng.uniform(4, 12, (n_genes, len(wells))).astype(np.float32)
     return X, rows, cols
 
@@ -117,16 +125,21 @@ def test_compounds_table_matches_names_when_ids_are_missing(tmp_path):
 
 
 def test_dose_units():
-    got = dose_in_um(pd.Series(["10", "500", "2", "10 uM", "250 nM", "1"]), pd.Series(["uM", "nM", "mM", None, None, "µM"]))
+    got = dose_in_um(
+        pd.Series(["10", "500", "2", "10 uM", "250 nM", "1"]), pd.Series(["uM", "nM", "mM", None, None, "µM"])
+    )
     np.testing.assert_allclose(got, [10, 0.5, 2000, 10, 0.25, 1])
     assert np.isnan(dose_in_um(pd.Series(["3"]), pd.Series(["furlongs"])))[0]
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda t: t.replace("#1.3", "#9.9", 1), "first line"),
-    (lambda t: "\n".join(t.split("\n")[:3] + t.split("\n")[5:]), "metadata rows missing|data block|fields"),
-    (lambda t: t.replace("ctl_vehicle", "ctl_untrt"), "no vehicle wells"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda t: t.replace("#1.3", "#9.9", 1), "first line"),
+        (lambda t: "\n".join(t.split("\n")[:3] + t.split("\n")[5:]), "metadata rows missing|data block|fields"),
+        (lambda t: t.replace("ctl_vehicle", "ctl_untrt"), "no vehicle wells"),
+    ],
+)
 def test_bad_gct_files_get_one_line_errors(tmp_path, mutate, match):
     X, rows, cols = _tiny_tables()
     _write_gct(tmp_path / "p.gct", X, rows, cols)
@@ -152,8 +165,9 @@ def test_gct_table_dimensions(tmp_path):
 
 
 def test_gct_v12_reads_as_a_table_but_has_no_well_annotations(tmp_path):
-    (tmp_path / "p.gct").write_text("#1.2\n2\t3\nName\tDescription\tw1\tw2\tw3\n"
-                                    "g1\tgene one\t1.0\t2.0\t3.0\ng2\tgene two\t4.0\t5.0\t6.0\n")
+    (tmp_path / "p.gct").write_text(
+        "#1.2\n2\t3\nName\tDescription\tw1\tw2\tw3\ng1\tgene one\t1.0\t2.0\t3.0\ng2\tgene two\t4.0\t5.0\t6.0\n"
+    )
     X, rows, cols = read_gct_table(tmp_path / "p.gct")
     np.testing.assert_allclose(X, [[1, 2, 3], [4, 5, 6]])
     assert list(rows["Description"]) == ["gene one", "gene two"] and list(cols.index) == ["w1", "w2", "w3"]

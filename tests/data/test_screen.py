@@ -7,7 +7,6 @@ import scipy.sparse as sp
 from scdca.data.keys import DataKeys, condition_id
 from scdca.data.screen import load
 from scdca.errors import ScdcaInputError
-
 from tests.conftest import make_cells, make_pb
 
 
@@ -57,9 +56,16 @@ def test_split_halves_partition_each_condition():
 
 
 def test_pseudobulk_input_has_one_row_per_condition_and_ranks_degs_by_change():
-    obs = pd.DataFrame({"cell_type": ["L1", "L1"], "condition": ["control", "aspirin"],
-                        "dose_val": [0.0, 1.0], "SMILES": ["", "CC(=O)Oc1ccccc1C(=O)O"], "control": [1, 0]},
-                       index=["ctrl", "asp"])
+    obs = pd.DataFrame(
+        {
+            "cell_type": ["L1", "L1"],
+            "condition": ["control", "aspirin"],
+            "dose_val": [0.0, 1.0],
+            "SMILES": ["", "CC(=O)Oc1ccccc1C(=O)O"],
+            "control": [1, 0],
+        },
+        index=["ctrl", "asp"],
+    )
     X = np.array([[1.0, 1.0, 1.0], [1.5, 0.2, 1.1]], dtype=np.float32)
     data = load(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=["a", "b", "c"])))
     assert data.conditions["n_cells"].tolist() == [1]
@@ -75,8 +81,9 @@ def test_rank_degs_matches_scanpy_t_test():
     adata.X[adata.obs["condition"].eq("aspirin").to_numpy()] *= np.linspace(0.5, 1.5, 40).astype(np.float32)
     data = load(adata)
     sub = adata[adata.obs["cell_type"] == "L1"].copy()
-    sc.tl.rank_genes_groups(sub, "condition", groups=["aspirin"], reference="control", method="t-test",
-                            rankby_abs=True, n_genes=40)
+    sc.tl.rank_genes_groups(
+        sub, "condition", groups=["aspirin"], reference="control", method="t-test", rankby_abs=True, n_genes=40
+    )
     expected = [str(g) for g in sub.uns["rank_genes_groups"]["names"]["aspirin"][:10]]
     ours = [str(data.genes[i]) for i in data.degs["L1_aspirin_1.0"][:10]]
     assert ours == expected
@@ -101,8 +108,9 @@ def test_gene_selection_by_list_and_by_hvg():
 
 def test_custom_keys_and_control_by_drug_name():
     adata = make_cells(counts=False)
-    adata.obs = adata.obs.rename(columns={"cell_type": "line", "condition": "drug", "dose_val": "uM",
-                                          "SMILES": "smi"}).drop(columns="control")
+    adata.obs = adata.obs.rename(
+        columns={"cell_type": "line", "condition": "drug", "dose_val": "uM", "SMILES": "smi"}
+    ).drop(columns="control")
     data = load(adata, keys=DataKeys(cell_line="line", drug="drug", dose="uM", smiles="smi"))
     assert len(data.ids) == 4 and data.cell_lines == ["L1", "L2"]
 
@@ -203,9 +211,15 @@ def test_to_anndata_is_pseudobulk_with_controls_and_scanpy_degs(tiny_data, tmp_p
     row = tiny_data.conditions.loc[cid]
     line = tiny_data.controls.index.get_loc(row["cell_line"])
     gene = tiny_data.degs[cid][0]
-    t, p = stats.ttest_ind_from_stats(tiny_data.mean[5, gene], tiny_data.std[5, gene], row["n_cells"],
-                                      tiny_data.control_mean[line, gene], tiny_data.control_std[line, gene],
-                                      tiny_data.controls["n_cells"].iloc[line], equal_var=False)
+    t, p = stats.ttest_ind_from_stats(
+        tiny_data.mean[5, gene],
+        tiny_data.std[5, gene],
+        row["n_cells"],
+        tiny_data.control_mean[line, gene],
+        tiny_data.control_std[line, gene],
+        tiny_data.controls["n_cells"].iloc[line],
+        equal_var=False,
+    )
     assert df["scores"].iloc[0] == pytest.approx(t, rel=1e-4) and df["pvals"].iloc[0] == pytest.approx(p, rel=1e-3)
     assert (df["pvals_adj"] >= df["pvals"] - 1e-12).all()
 
@@ -251,8 +265,7 @@ def test_streaming_a_backed_file_in_chunks_equals_loading_it_whole(tiny_sim, tmp
         pd.testing.assert_frame_equal(streamed.conditions, whole.conditions)
         pd.testing.assert_frame_equal(streamed.controls, whole.controls)
         for attr in ("mean", "std", "half_a", "half_b", "control_mean", "control_std"):
-            np.testing.assert_allclose(getattr(streamed, attr), getattr(whole, attr), rtol=0, atol=1e-6,
-                                       err_msg=attr)
+            np.testing.assert_allclose(getattr(streamed, attr), getattr(whole, attr), rtol=0, atol=1e-6, err_msg=attr)
         assert all(np.array_equal(streamed.degs[i], whole.degs[i]) for i in whole.ids)
     # and the pseudobulk is what numpy computes from the cells
     streamed = load(path, chunk_size=97)

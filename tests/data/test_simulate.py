@@ -6,11 +6,17 @@ import scipy.sparse as sp
 
 from scdca.data.simulate import AtlasConfig, SimulationConfig, simulate, simulate_atlas
 from scdca.errors import ScdcaInputError
-
 from tests.conftest import SMILES
 
-CFG = SimulationConfig(n_genes=80, n_cell_lines=3, cells_per_condition=4, control_cells=400, n_programs=6,
-                       doses_nM=(100.0, 10000.0), smiles=SMILES)
+CFG = SimulationConfig(
+    n_genes=80,
+    n_cell_lines=3,
+    cells_per_condition=4,
+    control_cells=400,
+    n_programs=6,
+    doses_nM=(100.0, 10000.0),
+    smiles=SMILES,
+)
 ATLAS = AtlasConfig(n_states=12, cells_per_state=400, extra_programs=2)
 
 
@@ -39,14 +45,18 @@ def test_atlas_has_the_screens_genes_and_its_lines_only_as_controls(atlas):
 
 
 def test_atlas_programs_covary_across_cells():
-    atlas = simulate_atlas(SimulationConfig(n_genes=400, n_programs=4, smiles=SMILES),
-                           AtlasConfig(n_states=10, cells_per_state=200, extra_programs=1), seed=0)
+    atlas = simulate_atlas(
+        SimulationConfig(n_genes=400, n_programs=4, smiles=SMILES),
+        AtlasConfig(n_states=10, cells_per_state=200, extra_programs=1),
+        seed=0,
+    )
     programs = atlas.uns["atlas_programs"]  # (P + E, G) loadings
     corr = np.corrcoef(_log_norm(atlas.X).T)
     genes = np.argsort(-np.abs(programs[0]))[:8]  # strongest genes of a program drugs act on
     sign = np.sign(programs[0, genes])
-    within = np.mean([corr[i, j] * sign[a] * sign[b] for a, i in enumerate(genes)
-                      for b, j in enumerate(genes) if a < b])
+    within = np.mean(
+        [corr[i, j] * sign[a] * sign[b] for a, i in enumerate(genes) for b, j in enumerate(genes) if a < b]
+    )
     outside = np.flatnonzero((programs == 0).all(0))[:8]  # genes in no program
     background = np.mean([abs(corr[i, j]) for a, i in enumerate(outside) for b, j in enumerate(outside) if a < b])
     assert within > 0.2 and within > 3 * background
@@ -74,8 +84,10 @@ def test_a_screen_streamed_to_a_file_equals_the_in_memory_one(tmp_path):
     prop = rng.dirichlet(np.ones(30), size=4)
     cells = np.repeat(np.arange(4), 3000)
     chunks = list(_count_chunks(prop, cells, np.full(cells.size, 500.0), 5.0, rng))
-    small = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(cells.size)]),
-                       var=pd.DataFrame(index=[f"g{i}" for i in range(30)]))
+    small = ad.AnnData(
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(cells.size)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(30)]),
+    )
     write_in_chunks(tmp_path / "blocks.h5ad", small, iter(chunks), rows_per_write=5000)
     back = ad.read_h5ad(tmp_path / "blocks.h5ad")
     assert (back.X != sp.vstack(chunks).tocsr()).nnz == 0

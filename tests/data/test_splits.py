@@ -5,16 +5,15 @@ from hypothesis import strategies as st
 
 from scdca.data.splits import TASKS, Split, audit, make_splits
 from scdca.errors import LeakageError, ScdcaInputError
-
 from tests.conftest import make_pb
 
 
 def grid(n_lines=3, n_drugs=20, doses=(0.1, 1.0), drop=()):
     drugs = [f"d{i}" for i in range(n_drugs)]
-    delta = {(f"L{c}", d, x): np.zeros(4) for c in range(n_lines) for d in drugs for x in doses
-             if (f"L{c}", d) not in drop}
-    return make_pb(delta, control={f"L{c}": np.ones(4) for c in range(n_lines)},
-                   smiles={d: "CCO" for d in drugs})
+    delta = {
+        (f"L{c}", d, x): np.zeros(4) for c in range(n_lines) for d in drugs for x in doses if (f"L{c}", d) not in drop
+    }
+    return make_pb(delta, control={f"L{c}": np.ones(4) for c in range(n_lines)}, smiles={d: "CCO" for d in drugs})
 
 
 def test_unseen_drug_holds_out_30_percent_of_drugs_with_all_their_doses():
@@ -66,8 +65,12 @@ def test_split_json_roundtrip(tmp_path):
 
 @pytest.mark.parametrize(
     "task,move",
-    [("unseen_drug", "drug"), ("unseen_pair", "pair"), ("unseen_cell_zeroshot", "line"),
-     ("unseen_cell_fewshot", "line")],
+    [
+        ("unseen_drug", "drug"),
+        ("unseen_pair", "pair"),
+        ("unseen_cell_zeroshot", "line"),
+        ("unseen_cell_fewshot", "line"),
+    ],
 )
 def test_audit_catches_leaks(task, move):
     data = grid()
@@ -77,8 +80,11 @@ def test_audit_catches_leaks(task, move):
     victim = test.index[0]
     sib = test.index[(test["drug"] == test.loc[victim, "drug"]) & (test.index != victim)]
     if move == "pair":
-        sib = test.index[(test["drug"] == test.loc[victim, "drug"]) & (test["cell_line"] == test.loc[victim, "cell_line"])
-                         & (test.index != victim)]
+        sib = test.index[
+            (test["drug"] == test.loc[victim, "drug"])
+            & (test["cell_line"] == test.loc[victim, "cell_line"])
+            & (test.index != victim)
+        ]
     leaky = Split(s.task, s.seed, s.held_out, s.train + (sib[0],), tuple(i for i in s.test if i != sib[0]))
     with pytest.raises(LeakageError):
         audit(leaky, data)
@@ -104,8 +110,11 @@ def test_error_unknown_task_lists_choices():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n_lines=st.integers(2, 4), n_drugs=st.integers(4, 25), seed=st.integers(0, 10_000),
-    task=st.sampled_from(TASKS), drop_frac=st.floats(0.0, 0.3),
+    n_lines=st.integers(2, 4),
+    n_drugs=st.integers(4, 25),
+    seed=st.integers(0, 10_000),
+    task=st.sampled_from(TASKS),
+    drop_frac=st.floats(0.0, 0.3),
 )
 def test_property_no_split_ever_leaks(n_lines, n_drugs, seed, task, drop_frac):
     """Checked directly from the condition table, independently of `audit`."""

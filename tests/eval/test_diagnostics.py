@@ -1,8 +1,8 @@
 """Plate diagnostics: how much drug-specific signal a screen carries."""
+
 import numpy as np
 
 from scdca.eval.diagnostics import describe, plate_diagnostics
-
 from tests.conftest import make_pb
 
 

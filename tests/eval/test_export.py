@@ -13,8 +13,9 @@ from scdca.eval.runs import CONTROL, read_predictions
 @pytest.fixture(scope="module")
 def ridge_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = BenchmarkConfig(data="tiny.h5ad", out=str(out), models=["ridge"],
-                          tasks=["unseen_drug", "unseen_cell_zeroshot"], seeds=1, k=5)
+    cfg = BenchmarkConfig(
+        data="tiny.h5ad", out=str(out), models=["ridge"], tasks=["unseen_drug", "unseen_cell_zeroshot"], seeds=1, k=5
+    )
     return out, run(cfg, data=tiny_data, progress=False)
 
 
@@ -36,13 +37,23 @@ def test_cell_eval_scores_the_exported_pair_as_we_do(ridge_run, tmp_path):
     cell_eval = pytest.importorskip("cell_eval")
     out, results = ridge_run
     real, pred = (read(p) for p in export(out, "ridge", "unseen_cell_zeroshot", 0, tmp_path))
-    ours = results[(results["model"] == "ridge") & (results["task"] == "unseen_cell_zeroshot")
-                   & results["metric"].isin(["pearson_delta", "mse"])]
+    ours = results[
+        (results["model"] == "ridge")
+        & (results["task"] == "unseen_cell_zeroshot")
+        & results["metric"].isin(["pearson_delta", "mse"])
+    ]
     checked = 0
     for line in real.obs["cell_line"].unique():
         r, p = real[real.obs["cell_line"] == line].copy(), pred[pred.obs["cell_line"] == line].copy()
-        ev = cell_eval.MetricsEvaluator(adata_pred=p, adata_real=r, control_pert=CONTROL, pert_col=PERT_COL,
-                                        skip_de=True, num_threads=1, outdir=str(tmp_path / "ce"))
+        ev = cell_eval.MetricsEvaluator(
+            adata_pred=p,
+            adata_real=r,
+            control_pert=CONTROL,
+            pert_col=PERT_COL,
+            skip_de=True,
+            num_threads=1,
+            outdir=str(tmp_path / "ce"),
+        )
         theirs, _ = ev.compute(profile="anndata", write_csv=False)
         theirs = theirs.to_pandas().set_index("perturbation")
         mine = ours[ours["cell_line"] == line]
@@ -71,7 +82,9 @@ def test_cli_export_prints_the_cell_eval_command(ridge_run, tmp_path, capsys):
 def test_a_drug_named_like_the_control_label_is_refused():
     import anndata as ad
 
-    a = ad.AnnData(np.ones((1, 2), np.float32), obs=pd.DataFrame({"cell_line": ["L1"], "drug": [CONTROL], "dose": [1.0]}))
+    a = ad.AnnData(
+        np.ones((1, 2), np.float32), obs=pd.DataFrame({"cell_line": ["L1"], "drug": [CONTROL], "dose": [1.0]})
+    )
     a.layers["observed"] = a.X.copy()
     a.layers["control"] = a.X.copy()
     with pytest.raises(ScdcaInputError, match="rename that drug"):

@@ -16,8 +16,14 @@ from scdca.storage import atomic_path, write_csv
 @pytest.fixture(scope="module")
 def bench(tiny_sim, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = BenchmarkConfig(data="tiny.h5ad", out=str(out), models=["control", "additive"],
-                          tasks=["unseen_drug", "unseen_cell_zeroshot"], seeds=2, k=5)
+    cfg = BenchmarkConfig(
+        data="tiny.h5ad",
+        out=str(out),
+        models=["control", "additive"],
+        tasks=["unseen_drug", "unseen_cell_zeroshot"],
+        seeds=2,
+        k=5,
+    )
     results = run(cfg, data=tiny_data, progress=False)
     return cfg, out, results, tiny_data
 
@@ -37,8 +43,11 @@ def test_summary_is_mean_and_se_over_seeds(bench):
     cfg, out, results, data = bench
     summary = pd.read_csv(out / "summary.csv")
     row = summary[(summary.model == "additive") & (summary.task == "unseen_drug") & (summary.metric == "mse")].iloc[0]
-    per_seed = results[(results.model == "additive") & (results.task == "unseen_drug") & (results.metric == "mse")] \
-        .groupby("seed")["value"].mean()
+    per_seed = (
+        results[(results.model == "additive") & (results.task == "unseen_drug") & (results.metric == "mse")]
+        .groupby("seed")["value"]
+        .mean()
+    )
     assert row["n"] == 2
     assert row["mean"] == pytest.approx(per_seed.mean())
     assert row["se"] == pytest.approx(per_seed.std(ddof=1) / np.sqrt(2))
@@ -196,8 +205,25 @@ def test_killed_at_random_points_and_rerun_gives_the_uninterrupted_results(tmp_p
     storage.write_h5ad(data, tiny_sim)
 
     def cmd(out):
-        return [sys.executable, "-m", "scdca.cli", "benchmark", "--data", str(data), "--out", str(out), "--models",
-                "control,ridge", "--tasks", "unseen_drug,unseen_pair", "--seeds", "2", "--k", "5", "--quiet"]
+        return [
+            sys.executable,
+            "-m",
+            "scdca.cli",
+            "benchmark",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--models",
+            "control,ridge",
+            "--tasks",
+            "unseen_drug,unseen_pair",
+            "--seeds",
+            "2",
+            "--k",
+            "5",
+            "--quiet",
+        ]
 
     import time
 
@@ -234,8 +260,13 @@ def test_killed_at_random_points_and_rerun_gives_the_uninterrupted_results(tmp_p
 def test_ceiling_is_the_split_half_correlation_corrected_by_spearman_brown(bench):
     from scdca.eval.grid import spearman_brown
 
-    half = pd.DataFrame({"model": "ceiling_half", "metric": ["pearson_delta", "pearson_delta_deg", "mse",
-                                                             "pearson_delta"], "value": [0.5, 0.8, 0.1, -0.2]})
+    half = pd.DataFrame(
+        {
+            "model": "ceiling_half",
+            "metric": ["pearson_delta", "pearson_delta_deg", "mse", "pearson_delta"],
+            "value": [0.5, 0.8, 0.1, -0.2],
+        }
+    )
     full = spearman_brown(half)
     # by hand: 2 * 0.5 / 1.5 and 2 * 0.8 / 1.8; no correction for r <= 0; none defined for mse
     np.testing.assert_allclose(full["value"], [2 / 3, 16 / 18, -0.2])

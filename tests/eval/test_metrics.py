@@ -28,7 +28,7 @@ def test_r2_deg_uses_only_top_k_degs():
 
 def test_delta_metrics_subtract_control():
     ctrl = [1.0, 1.0, 1.0, 1.0]
-    obs = [2.0, 0.0, 3.0, 1.0]   # change +1, -1, +2, 0
+    obs = [2.0, 0.0, 3.0, 1.0]  # change +1, -1, +2, 0
     pred = [2.0, 1.0, 2.0, 1.5]  # change +1,  0, +1, 0.5
     s = score(inp(pred, obs, ctrl, [[0, 1, 2]]), ["r2_delta_deg", "pearson_delta_deg", "pearson_delta"])
     assert s["r2_delta_deg"][0] == pytest.approx(r2_score([1, -1, 2], [1, 0, 1]))

@@ -30,11 +30,18 @@ def grids(tiny_data, tmp_path_factory):
     broken = tmp_path_factory.mktemp("broken_backbone")
     (broken / "best_model.pt").write_bytes(b"not a checkpoint")
     common = dict(data="tiny.h5ad", tasks=["unseen_drug", "unseen_cell_zeroshot"], seeds=2, k=5, report=False)
-    serial = run(BenchmarkConfig(out=str(tmp_path_factory.mktemp("serial")), models=["control", "additive", "ridge"],
-                                 **common), data=tiny_data, progress=False)
+    serial = run(
+        BenchmarkConfig(out=str(tmp_path_factory.mktemp("serial")), models=["control", "additive", "ridge"], **common),
+        data=tiny_data,
+        progress=False,
+    )
     out = tmp_path_factory.mktemp("parallel")
-    cfg = BenchmarkConfig(out=str(out), models=["control", "additive", "ridge", "scdca_lowrank"],
-                          model_options={"backbone": str(broken)}, **common)
+    cfg = BenchmarkConfig(
+        out=str(out),
+        models=["control", "additive", "ridge", "scdca_lowrank"],
+        model_options={"backbone": str(broken)},
+        **common,
+    )
     with pytest.raises(GridError) as err:
         run(cfg, data=tiny_data, progress=False, workers=2)
     return serial, out, str(err.value)
@@ -54,8 +61,9 @@ def test_parallel_grid_equals_the_serial_one(grids):
 def test_a_failing_cell_is_reported_and_the_others_are_kept(grids):
     _, out, message = grids
     failed = sorted(p.name for p in (out / "failed").iterdir())
-    assert failed == [f"scdca_lowrank__{t}__seed{s}.txt" for t in ("unseen_cell_zeroshot", "unseen_drug")
-                      for s in (0, 1)]
+    assert failed == [
+        f"scdca_lowrank__{t}__seed{s}.txt" for t in ("unseen_cell_zeroshot", "unseen_drug") for s in (0, 1)
+    ]
     assert "Traceback" in (out / "failed" / failed[0]).read_text()
     assert message.startswith("4 of 24 grid cell(s) failed: scdca_lowrank__") and "rerun the same command" in message
     assert not any(p.name.startswith("scdca_lowrank") for p in (out / "cells").iterdir())

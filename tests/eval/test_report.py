@@ -18,8 +18,19 @@ def tiny_results():
             for drug, shift in (("d1", -0.1), ("d2", 0.1)):  # per-condition values average to vals[seed]
                 rows.append((model, "unseen_drug", seed, "", "L1", drug, 1.0, "pearson_delta_deg", vals[seed] + shift))
                 for line in ("L1", "L2"):
-                    rows.append((model, "unseen_cell_zeroshot", seed, line, line, drug, 1.0, "pearson_delta_deg",
-                                 vals[seed] + (0.05 if line == "L1" else -0.05)))
+                    rows.append(
+                        (
+                            model,
+                            "unseen_cell_zeroshot",
+                            seed,
+                            line,
+                            line,
+                            drug,
+                            1.0,
+                            "pearson_delta_deg",
+                            vals[seed] + (0.05 if line == "L1" else -0.05),
+                        )
+                    )
     cols = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -168,8 +179,9 @@ def test_deg_sweep_table_orders_k_numerically_with_all_last():
 def test_deg_sweep_figure_keeps_a_collapsed_model_from_flattening_the_others():
     from scdca.eval.figures import sweep_figure
 
-    rows = [("t", m, k, v) for k in ("10", "20", "all")
-            for m, v in (("control", 0.80), ("ridge", 0.85), ("broken", -3.0))]
+    rows = [
+        ("t", m, k, v) for k in ("10", "20", "all") for m, v in (("control", 0.80), ("ridge", 0.85), ("broken", -3.0))
+    ]
     fig = sweep_figure(pd.DataFrame(rows, columns=["task", "model", "k", "value"]))
     ax = fig.axes[0]
     assert ax.get_ylim()[0] == pytest.approx(0.70)
@@ -180,9 +192,14 @@ def test_cost_table_shows_whole_parameter_counts_and_dashes_for_closed_form_mode
     from scdca.eval.report import _cost_text, cost_table
 
     (tmp_path / "costs").mkdir()
-    pd.DataFrame({"model": ["ridge", "scdca", "scdca"], "seconds": [1.0, 30.0, 32.0],
-                  "params_trainable": [np.nan, 60160, 60160], "params_total": [np.nan, 637313, 637313]}
-                 ).to_csv(tmp_path / "costs" / "x.csv", index=False)
+    pd.DataFrame(
+        {
+            "model": ["ridge", "scdca", "scdca"],
+            "seconds": [1.0, 30.0, 32.0],
+            "params_trainable": [np.nan, 60160, 60160],
+            "params_total": [np.nan, 637313, 637313],
+        }
+    ).to_csv(tmp_path / "costs" / "x.csv", index=False)
     table = cost_table(tmp_path)
     assert table.loc["scdca", "seconds"] == 31.0
     text = _cost_text(table)
@@ -198,8 +215,9 @@ def test_models_with_rank_near_one_half_are_flagged_as_not_distinguishing_drugs(
         for model, rank in (("blind", 0.5 + 0.015 * (-1) ** seed), ("sees", 0.35), ("edge", 0.479), ("control", 0.5)):
             rows.append((model, "unseen_drug", seed, "", "L1", "d1", 1.0, "rank", rank))
             rows.append((model, "unseen_drug", seed, "", "L1", "d1", 1.0, "pearson_delta_deg", 0.3))
-    res = pd.DataFrame(rows, columns=["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric",
-                                      "value"])
+    res = pd.DataFrame(
+        rows, columns=["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]
+    )
     assert list(drug_blind(res)["model"]) == ["blind"]  # 0.479 is 0.021 from 0.5; control is not a model
     table = main_table(res, metrics=["rank"])
     assert table.loc[("unseen_drug", "blind"), "rank"].endswith("(does not distinguish drugs)")
@@ -217,8 +235,11 @@ def test_groups_stored_with_the_data_get_their_tables(tmp_path):
 
     obs = pd.DataFrame({"condition": ["d1", "d2"], "SMILES": ["CCO", "CCN"]}, index=["c0", "c1"])
     data = ad.AnnData(X=np.zeros((2, 3), np.float32), obs=obs)
-    data.uns["drug_annotations"] = {"drug": np.array(["d1", "d2"]), "mechanism": np.array(["hdac_like", "none"]),
-                                    "active": np.array([1, 0])}
+    data.uns["drug_annotations"] = {
+        "drug": np.array(["d1", "d2"]),
+        "mechanism": np.array(["hdac_like", "none"]),
+        "active": np.array([1, 0]),
+    }
     data.write_h5ad(tmp_path / "data.h5ad")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"data": str(tmp_path / "data.h5ad")}))

@@ -29,8 +29,12 @@ def test_control_predicts_the_line_control():
 
 
 def test_train_mean_averages_the_lines_training_changes():
-    delta = {("L1", "aspirin", 1.0): [1, 0, 0], ("L1", "caffeine", 1.0): [3, 2, 0],
-             ("L2", "aspirin", 1.0): [9, 9, 9], ("L1", "ibuprofen", 1.0): [0, 0, 0]}
+    delta = {
+        ("L1", "aspirin", 1.0): [1, 0, 0],
+        ("L1", "caffeine", 1.0): [3, 2, 0],
+        ("L2", "aspirin", 1.0): [9, 9, 9],
+        ("L1", "ibuprofen", 1.0): [0, 0, 0],
+    }
     data = make_pb(delta, control=CTRL)
     p = predict(make_model("train_mean"), data, list(delta)[:3], [("L1", "ibuprofen", 1.0)])
     np.testing.assert_allclose(p, [[1 + 2, 1 + 1, 1 + 0]])
@@ -41,11 +45,19 @@ def test_train_mean_averages_the_lines_training_changes():
 
 
 def test_additive_transfers_the_drugs_change_from_other_lines():
-    delta = {("L1", "aspirin", 1.0): [1, -1, 0], ("L2", "aspirin", 1.0): [5, 5, 5],
-             ("L1", "caffeine", 1.0): [0, 2, 0], ("L2", "caffeine", 1.0): [0, 0, 0]}
+    delta = {
+        ("L1", "aspirin", 1.0): [1, -1, 0],
+        ("L2", "aspirin", 1.0): [5, 5, 5],
+        ("L1", "caffeine", 1.0): [0, 2, 0],
+        ("L2", "caffeine", 1.0): [0, 0, 0],
+    }
     data = make_pb(delta, control=CTRL)
-    p = predict(make_model("additive"), data, [("L1", "aspirin", 1.0), ("L1", "caffeine", 1.0)],
-                [("L2", "aspirin", 1.0), ("L2", "caffeine", 1.0)])
+    p = predict(
+        make_model("additive"),
+        data,
+        [("L1", "aspirin", 1.0), ("L1", "caffeine", 1.0)],
+        [("L2", "aspirin", 1.0), ("L2", "caffeine", 1.0)],
+    )
     np.testing.assert_allclose(p, [[3, 1, 2], [2, 4, 2]])
 
 
@@ -58,7 +70,11 @@ def test_additive_falls_back_to_the_mean_change_for_unseen_drugs():
 
 def test_knn_uses_the_identical_molecule_first():
     # paracetamol is given aspirin's SMILES, so its nearest neighbour is aspirin (similarity 1)
-    delta = {("L1", "aspirin", 1.0): [4, 0, 0], ("L1", "caffeine", 1.0): [0, 4, 0], ("L1", "paracetamol", 1.0): [0, 0, 0]}
+    delta = {
+        ("L1", "aspirin", 1.0): [4, 0, 0],
+        ("L1", "caffeine", 1.0): [0, 4, 0],
+        ("L1", "paracetamol", 1.0): [0, 0, 0],
+    }
     smiles = {"paracetamol": "CC(=O)Oc1ccccc1C(=O)O"}
     data = make_pb(delta, control=CTRL, smiles=smiles)
     p = predict(make_model("knn", k=1), data, list(delta)[:2], [("L1", "paracetamol", 1.0)])
@@ -73,7 +89,9 @@ def test_ridge_learns_a_line_specific_shift():
     delta = {(c, d, x): ([1.0, 0, 0] if c == "L1" else [0, -1.0, 0]) for c in CTRL for d in drugs for x in (0.1, 1.0)}
     data = make_pb(delta, control=CTRL)
     train = [k for k in delta if k[1] != "paracetamol"]
-    p = predict(make_model("ridge", alphas=(1e-3,)), data, train, [("L1", "paracetamol", 1.0), ("L2", "paracetamol", 0.1)])
+    p = predict(
+        make_model("ridge", alphas=(1e-3,)), data, train, [("L1", "paracetamol", 1.0), ("L2", "paracetamol", 0.1)]
+    )
     np.testing.assert_allclose(p, [[2, 1, 1], [2, 1, 2]], atol=0.05)
 
 
@@ -85,8 +103,11 @@ def test_registry_lists_baselines_and_rejects_unknown_names():
 
 def test_dominant_ignores_the_drug_and_adds_a_dose_scaled_direction_to_the_lines_mean():
     m, v = np.array([0.5, 0.5, 0.0]), np.array([1.0, -2.0, 2.0]) / 3.0  # v has unit length
-    delta = {("L1", d, x): m + (x - 0.55) * 2 * v * (1.2 if d == "aspirin" else 0.8)
-             for d in ("aspirin", "caffeine") for x in (0.1, 1.0)}
+    delta = {
+        ("L1", d, x): m + (x - 0.55) * 2 * v * (1.2 if d == "aspirin" else 0.8)
+        for d in ("aspirin", "caffeine")
+        for x in (0.1, 1.0)
+    }
     delta[("L1", "ibuprofen", 1.0)] = [9.0, 9.0, 9.0]  # the query's real change is never used
     delta[("L1", "ibuprofen", 0.1)] = [-9.0, 9.0, 9.0]
     data = make_pb(delta, control=CTRL)

@@ -40,8 +40,12 @@ def test_transfers_a_drugs_effect_to_a_line_where_it_was_never_seen():
     up, down = np.zeros(G), np.zeros(G)
     up[:3], down[5:8] = 1.0, -1.0
     effect = {"aspirin": up, "caffeine": down, "ibuprofen": up + down, "paracetamol": -up}
-    delta = {(line, d, x): effect[d] * x * (1.5 if line == "L2" else 1.0)
-             for line in ("L1", "L2") for d in effect for x in (0.5, 1.0)}
+    delta = {
+        (line, d, x): effect[d] * x * (1.5 if line == "L2" else 1.0)
+        for line in ("L1", "L2")
+        for d in effect
+        for x in (0.5, 1.0)
+    }
     data = make_pb(delta, control={"L1": np.full(G, 1.0), "L2": np.full(G, 2.0)})
     test = [("L2", "caffeine", 1.0), ("L2", "caffeine", 0.5), ("L1", "aspirin", 1.0), ("L1", "aspirin", 0.5)]
     train = [condition_id(*k) for k in delta if k not in test]

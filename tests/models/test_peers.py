@@ -8,8 +8,9 @@ from scdca.models import make_model, peers
 
 from ..conftest import SMILES, make_pb
 
-needs_biolord = pytest.mark.skipif(importlib.util.find_spec("biolord") is None,
-                                   reason="biolord not installed (pip install -r requirements-peers.lock)")
+needs_biolord = pytest.mark.skipif(
+    importlib.util.find_spec("biolord") is None, reason="biolord not installed (pip install -r requirements-peers.lock)"
+)
 
 
 def exact_data(n_drugs: int):
@@ -71,7 +72,12 @@ def test_biolord_prediction_of_a_condition_does_not_depend_on_the_rest_of_the_qu
 def test_biolord_records_its_cost(fitted):
     model, _ = fitted
     c = model.cost()
-    assert c["params_trainable"] == c["params_total"] > 0 and c["epochs_run"] == 150 and c["val_mse"] is None and c["fit_seconds"] > 0
+    assert (
+        c["params_trainable"] == c["params_total"] > 0
+        and c["epochs_run"] == 150
+        and c["val_mse"] is None
+        and c["fit_seconds"] > 0
+    )
 
 
 @needs_biolord

@@ -18,8 +18,11 @@ FAST = dict(encoder="morgan:bits=128", epochs=3, batch_size=8, lr=1e-3, patience
 def tiny_backbone(tiny_data, tmp_path_factory):
     torch.manual_seed(0)
     vocab = GeneVocab.from_genes(list(tiny_data.genes)[:-5])  # the last 5 genes are out of vocabulary
-    model = Backbone(BackboneConfig(ntoken=len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=2, dropout=0.0,
-                                    pad_token_id=vocab["<pad>"]))
+    model = Backbone(
+        BackboneConfig(
+            ntoken=len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=2, dropout=0.0, pad_token_id=vocab["<pad>"]
+        )
+    )
     folder = tmp_path_factory.mktemp("bb")
     save(model, vocab, folder)
     return str(folder)
@@ -39,8 +42,17 @@ def test_adapter_starts_as_identity_and_both_paths_get_gradients():
     assert ad.up.weight.grad.abs().sum() > 0 and ad.mol_proj[-1].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant,extra", [("adapter", {}), ("finetune", {}), ("concat", {}), ("feature", {}),
-                                           ("lowrank", {}), ("adapter", {"gene_head": True, "modulation": "film"})])
+@pytest.mark.parametrize(
+    "variant,extra",
+    [
+        ("adapter", {}),
+        ("finetune", {}),
+        ("concat", {}),
+        ("feature", {}),
+        ("lowrank", {}),
+        ("adapter", {"gene_head": True, "modulation": "film"}),
+    ],
+)
 def test_step_zero_equals_the_frozen_backbone_and_predicts_no_change(tiny_backbone, variant, extra):
     bb = load(tiny_backbone)
     ids = torch.arange(20)
@@ -126,12 +138,18 @@ def test_save_load_gives_identical_predictions_and_refuses_another_backbone(tiny
         ScDCAModel.load(tmp_path / "m", backbone=str(tmp_path / "other_bb"))
 
 
-@pytest.mark.parametrize("name,backbone", [("scdca_lowrank", None), ("scdca_plus", "random:1x16"),
-                                           ("scdca_plus_frozen", "random:1x16")])
+@pytest.mark.parametrize(
+    "name,backbone", [("scdca_lowrank", None), ("scdca_plus", "random:1x16"), ("scdca_plus_frozen", "random:1x16")]
+)
 def test_extensions_save_and_load_with_their_line_offsets(tiny_data, tiny_backbone, tmp_path, name, backbone):
     split = make_splits(tiny_data, "unseen_cell_zeroshot", 0)[0]  # the query line has no training offset
-    model = make_model(name, backbone=backbone or tiny_backbone, encoder="morgan:bits=128", epochs=2,
-                       **({"head_warmup_epochs": 5} if name.startswith("scdca_plus") else {}))
+    model = make_model(
+        name,
+        backbone=backbone or tiny_backbone,
+        encoder="morgan:bits=128",
+        epochs=2,
+        **({"head_warmup_epochs": 5} if name.startswith("scdca_plus") else {}),
+    )
     model.fit(tiny_data.subset(split.train))
     model.save(tmp_path / "m")
     again = ScDCAModel.load(tmp_path / "m")
@@ -169,17 +187,20 @@ def test_lowrank_starts_from_the_line_mean_change_shifted_to_the_rows_dose(tiny_
     delta, line, dose = train.delta(), cond["cell_line"].to_numpy(), cond["dose"].to_numpy()
     assert len(np.unique(dose)) > 1  # otherwise the profile is zero and this test shows nothing
     expected = train.control_for(cond["cell_line"]) + np.stack(
-        [delta[line == c].mean(0) + delta[dose == x].mean(0) - delta.mean(0) for c, x in zip(line, dose)])
+        [delta[line == c].mean(0) + delta[dose == x].mean(0) - delta.mean(0) for c, x in zip(line, dose)]
+    )
     pred = model.predict(train.subset(train.ids, observed=False))
     kept = model._kept
     np.testing.assert_allclose(pred[:, kept], expected[:, kept], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(pred[:, ~kept], train.control_for(cond["cell_line"])[:, ~kept])
-    plain = make_model("scdca_lowrank", backbone=tiny_backbone, encoder="morgan:bits=128", epochs=0,
-                       dose_profile=False).fit(train)  # the ablation: the line's mean change only
+    plain = make_model(
+        "scdca_lowrank", backbone=tiny_backbone, encoder="morgan:bits=128", epochs=0, dose_profile=False
+    ).fit(train)  # the ablation: the line's mean change only
     flat = plain.predict(train.subset(train.ids, observed=False))
     lines_mean = np.stack([delta[line == c].mean(0) for c in line])
-    np.testing.assert_allclose(flat[:, kept], (train.control_for(cond["cell_line"]) + lines_mean)[:, kept],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        flat[:, kept], (train.control_for(cond["cell_line"]) + lines_mean)[:, kept], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_dose_profile_without_line_offset_is_refused():
@@ -246,8 +267,9 @@ def test_predict_and_screen_from_a_saved_model(tiny_data, tiny_backbone, tmp_pat
     model.save(tmp_path / "m")
     m = ScDCAModel.load(tmp_path / "m")
     new_line = {"newline": tiny_data.control_mean[0] * 0.9}
-    out = predict(m, ["CCO", "c1ccccc1O"], names=["ethanol", "phenol"], cell_lines=["lineB"], control=new_line,
-                  doses=[0.01, 1.0])
+    out = predict(
+        m, ["CCO", "c1ccccc1O"], names=["ethanol", "phenol"], cell_lines=["lineB"], control=new_line, doses=[0.01, 1.0]
+    )
     assert out.n_obs == 2 * 2 * 2 and list(out.var_names) == [str(g) for g in tiny_data.genes]
     assert set(out.obs["cell_line"]) == {"lineB", "newline"}
     with pytest.raises(ScdcaInputError, match="was not in the training data"):
@@ -281,8 +303,10 @@ def test_predictions_say_how_close_each_molecule_is_to_the_training_drugs(tiny_d
     assert sim.max() < 1.0 and obs.loc["octanol", "max_tanimoto_train"] == pytest.approx(float(sim.max()), abs=1e-4)
     assert obs.loc["octanol", "nearest_train_drug"] == list(train)[int(sim.argmax())]
     ranked = screen(m, ["again", "octanol"], [known_smiles, "CCCCCCCCO"], cell_line="lineA", progress=False)
-    assert ranked.set_index("drug")["max_tanimoto_train"].to_dict() == {"again": 1.0, "octanol": pytest.approx(
-        float(sim.max()), abs=1e-4)}
+    assert ranked.set_index("drug")["max_tanimoto_train"].to_dict() == {
+        "again": 1.0,
+        "octanol": pytest.approx(float(sim.max()), abs=1e-4),
+    }
     m.training_molecules = None  # a model saved before they were recorded: no such columns, no failure
     assert "max_tanimoto_train" not in screen(m, ["octanol"], ["CCCCCCCCO"], cell_line="lineA", progress=False)
 
@@ -292,14 +316,63 @@ def test_cli_train_predict_screen(tiny_sim, tiny_backbone, tmp_path, capsys):
 
     data = tmp_path / "d.h5ad"
     tiny_sim.write_h5ad(data)
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--model", "scdca",
-                 "--backbone", tiny_backbone, "--encoder", "morgan:bits=64", "--epochs", "2", "--lr", "1e-3",
-                 "--quiet"]) == 0
-    assert main(["predict", "--model", str(tmp_path / "m"), "--smiles", "CCO", "--cell-line", "lineA",
-                 "--out", str(tmp_path / "p.h5ad")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "m"),
+                "--model",
+                "scdca",
+                "--backbone",
+                tiny_backbone,
+                "--encoder",
+                "morgan:bits=64",
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "m"),
+                "--smiles",
+                "CCO",
+                "--cell-line",
+                "lineA",
+                "--out",
+                str(tmp_path / "p.h5ad"),
+            ]
+        )
+        == 0
+    )
     (tmp_path / "lib.smi").write_text("CCO ethanol\nc1ccccc1O phenol\nOCC(O)CO glycerol\n")
-    assert main(["screen", "--model", str(tmp_path / "m"), "--library", str(tmp_path / "lib.smi"),
-                 "--cell-line", "lineA", "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "screen",
+                "--model",
+                str(tmp_path / "m"),
+                "--library",
+                str(tmp_path / "lib.smi"),
+                "--cell-line",
+                "lineA",
+                "--out",
+                str(tmp_path / "r.csv"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "effect size" in printed
     # Tanimoto to the nearest training drug: ethanol 0.20, phenol 0.30, glycerol 0.10
@@ -338,13 +411,20 @@ def _two_program_screen(tmp_path):
     G = 12
     up, down = np.zeros(G), np.zeros(G)
     up[:4], down[6:10] = 1.0, -1.0
-    delta = {(line, d, x): (up if d in ("aspirin", "ibuprofen") else down) * x
-             for line in ("L1", "L2") for d in ("aspirin", "caffeine", "ibuprofen", "paracetamol") for x in (0.5, 1.0)}
+    delta = {
+        (line, d, x): (up if d in ("aspirin", "ibuprofen") else down) * x
+        for line in ("L1", "L2")
+        for d in ("aspirin", "caffeine", "ibuprofen", "paracetamol")
+        for x in (0.5, 1.0)
+    }
     data = make_pb(delta, control={"L1": np.linspace(0.5, 2, G), "L2": np.linspace(2, 0.5, G)})
     torch.manual_seed(0)
     vocab = GeneVocab.from_genes(list(data.genes))
-    bb = Backbone(BackboneConfig(ntoken=len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=1, dropout=0.0,
-                                 pad_token_id=vocab["<pad>"]))
+    bb = Backbone(
+        BackboneConfig(
+            ntoken=len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=1, dropout=0.0, pad_token_id=vocab["<pad>"]
+        )
+    )
     save(bb, vocab, tmp_path / "bb")
     return data, str(tmp_path / "bb"), up, down
 
@@ -384,7 +464,7 @@ def test_head_dropout_acts_only_while_training():
     head = DrugGeneHead(DrugGeneConfig(d_model=8, cond_dim=6, n_genes=5, rank=3, hidden=16, dropout=0.5))
     with torch.no_grad():
         head.drug_proj[-1].weight.normal_()
-    h, cond = torch.randn(2, 5, 8), torch.randn(4, 6)
+    cond = torch.randn(4, 6)
     head.eval()
     torch.testing.assert_close(head.drug_weights(cond), head.drug_weights(cond))  # deterministic
     plain = DrugGeneHead(DrugGeneConfig(d_model=8, cond_dim=6, n_genes=5, rank=3, hidden=16))
@@ -403,13 +483,14 @@ def test_routed_training_killed_in_its_second_head_resumes_to_the_same_result(ti
     killed.seen.fit(tiny_data)
     with pytest.raises(KeyboardInterrupt):
         killed.new.fit(tiny_data, _stop_after_epochs=2)
-    assert (tmp_path / "b" / "seen" / "train_state.pt").exists() and (tmp_path / "b" / "new" / "train_state.pt").exists()
+    assert (tmp_path / "b" / "seen" / "train_state.pt").exists() and (
+        tmp_path / "b" / "new" / "train_state.pt"
+    ).exists()
     resumed = make_model("scdca_routed", checkpoint_dir=tmp_path / "b", **opts).fit(tiny_data)
     np.testing.assert_allclose(resumed.predict(q), full.predict(q), rtol=1e-5, atol=1e-6)
 
 
-def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_head(tiny_data, tiny_backbone,
-                                                                                 tmp_path):
+def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_head(tiny_data, tiny_backbone, tmp_path):
     split = make_splits(tiny_data, "unseen_drug", 0)[0]
     train = tiny_data.subset(split.train)
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=30, seed=0)
@@ -443,8 +524,9 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
     out = predict(again, [smiles, "C1CCCCC1CCCCCCCCCCCCN"], cell_lines=[line])  # a user's query: one seen, one new
     assert out.shape == (2, tiny_data.n_genes)
     np.testing.assert_allclose(out.X[0], predict(again.seen, [smiles], cell_lines=[line]).X[0], atol=1e-6)
-    np.testing.assert_allclose(out.X[1], predict(again.new, ["C1CCCCC1CCCCCCCCCCCCN"], cell_lines=[line]).X[0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out.X[1], predict(again.new, ["C1CCCCC1CCCCCCCCCCCCN"], cell_lines=[line]).X[0], atol=1e-6
+    )
 
 
 def test_head_without_free_gene_loadings_reads_each_gene_from_its_hidden_state_alone():
@@ -467,7 +549,8 @@ def test_head_without_free_gene_loadings_reads_each_gene_from_its_hidden_state_a
 
 
 def test_routed_pulls_new_molecules_toward_the_drug_blind_answer_by_a_weight_from_training_drugs(
-        tiny_data, tiny_backbone, tmp_path):
+    tiny_data, tiny_backbone, tmp_path
+):
     from scdca.models import load_model
     from scdca.models.shrinkage import ScaledMeanBaseline
 

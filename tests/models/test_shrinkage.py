@@ -1,4 +1,5 @@
 """Shrinkage toward the drug-blind answer: the anchor, the drug folds and the cross-validated weight."""
+
 import numpy as np
 
 from scdca.models import make_model
@@ -24,7 +25,9 @@ def _screen(seed=0, n_drugs=12, signal=1.0, noise=0.0):
     for d, e in effect.items():
         for dose, a in ((0.1, 0.5), (1.0, 2.0)):
             delta[("L1", d, dose)] = a * m + signal * a * e + noise * rng.normal(size=G)
-    return make_pb(delta, control={"L1": np.full(G, 5.0)}, smiles={d: "C" * (i + 1) for i, d in enumerate(effect)}), effect
+    return make_pb(
+        delta, control={"L1": np.full(G, 5.0)}, smiles={d: "C" * (i + 1) for i, d in enumerate(effect)}
+    ), effect
 
 
 def test_scaled_mean_recovers_a_dose_scaled_common_response():
@@ -50,7 +53,9 @@ def test_best_weights_are_non_negative_least_squares_capped_at_one():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(2, 40, 5))
     np.testing.assert_allclose(best_weights(np.stack([a, b]), 0.3 * a + 0.6 * b), [0.3, 0.6], atol=1e-6)
-    np.testing.assert_allclose(best_weights(np.stack([a, b]), 0.5 * a - 0.7 * b), [best_weights(a[None], 0.5 * a - 0.7 * b)[0], 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        best_weights(np.stack([a, b]), 0.5 * a - 0.7 * b), [best_weights(a[None], 0.5 * a - 0.7 * b)[0], 0.0], atol=1e-6
+    )
     assert best_weights(a[None], 5 * a)[0] == 1.0 and best_weights(np.zeros((1, 40, 5)), a)[0] == 0.0
 
 
@@ -111,4 +116,3 @@ def test_worse_than_anchor_is_small_only_for_a_model_that_adds_error_on_most_dru
     drugs = np.repeat(np.arange(20), 2)
     assert worse_than_anchor(rng.normal(size=target.shape), target, drugs) < 0.01  # a deviation of pure noise
     assert worse_than_anchor(0.8 * target, target, drugs) > 0.99  # most of the truth
-

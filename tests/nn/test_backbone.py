@@ -1,4 +1,5 @@
 """Backbone: our scGPT-architecture model against the official scGPT code, and its checkpoints."""
+
 import importlib
 import json
 import logging
@@ -54,8 +55,18 @@ def official():
 
 def official_model(official, *, ntoken=60, d=32, nhead=4, d_hid=48, nlayers=2, mvc=True):
     torch.manual_seed(0)
-    m = official.TransformerModel(ntoken, d, nhead, d_hid, nlayers, vocab={"<pad>": ntoken - 3}, dropout=0.2,
-                                  pad_value=-2, do_mvc=mvc, use_fast_transformer=False)
+    m = official.TransformerModel(
+        ntoken,
+        d,
+        nhead,
+        d_hid,
+        nlayers,
+        vocab={"<pad>": ntoken - 3},
+        dropout=0.2,
+        pad_value=-2,
+        do_mvc=mvc,
+        use_fast_transformer=False,
+    )
     # make every parameter non-trivial (LayerNorms start at 1/0, biases at 0)
     with torch.no_grad():
         for p in m.parameters():
@@ -66,9 +77,22 @@ def official_model(official, *, ntoken=60, d=32, nhead=4, d_hid=48, nlayers=2, m
 def write_checkpoint(folder, state, *, ntoken, d, nhead, d_hid, nlayers, extra_args=None):
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "best_model.pt")
-    args = {"embsize": d, "nheads": nhead, "d_hid": d_hid, "nlayers": nlayers, "dropout": 0.2, "pad_token": "<pad>",
-            "pad_value": -2, "mask_value": -1, "input_emb_style": "continuous", "n_bins": 51, "max_seq_len": 1200,
-            "fast_transformer": True, "some_future_field": [1, 2], **(extra_args or {})}
+    args = {
+        "embsize": d,
+        "nheads": nhead,
+        "d_hid": d_hid,
+        "nlayers": nlayers,
+        "dropout": 0.2,
+        "pad_token": "<pad>",
+        "pad_value": -2,
+        "mask_value": -1,
+        "input_emb_style": "continuous",
+        "n_bins": 51,
+        "max_seq_len": 1200,
+        "fast_transformer": True,
+        "some_future_field": [1, 2],
+        **(extra_args or {}),
+    }
     (folder / "args.json").write_text(json.dumps(args))
     vocab = {f"GENE{i}": i for i in range(ntoken - 3)} | {"<pad>": ntoken - 3, "<cls>": ntoken - 2, "<eoc>": ntoken - 1}
     (folder / "vocab.json").write_text(json.dumps(vocab))
@@ -90,7 +114,9 @@ def to_nested_flash_layout(state):
     for k, v in state.items():
         if k.startswith("cls_decoder."):
             continue
-        k = k.replace("self_attn.in_proj_", "self_attn._impl.Wqkv.").replace("self_attn.out_proj.", "self_attn._impl.out_proj.")
+        k = k.replace("self_attn.in_proj_", "self_attn._impl.Wqkv.").replace(
+            "self_attn.out_proj.", "self_attn._impl.out_proj."
+        )
         out[k] = v
     return out
 
@@ -126,28 +152,49 @@ def test_outputs_match_the_official_scgpt_model(official, layout, tmp_path):
 def test_whole_human_shaped_checkpoint_loads_with_only_documented_extras(tmp_path):
     """Real key names and shapes of scGPT_human (random weights): 163 keys, 60,697 tokens."""
     d, L, ntoken = 512, 12, 60697
-    state = {"encoder.embedding.weight": torch.zeros(ntoken, d), "encoder.enc_norm.weight": torch.ones(d),
-             "encoder.enc_norm.bias": torch.zeros(d), "flag_encoder.weight": torch.zeros(2, d),
-             "value_encoder.linear1.weight": torch.zeros(d, 1), "value_encoder.linear1.bias": torch.zeros(d),
-             "value_encoder.linear2.weight": torch.zeros(d, d), "value_encoder.linear2.bias": torch.zeros(d),
-             "value_encoder.norm.weight": torch.ones(d), "value_encoder.norm.bias": torch.zeros(d)}
+    state = {
+        "encoder.embedding.weight": torch.zeros(ntoken, d),
+        "encoder.enc_norm.weight": torch.ones(d),
+        "encoder.enc_norm.bias": torch.zeros(d),
+        "flag_encoder.weight": torch.zeros(2, d),
+        "value_encoder.linear1.weight": torch.zeros(d, 1),
+        "value_encoder.linear1.bias": torch.zeros(d),
+        "value_encoder.linear2.weight": torch.zeros(d, d),
+        "value_encoder.linear2.bias": torch.zeros(d),
+        "value_encoder.norm.weight": torch.ones(d),
+        "value_encoder.norm.bias": torch.zeros(d),
+    }
     for i in range(L):
         p = f"transformer_encoder.layers.{i}."
-        state |= {p + "self_attn.Wqkv.weight": torch.zeros(3 * d, d), p + "self_attn.Wqkv.bias": torch.zeros(3 * d),
-                  p + "self_attn.out_proj.weight": torch.zeros(d, d), p + "self_attn.out_proj.bias": torch.zeros(d),
-                  p + "linear1.weight": torch.zeros(d, d), p + "linear1.bias": torch.zeros(d),
-                  p + "linear2.weight": torch.zeros(d, d), p + "linear2.bias": torch.zeros(d),
-                  p + "norm1.weight": torch.ones(d), p + "norm1.bias": torch.zeros(d),
-                  p + "norm2.weight": torch.ones(d), p + "norm2.bias": torch.zeros(d)}
+        state |= {
+            p + "self_attn.Wqkv.weight": torch.zeros(3 * d, d),
+            p + "self_attn.Wqkv.bias": torch.zeros(3 * d),
+            p + "self_attn.out_proj.weight": torch.zeros(d, d),
+            p + "self_attn.out_proj.bias": torch.zeros(d),
+            p + "linear1.weight": torch.zeros(d, d),
+            p + "linear1.bias": torch.zeros(d),
+            p + "linear2.weight": torch.zeros(d, d),
+            p + "linear2.bias": torch.zeros(d),
+            p + "norm1.weight": torch.ones(d),
+            p + "norm1.bias": torch.zeros(d),
+            p + "norm2.weight": torch.ones(d),
+            p + "norm2.bias": torch.zeros(d),
+        }
     for j in (0, 2):
         state |= {f"decoder.fc.{j}.weight": torch.zeros(d, d), f"decoder.fc.{j}.bias": torch.zeros(d)}
-    state |= {"decoder.fc.4.weight": torch.zeros(1, d), "decoder.fc.4.bias": torch.zeros(1),
-              "mvc_decoder.gene2query.weight": torch.zeros(d, d), "mvc_decoder.gene2query.bias": torch.zeros(d),
-              "mvc_decoder.W.weight": torch.zeros(d, d)}
+    state |= {
+        "decoder.fc.4.weight": torch.zeros(1, d),
+        "decoder.fc.4.bias": torch.zeros(1),
+        "mvc_decoder.gene2query.weight": torch.zeros(d, d),
+        "mvc_decoder.gene2query.bias": torch.zeros(d),
+        "mvc_decoder.W.weight": torch.zeros(d, d),
+    }
     assert len(state) == 163
     model = load(write_checkpoint(tmp_path / "human", state, ntoken=ntoken, d=d, nhead=8, d_hid=d, nlayers=L))
     assert model.load_report.ignored == ["flag_encoder.weight"] and model.load_report.missing == []
-    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for k, v in state.items() if k != "flag_encoder.weight")
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        v.numel() for k, v in state.items() if k != "flag_encoder.weight"
+    )
     assert model.vocab["<pad>"] == 60694 and model.cfg.nlayers == 12
 
 
@@ -157,7 +204,9 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
     state = model.state_dict()
     state["transformer_encoder.layers.1.linear1.weight"] = torch.zeros(64, 32)
     folder = write_checkpoint(tmp_path / "bad", state, **dims)
-    with pytest.raises(ScdcaInputError, match=r"layers\.1\.linear1\.weight.*expected shape \(48, 32\).*found \(64, 32\)"):
+    with pytest.raises(
+        ScdcaInputError, match=r"layers\.1\.linear1\.weight.*expected shape \(48, 32\).*found \(64, 32\)"
+    ):
         load(folder)
 
 

@@ -1,4 +1,5 @@
 """DDP on 2 CPU processes (gloo) must follow the one-process loss curve with the same global batch."""
+
 import os
 import socket
 
@@ -14,8 +15,9 @@ from scdca.nn import distributed
 from scdca.nn.pretrain import PretrainConfig, pretrain
 
 SCDCA = dict(backbone="random:1x16", encoder="morgan", epochs=3, batch_size=7, val_fraction=0.0, lr=3e-3)
-PRETRAIN = PretrainConfig(layers=1, dim=16, heads=2, steps=4, batch_size=8, seq_len=16, dropout=0.0, eval_every=1,
-                          val_cells=8, save_every=2)
+PRETRAIN = PretrainConfig(
+    layers=1, dim=16, heads=2, steps=4, batch_size=8, seq_len=16, dropout=0.0, eval_every=1, val_cells=8, save_every=2
+)
 
 
 def _free_port() -> int:
@@ -25,8 +27,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, job: str, payload, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     try:
         if job == "scdca":

@@ -29,8 +29,9 @@ def test_writes_a_checkpoint_that_load_reads(tmp_path):
 
 
 def test_masked_value_loss_beats_the_gene_mean():
-    cfg = PretrainConfig(**{**TINY, "layers": 2, "dim": 32, "steps": 400, "seq_len": 24, "lr": 3e-3,
-                            "mask_ratio": 0.3, "eval_every": 50})
+    cfg = PretrainConfig(
+        **{**TINY, "layers": 2, "dim": 32, "steps": 400, "seq_len": 24, "lr": 3e-3, "mask_ratio": 0.3, "eval_every": 50}
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -42,8 +43,9 @@ def _val_examples(X, seq_len=12, mask_ratio=0.4):
     from scdca.nn.backbone import GeneVocab
 
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(X.shape[1])])
-    batches = _Batches(X, np.arange(X.shape[1]) + 10, PretrainConfig(**{**TINY, "seq_len": seq_len,
-                                                                         "mask_ratio": mask_ratio}), vocab)
+    batches = _Batches(
+        X, np.arange(X.shape[1]) + 10, PretrainConfig(**{**TINY, "seq_len": seq_len, "mask_ratio": mask_ratio}), vocab
+    )
     return batches.make(np.arange(len(X)), np.random.default_rng(1))
 
 
@@ -71,7 +73,8 @@ def test_an_undertrained_backbone_is_flagged_with_the_fix(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="scdca.nn.pretrain"):
         s = pretrain(structured_cells(), tmp_path / "bb", PretrainConfig(**{**TINY, "steps": 2}), progress=False)
     assert s["coexpression_learned"] == pytest.approx(
-        coexpression_learned(s["best_val_loss"], s["gene_mean_baseline_val_loss"], s["linear_baseline_val_loss"]))
+        coexpression_learned(s["best_val_loss"], s["gene_mean_baseline_val_loss"], s["linear_baseline_val_loss"])
+    )
     assert s["coexpression_learned"] < 0.5
     assert "learned little" in caplog.text and "--steps" in caplog.text
 

@@ -11,14 +11,16 @@ cache entry. Choose an encoder by spec string:
     hf:<folder or hub id>   any Hugging Face SMILES transformer (ChemBERTa, ...), mean-pooled
     table:<file>            precomputed embeddings (.csv or .parquet keyed by drug or SMILES)
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -106,8 +108,12 @@ class MoleculeEncoder(ABC):
         keys = sorted(self._memory)
         with storage.atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, identifier=np.array(self.identifier), smiles=np.array(keys),
-                         emb=np.stack([self._memory[k] for k in keys]).astype(np.float32))
+                np.savez(
+                    fh,
+                    identifier=np.array(self.identifier),
+                    smiles=np.array(keys),
+                    emb=np.stack([self._memory[k] for k in keys]).astype(np.float32),
+                )
 
 
 ENCODERS: Registry[Callable[..., MoleculeEncoder]] = Registry("molecule encoder")
@@ -168,8 +174,12 @@ def _morgan(arg: str = "", **kw) -> MoleculeEncoder:
     unknown = set(o) - {"r", "bits", "counts"}
     if unknown:
         raise ScdcaInputError(f"morgan: unknown option(s) {sorted(unknown)}; use r=, bits=, counts=")
-    return MorganEncoder(radius=int(o.get("r", 2)), n_bits=int(o.get("bits", 2048)),
-                         counts=o.get("counts", "0") in ("1", "true", "True"), **kw)
+    return MorganEncoder(
+        radius=int(o.get("r", 2)),
+        n_bits=int(o.get("bits", 2048)),
+        counts=o.get("counts", "0") in ("1", "true", "True"),
+        **kw,
+    )
 
 
 class RDKit2DEncoder(MoleculeEncoder):
@@ -260,9 +270,17 @@ class HFEncoder(MoleculeEncoder):
             (SMILES BERTs that ship only a vocabulary).
     """
 
-    def __init__(self, source: str, *, pooling: Literal["mean", "cls"] = "mean",
-                 tokenizer: Literal["auto", "hf", "regex"] = "auto", batch_size: int = 32,
-                 device: str | None = None, max_length: int = 512, **kw):
+    def __init__(
+        self,
+        source: str,
+        *,
+        pooling: Literal["mean", "cls"] = "mean",
+        tokenizer: Literal["auto", "hf", "regex"] = "auto",
+        batch_size: int = 32,
+        device: str | None = None,
+        max_length: int = 512,
+        **kw,
+    ):
         super().__init__(**kw)
         if not source:
             raise ScdcaInputError("hf: give a folder or hub id, e.g. 'hf:/models/ChemBERTa-zinc-base-v1'")
@@ -280,7 +298,9 @@ class HFEncoder(MoleculeEncoder):
         self._model.to(self._device)
         self._tok = None
         self._vocab = None
-        has_tok = local and any((Path(source) / f).exists() for f in ("tokenizer.json", "merges.txt", "tokenizer_config.json"))
+        has_tok = local and any(
+            (Path(source) / f).exists() for f in ("tokenizer.json", "merges.txt", "tokenizer_config.json")
+        )
         if tokenizer == "hf" or (tokenizer == "auto" and (has_tok or not local)):
             from transformers import AutoTokenizer
 
@@ -299,7 +319,9 @@ class HFEncoder(MoleculeEncoder):
 
         v = self._vocab
         unk, cls, sep, pad = (v.get(t, 0) for t in ("[UNK]", "[CLS]", "[SEP]", "[PAD]"))
-        ids = [[cls] + [v.get(t, unk) for t in _SMILES_TOKENS.findall(s)][: self.max_length - 2] + [sep] for s in smiles]
+        ids = [
+            [cls] + [v.get(t, unk) for t in _SMILES_TOKENS.findall(s)][: self.max_length - 2] + [sep] for s in smiles
+        ]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -371,8 +393,11 @@ class TableEncoder(MoleculeEncoder):
         self._smiles_col, self._drug_col = cols.get("smiles"), cols.get("drug") or cols.get("name")
         if self._smiles_col is None and self._drug_col is None:
             raise ScdcaInputError(f"table: {path!r} needs a 'smiles' or 'drug' column; found {list(df.columns)!r}")
-        emb_cols = [c for c in df.columns if c not in (self._smiles_col, self._drug_col)
-                    and pd.api.types.is_numeric_dtype(df[c])]
+        emb_cols = [
+            c
+            for c in df.columns
+            if c not in (self._smiles_col, self._drug_col) and pd.api.types.is_numeric_dtype(df[c])
+        ]
         if not emb_cols:
             raise ScdcaInputError(f"table: {path!r} has no numeric embedding columns")
         values = df[emb_cols].to_numpy(np.float32)

@@ -3,10 +3,11 @@
 RDKit is the only chemistry dependency. Fingerprints are returned as dense uint8
 arrays so that similarity over many molecules is one matrix product.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -60,14 +61,13 @@ def canonicalize(drug_smiles: Mapping[str, str], *, arg: str = "SMILES") -> dict
     if bad:
         problems.append(f"RDKit cannot parse the SMILES of {len(bad)} drug(s): {', '.join(bad[:20])}")
     if problems:
-        raise ScdcaInputError(f"{arg}: {'; '.join(problems)}. Add or fix a SMILES for each of these drugs, or "
-                              f"drop them before loading.")
+        raise ScdcaInputError(
+            f"{arg}: {'; '.join(problems)}. Add or fix a SMILES for each of these drugs, or drop them before loading."
+        )
     return out
 
 
-def morgan_fingerprints(
-    smiles: Sequence[str], *, radius: int = 2, n_bits: int = 2048
-) -> np.ndarray:
+def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int = 2048) -> np.ndarray:
     """Morgan (ECFP-like) bit vectors.
 
     Returns:

@@ -1,4 +1,6 @@
-"""Command line: `scdca simulate | benchmark | report | export | pretrain | train | predict | screen | embed | novelty`."""
+"""The `scdca` command line: simulate, benchmark, report, export, pretrain, train, predict,
+screen, embed, novelty, annotate, pbmc."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +21,12 @@ def _add_keys(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-key", default="control")
     g.add_argument("--gene-symbols-key", default=None)
     g.add_argument("--layer", default=None, help="read expression from this layer instead of X")
-    g.add_argument("--compounds", default=None, help="for a LINCS .gct/.gctx --data: CSV mapping pert_id or "
-                   "pert_iname to smiles (wells of compounds without a structure are skipped)")
+    g.add_argument(
+        "--compounds",
+        default=None,
+        help="for a LINCS .gct/.gctx --data: CSV mapping pert_id or "
+        "pert_iname to smiles (wells of compounds without a structure are skipped)",
+    )
 
 
 CONFIG_FILE = "command.yaml"  # what `pretrain` and `train` write into --out; their --config reads it
@@ -29,9 +35,13 @@ _NOT_SETTINGS = _NOT_OPTIONS | {"quiet"}  # not written to command.yaml: they do
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help=f"YAML file of this command's options (names as on the command "
-                   f"line, e.g. batch-size: 32); flags given too override it. pretrain and train write "
-                   f"--out/{CONFIG_FILE}, which reruns the run")
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML file of this command's options (names as on the command "
+        f"line, e.g. batch-size: 32); flags given too override it. pretrain and train write "
+        f"--out/{CONFIG_FILE}, which reruns the run",
+    )
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -43,14 +53,17 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
     sub = parser.configurable[command]
     path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
-    raw = storage.read_mapping(path, arg="config", hint=f"a YAML file of option names and values, e.g. "
-                                                    f"--out/{CONFIG_FILE} of an earlier run")
+    raw = storage.read_mapping(
+        path, arg="config", hint=f"a YAML file of option names and values, e.g. --out/{CONFIG_FILE} of an earlier run"
+    )
     actions = {a.dest: a for a in sub._actions if a.dest not in _NOT_OPTIONS}
     values = {str(k).lstrip("-").replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise ScdcaInputError(f"config: unknown option(s) {unknown!r} for `scdca {command}` in {path!r}; known: "
-                              f"{', '.join(sorted(actions))}")
+        raise ScdcaInputError(
+            f"config: unknown option(s) {unknown!r} for `scdca {command}` in {path!r}; known: "
+            f"{', '.join(sorted(actions))}"
+        )
     sub.set_defaults(**values)
     for dest in values:
         actions[dest].required = False
@@ -69,9 +82,15 @@ def _write_command(args) -> None:
 def _keys(args):
     from scdca.data.keys import DataKeys
 
-    return DataKeys(cell_line=args.cell_line_key, drug=args.drug_key, smiles=args.smiles_key,
-                    dose=args.dose_key, control=args.control_key, gene_symbols=args.gene_symbols_key,
-                    layer=args.layer)
+    return DataKeys(
+        cell_line=args.cell_line_key,
+        drug=args.drug_key,
+        smiles=args.smiles_key,
+        dose=args.dose_key,
+        control=args.control_key,
+        gene_symbols=args.gene_symbols_key,
+        layer=args.layer,
+    )
 
 
 def cmd_simulate(args) -> None:
@@ -82,20 +101,29 @@ def cmd_simulate(args) -> None:
     if args.smiles:
         with open(args.smiles) as fh:
             smiles = [line.split()[0] for line in fh if line.strip() and not line.startswith("#")]
-    cfg = SimulationConfig(n_drugs=args.drugs, n_cell_lines=args.cell_lines, n_genes=args.genes,
-                           cells_per_condition=args.cells, smiles=smiles)
+    cfg = SimulationConfig(
+        n_drugs=args.drugs,
+        n_cell_lines=args.cell_lines,
+        n_genes=args.genes,
+        cells_per_condition=args.cells,
+        smiles=smiles,
+    )
     t0 = time.perf_counter()
     if args.atlas:
         adata = simulate_atlas(cfg, seed=args.seed)
         storage.write_h5ad(args.out, adata)
-        print(f"wrote {args.out}: pretraining atlas, {adata.n_obs} unperturbed cells x {adata.n_vars} genes from "
-              f"{adata.obs['cell_type'].nunique()} cell states; same genes as `scdca simulate --seed {args.seed}` "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"wrote {args.out}: pretraining atlas, {adata.n_obs} unperturbed cells x {adata.n_vars} genes from "
+            f"{adata.obs['cell_type'].nunique()} cell states; same genes as `scdca simulate --seed {args.seed}` "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         return
     adata = simulate(cfg, seed=args.seed, out=args.out)  # cells streamed to the file: millions fit
-    print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "
-          f"{adata.obs['condition'].nunique() - 1} drugs, {adata.obs['cell_type'].nunique()} cell lines "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, "
+        f"{adata.obs['condition'].nunique() - 1} drugs, {adata.obs['cell_type'].nunique()} cell lines "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
 
 
 def cmd_benchmark(args) -> None:
@@ -108,26 +136,58 @@ def cmd_benchmark(args) -> None:
     if args.config:
         from scdca.eval.grid import read_config
 
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if k not in ("config", "data", "out", "quiet", "verbose", "command", "func", "parser", "workers",
-                              "ray_address", "threads_per_worker")
-                 and v != args.parser.get_default(k)]
+        given = [
+            f"--{k.replace('_', '-')}"
+            for k, v in vars(args).items()
+            if k
+            not in (
+                "config",
+                "data",
+                "out",
+                "quiet",
+                "verbose",
+                "command",
+                "func",
+                "parser",
+                "workers",
+                "ray_address",
+                "threads_per_worker",
+            )
+            and v != args.parser.get_default(k)
+        ]
         if given:
-            raise ScdcaInputError(f"config: {', '.join(given)} given next to --config {args.config!r}; put every "
-                                  f"setting in the config file (only --data, --out, --quiet and where it runs, "
-                                  f"--workers, --ray-address, --threads-per-worker, may be given as well)")
+            raise ScdcaInputError(
+                f"config: {', '.join(given)} given next to --config {args.config!r}; put every "
+                f"setting in the config file (only --data, --out, --quiet and where it runs, "
+                f"--workers, --ray-address, --threads-per-worker, may be given as well)"
+            )
         cfg = read_config(args.config, data=args.data, out=args.out)
     else:
         missing = [f for f, v in (("--data", args.data), ("--out", args.out)) if not v]
         if missing:
             raise ScdcaInputError(f"benchmark: {' and '.join(missing)} required (or --config FILE)")
-        cfg = BenchmarkConfig(data=args.data, out=args.out, models=args.models, tasks=args.tasks,
-                              seeds=args.seeds, metrics=args.metrics, k=args.k, n_top_genes=args.n_top_genes,
-                              keys=_keys(args), model_options=_model_options(args), chunk_size=args.chunk_size,
-                              compounds=args.compounds)
+        cfg = BenchmarkConfig(
+            data=args.data,
+            out=args.out,
+            models=args.models,
+            tasks=args.tasks,
+            seeds=args.seeds,
+            metrics=args.metrics,
+            k=args.k,
+            n_top_genes=args.n_top_genes,
+            keys=_keys(args),
+            model_options=_model_options(args),
+            chunk_size=args.chunk_size,
+            compounds=args.compounds,
+        )
     t0 = time.perf_counter()
-    results = run(replace(cfg, report=False), progress=not args.quiet, workers=args.workers,
-                  ray_address=args.ray_address, threads=args.threads_per_worker)
+    results = run(
+        replace(cfg, report=False),
+        progress=not args.quiet,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        threads=args.threads_per_worker,
+    )
     t1 = time.perf_counter()
     print(format_summary(summarize(results)))
     print(f"\nwrote {cfg.out}/results.csv, summary.csv, predictions/, splits/ (grid {t1 - t0:.1f} s)")
@@ -143,9 +203,11 @@ def cmd_embed(args) -> None:
     t0 = time.perf_counter()
     emb = encoder.encode(smiles, names=names)
     write_table(args.out, names, smiles, emb)
-    print(f"wrote {args.out}: {len(names)} molecules x {emb.shape[1]} dims with {encoder.identifier} "
-          f"({encoder.n_computed} computed, {len(names) - encoder.n_computed} from cache; "
-          f"{time.perf_counter() - t0:.1f} s)")
+    print(
+        f"wrote {args.out}: {len(names)} molecules x {emb.shape[1]} dims with {encoder.identifier} "
+        f"({encoder.n_computed} computed, {len(names) - encoder.n_computed} from cache; "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
 
 
 def cmd_novelty(args) -> None:
@@ -163,13 +225,17 @@ def cmd_novelty(args) -> None:
     train = {names[i]: mols[names[i]] for i in order[n_test:]}
     table = novelty_table(train, test)
     hist, edges = np.histogram(table["max_tanimoto"], bins=np.linspace(0, 1, 11))
-    print(f"{len(test)} test vs {len(train)} training molecules (seed {args.seed}); "
-          f"max Tanimoto to training (Morgan r=2, 2048 bits):")
+    print(
+        f"{len(test)} test vs {len(train)} training molecules (seed {args.seed}); "
+        f"max Tanimoto to training (Morgan r=2, 2048 bits):"
+    )
     for h, lo, hi in zip(hist, edges[:-1], edges[1:]):
         print(f"  [{lo:.1f}, {hi:.1f}) {h:4d} {'#' * int(h)}")
     below = (table["max_tanimoto"] < 0.4).mean()
-    print(f"below 0.4: {below:.0%}; median {table['max_tanimoto'].median():.2f}; "
-          f"scaffold also in training: {table['scaffold_in_train'].mean():.0%}")
+    print(
+        f"below 0.4: {below:.0%}; median {table['max_tanimoto'].median():.2f}; "
+        f"scaffold also in training: {table['scaffold_in_train'].mean():.0%}"
+    )
     if args.out:
         from scdca import storage
 
@@ -179,26 +245,48 @@ def cmd_novelty(args) -> None:
 def cmd_pretrain(args) -> None:
     from scdca.nn.pretrain import PretrainConfig, describe_learned, pretrain
 
-    cfg = PretrainConfig(layers=args.layers, dim=args.dim, heads=args.heads, genes=args.genes, steps=args.steps,
-                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, dropout=args.dropout,
-                         seed=args.seed, device=args.device,
-                         include_perturbed=args.include_perturbed, precision=args.precision)
+    cfg = PretrainConfig(
+        layers=args.layers,
+        dim=args.dim,
+        heads=args.heads,
+        genes=args.genes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        dropout=args.dropout,
+        seed=args.seed,
+        device=args.device,
+        include_perturbed=args.include_perturbed,
+        precision=args.precision,
+    )
     s = pretrain(args.data, args.out, cfg, keys=_keys(args), progress=not args.quiet, compounds=args.compounds)
     if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
         return
     _write_command(args)
-    print(f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
-          f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
-          f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean and {s['linear_baseline_val_loss']:.4f} for a "
-          f"linear (PCA) co-expression model: {describe_learned(s['coexpression_learned'])} "
-          f"({s['seconds_this_run']:.0f} s)")
+    print(
+        f"wrote {args.out} (best_model.pt, args.json, vocab.json): {s['parameters']:,} parameters, "
+        f"{s['genes']} genes; masked-value validation MSE {s['best_val_loss']:.4f} vs "
+        f"{s['gene_mean_baseline_val_loss']:.4f} for each gene's mean and {s['linear_baseline_val_loss']:.4f} for a "
+        f"linear (PCA) co-expression model: {describe_learned(s['coexpression_learned'])} "
+        f"({s['seconds_this_run']:.0f} s)"
+    )
 
 
 def _model_options(args) -> dict:
-    return {k: v for k, v in {"backbone": args.backbone, "encoder": args.encoder, "epochs": args.epochs,
-                              "max_steps": args.max_steps, "lr": args.lr, "device": args.device,
-                              "precision": getattr(args, "precision", None)}.items()
-            if v is not None}
+    return {
+        k: v
+        for k, v in {
+            "backbone": args.backbone,
+            "encoder": args.encoder,
+            "epochs": args.epochs,
+            "max_steps": args.max_steps,
+            "lr": args.lr,
+            "device": args.device,
+            "precision": getattr(args, "precision", None),
+        }.items()
+        if v is not None
+    }
 
 
 def _main_process() -> bool:
@@ -211,13 +299,13 @@ def _main_process() -> bool:
 def cmd_train(args) -> None:
     from scdca.data.screen import load
     from scdca.models import MODELS
+    from scdca.models.base import savable_models
     from scdca.models.scdca.model import ScDCAModel
     from scdca.models.scdca.routed import ScDCARouted
 
     cls = MODELS.get(args.model)
-    if not hasattr(cls, "save"):
-        savable = [n for n in MODELS.names() if hasattr(MODELS.get(n), "save")]
-        raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable)}")
+    if not cls.savable:
+        raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable_models())}")
     data = load(args.data, keys=_keys(args), n_top_genes=args.n_top_genes, compounds=args.compounds)
     options = _model_options(args)
     if issubclass(cls, (ScDCAModel, ScDCARouted)):
@@ -231,8 +319,10 @@ def cmd_train(args) -> None:
     _write_command(args)
     c = model.cost()
     extra = f", {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}" if "epochs_run" in c else ""
-    print(f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
-          f"({c['params_trainable_pct']:.2f}%){extra}")
+    print(
+        f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
+        f"({c['params_trainable_pct']:.2f}%){extra}"
+    )
 
 
 def _load_model(args):
@@ -247,7 +337,7 @@ def _controls_arg(args, model) -> dict | None:
     from scdca.predict import control_from_anndata
 
     name = args.control_name or args.control.rsplit("/", 1)[-1].removesuffix(".h5ad")
-    return {name: control_from_anndata(args.control, model._genes)}
+    return {name: control_from_anndata(args.control, model.genes)}
 
 
 def cmd_predict(args) -> None:
@@ -260,21 +350,29 @@ def cmd_predict(args) -> None:
         smiles, names = args.smiles, args.name or args.smiles
     else:
         names, smiles = read_molecule_list(args.input)
-    out = predict(model, smiles, names=names, cell_lines=args.cell_line, control=_controls_arg(args, model),
-                  doses=args.dose)
+    out = predict(
+        model, smiles, names=names, cell_lines=args.cell_line, control=_controls_arg(args, model), doses=args.dose
+    )
     storage.write_h5ad(args.out, out)
     print(f"wrote {args.out}: {out.n_obs} predictions (drug x cell line x dose) x {out.n_vars} genes")
     if "max_tanimoto_train" in out.obs:
-        _print_similarity(out.obs.drop_duplicates("drug").set_index("drug")["max_tanimoto_train"],
-                          "obs['max_tanimoto_train']")
+        _print_similarity(
+            out.obs.drop_duplicates("drug").set_index("drug")["max_tanimoto_train"], "obs['max_tanimoto_train']"
+        )
 
 
 def _print_similarity(sim, where: str) -> None:
     """One line on how far the predicted molecules are from the model's training drugs."""
     far = sim[sim < 0.2]
-    print(f"similarity to the training drugs ({where}): median {sim.median():.2f}"
-          + (f"; {len(far)} molecule(s) below 0.2, where predictions are least reliable: "
-             f"{', '.join(map(str, far.index[:10]))}{' ...' if len(far) > 10 else ''}" if len(far) else ""))
+    print(
+        f"similarity to the training drugs ({where}): median {sim.median():.2f}"
+        + (
+            f"; {len(far)} molecule(s) below 0.2, where predictions are least reliable: "
+            f"{', '.join(map(str, far.index[:10]))}{' ...' if len(far) > 10 else ''}"
+            if len(far)
+            else ""
+        )
+    )
 
 
 def cmd_screen(args) -> None:
@@ -290,14 +388,28 @@ def cmd_screen(args) -> None:
     if args.signature:
         table = pd.read_csv(args.signature)
         sig = pd.Series(table.iloc[:, 1].to_numpy(float), index=table.iloc[:, 0].astype(str))
-    ranked = screen(model, names, smiles, cell_line=args.cell_line, control=_controls_arg(args, model),
-                    dose=args.dose, signature=sig, batch_size=args.batch_size, progress=not args.quiet)
+    ranked = screen(
+        model,
+        names,
+        smiles,
+        cell_line=args.cell_line,
+        control=_controls_arg(args, model),
+        dose=args.dose,
+        signature=sig,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     storage.write_csv(args.out, ranked)
     print(ranked.head(10).to_string(index=False))
-    print(f"wrote {args.out}: {len(ranked)} molecules ranked by {'signature cosine' if sig is not None else 'effect size'}")
+    print(
+        f"wrote {args.out}: {len(ranked)} molecules ranked by "
+        f"{'signature cosine' if sig is not None else 'effect size'}"
+    )
     if "max_tanimoto_train" in ranked:
-        _print_similarity(ranked.dropna(subset=["max_tanimoto_train"]).set_index("drug")["max_tanimoto_train"],
-                          "column max_tanimoto_train")
+        _print_similarity(
+            ranked.dropna(subset=["max_tanimoto_train"]).set_index("drug")["max_tanimoto_train"],
+            "column max_tanimoto_train",
+        )
 
 
 def cmd_report(args) -> None:
@@ -317,9 +429,11 @@ def cmd_export(args) -> None:
 
     paths = export(args.run, args.model, args.task, args.seed, args.out, fmt=args.format)
     real, pred = (str(p) for p in paths)
-    print(f"wrote {real} and {pred}; score them with:\n"
-          f"  cell-eval run -ar {real} -ap {pred} --control-pert control --pert-col perturbation "
-          f"--celltype-col cell_line --profile anndata -o {args.out}/cell-eval")
+    print(
+        f"wrote {real} and {pred}; score them with:\n"
+        f"  cell-eval run -ar {real} -ap {pred} --control-pert control --pert-col perturbation "
+        f"--celltype-col cell_line --profile anndata -o {args.out}/cell-eval"
+    )
 
 
 def cmd_annotate(args) -> None:
@@ -332,27 +446,40 @@ def cmd_annotate(args) -> None:
     query = read(args.query, what="query")
     if not args.out.endswith(".h5ad"):
         raise ScdcaInputError(f"out: {args.out!r} must be an .h5ad path (the annotated query)")
-    cfg = AnnotateConfig(peft=PeftConfig(method=args.method, r=args.r, prefix_tokens=args.prefix_tokens),
-                         epochs=args.epochs, patience=args.patience or None, batch_size=args.batch_size, lr=args.lr,
-                         max_genes=args.max_genes, seed=args.seed)
+    cfg = AnnotateConfig(
+        peft=PeftConfig(method=args.method, r=args.r, prefix_tokens=args.prefix_tokens),
+        epochs=args.epochs,
+        patience=args.patience or None,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_genes=args.max_genes,
+        seed=args.seed,
+    )
     ann = Annotator(args.backbone, cfg, device=args.device, progress=not args.quiet).fit(
-        reference, args.label_key, layer=args.layer)
+        reference, args.label_key, layer=args.layer
+    )
     out = ann.annotate(query, layer=args.layer)
     storage.write_h5ad(args.out, out)
     c = ann.cost
-    print(f"wrote {args.out}: {out.n_obs} cells labelled in obs['scdca_label'] (probabilities in obsm['scdca_proba']); "
-          f"{args.method} trained {c['params_trainable']:,} parameters ({c['params_trainable_pct']:.2f}%) in "
-          f"{c['fit_seconds']:.0f} s (best epoch {c['best_epoch']} of {c['epochs_run']} run)")
+    print(
+        f"wrote {args.out}: {out.n_obs} cells labelled in obs['scdca_label'] (probabilities in obsm['scdca_proba']); "
+        f"{args.method} trained {c['params_trainable']:,} parameters ({c['params_trainable_pct']:.2f}%) in "
+        f"{c['fit_seconds']:.0f} s (best epoch {c['best_epoch']} of {c['epochs_run']} run)"
+    )
     if c["best_val_loss"] is not None and c["best_epoch"] == c["epochs_run"] == args.epochs > 1:
-        print(f"note: the last epoch was the best; the model may be undertrained: raise --epochs "
-              f"(now {args.epochs}) and set --patience")
+        print(
+            f"note: the last epoch was the best; the model may be undertrained: raise --epochs "
+            f"(now {args.epochs}) and set --patience"
+        )
     if args.label_key in query.obs:
         truth = query.obs[args.label_key].astype(str).to_numpy()
         pred = out.obs["scdca_label"].astype(str).to_numpy()
         from sklearn.metrics import f1_score
 
-        print(f"query has {args.label_key!r}: accuracy {(truth == pred).mean():.3f}, macro-F1 "
-              f"{f1_score(truth, pred, average='macro', labels=sorted(set(truth))):.3f}")
+        print(
+            f"query has {args.label_key!r}: accuracy {(truth == pred).mean():.3f}, macro-F1 "
+            f"{f1_score(truth, pred, average='macro', labels=sorted(set(truth))):.3f}"
+        )
     if args.save_model:
         ann.save(args.save_model)
         print(f"wrote {args.save_model} (trained parameters only; the backbone is referenced)")
@@ -367,8 +494,10 @@ def cmd_pbmc(args) -> None:
     from scdca.data.pbmc import pbmc68k_split
 
     ref, query = pbmc68k_split(args.out)
-    print(f"wrote {ref} and {query}: scanpy's pbmc68k_reduced, log1p values, labels in obs['bulk_labels']; "
-          f"reference = G1-phase cells, query = cycling (S, G2M) cells")
+    print(
+        f"wrote {ref} and {query}: scanpy's pbmc68k_reduced, log1p values, labels in obs['bulk_labels']; "
+        f"reference = G1-phase cells, query = cycling (S, G2M) cells"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,13 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--genes", type=int, default=1000)
     s.add_argument("--cells", type=int, default=30, help="cells per condition")
     s.add_argument("--smiles", default=None, help="file with one SMILES per line to use as the drugs")
-    s.add_argument("--atlas", action="store_true", help="write the pretraining atlas instead: unperturbed cells "
-                   "from 60 cell states in the gene space of the screen with the same --seed")
+    s.add_argument(
+        "--atlas",
+        action="store_true",
+        help="write the pretraining atlas instead: unperturbed cells "
+        "from 60 cell states in the gene space of the screen with the same --seed",
+    )
     s.set_defaults(func=cmd_simulate)
 
     b = sub.add_parser("benchmark", help="run models x tasks x seeds and score them")
-    b.add_argument("--config", default=None, help="YAML/JSON file with the settings (a run's config.json reruns "
-                   "it); --data/--out override its values")
+    b.add_argument(
+        "--config",
+        default=None,
+        help="YAML/JSON file with the settings (a run's config.json reruns it); --data/--out override its values",
+    )
     b.add_argument("--data", default=None, help=".h5ad (single-cell or pseudobulk)")
     b.add_argument("--out", default=None, help="output folder (resumes if it exists)")
     b.add_argument("--models", default="control,train_mean,additive,ridge,knn")
@@ -399,22 +535,46 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--metrics", default="all")
     b.add_argument("--k", type=int, default=20, help="top-k DEGs for the *_deg metrics")
     b.add_argument("--n-top-genes", type=int, default=None, help="keep the top-N highly variable genes")
-    b.add_argument("--chunk-size", type=int, default=None, help="read --data backed, this many cells at a time "
-                   "(files larger than memory; same pseudobulk)")
+    b.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="read --data backed, this many cells at a time (files larger than memory; same pseudobulk)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    b.add_argument("--workers", type=int, default=1, help="run grid cells in parallel on a local Ray with N "
-                   "workers (results equal the serial run's)")
-    b.add_argument("--ray-address", default=None, help="run grid cells on a Ray cluster: 'auto' or HOST:PORT "
-                   "(README: 'A grid on a cluster')")
-    b.add_argument("--threads-per-worker", type=int, default=None, help="torch threads per worker (default: "
-                   "cores / workers; 1 on a cluster)")
-    g = b.add_argument_group("learned models: scDCA and its variants (scdca, scdca_nores, scdca_noskip, scdca_film, "
-                             "scdca_plus, scdca_plus_frozen, finetune, concat, feature); scdca_lowrank, scdca_routed, c3tl and the peer "
-                             "biolord take --encoder and --device only (and scdca_lowrank, scdca_routed --backbone)")
-    g.add_argument("--backbone", default=None, help="backbone checkpoint folder (scdca pretrain writes one), or "
-                   "random:<layers>x<dim> for an untrained one (ablation)")
-    g.add_argument("--encoder", default=None, help="molecule encoder: chemnet (scDCA default), rdkit2d (biolord default), morgan, "
-                                                     "hf:DIR, table:FILE")
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run grid cells in parallel on a local Ray with N workers (results equal the serial run's)",
+    )
+    b.add_argument(
+        "--ray-address",
+        default=None,
+        help="run grid cells on a Ray cluster: 'auto' or HOST:PORT (README: 'A grid on a cluster')",
+    )
+    b.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: cores / workers; 1 on a cluster)",
+    )
+    g = b.add_argument_group(
+        "learned models: scDCA and its variants (scdca, scdca_nores, scdca_noskip, scdca_film, "
+        "scdca_plus, scdca_plus_frozen, finetune, concat, feature); scdca_lowrank, scdca_routed, c3tl and the peer "
+        "biolord take --encoder and --device only (and scdca_lowrank, scdca_routed --backbone)"
+    )
+    g.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone checkpoint folder (scdca pretrain writes one), or "
+        "random:<layers>x<dim> for an untrained one (ablation)",
+    )
+    g.add_argument(
+        "--encoder",
+        default=None,
+        help="molecule encoder: chemnet (scDCA default), rdkit2d (biolord default), morgan, hf:DIR, table:FILE",
+    )
     g.add_argument("--epochs", type=int, default=None, help="default 20 (paper)")
     g.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps per fit (CPU budgets)")
     g.add_argument("--lr", type=float, default=None, help="default 1e-4 (paper)")
@@ -435,35 +595,50 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (50 warm-up steps, then linear decay)")
     t.add_argument("--dropout", type=float, default=0.1, help="dropout in the transformer layers while pretraining")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--include-perturbed", action="store_true", help="also pretrain on drug-treated cells (default: "
-                   "controls only); a benchmark on the same file then tests responses the backbone has seen")
+    t.add_argument(
+        "--include-perturbed",
+        action="store_true",
+        help="also pretrain on drug-treated cells (default: "
+        "controls only); a benchmark on the same file then tests responses the backbone has seen",
+    )
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="bf16 autocast: auto = on CUDA only")
+    t.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast: auto = on CUDA only"
+    )
     t.add_argument("--quiet", action="store_true")
     _add_keys(t)
     t.set_defaults(func=cmd_pretrain)
 
     def model_args(p, *, training: bool):
         g = p.add_argument_group("model")
-        g.add_argument("--backbone", default=None, help="backbone checkpoint folder" +
-                       ("" if training else " (default: the one recorded in the model)"))
+        g.add_argument(
+            "--backbone",
+            default=None,
+            help="backbone checkpoint folder" + ("" if training else " (default: the one recorded in the model)"),
+        )
         g.add_argument("--device", default=None)
         if training:
             g.add_argument("--encoder", default=None, help="chemnet (default), rdkit2d, morgan, hf:DIR, table:FILE")
             g.add_argument("--epochs", type=int, default=None)
             g.add_argument("--max-steps", type=int, default=None)
             g.add_argument("--lr", type=float, default=None)
-            g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
-                           help="bf16 autocast (scDCA models): auto (default) = on CUDA only")
+            g.add_argument(
+                "--precision",
+                default=None,
+                choices=["auto", "fp32", "bf16"],
+                help="bf16 autocast (scDCA models): auto (default) = on CUDA only",
+            )
 
     tr = sub.add_parser("train", help="train scDCA (or a variant) on all conditions of a dataset and save it")
     _add_config(tr)
     tr.add_argument("--data", required=True)
     tr.add_argument("--out", required=True, help="model folder (resumes from out/checkpoint)")
-    tr.add_argument("--model", default="scdca_routed",
-                    help="scdca_routed (default; recommended: it tells drugs apart), scdca (the paper's adapter), "
-                         "another scDCA variant or c3tl")
+    tr.add_argument(
+        "--model",
+        default="scdca_routed",
+        help="scdca_routed (default; recommended: it tells drugs apart), scdca (the paper's adapter), "
+        "another scDCA variant or c3tl",
+    )
     tr.add_argument("--n-top-genes", type=int, default=None)
     tr.add_argument("--quiet", action="store_true")
     model_args(tr, training=True)
@@ -525,13 +700,20 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--backbone", required=True, help="checkpoint folder (scdca pretrain) or random:<layers>x<dim>")
     an.add_argument("--method", default="lora", help="lora | prefix | adapter | token | full | linear")
     an.add_argument("--out", required=True, help="annotated query .h5ad (obs scdca_label, scdca_confidence)")
-    an.add_argument("--explain", action="store_true", help="also rank genes per predicted type by <cls> attention: "
-                    "OUT_genes.csv and a heatmap OUT_genes.png")
+    an.add_argument(
+        "--explain",
+        action="store_true",
+        help="also rank genes per predicted type by <cls> attention: OUT_genes.csv and a heatmap OUT_genes.png",
+    )
     an.add_argument("--save-model", default=None, help="folder to save the trained parts in")
     an.add_argument("--epochs", type=int, default=100, help="at most this many epochs")
-    an.add_argument("--patience", type=int, default=5,
-                    help="stop after this many epochs without a better validation loss (on a 10%% split of the "
-                         "reference; the best epoch is kept); 0 = train every epoch")
+    an.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="stop after this many epochs without a better validation loss (on a 10%% split of the "
+        "reference; the best epoch is kept); 0 = train every epoch",
+    )
     an.add_argument("--batch-size", type=int, default=32)
     an.add_argument("--lr", type=float, default=None, help="default 1e-3 (full: 1e-4)")
     an.add_argument("--max-genes", type=int, default=256, help="gene tokens per cell (most variable in the reference)")

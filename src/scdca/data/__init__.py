@@ -9,5 +9,14 @@ from scdca.data.keys import DataKeys, condition_id
 from scdca.data.lincs import read_lincs
 from scdca.data.screen import PerturbationData, load, read
 
-__all__ = ["DataKeys", "PerturbationData", "condition_id", "deg_long_table", "load", "rank_degs",
-           "rank_genes_groups_uns", "read", "read_lincs"]
+__all__ = [
+    "DataKeys",
+    "PerturbationData",
+    "condition_id",
+    "deg_long_table",
+    "load",
+    "rank_degs",
+    "rank_genes_groups_uns",
+    "read",
+    "read_lincs",
+]

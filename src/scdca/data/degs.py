@@ -1,4 +1,6 @@
-"""Differentially expressed genes per condition against its line's control (scanpy's t-test, computed on pseudobulk summary statistics)."""
+"""Differentially expressed genes per condition against its line's control: scanpy's t-test,
+computed from pseudobulk summary statistics."""
+
 from __future__ import annotations
 
 import logging
@@ -100,8 +102,10 @@ def deg_long_table(data: PerturbationData, *, n_degs: int = 100) -> pd.DataFrame
     stat = deg_statistics(data)
     ranked = np.stack([np.asarray(data.degs[i])[:n] for i in ids])  # (N, n)
     rows = np.arange(len(ids))[:, None]
-    table = {"group": pd.Categorical(np.repeat(np.asarray(ids, dtype=str), n), categories=[str(i) for i in ids]),
-             "names": np.asarray(data.genes, dtype=object)[ranked].astype(str).ravel()}
+    table = {
+        "group": pd.Categorical(np.repeat(np.asarray(ids, dtype=str), n), categories=[str(i) for i in ids]),
+        "names": np.asarray(data.genes, dtype=object)[ranked].astype(str).ravel(),
+    }
     for key in DEG_COLUMNS[1:]:
         table[key] = stat[key][rows, ranked].astype(np.float32).ravel()
     return pd.DataFrame(table)
@@ -115,8 +119,16 @@ def rank_genes_groups_uns(table: pd.DataFrame) -> dict:
     """
     groups = list(pd.unique(table["group"].astype(str)))
     by_group = {g: t for g, t in table.groupby(table["group"].astype(str), sort=False)}
-    out = {"params": {"groupby": "condition_id", "reference": "control of the same cell line", "method": "t-test",
-                      "use_raw": False, "layer": "mean", "corr_method": "benjamini-hochberg"}}
+    out = {
+        "params": {
+            "groupby": "condition_id",
+            "reference": "control of the same cell line",
+            "method": "t-test",
+            "use_raw": False,
+            "layer": "mean",
+            "corr_method": "benjamini-hochberg",
+        }
+    }
     for key in DEG_COLUMNS:
         dtype = "O" if key == "names" else "float32"
         out[key] = np.rec.fromarrays([by_group[g][key].to_numpy() for g in groups], dtype=[(g, dtype) for g in groups])

@@ -1,4 +1,6 @@
-"""The expression matrix of an AnnData: validation, chunked reading, count detection, normalisation and gene selection."""
+"""The expression matrix of an AnnData: validation, chunked reading, count detection,
+normalisation and gene selection."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +20,7 @@ def validated_genes(adata: ad.AnnData, keys: DataKeys) -> np.ndarray:
     if keys.gene_symbols is not None:
         if keys.gene_symbols not in adata.var.columns:
             raise ScdcaInputError(
-                f"gene_symbols: var column {keys.gene_symbols!r} not found; available: "
-                f"{list(adata.var.columns)!r}"
+                f"gene_symbols: var column {keys.gene_symbols!r} not found; available: {list(adata.var.columns)!r}"
             )
         names = adata.var[keys.gene_symbols].astype(str).to_numpy()
     else:
@@ -54,7 +55,8 @@ def checked_values(X, keys: DataKeys, rows: slice | None = None):
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     values = X.data if sp.issparse(X) else X
     where = ("X" if keys.layer is None else f"layers[{keys.layer!r}]") + (
-        f" (cells {rows.start}-{rows.stop - 1})" if rows is not None else "")
+        f" (cells {rows.start}-{rows.stop - 1})" if rows is not None else ""
+    )
     if not np.isfinite(values).all():
         n = int((~np.isfinite(values)).sum())
         raise ScdcaInputError(
@@ -127,9 +129,7 @@ def select_genes(X, names, *, genes, n_top_genes, n_genes: int | None = None) ->
         pos = index.get_indexer(list(genes))
         if (pos < 0).any():
             missing = [g for g, p in zip(genes, pos) if p < 0]
-            raise ScdcaInputError(
-                f"genes: {len(missing)} requested gene(s) are not in the data, e.g. {missing[:10]!r}"
-            )
+            raise ScdcaInputError(f"genes: {len(missing)} requested gene(s) are not in the data, e.g. {missing[:10]!r}")
         return pos
     if n_top_genes is None or n_top_genes >= n_genes:
         return np.arange(n_genes)

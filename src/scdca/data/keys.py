@@ -1,4 +1,5 @@
 """Where scdca finds things in an AnnData (`DataKeys`) and how a condition is named."""
+
 from __future__ import annotations
 
 import logging

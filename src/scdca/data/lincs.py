@@ -10,6 +10,7 @@ relies on `pd.to_numeric(errors="ignore")`, deprecated and due to raise in panda
 writer fails on numpy 2 (`np.string_`) and, patched, on a real plate whose column metadata
 has an `id` field. The formats are small, so we read them here (NOTES.md, LINCS).
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,10 @@ def read_gct_table(path: str | os.PathLike) -> tuple[np.ndarray, pd.DataFrame, p
 
 
 def _bad(path, problem: str) -> ScdcaInputError:
-    return ScdcaInputError(f"data: {str(path)!r} is not a readable GCT file ({problem}); pass a level 3 .gct (v1.2 or "
-                           f"v1.3) or .gctx file as the LINCS pipeline writes it")
+    return ScdcaInputError(
+        f"data: {str(path)!r} is not a readable GCT file ({problem}); pass a level 3 .gct (v1.2 or "
+        f"v1.3) or .gctx file as the LINCS pipeline writes it"
+    )
 
 
 def _read_gct(path: Path):
@@ -70,30 +73,39 @@ def _read_gct(path: Path):
             n_rows, n_cols, n_rmeta, n_cmeta = dims[0], dims[1], 1, 0  # 'Name', 'Description', samples...
         else:
             if len(dims) != 4:
-                raise _bad(path, f"second line has {len(dims)} numbers, v1.3 needs 4 (rows, columns, row and "
-                                 f"column metadata fields)")
+                raise _bad(
+                    path,
+                    f"second line has {len(dims)} numbers, v1.3 needs 4 (rows, columns, row and "
+                    f"column metadata fields)",
+                )
             n_rows, n_cols, n_rmeta, n_cmeta = dims
         header = fh.readline().rstrip("\n\r").split("\t")
         if len(header) != 1 + n_rmeta + n_cols:
             raise _bad(path, f"header has {len(header)} fields, expected 1 + {n_rmeta} + {n_cols} from its second line")
-        col_ids = header[1 + n_rmeta:]
+        col_ids = header[1 + n_rmeta :]
         col_meta = {}
         for i in range(n_cmeta):
             fields = fh.readline().rstrip("\n\r").split("\t")
             if len(fields) != len(header):
-                raise _bad(path, f"column metadata row {i + 1} of {n_cmeta} has {len(fields)} fields, expected "
-                                 f"{len(header)} (metadata rows missing?)")
-            col_meta[fields[0]] = fields[1 + n_rmeta:]
-        body = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False, na_filter=False,
-                           quoting=3, engine="c")
+                raise _bad(
+                    path,
+                    f"column metadata row {i + 1} of {n_cmeta} has {len(fields)} fields, expected "
+                    f"{len(header)} (metadata rows missing?)",
+                )
+            col_meta[fields[0]] = fields[1 + n_rmeta :]
+        body = pd.read_csv(
+            fh, sep="\t", header=None, dtype=str, keep_default_na=False, na_filter=False, quoting=3, engine="c"
+        )
     if body.shape != (n_rows, len(header)):
         raise _bad(path, f"data block is {body.shape[0]} x {body.shape[1]}, expected {n_rows} x {len(header)}")
     try:
-        X = body.iloc[:, 1 + n_rmeta:].to_numpy().astype(np.float32)
+        X = body.iloc[:, 1 + n_rmeta :].to_numpy().astype(np.float32)
     except ValueError as err:
         raise _bad(path, f"non-numeric expression value ({reason(err, 80)})") from None
-    rows = pd.DataFrame({h: body.iloc[:, 1 + j].to_numpy() for j, h in enumerate(header[1:1 + n_rmeta])},
-                        index=pd.Index(body.iloc[:, 0].to_numpy(), name="id"))
+    rows = pd.DataFrame(
+        {h: body.iloc[:, 1 + j].to_numpy() for j, h in enumerate(header[1 : 1 + n_rmeta])},
+        index=pd.Index(body.iloc[:, 0].to_numpy(), name="id"),
+    )
     cols = pd.DataFrame(col_meta, index=pd.Index(col_ids, name="id"))
     return X, _missing(rows), _missing(cols.drop(columns=["id"], errors="ignore"))
 
@@ -109,15 +121,23 @@ def _read_gctx(path: Path):
                 rows = {k: _strings(v[()]) for k, v in f["0/META/ROW"].items() if k != "id"}
                 cols = {k: _strings(v[()]) for k, v in f["0/META/COL"].items() if k != "id"}
             except KeyError as err:
-                raise _bad(path, f"missing HDF5 node ({reason(err, 80)}); a GCTX holds /0/DATA/0/matrix and "
-                                 f"/0/META/ROW, /0/META/COL") from None
+                raise _bad(
+                    path,
+                    f"missing HDF5 node ({reason(err, 80)}); a GCTX holds /0/DATA/0/matrix and "
+                    f"/0/META/ROW, /0/META/COL",
+                ) from None
             if matrix.shape != (len(col_ids), len(row_ids)):
-                raise _bad(path, f"matrix is {matrix.shape}, expected (columns, rows) = ({len(col_ids)}, {len(row_ids)})")
+                raise _bad(
+                    path, f"matrix is {matrix.shape}, expected (columns, rows) = ({len(col_ids)}, {len(row_ids)})"
+                )
             X = np.asarray(matrix[()], dtype=np.float32).T  # stored wells x genes; (genes, wells) like GCT
     except OSError as err:
         raise _bad(path, f"HDF5: {reason(err, 80)}") from None
-    return (X, _missing(pd.DataFrame(rows, index=pd.Index(row_ids, name="id"))),
-            _missing(pd.DataFrame(cols, index=pd.Index(col_ids, name="id"))))
+    return (
+        X,
+        _missing(pd.DataFrame(rows, index=pd.Index(row_ids, name="id"))),
+        _missing(pd.DataFrame(cols, index=pd.Index(col_ids, name="id"))),
+    )
 
 
 def _strings(values) -> np.ndarray:
@@ -144,8 +164,10 @@ def read_compounds(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     else:
         path = Path(path)
         if not path.is_file():
-            raise ScdcaInputError(f"compounds: file {str(path)!r} does not exist; pass a CSV with pert_id (or "
-                                  f"pert_iname) and smiles columns")
+            raise ScdcaInputError(
+                f"compounds: file {str(path)!r} does not exist; pass a CSV with pert_id (or "
+                f"pert_iname) and smiles columns"
+            )
         try:
             table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
         except Exception as err:
@@ -154,8 +176,10 @@ def read_compounds(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     smi = next((lower[c] for c in ("smiles", "canonical_smiles") if c in lower), None)
     ids = [lower[c] for c in ("pert_id", "pert_iname", "name", "drug") if c in lower]
     if smi is None or not ids:
-        raise ScdcaInputError(f"compounds: the table has columns {list(table.columns)!r}; it needs a 'smiles' "
-                              f"column and a 'pert_id' or 'pert_iname' column")
+        raise ScdcaInputError(
+            f"compounds: the table has columns {list(table.columns)!r}; it needs a 'smiles' "
+            f"column and a 'pert_id' or 'pert_iname' column"
+        )
     keys = []
     for col in ids:
         key = table[col].str.strip()
@@ -215,19 +239,26 @@ def read_lincs(
     where = f"data: {str(path)!r}"
     need = [c for c in ("pert_id", "pert_type") if c not in cols.columns]
     if need:
-        raise ScdcaInputError(f"{where} has no column metadata field(s) {need!r} (fields: {list(cols.columns)[:12]!r}); "
-                              f"pass a level 3 LINCS file with its well annotations (pert_id, pert_type, pert_dose, "
-                              f"cell_id)")
+        raise ScdcaInputError(
+            f"{where} has no column metadata field(s) {need!r} (fields: {list(cols.columns)[:12]!r}); "
+            f"pass a level 3 LINCS file with its well annotations (pert_id, pert_type, pert_dose, "
+            f"cell_id)"
+        )
     ptype = cols["pert_type"].fillna("").str.strip().str.lower()
     is_ctrl = (ptype == "ctl_vehicle").to_numpy()
     is_cpd = (ptype == "trt_cp").to_numpy()
     if not is_ctrl.any():
-        raise ScdcaInputError(f"{where} has no vehicle wells (pert_type 'ctl_vehicle'; types present: "
-                              f"{sorted(set(ptype))[:8]!r}); a plate needs its DMSO wells as the control")
+        raise ScdcaInputError(
+            f"{where} has no vehicle wells (pert_type 'ctl_vehicle'; types present: "
+            f"{sorted(set(ptype))[:8]!r}); a plate needs its DMSO wells as the control"
+        )
     dropped = ptype[~(is_ctrl | is_cpd)].value_counts()
     if len(dropped):
-        log.info("lincs: dropped %d well(s) that are neither compounds nor vehicle: %s", int(dropped.sum()),
-                 ", ".join(f"{n} {t or 'untyped'}" for t, n in dropped.items()))
+        log.info(
+            "lincs: dropped %d well(s) that are neither compounds nor vehicle: %s",
+            int(dropped.sum()),
+            ", ".join(f"{n} {t or 'untyped'}" for t, n in dropped.items()),
+        )
 
     compound_id = cols["pert_id"].fillna("").str.strip().str[:COMPOUND_ID_LEN]
     iname = cols["pert_iname"].fillna("").str.strip() if "pert_iname" in cols else pd.Series("", index=cols.index)
@@ -237,30 +268,45 @@ def read_lincs(
     elif "pert_idose" in cols:
         dose = dose_in_um(cols["pert_idose"], None)
     else:
-        raise ScdcaInputError(f"{where} has no pert_dose (or pert_idose) metadata field; every compound well needs a dose")
+        raise ScdcaInputError(
+            f"{where} has no pert_dose (or pert_idose) metadata field; every compound well needs a dose"
+        )
 
     keep = is_ctrl | (is_cpd & smiles.notna().to_numpy())
     no_structure = is_cpd & smiles.isna().to_numpy()
     if no_structure.any():
         names = sorted(set(np.where(iname[no_structure] != "", iname[no_structure], compound_id[no_structure])))
-        log.warning("lincs: skipped %d compound well(s) of %d compound(s) with no structure in %s, e.g. %s",
-                    int(no_structure.sum()), len(names), "the compounds table" if compounds is not None else
-                    "the file (pass --compounds)", ", ".join(names[:5]))
+        log.warning(
+            "lincs: skipped %d compound well(s) of %d compound(s) with no structure in %s, e.g. %s",
+            int(no_structure.sum()),
+            len(names),
+            "the compounds table" if compounds is not None else "the file (pass --compounds)",
+            ", ".join(names[:5]),
+        )
     bad_dose = keep & ~is_ctrl & ~(dose > 0)
     if bad_dose.any():
         examples = cols["pert_dose"].to_numpy()[bad_dose][:5] if "pert_dose" in cols else []
-        raise ScdcaInputError(f"{where}: {int(bad_dose.sum())} compound well(s) have a missing or unknown dose "
-                              f"(e.g. {list(examples)!r}, units {sorted(set(cols.get('pert_dose_unit', pd.Series(dtype=str)).dropna()))!r}); "
-                              f"give pert_dose in uM, nM or mM")
+        raise ScdcaInputError(
+            f"{where}: {int(bad_dose.sum())} compound well(s) have a missing or unknown dose "
+            f"(e.g. {list(examples)!r}, "
+            f"units {sorted(set(cols.get('pert_dose_unit', pd.Series(dtype=str)).dropna()))!r}); "
+            f"give pert_dose in uM, nM or mM"
+        )
     if not (keep & is_cpd).any():
-        raise ScdcaInputError(f"{where}: no compound well has a structure; pass --compounds with a CSV mapping pert_id "
-                              f"(or pert_iname) to smiles")
+        raise ScdcaInputError(
+            f"{where}: no compound well has a structure; pass --compounds with a CSV mapping pert_id "
+            f"(or pert_iname) to smiles"
+        )
 
-    cell = cols["cell_id"].fillna("unknown").str.strip() if "cell_id" in cols else pd.Series("unknown", index=cols.index)
+    cell = (
+        cols["cell_id"].fillna("unknown").str.strip() if "cell_id" in cols else pd.Series("unknown", index=cols.index)
+    )
     time = _times(cols)
     if time[keep].nunique() > 1:
         cell = cell + "_" + time.fillna("na")
-        log.info("lincs: several treatment times (%s); each cell line is split by time", sorted(time[keep].dropna().unique()))
+        log.info(
+            "lincs: several treatment times (%s); each cell line is split by time", sorted(time[keep].dropna().unique())
+        )
 
     drug = _drug_names(compound_id, iname, keep & is_cpd)
     obs = cols.copy()
@@ -275,12 +321,21 @@ def read_lincs(
     adata = ad.AnnData(X=np.ascontiguousarray(X[:, keep].T), obs=obs, var=var)
     adata.obs_names = obs.index.astype(str)
     adata.uns[SCALE_KEY] = "log2"
-    adata.uns["lincs"] = {"file": os.path.basename(str(path)), "n_wells_read": int(len(cols)),
-                          "n_wells_kept": int(keep.sum()), "n_vehicle": int(is_ctrl.sum()),
-                          "n_no_structure": int(no_structure.sum())}
-    log.info("lincs: %s: %d compound wells of %d compounds and %d vehicle wells x %d genes",
-             os.path.basename(str(path)), int((keep & is_cpd).sum()), len(set(drug[keep & is_cpd])),
-             int(is_ctrl.sum()), adata.n_vars)
+    adata.uns["lincs"] = {
+        "file": os.path.basename(str(path)),
+        "n_wells_read": int(len(cols)),
+        "n_wells_kept": int(keep.sum()),
+        "n_vehicle": int(is_ctrl.sum()),
+        "n_no_structure": int(no_structure.sum()),
+    }
+    log.info(
+        "lincs: %s: %d compound wells of %d compounds and %d vehicle wells x %d genes",
+        os.path.basename(str(path)),
+        int((keep & is_cpd).sum()),
+        len(set(drug[keep & is_cpd])),
+        int(is_ctrl.sum()),
+        adata.n_vars,
+    )
     return adata
 
 
@@ -289,8 +344,10 @@ def _well_smiles(cols, compound_id, iname, compounds, where) -> pd.Series:
     if compounds is None:
         field = next((c for c in ("canonical_smiles", "smiles", "SMILES") if c in cols), None)
         if field is None:
-            raise ScdcaInputError(f"{where} has no SMILES in its metadata; pass a compounds table (--compounds "
-                                  f"FILE.csv, or compounds= in Python) mapping pert_id or pert_iname to smiles")
+            raise ScdcaInputError(
+                f"{where} has no SMILES in its metadata; pass a compounds table (--compounds "
+                f"FILE.csv, or compounds= in Python) mapping pert_id or pert_iname to smiles"
+            )
         return cols[field]
     table = read_compounds(compounds)
     lookup = dict(zip(table["key"], table["smiles"]))
@@ -302,8 +359,11 @@ def _well_smiles(cols, compound_id, iname, compounds, where) -> pd.Series:
 def _drug_names(compound_id: pd.Series, iname: pd.Series, treated: np.ndarray) -> np.ndarray:
     """pert_iname where it names exactly one compound id (and the reverse), else the compound id."""
     pairs = pd.DataFrame({"cid": compound_id[treated].to_numpy(), "name": iname[treated].to_numpy()}).drop_duplicates()
-    unique = (pairs.groupby("name")["cid"].transform("nunique").eq(1)
-              & pairs.groupby("cid")["name"].transform("nunique").eq(1) & (pairs["name"] != ""))
+    unique = (
+        pairs.groupby("name")["cid"].transform("nunique").eq(1)
+        & pairs.groupby("cid")["name"].transform("nunique").eq(1)
+        & (pairs["name"] != "")
+    )
     good = dict(zip(pairs.loc[unique, "cid"], pairs.loc[unique, "name"]))
     return np.array([good.get(c, c) for c in compound_id], dtype=object)
 
@@ -314,8 +374,20 @@ def _times(cols: pd.DataFrame) -> pd.Series:
         return pd.Series(np.nan, index=cols.index, dtype=object)
     value = pd.to_numeric(cols["pert_time"], errors="coerce")
     unit = cols.get("pert_time_unit", pd.Series("h", index=cols.index)).fillna("h").str.lower().str.strip()
-    hours = value * unit.map({"h": 1.0, "hr": 1.0, "hrs": 1.0, "hour": 1.0, "hours": 1.0, "m": 1 / 60, "min": 1 / 60,
-                              "d": 24.0, "day": 24.0, "days": 24.0}).fillna(1.0)
+    hours = value * unit.map(
+        {
+            "h": 1.0,
+            "hr": 1.0,
+            "hrs": 1.0,
+            "hour": 1.0,
+            "hours": 1.0,
+            "m": 1 / 60,
+            "min": 1 / 60,
+            "d": 24.0,
+            "day": 24.0,
+            "days": 24.0,
+        }
+    ).fillna(1.0)
     return hours.map(lambda h: np.nan if pd.isna(h) else f"{h:g}h")
 
 
@@ -348,4 +420,3 @@ def write_gctx(path: str | os.PathLike, X: np.ndarray, rows: pd.DataFrame, cols:
                 f.create_dataset(f"0/META/{name}/id", data=strings(meta.index))
                 for field in meta.columns:
                     f.create_dataset(f"0/META/{name}/{field}", data=strings(meta[field].fillna("-666")))
-

@@ -1,4 +1,5 @@
 """A real single-cell file that ships with scanpy (PBMC 68k, reduced), split for the annotation tutorial."""
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,11 @@ def pbmc68k_split(out: str | os.PathLike) -> tuple[str, str]:
     import scanpy as sc
 
     pbmc = sc.datasets.pbmc68k_reduced()
-    full = ad.AnnData(X=np.asarray(pbmc.raw.X.toarray() if sp.issparse(pbmc.raw.X) else pbmc.raw.X, np.float32),
-                      obs=pbmc.obs[["bulk_labels", "phase", "n_counts", "percent_mito", "louvain"]].copy(),
-                      var=pd.DataFrame(index=pbmc.raw.var_names.astype(str)))
+    full = ad.AnnData(
+        X=np.asarray(pbmc.raw.X.toarray() if sp.issparse(pbmc.raw.X) else pbmc.raw.X, np.float32),
+        obs=pbmc.obs[["bulk_labels", "phase", "n_counts", "percent_mito", "louvain"]].copy(),
+        var=pd.DataFrame(index=pbmc.raw.var_names.astype(str)),
+    )
     paths = []
     for name, keep in (("reference", full.obs["phase"] == "G1"), ("query", full.obs["phase"] != "G1")):
         part = full[keep.to_numpy()].copy()

@@ -8,12 +8,14 @@ by the names in :class:`DataKeys`, and nowhere else.
 Single-cell and already-pseudobulk (bulk, L1000-style) inputs follow the same
 path: rows are grouped by condition; a condition with one row simply has n=1.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -114,29 +116,50 @@ class PerturbationData:
         `rank_genes_groups_uns` makes scanpy's layout of it for scanpy's plots.
         """
         if self.mean is None:
-            raise ScdcaInputError("to_anndata: this PerturbationData holds no observations (a query made with "
-                                  "observed=False); call it on the loaded data or a subset with observed=True")
+            raise ScdcaInputError(
+                "to_anndata: this PerturbationData holds no observations (a query made with "
+                "observed=False); call it on the loaded data or a subset with observed=True"
+            )
         cond = self.conditions
         lines = list(self.controls.index)
-        obs = pd.concat([
-            pd.DataFrame({"condition_id": cond.index.astype(str), "cell_line": cond["cell_line"].astype(str),
-                          "drug": cond["drug"].astype(str), "dose": cond["dose"].astype(float),
-                          "smiles": cond["smiles"].astype(str), "control": False,
-                          "n_cells": cond["n_cells"].astype(int)}),
-            pd.DataFrame({"condition_id": [f"{c}_control" for c in lines], "cell_line": lines, "drug": "control",
-                          "dose": 0.0, "smiles": "", "control": True,
-                          "n_cells": self.controls["n_cells"].astype(int).to_numpy()}),
-        ], ignore_index=True)
+        obs = pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "condition_id": cond.index.astype(str),
+                        "cell_line": cond["cell_line"].astype(str),
+                        "drug": cond["drug"].astype(str),
+                        "dose": cond["dose"].astype(float),
+                        "smiles": cond["smiles"].astype(str),
+                        "control": False,
+                        "n_cells": cond["n_cells"].astype(int),
+                    }
+                ),
+                pd.DataFrame(
+                    {
+                        "condition_id": [f"{c}_control" for c in lines],
+                        "cell_line": lines,
+                        "drug": "control",
+                        "dose": 0.0,
+                        "smiles": "",
+                        "control": True,
+                        "n_cells": self.controls["n_cells"].astype(int).to_numpy(),
+                    }
+                ),
+            ],
+            ignore_index=True,
+        )
         obs.index = obs["condition_id"].to_numpy()
         mean = np.vstack([self.mean, self.control_mean]).astype(np.float32)
-        std = np.vstack([self.std if self.std is not None else np.full_like(self.mean, np.nan),
-                         self.control_std]).astype(np.float32)
+        std = np.vstack(
+            [self.std if self.std is not None else np.full_like(self.mean, np.nan), self.control_std]
+        ).astype(np.float32)
         adata = ad.AnnData(X=mean.copy(), obs=obs, var=pd.DataFrame(index=[str(g) for g in self.genes]))
         adata.layers["mean"], adata.layers["std"] = mean, std
         adata.uns["rank_genes_groups_df"] = deg_long_table(self, n_degs=n_degs)
         return adata
 
-    def subset(self, ids: Sequence[str], *, observed: bool = True) -> "PerturbationData":
+    def subset(self, ids: Sequence[str], *, observed: bool = True) -> PerturbationData:
         """The conditions `ids`, with all controls. `observed=False` drops every observation,
 
         which is what a model's `predict` receives, so it cannot peek at test data.
@@ -165,8 +188,14 @@ class PerturbationData:
 # ----------------------------------------------------------------------------- loading
 
 
-def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = None,
-         compounds: str | os.PathLike | None = None, keys: DataKeys | None = None) -> ad.AnnData:
+def read(
+    path: str | os.PathLike,
+    *,
+    what: str = "data",
+    backed: str | None = None,
+    compounds: str | os.PathLike | None = None,
+    keys: DataKeys | None = None,
+) -> ad.AnnData:
     """Read an .h5ad file, or a LINCS .gct/.gctx plate (`scdca.data.lincs.read_lincs`, with the
     `compounds` table giving its SMILES), with a clear error when it is missing, empty,
     truncated or not AnnData. `what` names the argument in the error message.
@@ -179,8 +208,10 @@ def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = No
     if is_lincs(path):
         return read_lincs(path, compounds=compounds, keys=keys or DataKeys())
     if compounds is not None:
-        raise ScdcaInputError(f"compounds: {os.fspath(compounds)!r} is given, but {what} {path!r} is not a LINCS "
-                              f".gct/.gctx file; SMILES of an .h5ad come from its obs (--smiles-key)")
+        raise ScdcaInputError(
+            f"compounds: {os.fspath(compounds)!r} is given, but {what} {path!r} is not a LINCS "
+            f".gct/.gctx file; SMILES of an .h5ad come from its obs (--smiles-key)"
+        )
     if not path.endswith(".h5ad"):
         raise ScdcaInputError(f"{what}: {path!r} is not an .h5ad, .gct or .gctx file; convert it with anndata first")
     if os.path.getsize(path) == 0:
@@ -188,8 +219,10 @@ def read(path: str | os.PathLike, *, what: str = "data", backed: str | None = No
     try:
         return ad.read_h5ad(path, backed=backed)
     except Exception as err:  # h5py/anndata raise OSError, KeyError, TypeError... on a broken file
-        raise ScdcaInputError(f"{what}: {path!r} could not be read as AnnData ({reason(err, 160)}); the file is "
-                              f"truncated or not an .h5ad file: rewrite it with adata.write_h5ad") from None
+        raise ScdcaInputError(
+            f"{what}: {path!r} could not be read as AnnData ({reason(err, 160)}); the file is "
+            f"truncated or not an .h5ad file: rewrite it with adata.write_h5ad"
+        ) from None
 
 
 def load(
@@ -289,8 +322,10 @@ def load(
         half_code["b"][~is_ctrl] = np.where(in_a, -1, codes)
     ctrl_code = np.full(len(obs), -1, dtype=np.int64)
     ctrl_code[is_ctrl] = pd.Index(lines_all).get_indexer(obs["_cell_line"].to_numpy()[is_ctrl])
-    sums = {name: _GroupSums(n, len(gene_names)) for name, n in
-            (("cond", n_cond), ("a", n_cond), ("b", n_cond), ("ctrl", len(lines_all)))}
+    sums = {
+        name: _GroupSums(n, len(gene_names))
+        for name, n in (("cond", n_cond), ("a", n_cond), ("b", n_cond), ("ctrl", len(lines_all)))
+    }
     groupings = {"cond": cond_code, "a": half_code["a"], "b": half_code["b"], "ctrl": ctrl_code}
     for start, A in chunks:
         A, A2 = _GroupSums.powers(A)
@@ -304,8 +339,7 @@ def load(
         half_a[single] = np.nan
         half_b[single] = np.nan
     control_mean, control_std = sums["ctrl"].result()
-    controls = pd.DataFrame({"n_cells": sums["ctrl"].n.astype(np.int64)},
-                            index=pd.Index(lines_all, name="cell_line"))
+    controls = pd.DataFrame({"n_cells": sums["ctrl"].n.astype(np.int64)}, index=pd.Index(lines_all, name="cell_line"))
 
     data = PerturbationData(
         genes=np.asarray(gene_names, dtype=object),
@@ -373,7 +407,8 @@ def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
         drugs = sorted(set(adata.obs[keys.drug].astype(str).to_numpy()[bad]))
         raise ScdcaInputError(
             f"obs[{keys.dose!r}]: {bad.sum()} perturbed cell(s) have a zero or negative dose (e.g. "
-            f"{[float(x) for x in sorted(set(dose[bad]))[:5]]!r}, drugs {drugs[:5]!r}); doses are concentrations > 0 (log-scaled by "
+            f"{[float(x) for x in sorted(set(dose[bad]))[:5]]!r}, drugs {drugs[:5]!r}); "
+            f"doses are concentrations > 0 (log-scaled by "
             f"the models). Flag untreated cells as controls (obs[{keys.control!r}]) instead."
         )
     obs["_dose"] = np.where(is_ctrl, 0.0, dose)
@@ -404,15 +439,20 @@ def _condition_codes(treated: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
     grouped = treated.groupby(keys, sort=True, observed=True)
     first = grouped.ngroup().to_numpy()
     uniq = grouped.size().index.to_frame(index=False)  # in the order of ngroup (sorted keys)
-    ids = np.array([condition_id(c, d, x) for c, d, x in zip(uniq["_cell_line"], uniq["_drug"], uniq["_dose"])],
-                   dtype=object)
+    ids = np.array(
+        [condition_id(c, d, x) for c, d, x in zip(uniq["_cell_line"], uniq["_drug"], uniq["_dose"])], dtype=object
+    )
     order = np.argsort(ids, kind="stable")
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
-    conditions = pd.DataFrame({"cell_line": uniq["_cell_line"].to_numpy()[order].astype(object),
-                               "drug": uniq["_drug"].to_numpy()[order].astype(object),
-                               "dose": uniq["_dose"].to_numpy()[order].astype(float)},
-                              index=pd.Index(ids[order], name="condition_id"))
+    conditions = pd.DataFrame(
+        {
+            "cell_line": uniq["_cell_line"].to_numpy()[order].astype(object),
+            "drug": uniq["_drug"].to_numpy()[order].astype(object),
+            "dose": uniq["_dose"].to_numpy()[order].astype(float),
+        },
+        index=pd.Index(ids[order], name="condition_id"),
+    )
     return rank[first], conditions
 
 

@@ -46,11 +46,12 @@ pseudobulk that `scdca.data.load` computes (mean of log1p(1e4 * counts / total))
 in the limit of infinitely many cells, by summing the NB pmf (and an asymptotic
 formula for large means) over 5 Gauss-Hermite nodes of the library size.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import anndata as ad
 import h5py
@@ -76,8 +77,14 @@ MECHANISMS: list[tuple[str, str, int, float, float]] = [
 ]
 # share of drugs per mechanism when sampling from the NCI pool (stratified)
 _MECH_SHARE = dict(
-    hdac_like=0.10, dna_damage=0.10, electrophile=0.12, nuclear_receptor=0.08,
-    kinase_like=0.12, acid_metabolic=0.12, amine_gpcr=0.16, none=0.20,
+    hdac_like=0.10,
+    dna_damage=0.10,
+    electrophile=0.12,
+    nuclear_receptor=0.08,
+    kinase_like=0.12,
+    acid_metabolic=0.12,
+    amine_gpcr=0.16,
+    none=0.20,
 )
 _SMARTS = {
     "hydroxamic": "[CX3](=O)[NX3][OX2H1]",
@@ -255,8 +262,9 @@ def _gene_world(cfg: SimulationConfig, rng: np.random.Generator):
     return base, programs, mech_vec, W, z, line_shift, sensitivity
 
 
-def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
-             out: str | os.PathLike | None = None) -> ad.AnnData:
+def simulate(
+    config: SimulationConfig | None = None, *, seed: int = 0, out: str | os.PathLike | None = None
+) -> ad.AnnData:
     """Simulate a sci-Plex-like single-cell drug screen (see the module docstring).
 
     Args:
@@ -276,7 +284,7 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
     """
     cfg = config or SimulationConfig()
     rng = np.random.default_rng(seed)
-    G, P, R = cfg.n_genes, cfg.n_programs, cfg.latent_dim
+    G, P = cfg.n_genes, cfg.n_programs
     mech_names = [m[0] for m in MECHANISMS]
 
     names, smiles, mechs, logp = _choose_drugs(cfg, rng)
@@ -308,7 +316,7 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
         for d in range(D):
             eta = rng.normal(0, cfg.interaction_sd, G) * (drug_vec[d] != 0)
             for dose in cfg.doses_nM:
-                hill = dose**hill_n[d] / (dose**hill_n[d] + (10 ** log10_ec50[d]) ** hill_n[d])
+                hill = dose ** hill_n[d] / (dose ** hill_n[d] + (10 ** log10_ec50[d]) ** hill_n[d])
                 effect = sensitivity[c, m_idx[d]] * amplitude[d] * hill * (drug_vec[d] + eta)
                 rows.append((line, names[d], float(dose), d))
                 logits.append(base + line_shift[c] + effect)
@@ -332,8 +340,10 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
     )
     per_condition["dose_val"] = per_condition["dose"] / 1e4
     per_condition["control"] = (per_condition["condition"] == "control").astype(int)
-    per_condition["cov_drug_dose_name"] = [f"{a}_{b}_{float(v)}" for a, b, v in zip(
-        per_condition["cell_type"], per_condition["condition"], per_condition["dose_val"])]
+    per_condition["cov_drug_dose_name"] = [
+        f"{a}_{b}_{float(v)}"
+        for a, b, v in zip(per_condition["cell_type"], per_condition["condition"], per_condition["dose_val"])
+    ]
     obs = pd.DataFrame(index=[f"cell{i:06d}" for i in range(cond_of_cell.size)])
     for col in per_condition.columns:  # per-cell columns taken from the condition table (categorical codes)
         values = per_condition[col]
@@ -376,8 +386,9 @@ def simulate(config: SimulationConfig | None = None, *, seed: int = 0,
     return adata
 
 
-def write_in_chunks(path: str | os.PathLike, adata: ad.AnnData, chunks: Iterable[sp.csr_matrix],
-                    *, rows_per_write: int = 65_536) -> None:
+def write_in_chunks(
+    path: str | os.PathLike, adata: ad.AnnData, chunks: Iterable[sp.csr_matrix], *, rows_per_write: int = 65_536
+) -> None:
     """Write `adata` (obs, var, uns; X is ignored) to an .h5ad whose X is the row-wise
     concatenation of the sparse `chunks`, appending them to the file so that at most
     `rows_per_write` rows of X are in memory. Atomic: the file appears only when complete."""
@@ -388,6 +399,7 @@ def write_in_chunks(path: str | os.PathLike, adata: ad.AnnData, chunks: Iterable
     with storage.atomic_path(path) as tmp:
         shell.write_h5ad(tmp)
         with h5py.File(tmp, "a") as f:
+
             def flush():
                 nonlocal written
                 block = sp.vstack(pending).tocsr()
@@ -423,12 +435,14 @@ class AtlasConfig:
 
     def __post_init__(self):
         if self.n_states < 2 or self.cells_per_state < 2:
-            raise ScdcaInputError(f"n_states {self.n_states!r} and cells_per_state {self.cells_per_state!r} "
-                                  f"must both be >= 2")
+            raise ScdcaInputError(
+                f"n_states {self.n_states!r} and cells_per_state {self.cells_per_state!r} must both be >= 2"
+            )
 
 
-def simulate_atlas(config: SimulationConfig | None = None, atlas: AtlasConfig | None = None, *,
-                   seed: int = 0) -> ad.AnnData:
+def simulate_atlas(
+    config: SimulationConfig | None = None, atlas: AtlasConfig | None = None, *, seed: int = 0
+) -> ad.AnnData:
     """Unperturbed cells from many cell states, in the gene space of `simulate(config, seed=seed)`.
 
     The pretraining corpus the foundation-model premise needs: no drug is ever applied,
@@ -479,18 +493,26 @@ def simulate_atlas(config: SimulationConfig | None = None, atlas: AtlasConfig | 
         prop = np.exp(logit - logit.max(1, keepdims=True))
         prop /= prop.sum(1, keepdims=True)
         chunks.append(_nb_counts(prop * lib[start : start + s.size, None], cfg.dispersion, arng))
-    obs = pd.DataFrame({
-        "cell_type": pd.Categorical([names[k] for k in state_of_cell], categories=names),
-        "condition": pd.Categorical(["control"] * state_of_cell.size),
-        "control": 1,
-        "screen_line": state_of_cell < n_screen,
-    }, index=[f"atlas{i:06d}" for i in range(state_of_cell.size)])
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical([names[k] for k in state_of_cell], categories=names),
+            "condition": pd.Categorical(["control"] * state_of_cell.size),
+            "control": 1,
+            "screen_line": state_of_cell < n_screen,
+        },
+        index=[f"atlas{i:06d}" for i in range(state_of_cell.size)],
+    )
     adata = ad.AnnData(X=sp.vstack(chunks).tocsr(), obs=obs, var=pd.DataFrame(index=[f"g{i:04d}" for i in range(G)]))
     params = {k: v for k, v in asdict(cfg).items() if k != "smiles"}
     params["doses_nM"] = list(cfg.doses_nM)
     adata.uns["atlas_programs"] = all_programs.astype(np.float32)  # first n_programs: those drugs act on
-    adata.uns["simulation"] = {"seed": seed, "kind": "atlas", **params, **asdict(acfg),
-                               "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K"}
+    adata.uns["simulation"] = {
+        "seed": seed,
+        "kind": "atlas",
+        **params,
+        **asdict(acfg),
+        "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K",
+    }
     return adata
 
 

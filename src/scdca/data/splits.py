@@ -5,6 +5,7 @@ Unit of splitting: a drug (all its doses, all lines) for `unseen_drug`, a
 Control expression of every cell line, held-out lines included, is always
 available: it is the model's input, not a target.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ class Split:
         write_json(path, {**asdict(self), "train": list(self.train), "test": list(self.test)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Split":
+    def load(cls, path: str | os.PathLike) -> Split:
         with open(path) as fh:
             d = json.load(fh)
         return cls(d["task"], int(d["seed"]), d["held_out"], tuple(d["train"]), tuple(d["test"]))
@@ -117,9 +118,7 @@ def make_splits(
     else:
         lines = sorted(cond["cell_line"].unique())
         if len(lines) < 2:
-            raise ScdcaInputError(
-                f"task {task!r} needs >= 2 cell lines with perturbations; the data has {lines!r}"
-            )
+            raise ScdcaInputError(f"task {task!r} needs >= 2 cell lines with perturbations; the data has {lines!r}")
         for line in lines:
             in_line = (cond["cell_line"] == line).to_numpy()
             if task == "unseen_cell_zeroshot":
@@ -144,9 +143,7 @@ def _split(data, task, seed, held_out, is_test) -> Split:
             f"task; add conditions or drop the task (--tasks)."
         )
     if not split.train:
-        raise ScdcaInputError(
-            f"split {split.name}: no training conditions. Add conditions or drop the task (--tasks)."
-        )
+        raise ScdcaInputError(f"split {split.name}: no training conditions. Add conditions or drop the task (--tasks).")
     return split
 
 

@@ -15,6 +15,7 @@ noise cannot reward a drug model, whatever it is. These numbers say so next to t
   `dose_neighbour_r` (always): the same between a drug's two highest doses, which agree
   only if the drug has a reproducible effect of its own.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,12 +43,17 @@ def plate_diagnostics(data: PerturbationData) -> pd.DataFrame:
         total = float((delta[idx] ** 2).sum())
         left = float((resid[idx] ** 2).sum())
         noise = float(ctrl_var[li].sum() * (1.0 / n + 1.0 / n0).sum()) if n0 > 1 else np.nan
-        row = {"cell_line": line, "n_conditions": int(idx.size), "n_drugs": int(cond["drug"].iloc[idx].nunique()),
-               "n_doses": int(cond["dose"].iloc[idx].nunique()),
-               "common_share": 1.0 - left / total if total > 0 else np.nan,
-               "drug_specific_share": left / total if total > 0 else np.nan,
-               "noise_share": min(noise / left, 1.0) if left > 0 and np.isfinite(noise) else np.nan,
-               "replicate_r": _replicate_r(data, idx, common), "dose_neighbour_r": _dose_neighbour_r(cond, idx, resid)}
+        row = {
+            "cell_line": line,
+            "n_conditions": int(idx.size),
+            "n_drugs": int(cond["drug"].iloc[idx].nunique()),
+            "n_doses": int(cond["dose"].iloc[idx].nunique()),
+            "common_share": 1.0 - left / total if total > 0 else np.nan,
+            "drug_specific_share": left / total if total > 0 else np.nan,
+            "noise_share": min(noise / left, 1.0) if left > 0 and np.isfinite(noise) else np.nan,
+            "replicate_r": _replicate_r(data, idx, common),
+            "dose_neighbour_r": _dose_neighbour_r(cond, idx, resid),
+        }
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -76,10 +82,15 @@ def describe(table: pd.DataFrame) -> str:
     """One plain sentence per line on whether a drug model has anything to learn."""
     out = []
     for _, r in table.iterrows():
-        verdict = ("little drug-specific signal beyond noise: expect drug-blind baselines to be hard to beat"
-                   if (np.isfinite(r["noise_share"]) and r["noise_share"] > 0.8)
-                   or (np.isfinite(r["dose_neighbour_r"]) and r["dose_neighbour_r"] < 0.1) else "drug-specific signal above noise: a drug model can add to the common response")
-        out.append(f"{r['cell_line']}: the common response explains {r['common_share']:.0%} of the change; of the "
-                   f"rest, noise accounts for {r['noise_share']:.0%}; a drug's two top doses agree at "
-                   f"r = {r['dose_neighbour_r']:.2f}: {verdict}.")
+        verdict = (
+            "little drug-specific signal beyond noise: expect drug-blind baselines to be hard to beat"
+            if (np.isfinite(r["noise_share"]) and r["noise_share"] > 0.8)
+            or (np.isfinite(r["dose_neighbour_r"]) and r["dose_neighbour_r"] < 0.1)
+            else "drug-specific signal above noise: a drug model can add to the common response"
+        )
+        out.append(
+            f"{r['cell_line']}: the common response explains {r['common_share']:.0%} of the change; of the "
+            f"rest, noise accounts for {r['noise_share']:.0%}; a drug's two top doses agree at "
+            f"r = {r['dose_neighbour_r']:.2f}: {verdict}."
+        )
     return "\n".join(out)

@@ -14,6 +14,7 @@ real.h5ad`, or `cell_eval.MetricsEvaluator`):
 The rows are pseudobulk means, not cells, so only cell-eval's profiles that work on means
 (`--profile anndata`, or `pds`) are meaningful; its DE-based metrics need cells.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,32 +36,42 @@ def cell_eval_pair(preds: ad.AnnData) -> tuple[ad.AnnData, ad.AnnData]:
     """(real, pred) AnnData for cell-eval from one prediction file's AnnData."""
     for key in ("observed", "control"):
         if key not in preds.layers:
-            raise ScdcaInputError(f"predictions: the file has no layers[{key!r}]; pass a file written by "
-                                  f"`scdca benchmark` (RUN/predictions/*.h5ad)")
+            raise ScdcaInputError(
+                f"predictions: the file has no layers[{key!r}]; pass a file written by "
+                f"`scdca benchmark` (RUN/predictions/*.h5ad)"
+            )
     obs = preds.obs
     if (obs["drug"].astype(str) == CONTROL).any():
-        raise ScdcaInputError(f"predictions: a drug is named {CONTROL!r}, which is the control label in the "
-                              f"export; rename that drug")
+        raise ScdcaInputError(
+            f"predictions: a drug is named {CONTROL!r}, which is the control label in the export; rename that drug"
+        )
     labels = [perturbation_label(d, x) for d, x in zip(obs["drug"], obs["dose"])]
     lines = obs["cell_line"].astype(str).to_numpy()
     first = pd.Series(np.arange(len(lines))).groupby(lines).first()  # a row of each line, for its control
     control = np.asarray(preds.layers["control"], dtype=np.float32)[first.to_numpy()]
 
-    meta = pd.DataFrame({
-        PERT_COL: labels + [CONTROL] * len(first),
-        "cell_line": np.concatenate([lines, first.index.to_numpy(dtype=str)]),
-        "drug": np.concatenate([obs["drug"].astype(str).to_numpy(), [CONTROL] * len(first)]),
-        "dose": np.concatenate([obs["dose"].to_numpy(dtype=float), np.zeros(len(first))]),
-    })
+    meta = pd.DataFrame(
+        {
+            PERT_COL: labels + [CONTROL] * len(first),
+            "cell_line": np.concatenate([lines, first.index.to_numpy(dtype=str)]),
+            "drug": np.concatenate([obs["drug"].astype(str).to_numpy(), [CONTROL] * len(first)]),
+            "dose": np.concatenate([obs["dose"].to_numpy(dtype=float), np.zeros(len(first))]),
+        }
+    )
     meta.index = [f"{c}|{p}" for c, p in zip(meta["cell_line"], meta[PERT_COL])]
     if meta.index.duplicated().any():
         dup = meta.index[meta.index.duplicated()].unique().tolist()[:3]
-        raise ScdcaInputError(f"predictions: conditions {dup} appear twice (a file merging several held-out "
-                              f"runs of the same line?); export one model/task/seed file")
+        raise ScdcaInputError(
+            f"predictions: conditions {dup} appear twice (a file merging several held-out "
+            f"runs of the same line?); export one model/task/seed file"
+        )
 
     def build(x: np.ndarray) -> ad.AnnData:
-        return ad.AnnData(X=np.vstack([np.asarray(x, dtype=np.float32), control]), obs=meta.copy(),
-                          var=pd.DataFrame(index=preds.var_names.copy()))
+        return ad.AnnData(
+            X=np.vstack([np.asarray(x, dtype=np.float32), control]),
+            obs=meta.copy(),
+            var=pd.DataFrame(index=preds.var_names.copy()),
+        )
 
     return build(preds.layers["observed"]), build(preds.X)
 

@@ -1,4 +1,5 @@
 """The report's figures; each takes its table and returns a matplotlib figure."""
+
 from __future__ import annotations
 
 import base64
@@ -41,8 +42,14 @@ def novelty_figure(nov: pd.DataFrame, metric: str):
     colors = model_colors(nov["model"])
     for model, g in nov.groupby("model"):
         m = g.groupby("bin", observed=False)["value"].mean()
-        ax2.plot([f"{b.left:.1f}-{min(b.right, 1):.1f}" for b in m.index], m.to_numpy(), marker="o",
-                 label=model, color=colors[model], ls="--" if model in REFERENCES else "-")
+        ax2.plot(
+            [f"{b.left:.1f}-{min(b.right, 1):.1f}" for b in m.index],
+            m.to_numpy(),
+            marker="o",
+            label=model,
+            color=colors[model],
+            ls="--" if model in REFERENCES else "-",
+        )
     ax2.set_xlabel("max Tanimoto to training (bin)")
     ax2.set_ylabel(metric)
     ax2.set_title("score of test drugs by similarity to training", fontsize=10)
@@ -74,8 +81,15 @@ def genes_figure(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
         x = np.arange(len(idx))
         ax.plot(x, a.layers["control"][i, idx], "s", color="#999999", label="control")
         sd = a.layers["observed_std"][i, idx] if "observed_std" in a.layers else None
-        ax.errorbar(x, a.layers["observed"][i, idx], yerr=sd, fmt="o", color="black", capsize=2,
-                    label="observed" + (" ± cell SD" if sd is not None else ""))
+        ax.errorbar(
+            x,
+            a.layers["observed"][i, idx],
+            yerr=sd,
+            fmt="o",
+            color="black",
+            capsize=2,
+            label="observed" + (" ± cell SD" if sd is not None else ""),
+        )
         ax.plot(x, np.asarray(a.X)[i, idx], "x", color="#d62728", ms=8, label=f"predicted ({model})")
         ax.set_xticks(x, names, rotation=60, fontsize=7)
         ax.set_ylabel("log1p expression")
@@ -96,14 +110,19 @@ def bars_figure(results: pd.DataFrame, metric: str):
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.8), sharey=True, squeeze=False)
     for ax, task in zip(axes[0], tasks):
         t = s[s["task"] == task]
-        colors = ["#999999" if m in REFERENCES else "#1f77b4" if m in BASELINES
-                  else "#ff7f0e" if m in PEERS else "#d62728" for m in t["model"]]
+        colors = [
+            "#999999" if m in REFERENCES else "#1f77b4" if m in BASELINES else "#ff7f0e" if m in PEERS else "#d62728"
+            for m in t["model"]
+        ]
         ax.barh(t["model"], t["mean"], xerr=t["sem"].fillna(0), color=colors)
         ax.set_title(task.replace("_", " "), fontsize=10)
         ax.set_xlabel(metric)
         ax.axvline(0, color="black", lw=0.5)
-    fig.suptitle(f"{metric} by task (mean ± SE over seeds; grey = references, blue = baselines, orange = published peers, red = scDCA & co.)",
-                 fontsize=9)
+    fig.suptitle(
+        f"{metric} by task (mean ± SE over seeds; grey = references, blue = baselines, "
+        f"orange = published peers, red = scDCA & co.)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -126,8 +145,9 @@ def sweep_figure(sweep: pd.DataFrame):
         t = sweep[sweep["task"] == task]
         for model, g in t.groupby("model"):
             g = g.set_index("k").reindex(order)
-            ax.plot(order, g["value"], marker="o", label=model, color=colors[model],
-                    ls="--" if model in REFERENCES else "-")
+            ax.plot(
+                order, g["value"], marker="o", label=model, color=colors[model], ls="--" if model in REFERENCES else "-"
+            )
         ax.set_title(task.replace("_", " "), fontsize=10)
         below = t[t["value"] < floor].groupby("model")["value"].min()
         note = "\n".join(f"{m} below axis (min {v:.2f})" for m, v in below.items())

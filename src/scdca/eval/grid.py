@@ -10,6 +10,7 @@ cells scored against the other half; pessimistic, since each half has half the c
 `ceiling` (its correlation metrics corrected to full depth, see `spearman_brown`) and, for
 simulated data, `oracle` (the noise-free truth scored against the observed pseudobulk).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,13 +98,21 @@ class BenchmarkConfig:
 
             name = str(self.model_options["encoder"]).split(":", 1)[0]
             if name not in ENCODERS.names():
-                raise ScdcaInputError(f"encoder: unknown molecule encoder {name!r}; choose one of: "
-                                      f"{', '.join(ENCODERS.names())} (e.g. --encoder morgan)")
+                raise ScdcaInputError(
+                    f"encoder: unknown molecule encoder {name!r}; choose one of: "
+                    f"{', '.join(ENCODERS.names())} (e.g. --encoder morgan)"
+                )
 
     def identity(self) -> dict:
         """The settings that must match for a run to resume into an existing folder."""
-        identity = {"data": os.path.abspath(self.data), "k": self.k, "n_top_genes": self.n_top_genes,
-                    "keys": asdict(self.keys), "metrics": self.metrics, "model_options": _absolute(self.model_options)}
+        identity = {
+            "data": os.path.abspath(self.data),
+            "k": self.k,
+            "n_top_genes": self.n_top_genes,
+            "keys": asdict(self.keys),
+            "metrics": self.metrics,
+            "model_options": _absolute(self.model_options),
+        }
         if self.compounds:
             identity["compounds"] = os.path.abspath(self.compounds)
         if self.chunk_size and self.n_top_genes:  # streamed files choose HVGs on a sample: other genes possible
@@ -111,8 +120,15 @@ class BenchmarkConfig:
         return identity
 
 
-def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress: bool = True,
-        workers: int = 1, ray_address: str | None = None, threads: int | None = None) -> pd.DataFrame:
+def run(
+    cfg: BenchmarkConfig,
+    *,
+    data: PerturbationData | None = None,
+    progress: bool = True,
+    workers: int = 1,
+    ray_address: str | None = None,
+    threads: int | None = None,
+) -> pd.DataFrame:
     """Run the grid and write results.csv, summary.csv, predictions/, splits/, config.json.
 
     Args:
@@ -137,8 +153,9 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     if storage.remove_stale_temps(out):
         log.info("benchmark: removed temporary files of an interrupted run in %s", out)
     if data is None:
-        data = load(cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size,
-                    compounds=cfg.compounds)
+        data = load(
+            cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size, compounds=cfg.compounds
+        )
     storage.write_json(out / "config.json", written_config(cfg))
     storage.write_csv(out / "diagnostics.csv", plate_diagnostics(data))
     if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):
@@ -151,15 +168,17 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
             for s in splits[task, seed]:
                 s.save(out / "splits" / f"{s.name}.json")
 
-    names = list(cfg.models) + ([r for r in _REFERENCE_CELLS if r != "oracle" or data.truth is not None]
-                                if cfg.references else [])
+    names = list(cfg.models) + (
+        [r for r in _REFERENCE_CELLS if r != "oracle" or data.truth is not None] if cfg.references else []
+    )
     grid = [(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in names]
     todo = [(m, t, s, splits[t, s]) for m, t, s in grid if not cell_path(out, m, t, s).exists()]
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", unit="cell", disable=not progress)
     job_cfg = dataclasses.replace(cfg, model_options=_absolute(cfg.model_options))  # workers may run elsewhere
     failures = []
-    for (model, task, seed, _), result in run_jobs(partial(compute_cell, cfg=job_cfg), todo, data,
-                                                     workers=workers, address=ray_address, threads=threads):
+    for (model, task, seed, _), result in run_jobs(
+        partial(compute_cell, cfg=job_cfg), todo, data, workers=workers, address=ray_address, threads=threads
+    ):
         stem = cell_stem(model, task, seed)
         if isinstance(result, JobFailure):
             storage.write_text(out / "failed" / f"{stem}.txt", result.traceback)
@@ -179,8 +198,10 @@ def run(cfg: BenchmarkConfig, *, data: PerturbationData | None = None, progress:
     log.info("benchmark: grid done in %.1f s", time.perf_counter() - t_start)
     if failures:
         listed = "; ".join(f"{stem} ({why})" for stem, why in failures[:3]) + (" ..." if len(failures) > 3 else "")
-        raise GridError(f"{len(failures)} of {len(grid)} grid cell(s) failed: {listed}. The other cells are in "
-                        f"results.csv; tracebacks in {out / 'failed'}/; rerun the same command to retry the failed ones")
+        raise GridError(
+            f"{len(failures)} of {len(grid)} grid cell(s) failed: {listed}. The other cells are in "
+            f"results.csv; tracebacks in {out / 'failed'}/; rerun the same command to retry the failed ones"
+        )
     if cfg.report:
         from scdca.eval.report import build
 
@@ -211,13 +232,12 @@ def written_config(cfg: BenchmarkConfig) -> dict:
         settings["data"] = str(data.resolve())
     if cfg.compounds and Path(cfg.compounds).is_file():
         settings["compounds"] = str(Path(cfg.compounds).resolve())
-    provenance = {"data_sha256": storage.file_sha256(data) if data.is_file() else None, "versions": package_versions(),
-                  "git_commit": git_commit()}
+    provenance = {
+        "data_sha256": storage.file_sha256(data) if data.is_file() else None,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+    }
     return {**settings, "identity": cfg.identity(), "provenance": provenance}
-
-
-
-
 
 
 def read_config(path: str | os.PathLike, **overrides) -> BenchmarkConfig:
@@ -257,9 +277,12 @@ def backbone_audit(backbone: str, data_path: str) -> dict:
         return {**audit, "verdict": "unknown"}
     same = os.path.exists(data_path) and storage.file_sha256(data_path) == prov["data_sha256"]
     if same and prov.get("perturbed_cells", 0) > 0:
-        log.warning("backbone %s was pretrained on %d drug-treated cells of this benchmark's data file: test "
-                    "responses leak into it (pretrain without --include-perturbed, or on other data)",
-                    backbone, prov["perturbed_cells"])
+        log.warning(
+            "backbone %s was pretrained on %d drug-treated cells of this benchmark's data file: test "
+            "responses leak into it (pretrain without --include-perturbed, or on other data)",
+            backbone,
+            prov["perturbed_cells"],
+        )
         return {**audit, "verdict": "leak"}
     return {**audit, "verdict": "controls of this file" if same else "other data"}
 
@@ -282,8 +305,9 @@ def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
         )
 
 
-def compute_cell(data: PerturbationData, model_name: str, task: str, seed: int, splits: list[Split], *,
-                 cfg: BenchmarkConfig):
+def compute_cell(
+    data: PerturbationData, model_name: str, task: str, seed: int, splits: list[Split], *, cfg: BenchmarkConfig
+):
     """Fit and score one grid cell -> (result rows, prediction AnnData, costs); writes nothing
     (the driver does, so it can run in a worker elsewhere)."""
     rows, preds, costs = [], [], []
@@ -311,8 +335,17 @@ def compute_cell(data: PerturbationData, model_name: str, task: str, seed: int, 
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         seconds = time.perf_counter() - t0
-        costs.append({"model": model_name, "task": task, "seed": seed, "held_out": split.held_out,
-                      "seconds": seconds, "peak_python_mb": peak / 2**20, **extra})
+        costs.append(
+            {
+                "model": model_name,
+                "task": task,
+                "seed": seed,
+                "held_out": split.held_out,
+                "seconds": seconds,
+                "peak_python_mb": peak / 2**20,
+                **extra,
+            }
+        )
         if pred.shape != observed.shape:
             raise RuntimeError(f"{model_name} predicted shape {pred.shape}, expected {observed.shape}")
         if model_name == "ceiling":
@@ -321,8 +354,11 @@ def compute_cell(data: PerturbationData, model_name: str, task: str, seed: int, 
         else:
             rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
         preds.append((split, test, pred, observed))
-    return (pd.concat(rows, ignore_index=True), predictions_file(model_name, task, seed, preds, k=cfg.k, keys=cfg.keys),
-            costs)
+    return (
+        pd.concat(rows, ignore_index=True),
+        predictions_file(model_name, task, seed, preds, k=cfg.k, keys=cfg.keys),
+        costs,
+    )
 
 
 def spearman_brown(half: pd.DataFrame) -> pd.DataFrame:
@@ -353,9 +389,13 @@ def half_b_degs(test: PerturbationData) -> dict[str, np.ndarray]:
     and inflate the ceiling. Uses the full-data standard deviation with half the cells.
     """
     half = PerturbationData(
-        genes=test.genes, conditions=test.conditions.assign(n_cells=test.conditions["n_cells"] // 2),
-        mean=test.half_b, std=test.std, controls=test.controls,
-        control_mean=test.control_mean, control_std=test.control_std,
+        genes=test.genes,
+        conditions=test.conditions.assign(n_cells=test.conditions["n_cells"] // 2),
+        mean=test.half_b,
+        std=test.std,
+        controls=test.controls,
+        control_mean=test.control_mean,
+        control_std=test.control_std,
     )
     return rank_degs(half)
 
@@ -364,14 +404,28 @@ def score_conditions(test: PerturbationData, pred, observed, model, split: Split
     """Score one split's predictions -> tidy rows (one per condition and metric)."""
     cond = test.conditions
     inp = ScoringInput(
-        pred=pred, observed=observed, control=test.control_for(cond["cell_line"]),
-        degs=[test.degs[i] for i in test.ids], groups=cond["cell_line"].to_numpy(), k=k,
+        pred=pred,
+        observed=observed,
+        control=test.control_for(cond["cell_line"]),
+        degs=[test.degs[i] for i in test.ids],
+        groups=cond["cell_line"].to_numpy(),
+        k=k,
     )
     values = score(inp, metrics)
     frames = [
-        pd.DataFrame({"model": model, "task": split.task, "seed": split.seed, "held_out": split.held_out,
-                      "cell_line": cond["cell_line"].to_numpy(), "drug": cond["drug"].to_numpy(),
-                      "dose": cond["dose"].to_numpy(), "metric": name, "value": v})
+        pd.DataFrame(
+            {
+                "model": model,
+                "task": split.task,
+                "seed": split.seed,
+                "held_out": split.held_out,
+                "cell_line": cond["cell_line"].to_numpy(),
+                "drug": cond["drug"].to_numpy(),
+                "dose": cond["dose"].to_numpy(),
+                "metric": name,
+                "value": v,
+            }
+        )
         for name, v in values.items()
     ]
     return pd.concat(frames, ignore_index=True)

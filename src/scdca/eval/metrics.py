@@ -9,10 +9,11 @@ clipped; it is NaN when the observed values are constant. A Pearson correlation 
 a constant side (e.g. the `control` baseline's zero change) is 0: no association
 can be detected, and dropping it would hide a useless model.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

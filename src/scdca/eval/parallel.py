@@ -17,14 +17,16 @@ With another thread count, BLAS and torch sum in another order: most models agre
 the last bit, but a model whose fit amplifies rounding (c3tl on some splits, NOTES.md)
 can differ visibly.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from scdca.errors import ScdcaInputError
 
@@ -64,8 +66,15 @@ def _call(fn: Callable, shared: Any, job: tuple, threads: int | None):
         return JobFailure(f"{type(err).__name__}: {err}".splitlines()[0][:300], traceback.format_exc())
 
 
-def run_jobs(fn: Callable, jobs: Sequence[tuple], shared: Any = None, *, workers: int = 1,
-             address: str | None = None, threads: int | None = None) -> Iterator[tuple[tuple, Any]]:
+def run_jobs(
+    fn: Callable,
+    jobs: Sequence[tuple],
+    shared: Any = None,
+    *,
+    workers: int = 1,
+    address: str | None = None,
+    threads: int | None = None,
+) -> Iterator[tuple[tuple, Any]]:
     """Yield `(job, fn(shared, *job) or JobFailure)` for every job, in order of completion.
 
     Args:
@@ -84,16 +93,23 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], shared: Any = None, *, workers
         for job in jobs:
             yield job, _call(fn, shared, job, threads)
         return
-    yield from _run_ray(fn, jobs, shared, workers=workers, address=address,
-                        threads=threads or (1 if address else default_threads(workers)))
+    yield from _run_ray(
+        fn,
+        jobs,
+        shared,
+        workers=workers,
+        address=address,
+        threads=threads or (1 if address else default_threads(workers)),
+    )
 
 
 def _run_ray(fn, jobs, shared, *, workers: int, address: str | None, threads: int):
     try:
         import ray
     except ImportError:
-        raise ScdcaInputError("workers: running in parallel needs Ray; install it (pip install 'ray==2.60.0') "
-                              "or use --workers 1") from None
+        raise ScdcaInputError(
+            "workers: running in parallel needs Ray; install it (pip install 'ray==2.60.0') or use --workers 1"
+        ) from None
     started = not ray.is_initialized()
     if started:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance needs no token
@@ -101,8 +117,10 @@ def _run_ray(fn, jobs, shared, *, workers: int, address: str | None, threads: in
         try:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ScdcaInputError(f"ray-address: cannot reach a Ray cluster at {address!r} ({err}); start one "
-                                  f"with `ray start --head` or drop --ray-address") from None
+            raise ScdcaInputError(
+                f"ray-address: cannot reach a Ray cluster at {address!r} ({err}); start one "
+                f"with `ray start --head` or drop --ray-address"
+            ) from None
     try:
         remote = ray.remote(num_cpus=threads, max_retries=0)(_call)
         ref = ray.put(shared)

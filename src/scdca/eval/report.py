@@ -3,14 +3,15 @@
 Inputs: `DIR/results.csv` (tidy per-condition scores), `DIR/predictions/*.h5ad` (for the
 DEG-size sweep) and `DIR/costs/*.csv`. Nothing here trains or predicts.
 """
+
 from __future__ import annotations
 
 import glob
 import html
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,12 +101,23 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
         return {}, None, f"{cfg_path} does not exist"
     cfg = json.loads(cfg_path.read_text())
     path, keys = cfg.get("data"), cfg.get("keys", {})
-    candidates = [Path(path)] if path and Path(path).is_absolute() else \
-        [Path(folder).resolve().parent / str(path), Path(str(path))] if path else []
+    candidates = (
+        [Path(path)]
+        if path and Path(path).is_absolute()
+        else [Path(folder).resolve().parent / str(path), Path(str(path))]
+        if path
+        else []
+    )
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        return {}, None, (f"the benchmark's data file {path!r} (config.json 'data') is not found"
-                          + (f" (tried {', '.join(map(str, candidates))})" if candidates else ""))
+        return (
+            {},
+            None,
+            (
+                f"the benchmark's data file {path!r} (config.json 'data') is not found"
+                + (f" (tried {', '.join(map(str, candidates))})" if candidates else "")
+            ),
+        )
     import logging
 
     from scdca.data.screen import read
@@ -127,7 +139,9 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
         sub = obs[[drug_col, smi_col]].astype(str).drop_duplicates(drug_col)
         smiles = {d: s_ for d, s_ in zip(sub[drug_col], sub[smi_col]) if s_ and s_ != "nan"}
     ann = a.uns.get("drug_annotations")
-    table = pd.DataFrame({k: np.asarray(v) for k, v in ann.items()}).set_index("drug") if isinstance(ann, dict) else None
+    table = (
+        pd.DataFrame({k: np.asarray(v) for k, v in ann.items()}).set_index("drug") if isinstance(ann, dict) else None
+    )
     if a.isbacked:
         a.file.close()
     return smiles, table, "" if smiles else f"{found} has no {smi_col!r} column for the {drug_col!r} drugs"
@@ -140,12 +154,16 @@ def backbone_text(audit: dict) -> str:
         return f"{audit['backbone']}: an untrained (randomly initialised) backbone; it saw no data."
     if verdict == "unknown":
         return f"{audit['backbone']}: the checkpoint records no pretraining data (e.g. an official release)."
-    seen = (f"{prov.get('cells', '?'):,} cells from {prov.get('n_cell_lines', '?')} cell lines/states of "
-            f"{prov.get('data_file', '?')}, {prov.get('perturbed_cells', 0):,} of them drug-treated")
-    meaning = {"leak": "LEAK: these include treated cells of this benchmark's data, so the backbone has seen "
-                       "test-condition responses; scores of backbone models are optimistic.",
-               "controls of this file": "only control cells of this benchmark's data: no test response was seen.",
-               "other data": "a different file from this benchmark's data."}[verdict]
+    seen = (
+        f"{prov.get('cells', '?'):,} cells from {prov.get('n_cell_lines', '?')} cell lines/states of "
+        f"{prov.get('data_file', '?')}, {prov.get('perturbed_cells', 0):,} of them drug-treated"
+    )
+    meaning = {
+        "leak": "LEAK: these include treated cells of this benchmark's data, so the backbone has seen "
+        "test-condition responses; scores of backbone models are optimistic.",
+        "controls of this file": "only control cells of this benchmark's data: no test response was seen.",
+        "other data": "a different file from this benchmark's data.",
+    }[verdict]
     return f"{audit['backbone']}: pretrained on {seen}; {meaning}"
 
 
@@ -154,8 +172,10 @@ def peers_text(results: pd.DataFrame) -> str:
     lines = []
     for name, missing in peer_status().items():
         if name in set(results["model"]):
-            lines.append(f"{name}: in this report, trained on the same pseudobulk profiles and splits as every "
-                         f"other model (set-up: scdca.models.peers).")
+            lines.append(
+                f"{name}: in this report, trained on the same pseudobulk profiles and splits as every "
+                f"other model (set-up: scdca.models.peers)."
+            )
         elif missing is None:
             lines.append(f"{name}: installed but not in this run; add it to --models (e.g. make demo-peers).")
         else:
@@ -185,23 +205,30 @@ def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> st
         text = f"On {task}, {best} scores best ({m[best]:.3f})"
         learned = [x for x in m.index if x not in BASELINES]
         if best in BASELINES:
-            text += (", a simple baseline: no learned model beats it" if learned
-                     else " (only simple baselines in this run)")
+            text += (
+                ", a simple baseline: no learned model beats it" if learned else " (only simple baselines in this run)"
+            )
             if learned:
                 top = max(learned, key=lambda x: m[x]) if higher else min(learned, key=lambda x: m[x])
-                text += (f"; the best learned model, {top}, scores {m[top]:.3f} ({m[top] - m[best]:+.3f}, "
-                         f"{_test_phrase(results, top, best, task, metric)})")
+                text += (
+                    f"; the best learned model, {top}, scores {m[top]:.3f} ({m[top] - m[best]:+.3f}, "
+                    f"{_test_phrase(results, top, best, task, metric)})"
+                )
         elif best_base:
-            text += (f", {m[best] - m[best_base]:+.3f} over the best simple baseline {best_base} "
-                     f"({_test_phrase(results, best, best_base, task, metric)})")
+            text += (
+                f", {m[best] - m[best_base]:+.3f} over the best simple baseline {best_base} "
+                f"({_test_phrase(results, best, best_base, task, metric)})"
+            )
         if "oracle" in means[task].index:
             text += f"; the noise-free oracle reaches {means[task]['oracle']:.3f}"
         parts.append(text + ".")
     blind = drug_blind(results)
     for task, grp in blind.groupby("task", sort=False):
-        parts.append(f"On {task}, {', '.join(grp['model'])} {'does' if len(grp) == 1 else 'do'} not distinguish "
-                     f"drugs (rank within {DRUG_BLIND_TOLERANCE} of 0.5): {'its' if len(grp) == 1 else 'their'} "
-                     f"change scores reflect the line's average response, not drug effects.")
+        parts.append(
+            f"On {task}, {', '.join(grp['model'])} {'does' if len(grp) == 1 else 'do'} not distinguish "
+            f"drugs (rank within {DRUG_BLIND_TOLERANCE} of 0.5): {'its' if len(grp) == 1 else 'their'} "
+            f"change scores reflect the line's average response, not drug effects."
+        )
     return f"Metric: {metric} (mean over seeds). " + " ".join(parts)
 
 
@@ -226,8 +253,14 @@ def read_annotations(path: str | os.PathLike, *, drug_column: str, group_column:
     return both[~both.index.duplicated()]
 
 
-def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = "pearson_delta_deg",
-          annotations: pd.Series | None = None, annotation_name: str = "group") -> Path:
+def build(
+    folder: str | os.PathLike,
+    *,
+    model: str | None = None,
+    metric: str = "pearson_delta_deg",
+    annotations: pd.Series | None = None,
+    annotation_name: str = "group",
+) -> Path:
     """Write DIR/report.md and a self-contained DIR/report.html (+ PNG figures). Returns the HTML path.
 
     `annotations` (drug -> group, see `read_annotations`) adds a per-group table next to any
@@ -243,17 +276,34 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
     sections.append(("Summary", summary_text(results, metric), None))
     if (folder / "diagnostics.csv").exists():
         diag = pd.read_csv(folder / "diagnostics.csv")
-        sections.append(("How much drug signal the data carries (before any model; scdca.eval.diagnostics)",
-                         describe_diagnostics(diag) + "\n\n" + diag.round(3).to_string(index=False), None))
+        sections.append(
+            (
+                "How much drug signal the data carries (before any model; scdca.eval.diagnostics)",
+                describe_diagnostics(diag) + "\n\n" + diag.round(3).to_string(index=False),
+                None,
+            )
+        )
     main = main_table(results)
-    sections.append(("Main table (mean ± SE over seeds; * = best non-reference model)", main.to_string(), png(bars_figure(results, metric), folder / "fig_main.png")))
+    sections.append(
+        (
+            "Main table (mean ± SE over seeds; * = best non-reference model)",
+            main.to_string(),
+            png(bars_figure(results, metric), folder / "fig_main.png"),
+        )
+    )
     tests = paired_tests(results, model, metric)
     title = f"Paired t-tests: {model} vs every other model ({metric}, paired on seed; Holm-corrected within task)"
     if tests.empty:
         pass
     elif tests["n_seeds"].max() < 2:
-        sections.append((title, f"Not computed: this run has {int(tests['n_seeds'].max())} seed; a paired test "
-                                f"needs at least 2 (the paper uses 5: --seeds 5).", None))
+        sections.append(
+            (
+                title,
+                f"Not computed: this run has {int(tests['n_seeds'].max())} seed; a paired test "
+                f"needs at least 2 (the paper uses 5: --seeds 5).",
+                None,
+            )
+        )
     else:
         sections.append((title, tests.round(4).to_string(index=False), None))
     pho = per_held_out(results, metric)
@@ -266,9 +316,13 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
             sections.append((f"Per dose ({m}; conditions pooled over seeds)", doses.to_string(), None))
     sweep = deg_sweep(folder)
     if not sweep.empty:
-        sections.append(("DEG-size sweep (R² of expression over the top-k DEGs)",
-                         sweep_table(sweep).to_string(),
-                         png(sweep_figure(sweep), folder / "fig_deg_sweep.png")))
+        sections.append(
+            (
+                "DEG-size sweep (R² of expression over the top-k DEGs)",
+                sweep_table(sweep).to_string(),
+                png(sweep_figure(sweep), folder / "fig_deg_sweep.png"),
+            )
+        )
     smiles, stored, missing = data_info(folder)
     if stored is not None:
         if "active" in stored:  # the simulator's hidden activity flag: does a model score on inactive drugs?
@@ -283,42 +337,66 @@ def build(folder: str | os.PathLike, *, model: str | None = None, metric: str = 
         matched = results["drug"].isin(annotations.index).groupby(results["drug"]).first().sum()
         for m in judged:
             g = group_table(results, annotations, m)
-            sections.append((f"Per drug group: {annotation_name} ({m}; {matched} of {tested} drugs annotated)",
-                             g.to_string() if not g.empty else "no tested drug matched the annotation table", None))
+            sections.append(
+                (
+                    f"Per drug group: {annotation_name} ({m}; {matched} of {tested} drugs annotated)",
+                    g.to_string() if not g.empty else "no tested drug matched the annotation table",
+                    None,
+                )
+            )
     nov = novelty(results, smiles, metric) if smiles else pd.DataFrame()
     if missing and results["task"].isin(NOVELTY_TASKS).any():
         sections.append(("Chemical novelty of test drugs (unseen-drug tasks)", f"not shown: {missing}.", None))
     if not nov.empty:
-        sections.append(("Chemical novelty of test drugs (unseen-drug tasks)",
-                         nov.assign(bin=pd.cut(nov["max_tanimoto"], [0, 0.2, 0.3, 0.4, 0.6, 1.0001], right=False))
-                         .pivot_table(index="bin", columns="model", values="value", aggfunc="mean", observed=False)
-                         .round(3).to_string(), png(novelty_figure(nov, metric), folder / "fig_novelty.png")))
+        sections.append(
+            (
+                "Chemical novelty of test drugs (unseen-drug tasks)",
+                nov.assign(bin=pd.cut(nov["max_tanimoto"], [0, 0.2, 0.3, 0.4, 0.6, 1.0001], right=False))
+                .pivot_table(index="bin", columns="model", values="value", aggfunc="mean", observed=False)
+                .round(3)
+                .to_string(),
+                png(novelty_figure(nov, metric), folder / "fig_novelty.png"),
+            )
+        )
     genes_fig = genes_figure(folder, model)
     if genes_fig is not None:
-        sections.append((f"Per-gene view: top-20 DEGs of the two most-changed test conditions ({model})",
-                         "Grey squares: control; black: observed (± SD across cells when stored); red x: predicted.",
-                         png(genes_fig, folder / "fig_genes.png")))
+        sections.append(
+            (
+                f"Per-gene view: top-20 DEGs of the two most-changed test conditions ({model})",
+                "Grey squares: control; black: observed (± SD across cells when stored); red x: predicted.",
+                png(genes_fig, folder / "fig_genes.png"),
+            )
+        )
     costs = cost_table(folder)
     if not costs.empty:
-        sections.append(("Cost (seconds per split for fit + predict; peak_python_mb = peak Python-heap allocation "
-                         "traced by tracemalloc, which does not see torch's tensor memory; parameters, '-' = "
-                         "closed form)",
-                         _cost_text(costs), None))
+        sections.append(
+            (
+                "Cost (seconds per split for fit + predict; peak_python_mb = peak Python-heap allocation "
+                "traced by tracemalloc, which does not see torch's tensor memory; parameters, '-' = "
+                "closed form)",
+                _cost_text(costs),
+                None,
+            )
+        )
     sections.append(("Published peers", peers_text(results), None))
     audit_path = folder / "backbone_audit.json"
     if audit_path.exists():
-        sections.append(("What the backbone saw in pretraining", backbone_text(json.loads(audit_path.read_text())),
-                         None))
+        sections.append(
+            ("What the backbone saw in pretraining", backbone_text(json.loads(audit_path.read_text())), None)
+        )
 
     md = [f"# scdca benchmark report: {folder.name}\n"]
     for title, body, _ in sections:
         md.append(f"## {title}\n\n```\n{body}\n```\n" if "\n" in body else f"## {title}\n\n{body}\n")
     storage.write_text(folder / "report.md", "\n".join(md))
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>scdca report {html.escape(folder.name)}"
-             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-             "pre{background:#f6f6f6;padding:0.8em;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd}"
-             "img{max-width:100%}</style></head><body>", f"<h1>scdca benchmark report: {html.escape(folder.name)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>scdca report {html.escape(folder.name)}"
+        "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "pre{background:#f6f6f6;padding:0.8em;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>scdca benchmark report: {html.escape(folder.name)}</h1>",
+    ]
     for title, body, img in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(f"<pre>{html.escape(body)}</pre>" if "\n" in body else f"<p>{html.escape(body)}</p>")

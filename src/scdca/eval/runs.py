@@ -1,6 +1,10 @@
-""""""
+"""The run folder of `scdca benchmark`: where each grid cell's results, costs and predictions live,
+the prediction-file format, and the run's provenance (package versions, git commit)."""
+
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -8,6 +12,9 @@ import numpy as np
 import pandas as pd
 
 from scdca import storage
+from scdca.data.degs import deg_long_table
+from scdca.data.keys import DataKeys
+from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 
 CONTROL = "control"
@@ -24,20 +31,16 @@ def prediction_file(run: str | Path, model: str, task: str, seed: int) -> Path:
     path = folder / f"{model}__{task}__seed{seed}.h5ad"
     if not path.is_file():
         have = sorted(p.stem for p in folder.glob("*.h5ad")) if folder.is_dir() else []
-        hint = f"the run holds: {', '.join(have[:12])}{' ...' if len(have) > 12 else ''}" if have else \
-            f"{str(folder)!r} holds no prediction files; pass the --out folder of `scdca benchmark`"
-        raise ScdcaInputError(f"model/task/seed: no predictions for {model!r} on {task!r} seed {seed} in "
-                              f"{str(run)!r}; {hint}")
+        hint = (
+            f"the run holds: {', '.join(have[:12])}{' ...' if len(have) > 12 else ''}"
+            if have
+            else f"{str(folder)!r} holds no prediction files; pass the --out folder of `scdca benchmark`"
+        )
+        raise ScdcaInputError(
+            f"model/task/seed: no predictions for {model!r} on {task!r} seed {seed} in {str(run)!r}; {hint}"
+        )
     return path
 
-
-
-import logging
-import os
-
-from scdca.data.degs import deg_long_table
-from scdca.data.keys import DataKeys
-from scdca.data.screen import PerturbationData
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,9 @@ def cell_path(out: Path, model: str, task: str, seed: int) -> Path:
     return Path(out) / "cells" / f"{cell_stem(model, task, seed)}.csv"
 
 
-def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str = "", n_degs: int = 50,
-                        keys: DataKeys | None = None) -> ad.AnnData:
+def predictions_anndata(
+    test: PerturbationData, pred, observed, *, held_out: str = "", n_degs: int = 50, keys: DataKeys | None = None
+) -> ad.AnnData:
     """One split's predictions as AnnData that scanpy, pertpy and cell-eval read as they are.
 
     Rows: the tested conditions, then one control row per cell line (prediction = observation
@@ -75,22 +79,32 @@ def predictions_anndata(test: PerturbationData, pred, observed, *, held_out: str
     ctrl_rows = test.control_for(lines)
     std = test.std if test.std is not None and test.std.shape == control.shape else np.full_like(control, np.nan)
     ctrl_std = test.control_std[test.controls.index.get_indexer(lines)]
-    obs = pd.DataFrame({
-        "cell_line": list(cond["cell_line"]) + lines,
-        "drug": list(cond["drug"]) + [CONTROL] * len(lines),
-        "dose": list(cond["dose"].astype(float)) + [0.0] * len(lines),
-        "smiles": list(cond["smiles"].astype(str)) + [""] * len(lines),
-        "held_out": held_out,
-        "perturbation": [perturbation_label(d, x) for d, x in zip(cond["drug"], cond["dose"])] + [CONTROL] * len(lines),
-        "control": [False] * len(cond) + [True] * len(lines),
-    }, index=list(test.ids) + [f"{line}_{CONTROL}" for line in lines])
+    obs = pd.DataFrame(
+        {
+            "cell_line": list(cond["cell_line"]) + lines,
+            "drug": list(cond["drug"]) + [CONTROL] * len(lines),
+            "dose": list(cond["dose"].astype(float)) + [0.0] * len(lines),
+            "smiles": list(cond["smiles"].astype(str)) + [""] * len(lines),
+            "held_out": held_out,
+            "perturbation": [perturbation_label(d, x) for d, x in zip(cond["drug"], cond["dose"])]
+            + [CONTROL] * len(lines),
+            "control": [False] * len(cond) + [True] * len(lines),
+        },
+        index=list(test.ids) + [f"{line}_{CONTROL}" for line in lines],
+    )
     keys = keys or DataKeys()
-    for canonical, user in (("cell_line", keys.cell_line), ("drug", keys.drug), ("dose", keys.dose),
-                            ("smiles", keys.smiles), ("control", keys.control)):
+    for canonical, user in (
+        ("cell_line", keys.cell_line),
+        ("drug", keys.drug),
+        ("dose", keys.dose),
+        ("smiles", keys.smiles),
+        ("control", keys.control),
+    ):
         if user not in obs:
             obs[user] = obs[canonical]
-    adata = ad.AnnData(X=np.vstack([pred, ctrl_rows]).astype(np.float32), obs=obs,
-                       var=pd.DataFrame(index=[str(g) for g in test.genes]))
+    adata = ad.AnnData(
+        X=np.vstack([pred, ctrl_rows]).astype(np.float32), obs=obs, var=pd.DataFrame(index=[str(g) for g in test.genes])
+    )
     adata.layers["observed"] = np.vstack([observed, ctrl_rows]).astype(np.float32)
     adata.layers["observed_std"] = np.vstack([std, ctrl_std]).astype(np.float32)  # across cells, per-gene plots
     adata.layers["control"] = np.vstack([control, ctrl_rows]).astype(np.float32)
@@ -139,7 +153,9 @@ def write_cell(out, model, task, seed, rows, predictions: ad.AnnData | None, cos
 def collect(out: Path, grid) -> pd.DataFrame:
     frames = []
     for model, task, seed in grid:
-        df = pd.read_csv(cell_path(out, model, task, seed), keep_default_na=False, na_values=[""], dtype={"held_out": str})
+        df = pd.read_csv(
+            cell_path(out, model, task, seed), keep_default_na=False, na_values=[""], dtype={"held_out": str}
+        )
         df["held_out"] = df["held_out"].fillna("")
         frames.append(df)
     return pd.concat(frames, ignore_index=True)[RESULT_COLUMNS] if frames else pd.DataFrame(columns=RESULT_COLUMNS)
@@ -165,8 +181,9 @@ def git_commit() -> str | None:
 
     here = Path(__file__).resolve().parent
     try:
-        res = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        res = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = res.stdout.split()

@@ -1,4 +1,6 @@
-"""Statistics over a results table: per-seed means, paired tests between models, Holm's correction, whether a model tells drugs apart."""
+"""Statistics over a results table: per-seed means, paired tests between models, Holm's
+correction, whether a model tells drugs apart."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,8 +55,18 @@ def paired_tests(results: pd.DataFrame, model: str, metric: str = "pearson_delta
                 t, p = stats.ttest_rel(pair[model], pair[other])
             else:
                 t, p = np.nan, np.nan
-            rows.append({"task": task, "model": model, "versus": other, "metric": metric, "n_seeds": len(pair),
-                         "mean_difference": float(diff.mean()) if len(diff) else np.nan, "t": t, "p": p})
+            rows.append(
+                {
+                    "task": task,
+                    "model": model,
+                    "versus": other,
+                    "metric": metric,
+                    "n_seeds": len(pair),
+                    "mean_difference": float(diff.mean()) if len(diff) else np.nan,
+                    "t": t,
+                    "p": p,
+                }
+            )
     df = pd.DataFrame(rows)
     if df.empty:
         return df

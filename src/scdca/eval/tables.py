@@ -1,12 +1,17 @@
-""""""
+"""Tables as pure functions of `results.csv` (tidy per-condition scores): summaries, the main
+table, per-line, per-dose, per-group and novelty tables."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from scdca.eval.metrics import METRICS
+from scdca.eval.runs import REFERENCES
+from scdca.eval.stats import DRUG_BLIND_NOTE, drug_blind, per_seed
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +28,9 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return summary[["model", "task", "metric", "mean", "se", "n"]]
 
 
-def format_summary(summary: pd.DataFrame, metrics=("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")) -> str:
+def format_summary(
+    summary: pd.DataFrame, metrics=("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")
+) -> str:
     """A wide text table: rows model x task, columns metrics as 'mean ± se'."""
     s = summary[summary["metric"].isin(metrics)].copy()
     s["cell"] = [f"{m:.3f} ± {e:.3f}" if np.isfinite(e) else f"{m:.3f}" for m, e in zip(s["mean"], s["se"])]
@@ -32,12 +39,6 @@ def format_summary(summary: pd.DataFrame, metrics=("r2_deg", "r2_delta_deg", "pe
     return wide.to_string()
 
 
-
-from typing import Sequence
-
-from scdca.eval.runs import REFERENCES
-from scdca.eval.stats import DRUG_BLIND_NOTE, drug_blind, per_seed
-
 MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")
 BASELINES = ("control", "train_mean", "additive", "ridge", "knn", "dominant", "scaled_mean", "ridge_shrunk")
 
@@ -45,8 +46,11 @@ BASELINES = ("control", "train_mean", "additive", "ridge", "knn", "dominant", "s
 def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:
     """Rows (task, model); columns metric -> 'mean ± se', best non-reference model per column marked '*'."""
     out = {}
-    blind = {(t, m) for t, m in drug_blind(results)[["task", "model"]].itertuples(index=False)} \
-        if "rank" in metrics else set()
+    blind = (
+        {(t, m) for t, m in drug_blind(results)[["task", "model"]].itertuples(index=False)}
+        if "rank" in metrics
+        else set()
+    )
     for m in metrics:
         s = per_seed(results, m).groupby(["task", "model"])["value"].agg(["mean", "sem", "count"])
         higher = METRICS.get(m).higher_is_better
@@ -96,16 +100,21 @@ def dose_table(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.D
     if r.empty:
         return pd.DataFrame()
     table = r.pivot_table(index=["task", "dose"], columns="model", values="value", aggfunc="mean").round(3)
-    table.insert(0, "n_conditions", r.drop_duplicates(["task", "dose", "cell_line", "drug"])
-                 .groupby(["task", "dose"]).size())
+    table.insert(
+        0, "n_conditions", r.drop_duplicates(["task", "dose", "cell_line", "drug"]).groupby(["task", "dose"]).size()
+    )
     return table
 
 
 NOVELTY_TASKS = ("unseen_drug", "unseen_scaffold")  # tasks whose test drugs are all new
 
 
-def novelty(results: pd.DataFrame, smiles: dict[str, str], metric: str = "pearson_delta_deg",
-            tasks: Sequence[str] = NOVELTY_TASKS) -> pd.DataFrame:
+def novelty(
+    results: pd.DataFrame,
+    smiles: dict[str, str],
+    metric: str = "pearson_delta_deg",
+    tasks: Sequence[str] = NOVELTY_TASKS,
+) -> pd.DataFrame:
     """Per (task, seed, model, test drug): its max Tanimoto to the training drugs and its mean score.
 
     In these tasks every drug that is not tested is a training drug, so the split is read

@@ -1,4 +1,5 @@
 """The one interface every model follows, baselines and scDCA alike."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -7,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from scdca.data.screen import PerturbationData
+from scdca.errors import ScdcaInputError
 from scdca.registry import Registry
 
 
@@ -22,13 +24,15 @@ class PerturbationModel(ABC):
     # benchmark-wide options (CLI: --encoder, --epochs, ...) this model accepts; the grid's
     # seed is passed as `seed` when listed. Closed-form baselines take none.
     options: ClassVar[tuple[str, ...]] = ()
+    savable: ClassVar[bool] = False  # True where `save` and `load` are implemented (`scdca train` needs it)
 
     @classmethod
     def check_available(cls) -> None:
         """Raise ScdcaInputError (saying how to fix it) if this model cannot run here."""
+        return None
 
     @abstractmethod
-    def fit(self, train: PerturbationData) -> "PerturbationModel":
+    def fit(self, train: PerturbationData) -> PerturbationModel:
         """Learn from the training conditions; returns self."""
 
     def predict(self, query: PerturbationData) -> np.ndarray:
@@ -55,8 +59,41 @@ class PerturbationModel(ABC):
         """What fitting cost (trainable parameters etc.); empty for closed-form baselines."""
         return {}
 
+    @property
+    def genes(self) -> np.ndarray:
+        """The genes of the training data, (G,): the columns `predict` returns."""
+        return self._after_fit("_genes")
+
+    @property
+    def control_lines(self) -> dict[str, np.ndarray]:
+        """Each training line's control pseudobulk, (G,) per line name: what `scdca predict` starts from."""
+        lines, mean = self._after_fit("_controls")
+        return dict(zip(lines, mean))
+
+    def save(self, path) -> None:
+        """Write the fitted model to the folder `path` (`load_model` reads it back)."""
+        raise ScdcaInputError(f"model: {self.name!r} cannot be saved; train one of {', '.join(savable_models())}")
+
+    @classmethod
+    def load(cls, path, **kwargs) -> PerturbationModel:
+        """Read a folder written by `save`; use `load_model(path)`, which finds the class from model.json."""
+        raise ScdcaInputError(f"model: {cls.name!r} models cannot be loaded from a folder")
+
+    def _after_fit(self, attribute: str):
+        if not hasattr(self, attribute):
+            raise ScdcaInputError(
+                f"model: {self.name!r} has no {attribute.strip('_')} before `fit`; fit it "
+                f"(or load a trained folder) first"
+            )
+        return getattr(self, attribute)
+
 
 MODELS: Registry[type[PerturbationModel]] = Registry("model")
+
+
+def savable_models() -> list[str]:
+    """Names of the registered models that can be saved and loaded."""
+    return [n for n in MODELS.names() if MODELS.get(n).savable]
 
 
 def dose_range(dose: np.ndarray) -> tuple[float, float]:
@@ -123,14 +160,18 @@ def read_model_json(folder) -> dict:
         meta = json.loads(path.read_text())
         name = meta["model"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise ScdcaInputError(f"model: {str(folder)!r} has no readable model.json naming its model; pass a folder "
-                              f"written by `scdca train`") from None
+        raise ScdcaInputError(
+            f"model: {str(folder)!r} has no readable model.json naming its model; pass a folder "
+            f"written by `scdca train`"
+        ) from None
     for file, digest in (meta.get("files") or {}).items():
         target = folder / file
         if not target.is_file() or storage.file_sha256(target) != digest:
-            raise ScdcaInputError(f"model: {str(target)!r} is missing or differs from what `scdca train` saved "
-                                  f"(checksum mismatch); the {name!r} model folder was changed or damaged: "
-                                  f"retrain it or restore the folder")
+            raise ScdcaInputError(
+                f"model: {str(target)!r} is missing or differs from what `scdca train` saved "
+                f"(checksum mismatch); the {name!r} model folder was changed or damaged: "
+                f"retrain it or restore the folder"
+            )
     return meta
 
 
@@ -147,7 +188,7 @@ def load_model(path, **kwargs) -> PerturbationModel:
 
     meta = read_model_json(path)
     cls = MODELS.get(meta["model"])
-    if not hasattr(cls, "load"):
+    if not cls.savable:
         raise ScdcaInputError(f"model: {meta['model']!r} models cannot be loaded from a folder")
     accepted = inspect.signature(cls.load).parameters
     try:
@@ -155,8 +196,10 @@ def load_model(path, **kwargs) -> PerturbationModel:
     except ScdcaInputError:
         raise
     except Exception as err:  # an edited model.json: missing keys, wrong sizes, wrong types
-        raise ScdcaInputError(f"model: the folder {str(path)!r} does not load ({type(err).__name__}: {reason(err)}); "
-                              f"its model.json or weights were edited: retrain it or restore the folder") from None
+        raise ScdcaInputError(
+            f"model: the folder {str(path)!r} does not load ({type(err).__name__}: {reason(err)}); "
+            f"its model.json or weights were edited: retrain it or restore the folder"
+        ) from None
 
 
 def make_model(name: str, **kwargs) -> PerturbationModel:

@@ -3,6 +3,7 @@
 All predict a change from the cell line's control and add it back, so they share
 one helper that indexes the training changes by drug, line and dose.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -100,8 +101,14 @@ class RidgeBaseline(PerturbationModel):
 
     name = "ridge"
 
-    def __init__(self, *, radius: int = 2, n_bits: int = 2048, n_components: int = 64,
-                 alphas=tuple(np.logspace(-1, 4, 11))):
+    def __init__(
+        self,
+        *,
+        radius: int = 2,
+        n_bits: int = 2048,
+        n_components: int = 64,
+        alphas=tuple(np.logspace(-1, 4, 11)),  # noqa: B008  (a tuple, evaluated once)
+    ):
         self.radius, self.n_bits, self.alphas = radius, n_bits, alphas
         self.n_components = n_components
 
@@ -129,12 +136,18 @@ class RidgeBaseline(PerturbationModel):
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Everything a fitted ridge predicts from, as arrays (for models that save one inside them)."""
-        return {"coef": self._model.coef_, "intercept": np.atleast_1d(self._model.intercept_), "basis": self._basis,
-                "y_mean": self._y_mean, "lines": np.array(self._lines, dtype=str),
-                "dose": np.array([self._dose_lo, self._dose_span]), "shape": np.array([self.radius, self.n_bits])}
+        return {
+            "coef": self._model.coef_,
+            "intercept": np.atleast_1d(self._model.intercept_),
+            "basis": self._basis,
+            "y_mean": self._y_mean,
+            "lines": np.array(self._lines, dtype=str),
+            "dose": np.array([self._dose_lo, self._dose_span]),
+            "shape": np.array([self.radius, self.n_bits]),
+        }
 
     @classmethod
-    def from_arrays(cls, arrays: dict) -> "RidgeBaseline":
+    def from_arrays(cls, arrays: dict) -> RidgeBaseline:
         from sklearn.linear_model import Ridge
 
         model = cls(radius=int(arrays["shape"][0]), n_bits=int(arrays["shape"][1]))

@@ -24,6 +24,7 @@ of a foundation model. Every design choice below is ours:
 
 Training: full batch, AdamW, MSE on the change scores, a fixed number of steps.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,8 +81,15 @@ class C3TLNet(nn.Module):
         nn.init.zeros_(self.modulation[-1].weight)
         nn.init.zeros_(self.modulation[-1].bias)
 
-    def drug_code(self, mol: Tensor, pool: Tensor, obs_scores: Tensor, obs_t: Tensor, obs_ctx: Tensor,
-                  select: Tensor | None = None) -> Tensor:
+    def drug_code(
+        self,
+        mol: Tensor,
+        pool: Tensor,
+        obs_scores: Tensor,
+        obs_t: Tensor,
+        obs_ctx: Tensor,
+        select: Tensor | None = None,
+    ) -> Tensor:
         """mol (B, M); pool (B, N) weights over N observations (rows sum to 1, or 0 = none);
         observations: scores (N, K), t (N,), context scores (N, K) -> drug code r (B, H).
         With `select` (B, D) one-hot, mol holds D distinct molecules and psi runs once per
@@ -106,6 +114,7 @@ class C3TLModel(PerturbationModel):
     """
 
     name = "c3tl"
+    savable = True
     options = ("encoder", "device", "seed")
 
     def __init__(self, *, encoder: str = "morgan", device: str | None = None, **config):
@@ -139,7 +148,7 @@ class C3TLModel(PerturbationModel):
         return np.where(n > 0, same / np.maximum(n, 1), 0.0).astype(np.float32)
 
     # -- fit / predict ---------------------------------------------------------------------
-    def fit(self, train: PerturbationData) -> "C3TLModel":
+    def fit(self, train: PerturbationData) -> C3TLModel:
         t0 = time.perf_counter()
         cfg, cond = self.cfg, train.conditions
         self._encoder = get_encoder(self.encoder_spec)
@@ -153,21 +162,27 @@ class C3TLModel(PerturbationModel):
             self._basis = np.vstack([self._basis, np.zeros((cfg.n_components - len(self._basis), delta.shape[1]))])
         self._ctrl_centre = train.control_for(sorted(cond["cell_line"].unique())).mean(0)
         # the observations every later prediction pools over
-        self._obs = {"drug": cond["drug"].astype(str).to_numpy(), "line": cond["cell_line"].astype(str).to_numpy(),
-                     "scores": self._scores(delta), "t": self._t(cond["dose"].to_numpy(float)),
-                     "ctx": self._ctx(train.control_for(cond["cell_line"]))}
+        self._obs = {
+            "drug": cond["drug"].astype(str).to_numpy(),
+            "line": cond["cell_line"].astype(str).to_numpy(),
+            "scores": self._scores(delta),
+            "t": self._t(cond["dose"].to_numpy(float)),
+            "ctx": self._ctx(train.control_for(cond["cell_line"])),
+        }
         torch.manual_seed(cfg.seed)
         self.net = C3TLNet(cfg, len(self._emb_mean)).to(self.device)
         unique_drugs = np.unique(self._obs["drug"])
         drug_pos = np.searchsorted(unique_drugs, self._obs["drug"])
         select = torch.from_numpy(np.eye(len(unique_drugs), dtype=np.float32)[drug_pos]).to(self.device)  # (N, D)
         mol = self._mol([drugs[d] for d in unique_drugs], list(unique_drugs)).to(self.device)  # (D, M)
-        pool = torch.from_numpy(self._pool(self._obs["drug"], self._obs["line"], self._obs["drug"], self._obs["line"],
-                                           leave_line_out=True)).to(self.device)
+        pool = torch.from_numpy(
+            self._pool(self._obs["drug"], self._obs["line"], self._obs["drug"], self._obs["line"], leave_line_out=True)
+        ).to(self.device)
         obs = [torch.from_numpy(self._obs[k]).to(self.device) for k in ("scores", "t", "ctx")]
         target, t, ctx = obs[0], obs[1], obs[2]
-        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                fused=self.device.type in ("cpu", "cuda"))
+        opt = torch.optim.AdamW(
+            self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.device.type in ("cpu", "cuda")
+        )
         gen = torch.Generator().manual_seed(cfg.seed)
         self.net.train()
         for _ in range(cfg.steps):
@@ -179,9 +194,14 @@ class C3TLModel(PerturbationModel):
             opt.step()
         self.net.eval()
         n_params = sum(p.numel() for p in self.net.parameters())
-        self._cost = {"params_total": n_params, "params_trainable": n_params, "params_trainable_pct": 100.0,
-                      "steps": cfg.steps, "final_train_mse_scores": float(loss.item()),
-                      "train_seconds": time.perf_counter() - t0}
+        self._cost = {
+            "params_total": n_params,
+            "params_trainable": n_params,
+            "params_trainable_pct": 100.0,
+            "steps": cfg.steps,
+            "final_train_mse_scores": float(loss.item()),
+            "train_seconds": time.perf_counter() - t0,
+        }
         self._genes = np.asarray(train.genes)
         self._controls = (list(train.controls.index), train.control_mean.copy())  # for `scdca predict`
         return self
@@ -193,14 +213,26 @@ class C3TLModel(PerturbationModel):
             raise ScdcaInputError("query genes differ from the genes the model was trained on")
         cond = query.conditions
         control = query.control_for(cond["cell_line"])
-        pool = self._pool(cond["drug"].astype(str).to_numpy(), cond["cell_line"].astype(str).to_numpy(),
-                          self._obs["drug"], self._obs["line"], leave_line_out=False)
+        pool = self._pool(
+            cond["drug"].astype(str).to_numpy(),
+            cond["cell_line"].astype(str).to_numpy(),
+            self._obs["drug"],
+            self._obs["line"],
+            leave_line_out=False,
+        )
         obs = [torch.from_numpy(self._obs[k]).to(self.device) for k in ("scores", "t", "ctx")]
         with torch.no_grad():
             mol = self._mol(list(cond["smiles"]), list(cond["drug"])).to(self.device)
             r = self.net.drug_code(mol, torch.from_numpy(pool).to(self.device), *obs)
-            scores = self.net(r, torch.from_numpy(self._t(cond["dose"].to_numpy(float))).to(self.device),
-                              torch.from_numpy(self._ctx(control)).to(self.device)).cpu().numpy()
+            scores = (
+                self.net(
+                    r,
+                    torch.from_numpy(self._t(cond["dose"].to_numpy(float))).to(self.device),
+                    torch.from_numpy(self._ctx(control)).to(self.device),
+                )
+                .cpu()
+                .numpy()
+            )
         return (control + self._mean_change + scores.astype(np.float64) @ self._basis).astype(np.float32)
 
     def cost(self) -> dict[str, Any]:
@@ -214,40 +246,64 @@ class C3TLModel(PerturbationModel):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
-        arrays.update(basis=self._basis, mean_change=self._mean_change, ctrl_centre=self._ctrl_centre,
-                      emb_mean=self._emb_mean, emb_std=self._emb_std, control_mean=self._controls[1],
-                      **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")})
+        arrays.update(
+            basis=self._basis,
+            mean_change=self._mean_change,
+            ctrl_centre=self._ctrl_centre,
+            emb_mean=self._emb_mean,
+            emb_std=self._emb_std,
+            control_mean=self._controls[1],
+            **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")},
+        )
         with storage.atomic_path(folder / "c3tl.safetensors") as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        write_model_json(folder, {
-            "model": self.name, "config": asdict(self.cfg), "encoder": self.encoder_spec,
-            "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
-            "dose_lo": self._dose_lo, "dose_span": self._dose_span, "obs_drug": self._obs["drug"].tolist(),
-            "obs_line": self._obs["line"].tolist(), "control_lines": [str(c) for c in self._controls[0]],
-            "cost": self._cost, "training_molecules": self.training_molecules}, files=["c3tl.safetensors"])
+        write_model_json(
+            folder,
+            {
+                "model": self.name,
+                "config": asdict(self.cfg),
+                "encoder": self.encoder_spec,
+                "encoder_identifier": self._encoder.identifier,
+                "genes": [str(g) for g in self._genes],
+                "dose_lo": self._dose_lo,
+                "dose_span": self._dose_span,
+                "obs_drug": self._obs["drug"].tolist(),
+                "obs_line": self._obs["line"].tolist(),
+                "control_lines": [str(c) for c in self._controls[0]],
+                "cost": self._cost,
+                "training_molecules": self.training_molecules,
+            },
+            files=["c3tl.safetensors"],
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> "C3TLModel":
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> C3TLModel:
         from safetensors.numpy import load_file
 
         folder = Path(path)
         if not (folder / "c3tl.safetensors").exists():
-            raise ScdcaInputError(f"model: {str(folder)!r} lacks c3tl.safetensors; is it a folder written "
-                                  f"by C3TLModel.save?")
+            raise ScdcaInputError(
+                f"model: {str(folder)!r} lacks c3tl.safetensors; is it a folder written by C3TLModel.save?"
+            )
         meta = read_model_json(folder)
         arrays = load_file(str(folder / "c3tl.safetensors"))
         model = cls(encoder=meta["encoder"], device=device, **meta["config"])
         model._encoder = get_encoder(model.encoder_spec)
         if model._encoder.identifier != meta["encoder_identifier"]:
-            raise ScdcaInputError(f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
-                                  f"training ({meta['encoder_identifier']!r})")
+            raise ScdcaInputError(
+                f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
+                f"training ({meta['encoder_identifier']!r})"
+            )
         model._basis, model._mean_change = arrays["basis"], arrays["mean_change"]
         model._ctrl_centre = arrays["ctrl_centre"]
         model._emb_mean, model._emb_std = arrays["emb_mean"], arrays["emb_std"]
         model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
         model._genes = np.array(meta["genes"], dtype=object)
-        model._obs = {"drug": np.array(meta["obs_drug"]), "line": np.array(meta["obs_line"]),
-                      **{k: arrays[f"obs.{k}"] for k in ("scores", "t", "ctx")}}
+        model._obs = {
+            "drug": np.array(meta["obs_drug"]),
+            "line": np.array(meta["obs_line"]),
+            **{k: arrays[f"obs.{k}"] for k in ("scores", "t", "ctx")},
+        }
         model.net = C3TLNet(model.cfg, len(model._emb_mean)).to(model.device)
         model.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")})
         model.net.eval()

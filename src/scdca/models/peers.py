@@ -16,6 +16,7 @@ each condition's change instead of leaving it to the drug attribute (measured: t
 reconstruction MSE 0.008 with the sample's own code, 0.37 for the counterfactual from the
 control's code, 0.12 without codes), so the code is off by default (`unknown_code`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,10 @@ PEERS: dict[str, tuple[str, str]] = {"biolord": ("biolord", "biolord==0.0.3")}
 
 def peer_status() -> dict[str, str | None]:
     """Peer model name -> None when its package imports here, else how to install it."""
-    return {name: None if importlib.util.find_spec(module) else f"pip install {req}"
-            for name, (module, req) in PEERS.items()}
+    return {
+        name: None if importlib.util.find_spec(module) else f"pip install {req}"
+        for name, (module, req) in PEERS.items()
+    }
 
 
 @contextlib.contextmanager
@@ -93,10 +96,22 @@ class BiolordPeer(PerturbationModel):
     name = "biolord"
     options: ClassVar[tuple[str, ...]] = ("encoder", "device", "seed")
 
-    def __init__(self, *, encoder: str = "rdkit2d", epochs: int = 200, seed: int = 0, device: str | None = None,
-                 n_latent: int = 32, decoder_width: int = 512, decoder_depth: int = 2, attribute_width: int = 256,
-                 batch_size: int = 64, lr: float = 1e-3, patience: int = 20,
-                 unknown_code: bool = False):
+    def __init__(
+        self,
+        *,
+        encoder: str = "rdkit2d",
+        epochs: int = 200,
+        seed: int = 0,
+        device: str | None = None,
+        n_latent: int = 32,
+        decoder_width: int = 512,
+        decoder_depth: int = 2,
+        attribute_width: int = 256,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        patience: int = 20,
+        unknown_code: bool = False,
+    ):
         self.check_available()
         self.encoder_spec, self.epochs, self.seed, self.device = encoder, epochs, seed, device
         self.n_latent, self.decoder_width, self.decoder_depth = n_latent, decoder_width, decoder_depth
@@ -107,8 +122,10 @@ class BiolordPeer(PerturbationModel):
     @classmethod
     def check_available(cls) -> None:
         if importlib.util.find_spec("biolord") is None:
-            raise ScdcaInputError(f"model 'biolord' needs the biolord package: pip install {PEERS['biolord'][1]} "
-                                  f"(or pip install -r requirements-peers.lock), then rerun")
+            raise ScdcaInputError(
+                f"model 'biolord' needs the biolord package: pip install {PEERS['biolord'][1]} "
+                f"(or pip install -r requirements-peers.lock), then rerun"
+            )
 
     # -- inputs ------------------------------------------------------------------------
     def _drug_attribute(self, data: PerturbationData) -> np.ndarray:
@@ -117,7 +134,7 @@ class BiolordPeer(PerturbationModel):
         emb = standardise(emb, self._emb_mean, self._emb_std)
         return _drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
-    def fit(self, train: PerturbationData) -> "BiolordPeer":
+    def fit(self, train: PerturbationData) -> BiolordPeer:
         import anndata as ad
         import biolord
         import pandas as pd
@@ -140,30 +157,52 @@ class BiolordPeer(PerturbationModel):
         n_val = max(1, round(0.1 * len(names))) if len(names) >= 5 else 0
         val_drugs = set(rng.choice(names, size=n_val, replace=False)) if n_val else set()
         is_val = np.r_[train.conditions["drug"].isin(val_drugs).to_numpy(), np.zeros(len(lines), bool)]
-        obs = pd.DataFrame({
-            "cell_line": pd.Categorical(list(train.conditions["cell_line"]) + lines, categories=lines),
-            # biolord's names: train / test (= validation) / ood (unused here)
-            "split": np.where(is_val, "test", "train"),
-        }, index=[f"s{i}" for i in range(len(X))])
+        obs = pd.DataFrame(
+            {
+                "cell_line": pd.Categorical(list(train.conditions["cell_line"]) + lines, categories=lines),
+                # biolord's names: train / test (= validation) / ood (unused here)
+                "split": np.where(is_val, "test", "train"),
+            },
+            index=[f"s{i}" for i in range(len(X))],
+        )
         adata = ad.AnnData(X=X, obs=obs)
         adata.obsm["drug"] = drug_attr
         with _quiet():
-            biolord.Biolord.setup_anndata(adata, ordered_attributes_keys=["drug"], categorical_attributes_keys=["cell_line"])
-        module_params = dict(decoder_width=self.decoder_width, decoder_depth=self.decoder_depth,
-                             attribute_nn_width=self.attribute_width, attribute_nn_depth=2,
-                             n_latent_attribute_categorical=4, n_latent_attribute_ordered=16,
-                             gene_likelihood="normal", reconstruction_penalty=1e2, unknown_attribute_penalty=1e1,
-                             unknown_attribute_noise_param=1e-1, unknown_attributes=self.unknown_code,
-                             use_batch_norm=False, use_layer_norm=False,
-                             decoder_dropout_rate=0.1, seed=self.seed)
+            biolord.Biolord.setup_anndata(
+                adata, ordered_attributes_keys=["drug"], categorical_attributes_keys=["cell_line"]
+            )
+        module_params = dict(
+            decoder_width=self.decoder_width,
+            decoder_depth=self.decoder_depth,
+            attribute_nn_width=self.attribute_width,
+            attribute_nn_depth=2,
+            n_latent_attribute_categorical=4,
+            n_latent_attribute_ordered=16,
+            gene_likelihood="normal",
+            reconstruction_penalty=1e2,
+            unknown_attribute_penalty=1e1,
+            unknown_attribute_noise_param=1e-1,
+            unknown_attributes=self.unknown_code,
+            use_batch_norm=False,
+            use_layer_norm=False,
+            decoder_dropout_rate=0.1,
+            seed=self.seed,
+        )
         with _quiet():
-            self._model = biolord.Biolord(adata=adata, n_latent=self.n_latent, module_params=module_params,
-                                          split_key="split" if n_val else None)
+            self._model = biolord.Biolord(
+                adata=adata, n_latent=self.n_latent, module_params=module_params, split_key="split" if n_val else None
+            )
         # biolord 0.0.3's training plan reads `latent_lr` before assigning it unless the
         # attribute network's rates are given explicitly. Its StepLR (step_size=45) is stepped
         # once every 45 epochs, so the rate would first drop after 2,025 epochs: constant here.
-        plan = dict(latent_lr=self.lr, latent_wd=1e-5, decoder_lr=self.lr, decoder_wd=1e-5,
-                    attribute_nn_lr=self.lr, attribute_nn_wd=1e-6)
+        plan = dict(
+            latent_lr=self.lr,
+            latent_wd=1e-5,
+            decoder_lr=self.lr,
+            decoder_wd=1e-5,
+            attribute_nn_lr=self.lr,
+            attribute_nn_wd=1e-6,
+        )
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         accelerator = "gpu" if device.startswith("cuda") else "cpu"
         self._control_row = {line: n_cond + i for i, line in enumerate(lines)}
@@ -176,11 +215,21 @@ class BiolordPeer(PerturbationModel):
             val = train.subset([i for i, v in zip(train.ids, is_val) if v])
             callbacks.append(_early_stopping(self, val, self.patience))
         with tempfile.TemporaryDirectory() as tmp, _quiet():
-            self._model.train(max_epochs=self.epochs, batch_size=self.batch_size, plan_kwargs=plan, train_size=1.0,
-                              early_stopping=False, accelerator=accelerator, enable_checkpointing=False,
-                              enable_progress_bar=False, logger=False, default_root_dir=tmp,
-                              enable_model_summary=False, callbacks=callbacks,
-                              **({} if n_val else {"limit_val_batches": 0}))
+            self._model.train(
+                max_epochs=self.epochs,
+                batch_size=self.batch_size,
+                plan_kwargs=plan,
+                train_size=1.0,
+                early_stopping=False,
+                accelerator=accelerator,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                logger=False,
+                default_root_dir=tmp,
+                enable_model_summary=False,
+                callbacks=callbacks,
+                **({} if n_val else {"limit_val_batches": 0}),
+            )
         epochs_run, val_mse = self.epochs, None
         if callbacks:
             self._model.module.load_state_dict(callbacks[0].best_state)
@@ -189,9 +238,14 @@ class BiolordPeer(PerturbationModel):
         params = list(self._model.module.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
-        self._cost = {"params_trainable": int(trainable), "params_total": int(total),
-                      "params_trainable_pct": 100.0 * trainable / max(total, 1), "epochs_run": epochs_run, "val_mse": val_mse,
-                      "fit_seconds": time.perf_counter() - t0}
+        self._cost = {
+            "params_trainable": int(trainable),
+            "params_total": int(total),
+            "params_trainable_pct": 100.0 * trainable / max(total, 1),
+            "epochs_run": epochs_run,
+            "val_mse": val_mse,
+            "fit_seconds": time.perf_counter() - t0,
+        }
         return self
 
     def _predict(self, query: PerturbationData) -> np.ndarray:
@@ -200,8 +254,10 @@ class BiolordPeer(PerturbationModel):
         lines = list(query.conditions["cell_line"])
         unknown = sorted(set(lines) - set(self._control_row))
         if unknown:
-            raise ScdcaInputError(f"biolord: no control sample for cell line(s) {unknown!r}; the training data "
-                                  f"must include every query line's control")
+            raise ScdcaInputError(
+                f"biolord: no control sample for cell line(s) {unknown!r}; the training data "
+                f"must include every query line's control"
+            )
         return self._counterfactual(lines, self._drug_attribute(query))
 
     def _counterfactual(self, lines: list[str], drug_attr: np.ndarray) -> np.ndarray:

@@ -12,10 +12,11 @@ drugs: one model gives a shrinkage, several a stack. `trust_or_stack` keeps a mo
 is unless those held-out drugs show it doing worse than the anchor. The test drugs are
 never used.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ class ScaledMeanBaseline(PerturbationModel):
 
     name = "scaled_mean"
 
-    def fit(self, train: PerturbationData) -> "ScaledMeanBaseline":
+    def fit(self, train: PerturbationData) -> ScaledMeanBaseline:
         self._fits = per_line_fits(train, self._scales)
         return self
 
@@ -55,11 +56,13 @@ class ScaledMeanBaseline(PerturbationModel):
         return mean, levels, scales
 
     @classmethod
-    def from_fits(cls, fits: dict) -> "ScaledMeanBaseline":
+    def from_fits(cls, fits: dict) -> ScaledMeanBaseline:
         """Rebuild from saved fits {line or 'None': {mean, levels, scales}} (what ScDCARouted saves)."""
         model = cls()
-        model._fits = {None if k == "None" else k: (np.asarray(v["mean"]), np.asarray(v["levels"]),
-                                                    np.asarray(v["scales"])) for k, v in fits.items()}
+        model._fits = {
+            None if k == "None" else k: (np.asarray(v["mean"]), np.asarray(v["levels"]), np.asarray(v["scales"]))
+            for k, v in fits.items()
+        }
         return model
 
     def change(self, query: PerturbationData) -> np.ndarray:
@@ -102,8 +105,13 @@ def best_weights(deviations: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.minimum(w, 1.0)
 
 
-def cv_weights(fit_predicts: dict[str, Callable[[PerturbationData, PerturbationData], np.ndarray]],
-               train: PerturbationData, *, n_folds: int = 3, seed: int = 0) -> tuple[dict[str, float], dict]:
+def cv_weights(
+    fit_predicts: dict[str, Callable[[PerturbationData, PerturbationData], np.ndarray]],
+    train: PerturbationData,
+    *,
+    n_folds: int = 3,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict]:
     """How much of each model's deviation from `scaled_mean` held-out training drugs support.
 
     Args:
@@ -131,14 +139,25 @@ def cv_weights(fit_predicts: dict[str, Callable[[PerturbationData, PerturbationD
         target[rows] = train.subset(ids[rows]).delta() - anchor
     w = best_weights(dev, target)
     blend = np.tensordot(w, dev, axes=1)
-    details = {"folds": n_folds, "sse_anchor": float((target**2).sum()), "sse_blend": float(((target - blend) ** 2).sum()),
-               **{f"sse_{name}": float(((target - dev[j]) ** 2).sum()) for j, name in enumerate(names)},
-               **{f"p_worse_{name}": worse_than_anchor(dev[j], target, train.conditions["drug"].to_numpy())
-                  for j, name in enumerate(names)}}
+    details = {
+        "folds": n_folds,
+        "sse_anchor": float((target**2).sum()),
+        "sse_blend": float(((target - blend) ** 2).sum()),
+        **{f"sse_{name}": float(((target - dev[j]) ** 2).sum()) for j, name in enumerate(names)},
+        **{
+            f"p_worse_{name}": worse_than_anchor(dev[j], target, train.conditions["drug"].to_numpy())
+            for j, name in enumerate(names)
+        },
+    }
     weights = {name: float(x) for name, x in zip(names, w)}
-    log.info("shrinkage: weights %s from %d folds of %d training drugs (out-of-fold SSE: anchor %.1f, blend %.1f)",
-             ", ".join(f"{k} {v:.3f}" for k, v in weights.items()), n_folds,
-             len(np.unique(train.conditions["drug"])), details["sse_anchor"], details["sse_blend"])
+    log.info(
+        "shrinkage: weights %s from %d folds of %d training drugs (out-of-fold SSE: anchor %.1f, blend %.1f)",
+        ", ".join(f"{k} {v:.3f}" for k, v in weights.items()),
+        n_folds,
+        len(np.unique(train.conditions["drug"])),
+        details["sse_anchor"],
+        details["sse_blend"],
+    )
     return weights, details
 
 
@@ -181,8 +200,11 @@ class ShrunkRidge(PerturbationModel):
 
     def fit(self, train):
         weights, self.shrinkage_cv_ = cv_weights(
-            {"ridge": lambda inner, held: MODELS.get("ridge")().fit(inner).predict(held)}, train,
-            n_folds=self.n_folds, seed=self.seed)
+            {"ridge": lambda inner, held: MODELS.get("ridge")().fit(inner).predict(held)},
+            train,
+            n_folds=self.n_folds,
+            seed=self.seed,
+        )
         self.shrinkage_ = weights["ridge"]
         self._ridge = MODELS.get("ridge")().fit(train)
         self._anchor = ScaledMeanBaseline().fit(train)

@@ -19,6 +19,7 @@ The skip connection plus zero-initialised W_up and last layer of f_l make the ad
 model equal the frozen backbone at step 0 (as LoRA starts at the base model). Without
 it the first step would feed zeros to every frozen layer after the first adapter.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ class DrugConditionalAdapter(nn.Module):
             raise ValueError(f"modulation {cfg.modulation!r} is not 'bias' or 'film'")
         self.cfg = cfg
         n_out = cfg.d_model + (cfg.bottleneck if cfg.modulation == "film" else 0)
-        self.mol_proj = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.proj_hidden), nn.GELU(),
-                                      nn.Linear(cfg.proj_hidden, n_out))  # f_l
+        self.mol_proj = nn.Sequential(
+            nn.Linear(cfg.cond_dim, cfg.proj_hidden), nn.GELU(), nn.Linear(cfg.proj_hidden, n_out)
+        )  # f_l
         self.down = nn.Linear(cfg.d_model, cfg.bottleneck, bias=False)
         self.mid = BottleneckResBlock(cfg.bottleneck) if cfg.residual else nn.GELU()
         self.up = nn.Linear(cfg.bottleneck, cfg.d_model, bias=False)
@@ -123,8 +125,9 @@ class DrugGeneHead(nn.Module):
             self.register_buffer("gene_emb", torch.zeros(cfg.n_genes, cfg.rank), persistent=False)
         # q reads the molecule only (cond without its last column, the dose t) and returns the
         # drug's direction u (rank) and two dose-gate parameters (alpha, beta)
-        self.drug_proj = nn.Sequential(nn.Linear(cfg.cond_dim - 1, cfg.hidden), nn.GELU(),
-                                       nn.Linear(cfg.hidden, cfg.rank + 2))
+        self.drug_proj = nn.Sequential(
+            nn.Linear(cfg.cond_dim - 1, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.rank + 2)
+        )
         nn.init.zeros_(self.drug_proj[-1].weight)
         nn.init.zeros_(self.drug_proj[-1].bias)
 

@@ -11,15 +11,16 @@ A checkpoint is a folder with `best_model.pt` (a state_dict), `args.json` and
 (`self_attn.Wqkv.*` / `self_attn._impl.*` from flash-attention training, and torch's
 `self_attn.in_proj_*`); `save` writes the torch layout.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,28 +58,48 @@ class BackboneConfig:
 
     def to_args(self) -> dict:
         """args.json fields, named as scGPT names them."""
-        return {"embsize": self.d_model, "nheads": self.nhead, "d_hid": self.d_hid, "nlayers": self.nlayers,
-                "dropout": self.dropout, "pad_token": "<pad>", "pad_value": self.pad_value,
-                "mask_value": self.mask_value, "input_emb_style": "continuous", "do_mvc": self.do_mvc,
-                "fast_transformer": False}
+        return {
+            "embsize": self.d_model,
+            "nheads": self.nhead,
+            "d_hid": self.d_hid,
+            "nlayers": self.nlayers,
+            "dropout": self.dropout,
+            "pad_token": "<pad>",
+            "pad_value": self.pad_value,
+            "mask_value": self.mask_value,
+            "input_emb_style": "continuous",
+            "do_mvc": self.do_mvc,
+            "fast_transformer": False,
+        }
 
     @classmethod
-    def from_args(cls, args: dict, vocab: dict[str, int]) -> "BackboneConfig":
+    def from_args(cls, args: dict, vocab: dict[str, int]) -> BackboneConfig:
         try:
             d_model, nlayers, nhead = int(args["embsize"]), int(args["nlayers"]), int(args["nheads"])
         except KeyError as err:
             raise ScdcaInputError(f"args.json: required field {err.args[0]!r} is missing") from err
         style = args.get("input_emb_style", "continuous")
         if style != "continuous":
-            log.warning("args.json: input_emb_style=%r; scdca feeds continuous values (as scGPT's perturbation "
-                        "fine-tuning and scDCA do)", style)
+            log.warning(
+                "args.json: input_emb_style=%r; scdca feeds continuous values (as scGPT's perturbation "
+                "fine-tuning and scDCA do)",
+                style,
+            )
         pad_token = args.get("pad_token", "<pad>")
         if pad_token not in vocab:
             raise ScdcaInputError(f"vocab.json has no pad token {pad_token!r}")
-        return cls(ntoken=len(vocab), d_model=d_model, nhead=nhead, d_hid=int(args.get("d_hid", d_model)),
-                   nlayers=nlayers, dropout=float(args.get("dropout", 0.2)), pad_token_id=vocab[pad_token],
-                   pad_value=float(args.get("pad_value", -2)), mask_value=float(args.get("mask_value", -1)),
-                   do_mvc=bool(args.get("do_mvc", args.get("MVC", False))))
+        return cls(
+            ntoken=len(vocab),
+            d_model=d_model,
+            nhead=nhead,
+            d_hid=int(args.get("d_hid", d_model)),
+            nlayers=nlayers,
+            dropout=float(args.get("dropout", 0.2)),
+            pad_token_id=vocab[pad_token],
+            pad_value=float(args.get("pad_value", -2)),
+            mask_value=float(args.get("mask_value", -1)),
+            do_mvc=bool(args.get("do_mvc", args.get("MVC", False))),
+        )
 
 
 # ----------------------------------------------------------------------------- modules
@@ -129,8 +150,9 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, self.nhead, D // self.nhead).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         self.record_cls_attention(q, k, attn_mask)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, Dh)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
     def record_cls_attention(self, q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
@@ -246,12 +268,12 @@ class GeneVocab:
     token_to_id: dict[str, int]
 
     @classmethod
-    def from_genes(cls, genes: Sequence[str]) -> "GeneVocab":
+    def from_genes(cls, genes: Sequence[str]) -> GeneVocab:
         tokens = list(dict.fromkeys(str(g) for g in genes))
         return cls({t: i for i, t in enumerate(tokens + [t for t in SPECIAL_TOKENS if t not in tokens])})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "GeneVocab":
+    def load(cls, path: str | os.PathLike) -> GeneVocab:
         with open(path) as fh:
             vocab = json.load(fh)
         if not isinstance(vocab, dict):
@@ -267,15 +289,19 @@ class GeneVocab:
     def __contains__(self, token: str) -> bool:
         return token in self.token_to_id
 
-    def map_genes(self, genes: Sequence[str]) -> "GeneMapping":
+    def map_genes(self, genes: Sequence[str]) -> GeneMapping:
         """Map gene symbols to ids. Genes not in the vocabulary are excluded, and reported."""
         genes = [str(g) for g in genes]
         kept = np.array([g in self.token_to_id and g not in SPECIAL_TOKENS for g in genes])
         ids = np.array([self.token_to_id[g] for g, k in zip(genes, kept) if k], dtype=np.int64)
         oov = [g for g, k in zip(genes, kept) if not k]
         if oov:
-            log.warning("%d of %d genes are not in the backbone vocabulary and are excluded, e.g. %s",
-                        len(oov), len(genes), oov[:10])
+            log.warning(
+                "%d of %d genes are not in the backbone vocabulary and are excluded, e.g. %s",
+                len(oov),
+                len(genes),
+                oov[:10],
+            )
         return GeneMapping(ids=ids, kept=kept, oov=oov)
 
 
@@ -331,8 +357,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
     folder = Path(path)
     for name in ("best_model.pt", "args.json", "vocab.json"):
         if not (folder / name).exists():
-            raise ScdcaInputError(f"checkpoint folder {str(folder)!r} has no {name}; expected best_model.pt, "
-                                  f"args.json and vocab.json (scGPT's release format)")
+            raise ScdcaInputError(
+                f"checkpoint folder {str(folder)!r} has no {name}; expected best_model.pt, "
+                f"args.json and vocab.json (scGPT's release format)"
+            )
     vocab = GeneVocab.load(folder / "vocab.json")
     args = json.loads((folder / "args.json").read_text())
     state = torch.load(folder / "best_model.pt", map_location="cpu", weights_only=True)
@@ -351,12 +379,16 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", strict:
         log.info("ignored checkpoint keys: %s", ignored)
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise ScdcaInputError(f"checkpoint key {key!r}: expected shape {tuple(expected[key].shape)} from "
-                                  f"args.json/vocab.json, found {tuple(value.shape)}")
+            raise ScdcaInputError(
+                f"checkpoint key {key!r}: expected shape {tuple(expected[key].shape)} from "
+                f"args.json/vocab.json, found {tuple(value.shape)}"
+            )
     missing = sorted(k for k in expected if k not in state)
     if missing and strict:
-        raise ScdcaInputError(f"checkpoint lacks {len(missing)} key(s) of the model, e.g. {missing[:5]}; "
-                              f"pass strict=False to keep their random initialisation")
+        raise ScdcaInputError(
+            f"checkpoint lacks {len(missing)} key(s) of the model, e.g. {missing[:5]}; "
+            f"pass strict=False to keep their random initialisation"
+        )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     model.vocab = vocab
     model.load_report = LoadReport(ignored=ignored, missing=missing)
@@ -376,8 +408,9 @@ def reference(spec: str | os.PathLike) -> str:
     return os.fspath(spec) if is_random(spec) else os.path.abspath(spec)
 
 
-def resolve(spec: str | os.PathLike, *, genes: Sequence[str] | None = None,
-            device: str | torch.device = "cpu") -> Backbone:
+def resolve(
+    spec: str | os.PathLike, *, genes: Sequence[str] | None = None, device: str | torch.device = "cpu"
+) -> Backbone:
     """A checkpoint folder (see `load`) or 'random:<layers>x<dim>': an untrained backbone.
 
     The random backbone (for the 'does pretraining help?' ablation) has a vocabulary of
@@ -391,17 +424,25 @@ def resolve(spec: str | os.PathLike, *, genes: Sequence[str] | None = None,
     if not is_random(text):
         return load(text, device=device)
     try:
-        layers, dim = (int(x) for x in text[len(RANDOM_PREFIX):].lower().split("x"))
+        layers, dim = (int(x) for x in text[len(RANDOM_PREFIX) :].lower().split("x"))
         if layers < 1 or dim < 4:
             raise ValueError
     except ValueError:
-        raise ScdcaInputError(f"backbone: {text!r} is not 'random:<layers>x<dim>' with layers >= 1 and dim >= 4, "
-                              f"e.g. 'random:4x128'") from None
+        raise ScdcaInputError(
+            f"backbone: {text!r} is not 'random:<layers>x<dim>' with layers >= 1 and dim >= 4, e.g. 'random:4x128'"
+        ) from None
     if genes is None:
         raise ScdcaInputError("backbone: a random backbone needs the gene list to build its vocabulary")
     vocab = GeneVocab.from_genes([str(g) for g in genes])
-    cfg = BackboneConfig(ntoken=len(vocab), d_model=dim, nhead=4 if dim % 4 == 0 else 1, d_hid=dim,
-                         nlayers=layers, dropout=0.1, pad_token_id=vocab["<pad>"])
+    cfg = BackboneConfig(
+        ntoken=len(vocab),
+        d_model=dim,
+        nhead=4 if dim % 4 == 0 else 1,
+        d_hid=dim,
+        nlayers=layers,
+        dropout=0.1,
+        pad_token_id=vocab["<pad>"],
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Backbone(cfg)

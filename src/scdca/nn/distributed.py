@@ -9,6 +9,7 @@ that DDP's gradient average equals the gradient of the one-process loss on the w
 batch: the loss curve matches a single process with the same global batch. Only rank 0
 writes files and shows progress. Without torchrun, everything is one process as before.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,11 @@ def context(device: str | torch.device | None = None) -> Context:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) if cuda \
+    dev = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        if cuda
         else torch.device("cpu")
+    )
     return Context(rank=rank, world=dist.get_world_size(), device=dev)
 
 
@@ -69,8 +73,11 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # buffers are never trained here, and syncing them would put a collective in every forward
     # (torch 2.13 renamed the switch); find_unused_parameters: some variants leave parts unused
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-               inspect.signature(nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False})
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, **no_sync)
 
 
@@ -90,8 +97,9 @@ def all_sum(values: float | Tensor, ctx: Context) -> np.ndarray:
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ScdcaInputError(f"precision: {precision!r}; choose one of {', '.join(PRECISIONS)} "
-                              f"(auto: bf16 on CUDA, fp32 on CPU)")
+        raise ScdcaInputError(
+            f"precision: {precision!r}; choose one of {', '.join(PRECISIONS)} (auto: bf16 on CUDA, fp32 on CPU)"
+        )
     return precision
 
 

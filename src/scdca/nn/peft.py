@@ -4,18 +4,26 @@
 trainable parts in place (the model is otherwise unchanged, so `backbone.encode` still
 works). Every method starts as the frozen model: its new outputs are zero-initialised.
 
-| method  | what trains | how |
-| ------- | ----------- | --- |
-| lora    | rank-r updates of the packed q/k/v projection (attention) and/or the two feed-forward linears | HF peft (`target_parameters` for the packed q/k/v weight, `target_modules` for the linears); B = 0 at start |
-| prefix  | `prefix_tokens` learned key/value pairs per layer, per head | ours: peft's prefix tuning needs a transformers model. Every query also attends to the prefix, in its own softmax, scaled by a per-head gate that starts at 0 (zero-init attention gating) |
-| adapter | Houlsby bottleneck (D -> D*ratio -> D, GELU) after the attention and the feed-forward sub-blocks of each layer | ours (a residual wrapper around the sub-module's output); up-projection = 0 at start |
-| token   | a bottleneck of ratio 1 on the value (expression) embedding of every gene token | ours, as `adapter` |
-| full    | every backbone weight | reference: ordinary fine-tuning |
-| linear  | nothing in the backbone | reference: frozen encoder, the task head alone (linear probe) |
+Methods (what trains; how):
+
+- `lora`: rank-r updates of the packed q/k/v projection (attention) and/or the two
+  feed-forward linears. HF peft (`target_parameters` for the packed q/k/v weight,
+  `target_modules` for the linears); B = 0 at start.
+- `prefix`: `prefix_tokens` learned key/value pairs per layer, per head. Ours: peft's prefix
+  tuning needs a transformers model. Every query also attends to the prefix, in its own
+  softmax, scaled by a per-head gate that starts at 0 (zero-init attention gating).
+- `adapter`: a Houlsby bottleneck (D -> D*ratio -> D, GELU) after the attention and the
+  feed-forward sub-blocks of each layer. Ours (a residual wrapper around the sub-module's
+  output); up-projection = 0 at start.
+- `token`: a bottleneck of ratio 1 on the value (expression) embedding of every gene token;
+  ours, as `adapter`.
+- `full`: every backbone weight (reference: ordinary fine-tuning).
+- `linear`: nothing in the backbone (reference: frozen encoder, the task head alone).
 
 The task head (e.g. a classifier) is the caller's and always trains. `trainable_state`
 is what a saved model needs besides the frozen backbone it names.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -50,8 +58,10 @@ class PeftConfig:
         if bad or not self.lora_on:
             raise ScdcaInputError(f"lora_on: {bad or self.lora_on!r}; use any of {', '.join(LORA_TARGETS)}")
         if self.r < 1 or self.prefix_tokens < 1 or not 0 < self.bottleneck_ratio <= 4:
-            raise ScdcaInputError(f"r {self.r}, prefix_tokens {self.prefix_tokens} must be >= 1 and bottleneck_ratio "
-                                  f"{self.bottleneck_ratio} in (0, 4]")
+            raise ScdcaInputError(
+                f"r {self.r}, prefix_tokens {self.prefix_tokens} must be >= 1 and bottleneck_ratio "
+                f"{self.bottleneck_ratio} in (0, 4]"
+            )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "lora_on": list(self.lora_on)}
@@ -107,8 +117,9 @@ class PrefixAttention(nn.Module):
         qkv = F.linear(x, b.in_proj_weight, b.in_proj_bias)
         q, k, v = qkv.view(B, T, 3, b.nhead, D // b.nhead).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         b.record_cls_attention(q, k, attn_mask)  # among the gene tokens, as without a prefix
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=b.dropout if self.training else 0.0)  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=b.dropout if self.training else 0.0
+        )  # (B, H, T, Dh)
         pk = self.prefix_k.unsqueeze(0).expand(B, -1, -1, -1)  # (B, H, n, Dh)
         pv = self.prefix_v.unsqueeze(0).expand(B, -1, -1, -1)
         y = y + torch.tanh(self.gate).view(1, -1, 1, 1) * F.scaled_dot_product_attention(q, pk, pv)
@@ -142,8 +153,14 @@ def _lora(backbone: Backbone, cfg: PeftConfig) -> None:
 
     modules = r"transformer_encoder\.layers\.\d+\.(linear1|linear2)" if "ff" in cfg.lora_on else None
     params = ["self_attn.in_proj_weight"] if "attention" in cfg.lora_on else None
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=modules or [], target_parameters=params)
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=modules or [],
+        target_parameters=params,
+    )
     inject_adapter_in_model(config, backbone)  # LoRA B starts at zero: the frozen model at step 0
     for name, p in backbone.named_parameters():
         p.requires_grad_("lora_" in name)

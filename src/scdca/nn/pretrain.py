@@ -18,6 +18,7 @@ The run writes a checkpoint folder in scGPT's release format (`best_model.pt`,
 the best validation loss. It is resumable: `train_state.pt` is saved atomically every
 `save_every` steps and a rerun continues from it to the same result.
 """
+
 from __future__ import annotations
 
 import logging
@@ -116,13 +117,25 @@ class _Batches:
         inp = np.concatenate([np.zeros((B, 1), np.float32), inp], 1)
         mask = np.concatenate([np.zeros((B, 1), bool), masked], 1)
         target = np.concatenate([np.zeros((B, 1), np.float32), values], 1)
-        return (torch.from_numpy(ids).long(), torch.from_numpy(inp.astype(np.float32)),
-                torch.from_numpy(mask), torch.from_numpy(target.astype(np.float32)), cols)
+        return (
+            torch.from_numpy(ids).long(),
+            torch.from_numpy(inp.astype(np.float32)),
+            torch.from_numpy(mask),
+            torch.from_numpy(target.astype(np.float32)),
+            cols,
+        )
 
 
-def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
-             *, keys: DataKeys = DataKeys(), progress: bool = True, _stop_after: int | None = None,
-             compounds: str | os.PathLike | None = None) -> dict:
+def pretrain(
+    data: ad.AnnData | str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: PretrainConfig = PretrainConfig(),
+    *,
+    keys: DataKeys = DataKeys(),
+    progress: bool = True,
+    _stop_after: int | None = None,
+    compounds: str | os.PathLike | None = None,
+) -> dict:
     """Pretrain a backbone on the cells of any AnnData; returns the run summary.
 
     Args:
@@ -152,8 +165,10 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     ctx = distributed.context(cfg.device)  # one of several torchrun processes (DDP), or alone
     device = ctx.device
     if ctx.world > cfg.batch_size:
-        raise ScdcaInputError(f"batch_size: {cfg.batch_size} cells cannot be shared by {ctx.world} processes; "
-                              f"use a batch of at least {ctx.world} (--batch-size)")
+        raise ScdcaInputError(
+            f"batch_size: {cfg.batch_size} cells cannot be shared by {ctx.world} processes; "
+            f"use a batch of at least {ctx.world} (--batch-size)"
+        )
 
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n_cells)
@@ -163,8 +178,15 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     gene_ids = np.array([vocab[g] for g in genes], dtype=np.int64)
     batches = _Batches(X, gene_ids, cfg, vocab)
 
-    bcfg = BackboneConfig(ntoken=len(vocab), d_model=cfg.dim, nhead=cfg.heads, d_hid=cfg.d_hid or cfg.dim,
-                          nlayers=cfg.layers, dropout=cfg.dropout, pad_token_id=vocab["<pad>"])
+    bcfg = BackboneConfig(
+        ntoken=len(vocab),
+        d_model=cfg.dim,
+        nhead=cfg.heads,
+        d_hid=cfg.d_hid or cfg.dim,
+        nlayers=cfg.layers,
+        dropout=cfg.dropout,
+        pad_token_id=vocab["<pad>"],
+    )
     torch.manual_seed(cfg.seed)
     model = Backbone(bcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -183,8 +205,10 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
     if state_path.exists():
         state = storage.load_state(state_path)
         if state["config"] != asdict(cfg) or state["genes"] != list(map(str, genes)):
-            raise ScdcaInputError(f"out: {str(out)!r} holds a pretraining run with other settings or data; "
-                                  f"use a new --out folder or delete it to start over")
+            raise ScdcaInputError(
+                f"out: {str(out)!r} holds a pretraining run with other settings or data; "
+                f"use a new --out folder or delete it to start over"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -223,29 +247,68 @@ def pretrain(data: ad.AnnData | str | os.PathLike, out: str | os.PathLike, cfg: 
         bar.set_postfix(loss=f"{train_loss:.4f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val_loss = _evaluate(model, val, device)
-            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
-                            "gene_mean_baseline": baseline, "linear_baseline": linear})
+            history.append(
+                {
+                    "step": step,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "gene_mean_baseline": baseline,
+                    "linear_baseline": linear,
+                }
+            )
             if val_loss < best:
                 best = val_loss
                 if ctx.is_main:
-                    save(model, vocab, out, extra_args={"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len,
-                                                        "provenance": provenance})
+                    save(
+                        model,
+                        vocab,
+                        out,
+                        extra_args={
+                            "pretrained_by": "scdca pretrain",
+                            "seq_len": cfg.seq_len,
+                            "provenance": provenance,
+                        },
+                    )
         if (step % cfg.save_every == 0 or step == cfg.steps) and ctx.is_main:
-            storage.save_state(state_path, {
-                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                "best": best, "history": history, "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
-                "genes": list(map(str, genes))})
+            storage.save_state(
+                state_path,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                    "best": best,
+                    "history": history,
+                    "torch_rng": torch.get_rng_state(),
+                    "config": asdict(cfg),
+                    "genes": list(map(str, genes)),
+                },
+            )
     bar.close()
     learned = coexpression_learned(best, baseline, linear)
-    summary = {"best_val_loss": best, "gene_mean_baseline_val_loss": baseline, "linear_baseline_val_loss": linear,
-               "coexpression_learned": learned, "steps": step,
-               "seconds_this_run": time.perf_counter() - t0, "parameters": n_params, "genes": len(genes),
-               "train_cells": int(len(train_cells)), "val_cells": int(n_val), "config": asdict(cfg),
-               "provenance": provenance}
+    summary = {
+        "best_val_loss": best,
+        "gene_mean_baseline_val_loss": baseline,
+        "linear_baseline_val_loss": linear,
+        "coexpression_learned": learned,
+        "steps": step,
+        "seconds_this_run": time.perf_counter() - t0,
+        "parameters": n_params,
+        "genes": len(genes),
+        "train_cells": int(len(train_cells)),
+        "val_cells": int(n_val),
+        "config": asdict(cfg),
+        "provenance": provenance,
+    }
     if ctx.is_main and learned < LEARNED_ENOUGH:
-        log.warning("pretrain: validation MSE %.4f is %s (gene means %.4f, PCA %.4f): the backbone has learned "
-                    "little that adapters can reuse; pretrain with more --steps (the demo needs 3000) or check --lr",
-                    best, describe_learned(learned), baseline, linear)
+        log.warning(
+            "pretrain: validation MSE %.4f is %s (gene means %.4f, PCA %.4f): the backbone has learned "
+            "little that adapters can reuse; pretrain with more --steps (the demo needs 3000) or check --lr",
+            best,
+            describe_learned(learned),
+            baseline,
+            linear,
+        )
     if ctx.is_main:
         storage.write_csv(out / "pretrain_log.csv", pd.DataFrame(history))
         storage.write_json(out / "pretrain_summary.json", summary)
@@ -263,20 +326,34 @@ def select_cells(adata: ad.AnnData, keys: DataKeys, *, include_perturbed: bool) 
         keep = np.ones(adata.n_obs, dtype=bool)
         n_perturbed = int((~flags).sum())
         if n_perturbed:
-            log.warning("pretrain: %d drug-treated cells are included (--include-perturbed); any benchmark on this "
-                        "file then tests conditions whose cells the backbone has seen (transductive leak)", n_perturbed)
+            log.warning(
+                "pretrain: %d drug-treated cells are included (--include-perturbed); any benchmark on this "
+                "file then tests conditions whose cells the backbone has seen (transductive leak)",
+                n_perturbed,
+            )
     else:
         keep, n_perturbed = flags, 0
         if not keep.any():
-            raise ScdcaInputError(f"data: no control cells found (obs[{keys.control!r}] / control drug names in "
-                                  f"obs[{keys.drug!r}]); flag the vehicle cells, or pass --include-perturbed to "
-                                  f"pretrain on treated cells (they leak test responses into the backbone)")
+            raise ScdcaInputError(
+                f"data: no control cells found (obs[{keys.control!r}] / control drug names in "
+                f"obs[{keys.drug!r}]); flag the vehicle cells, or pass --include-perturbed to "
+                f"pretrain on treated cells (they leak test responses into the backbone)"
+            )
         if (~flags).any():
-            log.info("pretrain: using the %d control cells only (%d drug-treated cells left out; "
-                     "--include-perturbed uses them)", int(keep.sum()), int((~flags).sum()))
+            log.info(
+                "pretrain: using the %d control cells only (%d drug-treated cells left out; "
+                "--include-perturbed uses them)",
+                int(keep.sum()),
+                int((~flags).sum()),
+            )
     seen = sorted(lines[keep].unique()) if lines is not None else []
-    provenance = {"cells": int(keep.sum()), "perturbed_cells": n_perturbed, "include_perturbed": include_perturbed,
-                  "cell_lines": seen[:1000], "n_cell_lines": len(seen)}
+    provenance = {
+        "cells": int(keep.sum()),
+        "perturbed_cells": n_perturbed,
+        "include_perturbed": include_perturbed,
+        "cell_lines": seen[:1000],
+        "n_cell_lines": len(seen),
+    }
     return (adata if keep.all() else adata[keep].copy()), provenance
 
 
@@ -299,8 +376,9 @@ def describe_learned(learned: float) -> str:
     return f"{100 * learned:.0f}% of the way from the gene means to PCA"
 
 
-def linear_baseline(X: np.ndarray, cells: np.ndarray, val, *, k: int = 32, max_cells: int = 5_000,
-                    seed: int = 0) -> float:
+def linear_baseline(
+    X: np.ndarray, cells: np.ndarray, val, *, k: int = 32, max_cells: int = 5_000, seed: int = 0
+) -> float:
     """Masked-value MSE of a linear co-expression model (probabilistic PCA) on `val`.
 
     The top-`k` principal axes V (genes x k, variances lam) of the training cells (rows
@@ -342,8 +420,8 @@ def _evaluate(model: Backbone, val, device) -> float:
     losses, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(ids), 64):
-            pred = model(ids[s:s + 64].to(device), inp[s:s + 64].to(device))["pred"].cpu()
-            err = (pred - target[s:s + 64])[mask[s:s + 64]] ** 2
+            pred = model(ids[s : s + 64].to(device), inp[s : s + 64].to(device))["pred"].cpu()
+            err = (pred - target[s : s + 64])[mask[s : s + 64]] ** 2
             losses += float(err.sum())
             n += int(err.numel())
     return losses / n

@@ -1,4 +1,5 @@
 """The scDCA family's settings (`ScDCAConfig`)."""
+
 from __future__ import annotations
 
 import logging

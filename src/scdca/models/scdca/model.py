@@ -1,10 +1,11 @@
 """`ScDCAModel`: fit and predict the scDCA network behind the model interface."""
+
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,20 @@ from scdca.nn.adapters import count_parameters
 from scdca.nn.backbone import reference as backbone_reference
 from scdca.nn.backbone import resolve as resolve_backbone
 from scdca.nn.backbone import weights_hash
+from scdca.nn.train import EarlyStopping, ResumeFile, fit_epochs, optimizer_step, progress
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _TrainingRows:
+    """The training conditions as tensors: drug conditions (N, C), targets (N, T), each row's
+    line index (N,) and the lines' controls (L, T), kept genes only."""
+
+    cond: Tensor
+    target: Tensor
+    lines: Tensor
+    controls: Tensor
 
 
 class ScDCAModel(PerturbationModel):
@@ -41,22 +54,35 @@ class ScDCAModel(PerturbationModel):
     """
 
     name = "scdca"
+    savable = True
     options = ("backbone", "encoder", "epochs", "max_steps", "lr", "device", "seed")
     variant: str = "adapter"
     defaults: dict[str, Any] = {}
 
-    def __init__(self, *, backbone: str | None = None, encoder: str = "chemnet", device: str | None = None,
-                 progress: bool = False, checkpoint_dir: str | os.PathLike | None = None, **config):
+    def __init__(
+        self,
+        *,
+        backbone: str | None = None,
+        encoder: str = "chemnet",
+        device: str | None = None,
+        progress: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        **config,
+    ):
         if backbone is None:
-            raise ScdcaInputError(f"model {self.name!r} needs a backbone checkpoint folder: pass backbone=... "
-                                  f"(CLI: --backbone DIR; `scdca pretrain` makes one)")
+            raise ScdcaInputError(
+                f"model {self.name!r} needs a backbone checkpoint folder: pass backbone=... "
+                f"(CLI: --backbone DIR; `scdca pretrain` makes one)"
+            )
         self.backbone_path, self.encoder_spec, self.progress = backbone, encoder, progress
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = ScDCAConfig(**{"variant": self.variant, **self.defaults, **config})
         if self.cfg.dose_profile and not self.cfg.line_offset:
-            raise ScdcaInputError("dose_profile=True shifts the line offset by dose and needs line_offset=True; "
-                                  "set both, or dose_profile=False")
+            raise ScdcaInputError(
+                "dose_profile=True shifts the line offset by dose and needs line_offset=True; "
+                "set both, or dose_profile=False"
+            )
         self._cost: dict[str, Any] = {}
         self.training_molecules: dict[str, str] | None = None  # drug -> SMILES, set by fit
 
@@ -79,15 +105,17 @@ class ScDCAModel(PerturbationModel):
         self._backbone_hash = weights_hash(backbone)
         mapping = backbone.vocab.map_genes(train.genes)
         if len(mapping.ids) == 0:
-            raise ScdcaInputError("none of the data's genes are in the backbone vocabulary; check gene symbols "
-                                  "(--gene-symbols-key) or pretrain a backbone on these genes")
+            raise ScdcaInputError(
+                "none of the data's genes are in the backbone vocabulary; check gene symbols "
+                "(--gene-symbols-key) or pretrain a backbone on these genes"
+            )
         self._kept, self._genes = mapping.kept, np.asarray(train.genes)
         cond_dim = emb.shape[1] + 1
         torch.manual_seed(self.cfg.seed)
         self.net = ScDCANet(backbone, torch.from_numpy(mapping.ids), cond_dim, self.cfg).to(self.device)
 
     # -- training ----------------------------------------------------------------------
-    def fit(self, train: PerturbationData, *, _stop_after_epochs: int | None = None) -> "ScDCAModel":
+    def fit(self, train: PerturbationData, *, _stop_after_epochs: int | None = None) -> ScDCAModel:
         """Train on `train`. With `checkpoint_dir`, every epoch is saved atomically and a rerun
         on the same data and settings resumes from the last finished epoch to the same result.
         `_stop_after_epochs` (tests only) stops abruptly after that many epochs of this run."""
@@ -98,97 +126,137 @@ class ScDCAModel(PerturbationModel):
         self._setup(train)
         self.training_molecules = {str(d): str(smi) for d, smi in train.drug_smiles().items()}
         cfg = self.cfg
-        cond = torch.from_numpy(self._conditions(train))
-        target = torch.from_numpy(train.mean[:, self._kept])  # (N, T)
-        line_idx = torch.from_numpy(train.controls.index.get_indexer(train.conditions["cell_line"]))
-        controls = torch.from_numpy(train.control_mean[:, self._kept])  # (L, T)
+        rows = _TrainingRows(
+            cond=torch.from_numpy(self._conditions(train)),
+            target=torch.from_numpy(train.mean[:, self._kept]),  # (N, T)
+            lines=torch.from_numpy(train.controls.index.get_indexer(train.conditions["cell_line"])),
+            controls=torch.from_numpy(train.control_mean[:, self._kept]),  # (L, T)
+        )
         self._fit_offsets(train)
-        cache = self._line_hidden(controls, list(train.controls.index))
-
+        cache = self._line_hidden(rows.controls, list(train.controls.index))
         is_val = validation_mask(train.conditions, cfg.val_fraction, cfg.seed)
         tr_idx, va_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-        batch = cfg.batch_size if cfg.batch_size > 0 else len(tr_idx)
 
         head = {id(p) for p in self.net.gene_head.parameters()} if cfg.freeze_head and cfg.gene_head else set()
         params = [p for p in self.net.parameters() if p.requires_grad and id(p) not in head]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self._cost = {**{f"params_{k}": v for k, v in count_parameters(self.net).items()}}
-        summary = (f"{self.name}: {self._cost['params_trainable']:,} trainable of {self._cost['params_total']:,} "
-                   f"parameters ({self._cost['params_trainable_pct']:.3f}%)")
+        self._report_parameters(ctx)
+        # without a validation set there is nothing to stop early on: the budget is fixed
+        stopper = EarlyStopping(patience=cfg.patience if len(va_idx) else None, min_delta=1e-6)
+        resume = ResumeFile(
+            self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None,
+            {"config": asdict(cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name},
+            what="checkpoint_dir",
+            mismatch="holds a run with other data or settings; use another folder or delete it",
+        )
+        counter = {"step": 0}
+        start = 0
+        state = resume.load()
+        if state is not None:
+            self.net.load_state_dict(state["trainable"], strict=False)
+            opt.load_state_dict(state["opt"])
+            stopper.restore(state["stopper"])
+            counter["step"], start = state["step"], state["epoch"]
+        if start == 0 and cfg.variant == "adapter" and cfg.gene_head and cfg.head_warmup_epochs > 0:
+            self._warm_up_head(rows.controls, cache[2], rows.lines[tr_idx], rows.cond[tr_idx], rows.target[tr_idx])
+        spent = cfg.max_steps is not None and counter["step"] >= cfg.max_steps
+        stopped = start >= cfg.epochs or stopper.stop or spent
+        bar = progress(
+            range(start, cfg.epochs if not stopped else start),
+            enabled=self.progress and ctx.is_main,
+            desc=self.name,
+            unit="epoch",
+        )
+        runner = distributed.wrap(self.net, ctx)  # DDP with several processes: gradients averaged over ranks
+        self.loss_history_ = []  # training loss of every optimiser step (the whole global batch)
+
+        def run_epoch(epoch: int) -> tuple[float, bool]:
+            if _stop_after_epochs is not None and epoch - start >= _stop_after_epochs:
+                raise KeyboardInterrupt(f"stopped before epoch {epoch}")
+            order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(tr_idx)
+            return self._train_epoch(order, rows, cache, opt, runner, ctx, counter)
+
+        def validate(train_loss: float) -> float:
+            if not len(va_idx):
+                return train_loss
+            return float(self._loss(rows.controls, cache, rows.lines, rows.cond, rows.target, va_idx))
+
+        def snapshot() -> dict:
+            return {k: v.detach().clone() for k, v in self._trainable_state().items()}
+
+        def checkpoint(epoch: int) -> None:
+            if ctx.is_main:
+                resume.save(
+                    trainable=self._trainable_state(),
+                    opt=opt.state_dict(),
+                    stopper=stopper.state(),
+                    step=counter["step"],
+                    epoch=epoch + 1,
+                )
+
+        epoch = fit_epochs(
+            bar,
+            run_epoch=run_epoch,
+            validate=validate,
+            stopper=stopper,
+            snapshot=snapshot,
+            after_epoch=checkpoint,
+            last=start - 1,
+        )
+        if stopper.best_state is not None:
+            self.net.load_state_dict(stopper.best_state, strict=False)
+        self._controls = (list(train.controls.index), train.control_mean.copy())
+        self._cost.update(
+            epochs_run=epoch + 1,
+            steps=counter["step"],
+            best_val_mse=stopper.best,
+            train_seconds=time.perf_counter() - t_start,
+        )
+        return self
+
+    def _report_parameters(self, ctx) -> None:
+        """Count trainable parameters into the cost table and say how many train."""
+        self._cost = {f"params_{k}": v for k, v in count_parameters(self.net).items()}
+        summary = (
+            f"{self.name}: {self._cost['params_trainable']:,} trainable of {self._cost['params_total']:,} "
+            f"parameters ({self._cost['params_trainable_pct']:.3f}%)"
+        )
         if self.progress and ctx.is_main:
             tqdm.write(summary)
         log.info(summary)
-        best, best_state, bad_epochs, step, start = float("inf"), None, 0, 0, 0
-        ckpt = self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None
-        run_id = {"config": asdict(cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name}
-        if ckpt is not None and ckpt.exists():
-            state = storage.load_state(ckpt, what="checkpoint_dir")
-            if state["run_id"] != run_id:
-                raise ScdcaInputError(f"checkpoint_dir: {str(self.checkpoint_dir)!r} holds a run with other data or "
-                                      f"settings; use another folder or delete it")
-            self.net.load_state_dict(state["trainable"], strict=False)
-            opt.load_state_dict(state["opt"])
-            best, best_state, bad_epochs, step, start = (state[k] for k in ("best", "best_state", "bad_epochs",
-                                                                             "step", "epoch"))
-            torch.set_rng_state(state["torch_rng"])
-        if start == 0 and cfg.variant == "adapter" and cfg.gene_head and cfg.head_warmup_epochs > 0:
-            self._warm_up_head(controls, cache[2], line_idx[tr_idx], cond[tr_idx], target[tr_idx])
-        stopped = start >= cfg.epochs or (len(va_idx) and bad_epochs >= cfg.patience) or (
-            cfg.max_steps is not None and step >= cfg.max_steps)
-        epoch = start - 1
-        bar = tqdm(range(start, cfg.epochs if not stopped else start), desc=self.name, unit="epoch",
-                   disable=not (self.progress and ctx.is_main))
-        runner = distributed.wrap(self.net, ctx)  # DDP with several processes: gradients averaged over ranks
-        n_genes = target.shape[1]
-        self.loss_history_ = []  # training loss of every optimiser step (the whole global batch)
-        for epoch in bar:
-            if _stop_after_epochs is not None and epoch - start >= _stop_after_epochs:
-                raise KeyboardInterrupt(f"stopped before epoch {epoch}")
-            self.net.train()
-            order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(tr_idx)
-            sq_errs, sizes = [], []  # per step; summed over ranks and read once per epoch (no per-step sync)
-            for s in range(0, len(order), batch):
-                b = order[s : s + batch]
-                mine = distributed.shard(b, ctx)  # this rank's rows of the global batch (all of it alone)
-                weight = 1.0 if len(mine) else 0.0  # a rank with no rows still joins the gradient exchange
-                mine = mine if len(mine) else b[:1]
-                with distributed.autocast(self.device, cfg.precision):
-                    pred = self._forward(controls, cache, line_idx[mine], cond[mine], net=runner)
-                sq_err = weight * ((pred.float() - target[mine].to(self.device)) ** 2).sum()
-                loss = distributed.global_mean_loss(sq_err, len(b) * n_genes, ctx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                sq_errs.append(sq_err.detach())
-                sizes.append(len(b) * n_genes)
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    break
-            self.loss_history_ += list(distributed.all_sum(torch.stack(sq_errs), ctx) / np.array(sizes))
-            train_loss = float(self.loss_history_[-1])  # a plain float: numpy scalars cannot be resumed from
-            val = float(self._loss(controls, cache, line_idx, cond, target, va_idx)) if len(va_idx) else train_loss
-            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val:.4f}")
-            if val < best - 1e-6:
-                best, bad_epochs = val, 0
-                best_state = {k: v.detach().clone() for k, v in self._trainable_state().items()}
-            else:
-                bad_epochs += 1
-            if ckpt is not None and ctx.is_main:
-                storage.save_state(ckpt, {"run_id": run_id, "trainable": self._trainable_state(), "opt": opt.state_dict(),
-                                      "best": best, "best_state": best_state, "bad_epochs": bad_epochs, "step": step,
-                                      "epoch": epoch + 1, "torch_rng": torch.get_rng_state()})
-            # without a validation set there is nothing to stop early on: the budget is fixed
-            if (len(va_idx) and bad_epochs >= cfg.patience) or (cfg.max_steps is not None and step >= cfg.max_steps):
-                break
-        if best_state is not None:
-            self.net.load_state_dict(best_state, strict=False)
-        self._controls = (list(train.controls.index), train.control_mean.copy())
-        self._cost.update(epochs_run=epoch + 1, steps=step, best_val_mse=best,
-                          train_seconds=time.perf_counter() - t_start)
-        return self
 
-    def _warm_up_head(self, controls: Tensor, offsets: Tensor | None, lines: Tensor, cond: Tensor, target: Tensor,
-                      lr: float = 3e-3) -> None:
+    def _train_epoch(self, order, rows: _TrainingRows, cache, opt, runner, ctx, counter) -> tuple[float, bool]:
+        """One pass over the training rows in `order`; returns (last step's loss, step budget spent).
+
+        Each optimiser step takes a global batch; under DDP every rank computes its share and
+        the loss is scaled so the averaged gradient equals one process's."""
+        cfg = self.cfg
+        batch = cfg.batch_size if cfg.batch_size > 0 else len(order)
+        n_genes = rows.target.shape[1]
+        self.net.train()
+        sq_errs, sizes = [], []  # per step; summed over ranks and read once per epoch (no per-step sync)
+        spent = False
+        for s in range(0, len(order), batch):
+            b = order[s : s + batch]
+            mine = distributed.shard(b, ctx)  # this rank's rows of the global batch (all of it alone)
+            weight = 1.0 if len(mine) else 0.0  # a rank with no rows still joins the gradient exchange
+            mine = mine if len(mine) else b[:1]
+            with distributed.autocast(self.device, cfg.precision):
+                pred = self._forward(rows.controls, cache, rows.lines[mine], rows.cond[mine], net=runner)
+            sq_err = weight * ((pred.float() - rows.target[mine].to(self.device)) ** 2).sum()
+            optimizer_step(distributed.global_mean_loss(sq_err, len(b) * n_genes, ctx), opt)
+            counter["step"] += 1
+            sq_errs.append(sq_err.detach())
+            sizes.append(len(b) * n_genes)
+            spent = cfg.max_steps is not None and counter["step"] >= cfg.max_steps
+            if spent:
+                break
+        self.loss_history_ += list(distributed.all_sum(torch.stack(sq_errs), ctx) / np.array(sizes))
+        return float(self.loss_history_[-1]), spent  # a plain float: numpy scalars cannot be resumed from
+
+    def _warm_up_head(
+        self, controls: Tensor, offsets: Tensor | None, lines: Tensor, cond: Tensor, target: Tensor, lr: float = 3e-3
+    ) -> None:
         """Fit the drug x gene head alone, full batch, on the frozen backbone's per-line hidden
         states. The adapters are still the identity, so the model's output is then exactly
         control + head(h_L): the adapters start from a model that already separates drugs."""
@@ -200,10 +268,7 @@ class ScDCAModel(PerturbationModel):
         cond, lines = cond.to(self.device), lines.to(self.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
         for _ in range(self.cfg.head_warmup_epochs):
-            loss = ((head(hidden, cond, lines) - change) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(((head(hidden, cond, lines) - change) ** 2).mean(), opt)
 
     def _fit_offsets(self, train: PerturbationData) -> None:
         """Each training line's mean change (kept genes), the mean over all training changes and
@@ -240,8 +305,12 @@ class ScDCAModel(PerturbationModel):
         if self.cfg.variant == "lowrank":  # per-line hidden states, indexed inside the head
             out = net(controls[lines].to(self.device), cond.to(self.device), hidden, lines=lines.to(self.device))
         else:
-            out = net(controls[lines].to(self.device), cond.to(self.device),
-                      hidden[lines] if hidden is not None else None, ref[lines] if ref is not None else None)
+            out = net(
+                controls[lines].to(self.device),
+                cond.to(self.device),
+                hidden[lines] if hidden is not None else None,
+                ref[lines] if ref is not None else None,
+            )
         return out if offsets is None else out + self._offset(offsets, lines.to(self.device), cond.to(self.device))
 
     def _offset(self, offsets: Tensor, lines: Tensor, cond: Tensor) -> Tensor:
@@ -284,13 +353,21 @@ class ScDCAModel(PerturbationModel):
             # finetune changed its backbone, so its 'no change' reference comes from the checkpoint
             if self.cfg.variant == "finetune":
                 pretrained = resolve_backbone(self.backbone_path, genes=self._genes, device=self.device)
-                cache = (None, self.net.reference_output(line_controls.to(self.device), pretrained),
-                         self._offset_rows(list(query.controls.index)))
+                cache = (
+                    None,
+                    self.net.reference_output(line_controls.to(self.device), pretrained),
+                    self._offset_rows(list(query.controls.index)),
+                )
                 del pretrained
             else:
                 cache = self._line_hidden(line_controls, list(query.controls.index))
-            preds = [self._forward(line_controls, cache, torch.from_numpy(lines[s : s + 64]), cond[s : s + 64])
-                     .float().cpu().numpy() for s in range(0, len(cond), 64)]
+            preds = [
+                self._forward(line_controls, cache, torch.from_numpy(lines[s : s + 64]), cond[s : s + 64])
+                .float()
+                .cpu()
+                .numpy()
+                for s in range(0, len(cond), 64)
+            ]
         out[:, self._kept] = np.concatenate(preds) if preds else np.zeros((0, int(self._kept.sum())))
         return out
 
@@ -307,39 +384,63 @@ class ScDCAModel(PerturbationModel):
         state = {k: v.detach().cpu().contiguous() for k, v in self._trainable_state().items()}
         with storage.atomic_path(folder / "trained.safetensors") as tmp:
             save_file(state, str(tmp))
-        meta = {"model": self.name, "config": asdict(self.cfg), "backbone": backbone_reference(self.backbone_path),
-                "backbone_sha256": self._backbone_hash, "encoder": self.encoder_spec,
-                "encoder_identifier": self._encoder.identifier, "genes": [str(g) for g in self._genes],
-                "kept": self._kept.tolist(), "emb_mean": self._emb_mean.tolist(), "emb_std": self._emb_std.tolist(),
-                "dose_lo": self._dose_lo, "dose_span": self._dose_span, "cost": self._cost,
-                "training_molecules": self.training_molecules}
+        meta = {
+            "model": self.name,
+            "config": asdict(self.cfg),
+            "backbone": backbone_reference(self.backbone_path),
+            "backbone_sha256": self._backbone_hash,
+            "encoder": self.encoder_spec,
+            "encoder_identifier": self._encoder.identifier,
+            "genes": [str(g) for g in self._genes],
+            "kept": self._kept.tolist(),
+            "emb_mean": self._emb_mean.tolist(),
+            "emb_std": self._emb_std.tolist(),
+            "dose_lo": self._dose_lo,
+            "dose_span": self._dose_span,
+            "cost": self._cost,
+            "training_molecules": self.training_molecules,
+        }
         lines, ctrl = self._controls
         with storage.atomic_path(folder / "controls.npz") as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, cell_lines=np.array(lines), control_mean=ctrl.astype(np.float32),
-                         offset_lines=np.array(list(self._offsets)), global_offset=self._global_offset,
-                         offsets=np.stack(list(self._offsets.values())), dose_grid=self._dose_grid,
-                         dose_profile=self._dose_profile)
+                np.savez(
+                    fh,
+                    cell_lines=np.array(lines),
+                    control_mean=ctrl.astype(np.float32),
+                    offset_lines=np.array(list(self._offsets)),
+                    global_offset=self._global_offset,
+                    offsets=np.stack(list(self._offsets.values())),
+                    dose_grid=self._dose_grid,
+                    dose_profile=self._dose_profile,
+                )
         write_model_json(folder, meta, files=["trained.safetensors", "controls.npz"])  # last: marks it complete
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCAModel":
+    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCAModel:
         """Load a saved model; refuses a backbone whose weights differ from the one it was trained on."""
         from safetensors.torch import load_file
 
         folder = Path(path)
         meta = read_model_json(folder)
         klass = MODELS.get(meta["model"])
-        model = klass(backbone=backbone or meta["backbone"], encoder=meta["encoder"], device=device,
-                      **{k: v for k, v in meta["config"].items() if k != "variant"})
+        model = klass(
+            backbone=backbone or meta["backbone"],
+            encoder=meta["encoder"],
+            device=device,
+            **{k: v for k, v in meta["config"].items() if k != "variant"},
+        )
         bb = resolve_backbone(model.backbone_path, genes=meta["genes"], device=model.device)
         if weights_hash(bb) != meta["backbone_sha256"]:
-            raise ScdcaInputError(f"backbone {model.backbone_path!r} differs from the one this model was trained on "
-                                  f"(weights hash mismatch); pass the original backbone folder")
+            raise ScdcaInputError(
+                f"backbone {model.backbone_path!r} differs from the one this model was trained on "
+                f"(weights hash mismatch); pass the original backbone folder"
+            )
         model._encoder = get_encoder(model.encoder_spec)
         if model._encoder.identifier != meta["encoder_identifier"]:
-            raise ScdcaInputError(f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
-                                  f"training ({meta['encoder_identifier']!r})")
+            raise ScdcaInputError(
+                f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
+                f"training ({meta['encoder_identifier']!r})"
+            )
         model._backbone_hash = meta["backbone_sha256"]
         model._genes, model._kept = np.array(meta["genes"], dtype=object), np.array(meta["kept"], dtype=bool)
         model._emb_mean = np.array(meta["emb_mean"], dtype=np.float32)
@@ -358,8 +459,9 @@ class ScDCAModel(PerturbationModel):
             model._global_offset = z["global_offset"]
             # models saved before the dose profile existed have none (and dose_profile=False)
             model._dose_grid = z["dose_grid"] if "dose_grid" in z else np.zeros(1, np.float32)
-            model._dose_profile = z["dose_profile"] if "dose_profile" in z else np.zeros((1, int(model._kept.sum())),
-                                                                                            np.float32)
+            model._dose_profile = (
+                z["dose_profile"] if "dose_profile" in z else np.zeros((1, int(model._kept.sum())), np.float32)
+            )
         return model
 
 

@@ -1,4 +1,5 @@
 """The scDCA network: frozen backbone, drug-conditional adapters, output head."""
+
 from __future__ import annotations
 
 import copy
@@ -38,20 +39,29 @@ class ScDCANet(nn.Module):
             nn.init.zeros_(self.mol_in.weight)
             nn.init.zeros_(self.mol_in.bias)
         elif cfg.variant == "concat":
-            self.head = nn.Sequential(nn.Linear(D + cond_dim, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(),
-                                      nn.Linear(D, 1))
+            self.head = nn.Sequential(
+                nn.Linear(D + cond_dim, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(), nn.Linear(D, 1)
+            )
         elif cfg.variant == "feature":
             n = len(gene_ids)
             self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n))
         if cfg.variant == "lowrank" or cfg.gene_head:  # low-rank drug x gene output on the final hidden states
-            self.gene_head = DrugGeneHead(DrugGeneConfig(D, cond_dim, len(gene_ids), cfg.gene_head_rank,
-                                                         cfg.gene_head_hidden, cfg.gene_head_dropout,
-                                                         cfg.gene_head_free_genes))
+            self.gene_head = DrugGeneHead(
+                DrugGeneConfig(
+                    D,
+                    cond_dim,
+                    len(gene_ids),
+                    cfg.gene_head_rank,
+                    cfg.gene_head_hidden,
+                    cfg.gene_head_dropout,
+                    cfg.gene_head_free_genes,
+                )
+            )
         if cfg.variant in ("concat", "feature"):  # start at 'no change', like the adapters
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
-    def train(self, mode: bool = True) -> "ScDCANet":
+    def train(self, mode: bool = True) -> ScDCANet:
         """Frozen backbone layers stay in eval mode (no dropout) while the trainable parts train.
 
         With dropout on, the frozen layers added noise larger than most drug effects to every
@@ -83,8 +93,15 @@ class ScDCANet(nn.Module):
         with torch.no_grad():
             return self.backbone.encode(ids, values)
 
-    def forward(self, values: Tensor, cond: Tensor, hidden: Tensor | None = None,
-                reference: Tensor | None = None, *, lines: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        values: Tensor,
+        cond: Tensor,
+        hidden: Tensor | None = None,
+        reference: Tensor | None = None,
+        *,
+        lines: Tensor | None = None,
+    ) -> Tensor:
         """values (B, T) control expression, cond (B, C) -> predicted expression (B, T).
 
         `hidden` (frozen h_L) and `reference` (reference_output) depend only on the cell line,

@@ -33,6 +33,7 @@ dose appended as t = scaled log10(dose) in [0, 1]; the molecule projection f_l s
 so dose can modulate every adapter. Genes missing from the backbone vocabulary are not
 modelled: their prediction is the control value (no change), and fit logs how many.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,32 +49,57 @@ Variant = Literal["adapter", "finetune", "concat", "feature", "lowrank"]
 
 
 def _variant(name: str, variant: str, doc: str, **defaults):
-    cls = type(f"ScDCA_{name}", (ScDCAModel,), {"name": name, "variant": variant, "defaults": defaults,
-                                                  "__doc__": doc})
+    cls = type(f"ScDCA_{name}", (ScDCAModel,), {"name": name, "variant": variant, "defaults": defaults, "__doc__": doc})
     MODELS.add(name, cls)
     return cls
 
 
 MODELS.add("scdca", ScDCAModel)
-_variant("scdca_nores", "adapter", "scDCA with a plain nonlinearity in the bottleneck (Houlsby-style).",
-         residual=False)
+_variant("scdca_nores", "adapter", "scDCA with a plain nonlinearity in the bottleneck (Houlsby-style).", residual=False)
 _variant("scdca_noskip", "adapter", "scDCA with eq. 5 as printed: the adapter output replaces h_l.", skip=False)
-_variant("scdca_film", "adapter", "scDCA whose drug projection also scales the bottleneck channels (FiLM; "
-         "our extension, not in the paper).", modulation="film")
+_variant(
+    "scdca_film",
+    "adapter",
+    "scDCA whose drug projection also scales the bottleneck channels (FiLM; our extension, not in the paper).",
+    modulation="film",
+)
 ScDCALowRank = _variant(
-    "scdca_lowrank", "lowrank", "Frozen backbone + a low-rank drug x gene output on its final hidden states (our "
+    "scdca_lowrank",
+    "lowrank",
+    "Frozen backbone + a low-rank drug x gene output on its final hidden states (our "
     "extension). No adapters, so the hidden states are cached per line and a full-batch step costs milliseconds: it "
     "trains on its own budget (the benchmark-wide --epochs/--max-steps/--lr CPU budgets do not apply).",
-    batch_size=0, epochs=600, lr=3e-3, val_fraction=0.0, line_offset=True,  # 600 vs 300 steps: NOTES.md, session 4
-    dose_profile=True)  # NOTES.md, session 8
+    batch_size=0,
+    epochs=600,
+    lr=3e-3,
+    val_fraction=0.0,
+    line_offset=True,  # 600 vs 300 steps: NOTES.md, session 4
+    dose_profile=True,
+)  # NOTES.md, session 8
 ScDCALowRank.options = ("backbone", "encoder", "device", "seed")
-_variant("scdca_plus", "adapter", "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
-         "hidden states, the head first fitted alone on the frozen states (our extension).", modulation="film",
-         gene_head=True, head_warmup_epochs=300, line_offset=True)
-_variant("scdca_plus_frozen", "adapter", "scdca_plus whose drug x gene head keeps its warm-up fit (600 full-batch "
-         "steps, as scdca_lowrank) while the FiLM adapters train on a fixed budget, without best-validation restore "
-         "(our extension; NOTES.md, session 5).", modulation="film", gene_head=True, head_warmup_epochs=600,
-         freeze_head=True, line_offset=True, val_fraction=0.0)
+_variant(
+    "scdca_plus",
+    "adapter",
+    "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
+    "hidden states, the head first fitted alone on the frozen states (our extension).",
+    modulation="film",
+    gene_head=True,
+    head_warmup_epochs=300,
+    line_offset=True,
+)
+_variant(
+    "scdca_plus_frozen",
+    "adapter",
+    "scdca_plus whose drug x gene head keeps its warm-up fit (600 full-batch "
+    "steps, as scdca_lowrank) while the FiLM adapters train on a fixed budget, without best-validation restore "
+    "(our extension; NOTES.md, session 5).",
+    modulation="film",
+    gene_head=True,
+    head_warmup_epochs=600,
+    freeze_head=True,
+    line_offset=True,
+    val_fraction=0.0,
+)
 _variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
 _variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
 _variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")

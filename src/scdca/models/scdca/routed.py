@@ -1,4 +1,6 @@
-"""`scdca_routed`: the recommended model, routing seen and new molecules to different heads and shrinking where the new-molecule head cannot be trusted."""
+"""`scdca_routed`, the recommended model: seen and new molecules go to different heads, and the
+new-molecule head is shrunk towards the drug-blind answer where it cannot be trusted."""
+
 from __future__ import annotations
 
 import logging
@@ -49,13 +51,24 @@ class ScDCARouted(PerturbationModel):
     """
 
     name = "scdca_routed"
+    savable = True
     options = ScDCALowRank.options
 
-    def __init__(self, *, new_dropout: float = 0.6, new_shrinkage: float | None = None, shrinkage_folds: int = 3,
-                 stack_ridge: bool = True, checkpoint_dir: str | os.PathLike | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        new_dropout: float = 0.6,
+        new_shrinkage: float | None = None,
+        shrinkage_folds: int = 3,
+        stack_ridge: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        **kwargs,
+    ):
         if new_shrinkage is not None and not 0.0 <= new_shrinkage <= 1.0:
-            raise ScdcaInputError(f"new_shrinkage: {new_shrinkage!r}; use a weight in [0, 1], or None to choose it "
-                                  f"by cross-validation over the training drugs")
+            raise ScdcaInputError(
+                f"new_shrinkage: {new_shrinkage!r}; use a weight in [0, 1], or None to choose it "
+                f"by cross-validation over the training drugs"
+            )
         if shrinkage_folds < 2:
             raise ScdcaInputError(f"shrinkage_folds: {shrinkage_folds!r}; use at least 2 folds of training drugs")
         self.new_dropout, self.new_shrinkage, self.shrinkage_folds = new_dropout, new_shrinkage, shrinkage_folds
@@ -65,7 +78,7 @@ class ScDCARouted(PerturbationModel):
         self.seen = ScDCALowRank(**kwargs, checkpoint_dir=folder / "seen" if folder else None)
         self.new = ScDCALowRank(**self._new_kwargs, checkpoint_dir=folder / "new" if folder else None)
 
-    def fit(self, train: PerturbationData) -> "ScDCARouted":
+    def fit(self, train: PerturbationData) -> ScDCARouted:
         self.seen.fit(train)
         self.new.fit(train)
         self._molecules = sorted({canonical_smiles(s) or s for s in train.drug_smiles().values()})
@@ -93,15 +106,19 @@ class ScDCARouted(PerturbationModel):
         n_drugs = train.conditions["drug"].nunique()
         if n_drugs < 2 * self.shrinkage_folds:
             weights = {"scdca": 1.0}
-            log.warning("scdca_routed: %d training drugs are too few to choose the weights of new molecules by "
-                        "%d-fold cross-validation; new molecules get the new head unshrunk", n_drugs,
-                        self.shrinkage_folds)
+            log.warning(
+                "scdca_routed: %d training drugs are too few to choose the weights of new molecules by "
+                "%d-fold cross-validation; new molecules get the new head unshrunk",
+                n_drugs,
+                self.shrinkage_folds,
+            )
         else:
             models = {"scdca": lambda inner, held: ScDCALowRank(**self._new_kwargs).fit(inner).predict(held)}
             if self.stack_ridge:
                 models["ridge"] = lambda inner, held: MODELS.get("ridge")().fit(inner).predict(held)
-            stacked, self.shrinkage_cv_ = cv_weights(models, train, n_folds=self.shrinkage_folds,
-                                                     seed=int(self._new_kwargs.get("seed", 0)))
+            stacked, self.shrinkage_cv_ = cv_weights(
+                models, train, n_folds=self.shrinkage_folds, seed=int(self._new_kwargs.get("seed", 0))
+            )
             weights = trust_or_stack(stacked, self.shrinkage_cv_, "scdca")
             if weights.get("ridge", 0.0) > 0.0:
                 self._ridge = MODELS.get("ridge")().fit(train)
@@ -114,12 +131,12 @@ class ScDCARouted(PerturbationModel):
         return self.weights_["scdca"]
 
     @property
-    def _controls(self):  # what scdca.predict reads from a model: the training lines' controls, genes
-        return self.seen._controls
+    def genes(self) -> np.ndarray:
+        return self.seen.genes
 
     @property
-    def _genes(self):
-        return self.seen._genes
+    def control_lines(self) -> dict[str, np.ndarray]:
+        return self.seen.control_lines
 
     @property
     def training_molecules(self) -> dict[str, str] | None:
@@ -155,11 +172,16 @@ class ScDCARouted(PerturbationModel):
             return {}
         trainable = a["params_trainable"] + b["params_trainable"]
         total = a["params_total"] + b["params_trainable"]  # one frozen backbone, two heads
-        return {"params_trainable": trainable, "params_total": total, "params_trainable_pct": 100.0 * trainable / total,
-                "steps": a["steps"] + b["steps"], "train_seconds": a["train_seconds"] + b["train_seconds"],
-                "shrinkage": self._weights["scdca"] if self._weights else float("nan"),  # NaN: never needed
-                "ridge_weight": self._weights.get("ridge", 0.0) if self._weights else float("nan"),
-                "shrinkage_seconds": self._shrinkage_seconds}
+        return {
+            "params_trainable": trainable,
+            "params_total": total,
+            "params_trainable_pct": 100.0 * trainable / total,
+            "steps": a["steps"] + b["steps"],
+            "train_seconds": a["train_seconds"] + b["train_seconds"],
+            "shrinkage": self._weights["scdca"] if self._weights else float("nan"),  # NaN: never needed
+            "ridge_weight": self._weights.get("ridge", 0.0) if self._weights else float("nan"),
+            "shrinkage_seconds": self._shrinkage_seconds,
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Both heads in subfolders `seen/` and `new/`, then model.json (written last)."""
@@ -167,20 +189,31 @@ class ScDCARouted(PerturbationModel):
         weights = self.weights_  # a saved model predicts any molecule: choose the weights now
         self.seen.save(folder / "seen")
         self.new.save(folder / "new")
-        anchor = {str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
-                  for k, (m, lv, sc) in self._anchor._fits.items()}
+        anchor = {
+            str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
+            for k, (m, lv, sc) in self._anchor._fits.items()
+        }
         files = ["seen/model.json", "new/model.json"]
         if self._ridge is not None:
             with storage.atomic_path(folder / "ridge.npz") as tmp:
                 with open(tmp, "wb") as fh:
                     np.savez(fh, **self._ridge.to_arrays())
             files.append("ridge.npz")
-        write_model_json(folder, {"model": self.name, "new_dropout": self.new_dropout, "molecules": self._molecules,
-                                  "weights": weights, "shrinkage_cv": self.shrinkage_cv_,
-                                  "anchor": anchor}, files=files)
+        write_model_json(
+            folder,
+            {
+                "model": self.name,
+                "new_dropout": self.new_dropout,
+                "molecules": self._molecules,
+                "weights": weights,
+                "shrinkage_cv": self.shrinkage_cv_,
+                "anchor": anchor,
+            },
+            files=files,
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> "ScDCARouted":
+    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCARouted:
         folder = Path(path)
         meta = read_model_json(folder)
         model = cls.__new__(cls)
