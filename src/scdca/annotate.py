@@ -29,7 +29,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from scdca import storage
 from scdca.data.expression import looks_like_counts, normalize_log1p, validated_matrix
@@ -41,6 +40,7 @@ from scdca.nn.backbone import reference as backbone_reference
 from scdca.nn.backbone import resolve as resolve_backbone
 from scdca.nn.peft import PeftConfig, trainable_state
 from scdca.nn.peft import apply as apply_peft
+from scdca.nn.train import EarlyStopping, fit_epochs, optimizer_step, progress
 
 log = logging.getLogger(__name__)
 
@@ -194,33 +194,34 @@ class Annotator:
             return self.net(ids[rows].to(self.device), values[rows].to(self.device))
 
         rng = np.random.default_rng(self.cfg.seed)
-        best, best_state, best_epoch, epochs_run = float("inf"), None, 0, 0  # best_epoch 0: none yet
-        bar = tqdm(
-            range(self.cfg.epochs), desc=f"annotate ({self.cfg.peft.method})", unit="epoch", disable=not self.progress
+        stopper = EarlyStopping(patience=self.cfg.patience)
+        bar = progress(
+            range(self.cfg.epochs), enabled=self.progress, desc=f"annotate ({self.cfg.peft.method})", unit="epoch"
         )
-        for epoch in bar:
-            epochs_run = epoch + 1
+
+        def run_epoch(epoch: int) -> tuple[float, bool]:
             self.net.train()
             order = rng.permutation(tr)
             for s in range(0, len(order), self.cfg.batch_size):
                 b = torch.from_numpy(order[s : s + self.cfg.batch_size])
                 loss = F.cross_entropy(logits(b), y[b].to(self.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if len(va):
-                if feats is not None:
-                    with torch.no_grad():
-                        val = F.cross_entropy(logits(torch.from_numpy(va)), y[va].to(self.device)).item()
-                else:
-                    val = F.cross_entropy(self._logits(ids[va], values[va]), y[va].to(self.device)).item()
-                bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
-                if val < best:
-                    best, best_state, best_epoch = val, trainable_state(self.net), epoch + 1
-                elif self.cfg.patience is not None and epoch + 1 - best_epoch >= self.cfg.patience:
-                    break
-        if best_state is not None:
-            self.net.load_state_dict(best_state, strict=False)
+                optimizer_step(loss, opt)
+            return loss.item(), False
+
+        def validate(train_loss: float) -> float | None:
+            if not len(va):
+                return None  # too few cells for a validation split: train on all, keep the last epoch
+            if feats is not None:
+                with torch.no_grad():
+                    return F.cross_entropy(logits(torch.from_numpy(va)), y[va].to(self.device)).item()
+            return F.cross_entropy(self._logits(ids[va], values[va]), y[va].to(self.device)).item()
+
+        epochs_run = 1 + fit_epochs(
+            bar, run_epoch=run_epoch, validate=validate, stopper=stopper, snapshot=lambda: trainable_state(self.net)
+        )
+        if stopper.best_state is not None:
+            self.net.load_state_dict(stopper.best_state, strict=False)
+        best, best_epoch = stopper.best, stopper.best_epoch
         self.cost.update(
             fit_seconds=time.perf_counter() - t0,
             best_val_loss=best if len(va) else None,

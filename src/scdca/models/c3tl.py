@@ -50,6 +50,7 @@ from scdca.models.base import (
     scaled_dose,
     write_model_json,
 )
+from scdca.nn.train import optimizer_step
 
 
 @dataclass
@@ -189,9 +190,7 @@ class C3TLModel(PerturbationModel):
             keep = (torch.rand(len(unique_drugs), generator=gen) >= cfg.pool_dropout).float().to(self.device)
             r = self.net.drug_code(mol, pool * (select @ keep)[:, None], *obs, select=select)
             loss = ((self.net(r, t, ctx) - target) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(loss, opt)
         self.net.eval()
         n_params = sum(p.numel() for p in self.net.parameters())
         self._cost = {

@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from scdca import storage
 from scdca.data.expression import (
@@ -49,6 +48,8 @@ from scdca.errors import ScdcaInputError
 from scdca.nn import distributed
 from scdca.nn.backbone import Backbone, BackboneConfig, GeneVocab, save
 from scdca.nn.distributed import check_precision
+from scdca.nn.train import ResumeFile, optimizer_step
+from scdca.nn.train import progress as progress_bar
 
 log = logging.getLogger(__name__)
 MASK_VALUE = -1.0  # scGPT's mask_value
@@ -154,163 +155,178 @@ def pretrain(
         >>> scdca.nn.pretrain.pretrain("cells.h5ad", "models/demo_backbone")
     """
     out = Path(out)
-    adata = data if isinstance(data, ad.AnnData) else read(data, compounds=compounds, keys=keys)
-    adata, provenance = select_cells(adata, keys, include_perturbed=cfg.include_perturbed)
-    if not isinstance(data, ad.AnnData):
-        provenance = {"data_file": os.path.abspath(data), "data_sha256": storage.file_sha256(data), **provenance}
-    X, genes = _expression(adata, keys, cfg.genes)
-    n_cells = X.shape[0]
-    if n_cells < 10:
-        raise ScdcaInputError(f"data: {n_cells} cells are too few to pretrain on; use >= 10")
+    X, genes, provenance = _cells(data, keys, cfg, compounds)
     ctx = distributed.context(cfg.device)  # one of several torchrun processes (DDP), or alone
-    device = ctx.device
     if ctx.world > cfg.batch_size:
         raise ScdcaInputError(
             f"batch_size: {cfg.batch_size} cells cannot be shared by {ctx.world} processes; "
             f"use a batch of at least {ctx.world} (--batch-size)"
         )
-
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(n_cells)
-    n_val = max(1, min(cfg.val_cells, int(round(cfg.val_fraction * n_cells))))
-    val_cells, train_cells = order[:n_val], order[n_val:]
-    vocab = GeneVocab.from_genes(genes)
-    gene_ids = np.array([vocab[g] for g in genes], dtype=np.int64)
-    batches = _Batches(X, gene_ids, cfg, vocab)
-
-    bcfg = BackboneConfig(
-        ntoken=len(vocab),
-        d_model=cfg.dim,
-        nhead=cfg.heads,
-        d_hid=cfg.d_hid or cfg.dim,
-        nlayers=cfg.layers,
-        dropout=cfg.dropout,
-        pad_token_id=vocab["<pad>"],
+    run = _Run.build(X, genes, cfg, ctx)
+    resume = ResumeFile(
+        out / "train_state.pt",
+        {"config": asdict(cfg), "genes": list(map(str, genes))},
+        what="out",
+        mismatch="holds a pretraining run with other settings or data; use a new --out folder or delete it to "
+        "start over",
     )
-    torch.manual_seed(cfg.seed)
-    model = Backbone(bcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    runner = distributed.wrap(model, ctx)  # DDP with several processes: gradients averaged over ranks
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps))
-
-    # fixed validation examples and the gene-mean baseline on exactly those masked values
-    val = batches.make(val_cells, np.random.default_rng([cfg.seed, 1]))
-    gene_mean = X[train_cells].mean(0)
-    base_pred = np.concatenate([np.zeros((n_val, 1), np.float32), gene_mean[val[4]]], 1)
-    baseline = float(((torch.from_numpy(base_pred) - val[3])[val[2]] ** 2).mean())
-    linear = linear_baseline(X, train_cells, val, seed=cfg.seed)
-
-    state_path = out / "train_state.pt"
-    step, best, history = 0, float("inf"), []
-    if state_path.exists():
-        state = storage.load_state(state_path)
-        if state["config"] != asdict(cfg) or state["genes"] != list(map(str, genes)):
-            raise ScdcaInputError(
-                f"out: {str(out)!r} holds a pretraining run with other settings or data; "
-                f"use a new --out folder or delete it to start over"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, best, history = state["step"], state["best"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
-        log.info("pretrain: resuming at step %d", step)
+    state = resume.load()
+    if state is not None:
+        run.restore(state)
+        log.info("pretrain: resuming at step %d", run.step)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not (progress and ctx.is_main))
     t0 = time.perf_counter()
-    start = step
-    while step < cfg.steps:
-        if _stop_after is not None and step - start >= _stop_after:
-            raise KeyboardInterrupt(f"stopped after step {step}")
+    bar = progress_bar(
+        total=cfg.steps, initial=run.step, enabled=progress and ctx.is_main, desc="pretrain", unit="step"
+    )
+    start = run.step
+    while run.step < cfg.steps:
+        if _stop_after is not None and run.step - start >= _stop_after:
+            raise KeyboardInterrupt(f"stopped after step {run.step}")
+        train_loss = run.train_step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.4f}")
+        if (run.step % cfg.eval_every == 0 or run.step == cfg.steps) and run.evaluate(train_loss) and ctx.is_main:
+            extra = {"pretrained_by": "scdca pretrain", "seq_len": cfg.seq_len, "provenance": provenance}
+            save(run.model, run.vocab, out, extra_args=extra)
+        if (run.step % cfg.save_every == 0 or run.step == cfg.steps) and ctx.is_main:
+            resume.save(**run.state())
+    bar.close()
+    return _finish(run, out, provenance, seconds=time.perf_counter() - t0)
+
+
+def _cells(data, keys: DataKeys, cfg: PretrainConfig, compounds) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The expression matrix (cells, genes) to pretrain on, its gene names and where it came from."""
+    adata = data if isinstance(data, ad.AnnData) else read(data, compounds=compounds, keys=keys)
+    adata, provenance = select_cells(adata, keys, include_perturbed=cfg.include_perturbed)
+    if not isinstance(data, ad.AnnData):
+        provenance = {"data_file": os.path.abspath(data), "data_sha256": storage.file_sha256(data), **provenance}
+    X, genes = _expression(adata, keys, cfg.genes)
+    if X.shape[0] < 10:
+        raise ScdcaInputError(f"data: {X.shape[0]} cells are too few to pretrain on; use >= 10")
+    return X, genes, provenance
+
+
+class _Run:
+    """One pretraining run's state: the model, its optimiser and schedule, the fixed validation
+    batch with its two references (gene means, PCA), the step counter and the history."""
+
+    @classmethod
+    def build(cls, X: np.ndarray, genes: np.ndarray, cfg: PretrainConfig, ctx) -> _Run:
+        run = cls()
+        run.cfg, run.ctx, run.n_genes = cfg, ctx, len(genes)
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(X.shape[0])
+        n_val = max(1, min(cfg.val_cells, int(round(cfg.val_fraction * X.shape[0]))))
+        run.val_cells, run.train_cells = order[:n_val], order[n_val:]
+        run.vocab = GeneVocab.from_genes(genes)
+        run.batches = _Batches(X, np.array([run.vocab[g] for g in genes], dtype=np.int64), cfg, run.vocab)
+        bcfg = BackboneConfig(
+            ntoken=len(run.vocab),
+            d_model=cfg.dim,
+            nhead=cfg.heads,
+            d_hid=cfg.d_hid or cfg.dim,
+            nlayers=cfg.layers,
+            dropout=cfg.dropout,
+            pad_token_id=run.vocab["<pad>"],
+        )
+        torch.manual_seed(cfg.seed)
+        run.model = Backbone(bcfg).to(ctx.device)
+        run.opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=0.01)
+        run.runner = distributed.wrap(run.model, ctx)  # DDP with several processes: gradients averaged over ranks
+        run.sched = torch.optim.lr_scheduler.LambdaLR(
+            run.opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg.steps)
+        )
+        # fixed validation examples and the gene-mean baseline on exactly those masked values
+        run.val = run.batches.make(run.val_cells, np.random.default_rng([cfg.seed, 1]))
+        gene_mean = X[run.train_cells].mean(0)
+        base_pred = np.concatenate([np.zeros((n_val, 1), np.float32), gene_mean[run.val[4]]], 1)
+        run.baseline = float(((torch.from_numpy(base_pred) - run.val[3])[run.val[2]] ** 2).mean())
+        run.linear = linear_baseline(X, run.train_cells, run.val, seed=cfg.seed)
+        run.step, run.best, run.history = 0, float("inf"), []
+        return run
+
+    def train_step(self) -> float:
+        """One optimiser step on a fresh batch; returns its masked MSE (over all ranks)."""
+        cfg, ctx, device = self.cfg, self.ctx, self.ctx.device
         # batch composition depends only on (seed, step): identical after a resume
-        brng = np.random.default_rng([cfg.seed, 2, step])
-        cells = train_cells[brng.integers(len(train_cells), size=cfg.batch_size)]
-        ids, inp, mask, target, _ = batches.make(cells, brng)  # the global batch; this rank keeps its rows
+        brng = np.random.default_rng([cfg.seed, 2, self.step])
+        cells = self.train_cells[brng.integers(len(self.train_cells), size=cfg.batch_size)]
+        ids, inp, mask, target, _ = self.batches.make(cells, brng)  # the global batch; this rank keeps its rows
         n_masked = int(mask.sum())
         ids, inp, mask, target = (distributed.shard(t, ctx) for t in (ids, inp, mask, target))
-        model.train()
+        self.model.train()
         with distributed.autocast(device, cfg.precision):
-            pred = runner(ids.to(device), inp.to(device))["pred"]
+            pred = self.runner(ids.to(device), inp.to(device))["pred"]
         sq_err = ((pred.float() - target.to(device))[mask.to(device)] ** 2).sum()
         loss = distributed.global_mean_loss(sq_err, n_masked, ctx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        bar.update(1)
-        train_loss = float(distributed.all_sum(sq_err, ctx)) / n_masked
-        bar.set_postfix(loss=f"{train_loss:.4f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss = _evaluate(model, val, device)
-            history.append(
-                {
-                    "step": step,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "gene_mean_baseline": baseline,
-                    "linear_baseline": linear,
-                }
-            )
-            if val_loss < best:
-                best = val_loss
-                if ctx.is_main:
-                    save(
-                        model,
-                        vocab,
-                        out,
-                        extra_args={
-                            "pretrained_by": "scdca pretrain",
-                            "seq_len": cfg.seq_len,
-                            "provenance": provenance,
-                        },
-                    )
-        if (step % cfg.save_every == 0 or step == cfg.steps) and ctx.is_main:
-            storage.save_state(
-                state_path,
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "step": step,
-                    "best": best,
-                    "history": history,
-                    "torch_rng": torch.get_rng_state(),
-                    "config": asdict(cfg),
-                    "genes": list(map(str, genes)),
-                },
-            )
-    bar.close()
-    learned = coexpression_learned(best, baseline, linear)
+        optimizer_step(loss, self.opt, clip=1.0, params=self.model.parameters(), schedule=self.sched)
+        self.step += 1
+        return float(distributed.all_sum(sq_err, ctx)) / n_masked
+
+    def evaluate(self, train_loss: float) -> bool:
+        """Score the validation batch, log it; True when it is the best so far."""
+        val_loss = _evaluate(self.model, self.val, self.ctx.device)
+        self.history.append(
+            {
+                "step": self.step,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "gene_mean_baseline": self.baseline,
+                "linear_baseline": self.linear,
+            }
+        )
+        if val_loss < self.best:
+            self.best = val_loss
+            return True
+        return False
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "step": self.step,
+            "best": self.best,
+            "history": self.history,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.step, self.best, self.history = state["step"], state["best"], state["history"]
+
+
+def _finish(run: _Run, out: Path, provenance: dict, *, seconds: float) -> dict:
+    """The run summary; warns when the backbone learned little, writes the log and summary."""
+    learned = coexpression_learned(run.best, run.baseline, run.linear)
     summary = {
-        "best_val_loss": best,
-        "gene_mean_baseline_val_loss": baseline,
-        "linear_baseline_val_loss": linear,
+        "best_val_loss": run.best,
+        "gene_mean_baseline_val_loss": run.baseline,
+        "linear_baseline_val_loss": run.linear,
         "coexpression_learned": learned,
-        "steps": step,
-        "seconds_this_run": time.perf_counter() - t0,
-        "parameters": n_params,
-        "genes": len(genes),
-        "train_cells": int(len(train_cells)),
-        "val_cells": int(n_val),
-        "config": asdict(cfg),
+        "steps": run.step,
+        "seconds_this_run": seconds,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "genes": run.n_genes,
+        "train_cells": int(len(run.train_cells)),
+        "val_cells": int(len(run.val_cells)),
+        "config": asdict(run.cfg),
         "provenance": provenance,
     }
-    if ctx.is_main and learned < LEARNED_ENOUGH:
+    if run.ctx.is_main and learned < LEARNED_ENOUGH:
         log.warning(
             "pretrain: validation MSE %.4f is %s (gene means %.4f, PCA %.4f): the backbone has learned "
             "little that adapters can reuse; pretrain with more --steps (the demo needs 3000) or check --lr",
-            best,
+            run.best,
             describe_learned(learned),
-            baseline,
-            linear,
+            run.baseline,
+            run.linear,
         )
-    if ctx.is_main:
-        storage.write_csv(out / "pretrain_log.csv", pd.DataFrame(history))
+    if run.ctx.is_main:
+        storage.write_csv(out / "pretrain_log.csv", pd.DataFrame(run.history))
         storage.write_json(out / "pretrain_summary.json", summary)
     return summary
 
