@@ -96,17 +96,6 @@ def savable_models() -> list[str]:
     return [n for n in MODELS.names() if MODELS.get(n).savable]
 
 
-def dose_range(dose: np.ndarray) -> tuple[float, float]:
-    """(lowest log10 dose, span of log10 doses, at least 1e-12) of the training doses."""
-    logd = np.log10(np.maximum(np.asarray(dose, dtype=float), 1e-12))
-    return float(logd.min()), max(float(logd.max() - logd.min()), 1e-12)
-
-
-def scaled_dose(dose: np.ndarray, lo: float, span: float) -> np.ndarray:
-    """log10 dose mapped onto [0, 1] by the training range (`dose_range`), clipped outside it."""
-    return np.clip((np.log10(np.maximum(np.asarray(dose, dtype=float), 1e-12)) - lo) / span, 0.0, 1.0)
-
-
 def principal_directions(delta: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(mean change (G,), top-k principal directions of the changes around it (<= k, G)).
 

@@ -11,9 +11,10 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
+from scdca.chem.featurizer import dose_range, scaled_dose
 from scdca.chem.molecules import morgan_fingerprints, tanimoto
 from scdca.data.screen import PerturbationData
-from scdca.models.base import MODELS, PerturbationModel, dose_range, per_line_fits, principal_directions, scaled_dose
+from scdca.models.base import MODELS, PerturbationModel, per_line_fits, principal_directions
 
 
 class _Changes:

@@ -38,16 +38,14 @@ import torch
 from torch import Tensor, nn
 
 from scdca import storage
-from scdca.chem.encoders import get_encoder, standardisation, standardise
+from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 from scdca.models.base import (
     MODELS,
     PerturbationModel,
-    dose_range,
     principal_directions,
     read_model_json,
-    scaled_dose,
     write_model_json,
 )
 from scdca.nn.train import optimizer_step
@@ -127,11 +125,10 @@ class C3TLModel(PerturbationModel):
 
     # -- features ------------------------------------------------------------------------
     def _mol(self, smiles: list[str], names: list[str]) -> Tensor:
-        emb = self._encoder.encode(smiles, names=names)
-        return torch.from_numpy(standardise(emb, self._emb_mean, self._emb_std))
+        return torch.from_numpy(self._drugs.molecules(smiles, names))
 
     def _t(self, dose: np.ndarray) -> np.ndarray:
-        return scaled_dose(dose, self._dose_lo, self._dose_span).astype(np.float32)
+        return self._drugs.dose(dose).astype(np.float32)
 
     def _scores(self, delta: np.ndarray) -> np.ndarray:
         return ((delta - self._mean_change) @ self._basis.T).astype(np.float32)  # (N, K)
@@ -152,11 +149,9 @@ class C3TLModel(PerturbationModel):
     def fit(self, train: PerturbationData) -> C3TLModel:
         t0 = time.perf_counter()
         cfg, cond = self.cfg, train.conditions
-        self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
         self.training_molecules = {str(d): str(smi) for d, smi in drugs.items()}
-        self._emb_mean, self._emb_std = standardisation(self._encoder.encode(list(drugs.values()), names=list(drugs)))
-        self._dose_lo, self._dose_span = dose_range(cond["dose"].to_numpy(float))
+        self._drugs = DrugFeaturizer(self.encoder_spec).fit(drugs, cond["dose"].to_numpy(float))
         delta = train.delta().astype(np.float64)
         self._mean_change, self._basis = principal_directions(delta, cfg.n_components)  # (G,), (K, G)
         if self._basis.shape[0] < cfg.n_components:  # fewer conditions than directions: pad with zeros
@@ -171,7 +166,7 @@ class C3TLModel(PerturbationModel):
             "ctx": self._ctx(train.control_for(cond["cell_line"])),
         }
         torch.manual_seed(cfg.seed)
-        self.net = C3TLNet(cfg, len(self._emb_mean)).to(self.device)
+        self.net = C3TLNet(cfg, self._drugs.dim).to(self.device)
         unique_drugs = np.unique(self._obs["drug"])
         drug_pos = np.searchsorted(unique_drugs, self._obs["drug"])
         select = torch.from_numpy(np.eye(len(unique_drugs), dtype=np.float32)[drug_pos]).to(self.device)  # (N, D)
@@ -249,8 +244,8 @@ class C3TLModel(PerturbationModel):
             basis=self._basis,
             mean_change=self._mean_change,
             ctrl_centre=self._ctrl_centre,
-            emb_mean=self._emb_mean,
-            emb_std=self._emb_std,
+            emb_mean=self._drugs.mean,
+            emb_std=self._drugs.std,
             control_mean=self._controls[1],
             **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")},
         )
@@ -262,10 +257,10 @@ class C3TLModel(PerturbationModel):
                 "model": self.name,
                 "config": asdict(self.cfg),
                 "encoder": self.encoder_spec,
-                "encoder_identifier": self._encoder.identifier,
+                "encoder_identifier": self._drugs.encoder.identifier,
                 "genes": [str(g) for g in self._genes],
-                "dose_lo": self._dose_lo,
-                "dose_span": self._dose_span,
+                "dose_lo": self._drugs.dose_lo,
+                "dose_span": self._drugs.dose_span,
                 "obs_drug": self._obs["drug"].tolist(),
                 "obs_line": self._obs["line"].tolist(),
                 "control_lines": [str(c) for c in self._controls[0]],
@@ -287,23 +282,22 @@ class C3TLModel(PerturbationModel):
         meta = read_model_json(folder)
         arrays = load_file(str(folder / "c3tl.safetensors"))
         model = cls(encoder=meta["encoder"], device=device, **meta["config"])
-        model._encoder = get_encoder(model.encoder_spec)
-        if model._encoder.identifier != meta["encoder_identifier"]:
-            raise ScdcaInputError(
-                f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
-                f"training ({meta['encoder_identifier']!r})"
-            )
         model._basis, model._mean_change = arrays["basis"], arrays["mean_change"]
         model._ctrl_centre = arrays["ctrl_centre"]
-        model._emb_mean, model._emb_std = arrays["emb_mean"], arrays["emb_std"]
-        model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
+        model._drugs = DrugFeaturizer(model.encoder_spec).restore(
+            mean=arrays["emb_mean"],
+            std=arrays["emb_std"],
+            dose_lo=meta["dose_lo"],
+            dose_span=meta["dose_span"],
+            identifier=meta["encoder_identifier"],
+        )
         model._genes = np.array(meta["genes"], dtype=object)
         model._obs = {
             "drug": np.array(meta["obs_drug"]),
             "line": np.array(meta["obs_line"]),
             **{k: arrays[f"obs.{k}"] for k in ("scores", "t", "ctx")},
         }
-        model.net = C3TLNet(model.cfg, len(model._emb_mean)).to(model.device)
+        model.net = C3TLNet(model.cfg, model._drugs.dim).to(model.device)
         model.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")})
         model.net.eval()
         model._controls = (meta["control_lines"], arrays["control_mean"])

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scdca.chem.encoders import get_encoder, standardisation, standardise
+from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 from scdca.models.base import MODELS, PerturbationModel
@@ -130,8 +130,7 @@ class BiolordPeer(PerturbationModel):
     # -- inputs ------------------------------------------------------------------------
     def _drug_attribute(self, data: PerturbationData) -> np.ndarray:
         cond = data.conditions
-        emb = self._encoder.encode(list(cond["smiles"]), names=list(cond["drug"]))
-        emb = standardise(emb, self._emb_mean, self._emb_std)
+        emb = self._drugs.molecules(cond["smiles"], cond["drug"])
         return _drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
     def fit(self, train: PerturbationData) -> BiolordPeer:
@@ -141,17 +140,15 @@ class BiolordPeer(PerturbationModel):
         import torch
 
         t0 = time.perf_counter()
-        self._encoder = get_encoder(self.encoder_spec)
         drugs = train.drug_smiles()
-        emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
-        self._emb_mean, self._emb_std = standardisation(emb)
+        self._drugs = DrugFeaturizer(self.encoder_spec).fit(drugs, train.conditions["dose"])
         logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
         self._dose_lo, self._dose_span = float(logd.min()), float(logd.max() - logd.min())
 
         lines = train.cell_lines
         n_cond = len(train.ids)
         X = np.vstack([train.mean, train.control_mean]).astype(np.float32)  # (N + L, G)
-        drug_attr = np.vstack([self._drug_attribute(train), np.zeros((len(lines), emb.shape[1]), np.float32)])
+        drug_attr = np.vstack([self._drug_attribute(train), np.zeros((len(lines), self._drugs.dim), np.float32)])
         rng = np.random.default_rng(self.seed)
         names = sorted(drugs)
         n_val = max(1, round(0.1 * len(names))) if len(names) >= 5 else 0

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from scdca import storage
-from scdca.chem.encoders import get_encoder, standardisation, standardise
+from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel, dose_range, read_model_json, scaled_dose, write_model_json
+from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
 from scdca.models.scdca.config import ScDCAConfig
 from scdca.models.scdca.net import ScDCANet
 from scdca.nn import distributed
@@ -88,19 +88,10 @@ class ScDCAModel(PerturbationModel):
 
     # -- inputs ------------------------------------------------------------------------
     def _conditions(self, data: PerturbationData) -> np.ndarray:
-        cond = data.conditions
-        smiles = list(cond["smiles"])
-        emb = self._encoder.encode(smiles, names=list(cond["drug"]))
-        emb = standardise(emb, self._emb_mean, self._emb_std)
-        t = scaled_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span)
-        return np.hstack([emb, t[:, None]]).astype(np.float32)  # (N, C)
+        return self._drugs.conditions(data.conditions)  # (N, C)
 
     def _setup(self, train: PerturbationData) -> None:
-        self._encoder = get_encoder(self.encoder_spec)
-        drugs = train.drug_smiles()
-        emb = self._encoder.encode(list(drugs.values()), names=list(drugs))
-        self._emb_mean, self._emb_std = standardisation(emb)
-        self._dose_lo, self._dose_span = dose_range(train.conditions["dose"].to_numpy(float))
+        self._drugs = DrugFeaturizer(self.encoder_spec).fit(train.drug_smiles(), train.conditions["dose"])
         backbone = resolve_backbone(self.backbone_path, genes=train.genes, device=self.device)
         self._backbone_hash = weights_hash(backbone)
         mapping = backbone.vocab.map_genes(train.genes)
@@ -110,7 +101,7 @@ class ScDCAModel(PerturbationModel):
                 "(--gene-symbols-key) or pretrain a backbone on these genes"
             )
         self._kept, self._genes = mapping.kept, np.asarray(train.genes)
-        cond_dim = emb.shape[1] + 1
+        cond_dim = self._drugs.dim + 1
         torch.manual_seed(self.cfg.seed)
         self.net = ScDCANet(backbone, torch.from_numpy(mapping.ids), cond_dim, self.cfg).to(self.device)
 
@@ -277,7 +268,7 @@ class ScDCAModel(PerturbationModel):
         lines = train.conditions["cell_line"].to_numpy()
         self._offsets = {str(c): delta[lines == c].mean(0).astype(np.float32) for c in np.unique(lines)}
         self._global_offset = delta.mean(0).astype(np.float32)
-        t = scaled_dose(train.conditions["dose"].to_numpy(float), self._dose_lo, self._dose_span)
+        t = self._drugs.dose(train.conditions["dose"].to_numpy(float))
         grid, level = dose_levels(t)
         self._dose_grid = grid.astype(np.float32)  # (D,)
         self._dose_profile = np.stack([delta[level == i].mean(0) for i in range(len(grid))]).astype(np.float32)
@@ -390,13 +381,13 @@ class ScDCAModel(PerturbationModel):
             "backbone": backbone_reference(self.backbone_path),
             "backbone_sha256": self._backbone_hash,
             "encoder": self.encoder_spec,
-            "encoder_identifier": self._encoder.identifier,
+            "encoder_identifier": self._drugs.encoder.identifier,
             "genes": [str(g) for g in self._genes],
             "kept": self._kept.tolist(),
-            "emb_mean": self._emb_mean.tolist(),
-            "emb_std": self._emb_std.tolist(),
-            "dose_lo": self._dose_lo,
-            "dose_span": self._dose_span,
+            "emb_mean": self._drugs.mean.tolist(),
+            "emb_std": self._drugs.std.tolist(),
+            "dose_lo": self._drugs.dose_lo,
+            "dose_span": self._drugs.dose_span,
             "cost": self._cost,
             "training_molecules": self.training_molecules,
         }
@@ -435,19 +426,17 @@ class ScDCAModel(PerturbationModel):
                 f"backbone {model.backbone_path!r} differs from the one this model was trained on "
                 f"(weights hash mismatch); pass the original backbone folder"
             )
-        model._encoder = get_encoder(model.encoder_spec)
-        if model._encoder.identifier != meta["encoder_identifier"]:
-            raise ScdcaInputError(
-                f"molecule encoder {model._encoder.identifier!r} differs from the one used in "
-                f"training ({meta['encoder_identifier']!r})"
-            )
         model._backbone_hash = meta["backbone_sha256"]
         model._genes, model._kept = np.array(meta["genes"], dtype=object), np.array(meta["kept"], dtype=bool)
-        model._emb_mean = np.array(meta["emb_mean"], dtype=np.float32)
-        model._emb_std = np.array(meta["emb_std"], dtype=np.float32)
-        model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
+        model._drugs = DrugFeaturizer(model.encoder_spec).restore(
+            mean=meta["emb_mean"],
+            std=meta["emb_std"],
+            dose_lo=meta["dose_lo"],
+            dose_span=meta["dose_span"],
+            identifier=meta["encoder_identifier"],
+        )
         mapping = bb.vocab.map_genes(model._genes)
-        model.net = ScDCANet(bb, torch.from_numpy(mapping.ids), len(model._emb_mean) + 1, model.cfg).to(model.device)
+        model.net = ScDCANet(bb, torch.from_numpy(mapping.ids), model._drugs.dim + 1, model.cfg).to(model.device)
         missing = model.net.load_state_dict(load_file(str(folder / "trained.safetensors")), strict=False)
         if missing.unexpected_keys:
             raise ScdcaInputError(f"saved weights do not fit this model: {missing.unexpected_keys[:5]}")
