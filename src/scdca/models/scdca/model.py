@@ -78,11 +78,6 @@ class ScDCAModel(PerturbationModel):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = ScDCAConfig(**{"variant": self.variant, **self.defaults, **config})
-        if self.cfg.dose_profile and not self.cfg.line_offset:
-            raise ScdcaInputError(
-                "dose_profile=True shifts the line offset by dose and needs line_offset=True; "
-                "set both, or dose_profile=False"
-            )
         self._cost: dict[str, Any] = {}
         self.training_molecules: dict[str, str] | None = None  # drug -> SMILES, set by fit
 
@@ -148,7 +143,7 @@ class ScDCAModel(PerturbationModel):
             opt.load_state_dict(state["opt"])
             stopper.restore(state["stopper"])
             counter["step"], start = state["step"], state["epoch"]
-        if start == 0 and cfg.variant == "adapter" and cfg.gene_head and cfg.head_warmup_epochs > 0:
+        if start == 0 and cfg.warms_up_head:
             self._warm_up_head(rows.controls, cache[2], rows.lines[tr_idx], rows.cond[tr_idx], rows.target[tr_idx])
         spent = cfg.max_steps is not None and counter["step"] >= cfg.max_steps
         stopped = start >= cfg.epochs or stopper.stop or spent
@@ -285,7 +280,7 @@ class ScDCAModel(PerturbationModel):
         """Per-line caches (frozen, so computed once): hidden states or reference outputs, offsets."""
         c = controls.to(self.device)
         offsets = self._offset_rows(line_names)
-        if self.cfg.variant in ("concat", "feature", "lowrank"):
+        if self.cfg.reads_frozen_states:
             return self.net.frozen_hidden(c), None, offsets  # (L, T, D)
         return None, self.net.reference_output(c), offsets  # (L, T)
 
@@ -342,7 +337,7 @@ class ScDCAModel(PerturbationModel):
         with torch.no_grad():
             # per-line caches, computed once however many drugs are asked for (screening);
             # finetune changed its backbone, so its 'no change' reference comes from the checkpoint
-            if self.cfg.variant == "finetune":
+            if self.cfg.trains_backbone:
                 pretrained = resolve_backbone(self.backbone_path, genes=self._genes, device=self.device)
                 cache = (
                     None,

@@ -8,7 +8,6 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from scdca.errors import ScdcaInputError
 from scdca.models.scdca.config import ScDCAConfig
 from scdca.nn.adapters import AdapterConfig, DrugConditionalAdapter, DrugGeneConfig, DrugGeneHead, freeze
 from scdca.nn.backbone import Backbone
@@ -24,40 +23,49 @@ class ScDCANet(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         self.register_buffer("gene_ids", gene_ids.long(), persistent=False)  # (T,)
-        D = backbone.cfg.d_model
-        if cfg.variant != "finetune":
+        if not cfg.trains_backbone:
             freeze(backbone)
-        if cfg.variant not in ("adapter", "finetune", "concat", "feature", "lowrank"):
-            raise ScdcaInputError(f"variant: {cfg.variant!r} is not one of adapter, finetune, concat, feature, lowrank")
+        D = backbone.cfg.d_model
+        self._build_injector(D, cond_dim)
+        self._build_head(D, cond_dim, len(gene_ids))
+
+    def _build_injector(self, D: int, cond_dim: int) -> None:
+        """Where the drug enters: adapters after every layer, or a projection onto every input token."""
+        cfg = self.cfg
         if cfg.variant == "adapter":
             acfg = AdapterConfig(D, cond_dim, cfg.bottleneck, cfg.proj_hidden, cfg.residual, cfg.skip, cfg.modulation)
-            self.adapters = nn.ModuleList(DrugConditionalAdapter(acfg) for _ in range(backbone.cfg.nlayers))
-            # the pretrained expression decoder; a trainable copy only if asked
-            self.head = copy.deepcopy(backbone.decoder).requires_grad_(True) if cfg.train_head else backbone.decoder
+            self.adapters = nn.ModuleList(DrugConditionalAdapter(acfg) for _ in range(self.backbone.cfg.nlayers))
         elif cfg.variant == "finetune":
             self.mol_in = nn.Linear(cond_dim, D)
             nn.init.zeros_(self.mol_in.weight)
             nn.init.zeros_(self.mol_in.bias)
+
+    def _build_head(self, D: int, cond_dim: int, n_genes: int) -> None:
+        """What reads the hidden states out as expression; every head starts at 'no change'."""
+        cfg = self.cfg
+        if cfg.variant == "adapter":  # the pretrained expression decoder; a trainable copy only if asked
+            self.head = (
+                copy.deepcopy(self.backbone.decoder).requires_grad_(True) if cfg.train_head else self.backbone.decoder
+            )
         elif cfg.variant == "concat":
             self.head = nn.Sequential(
                 nn.Linear(D + cond_dim, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(), nn.Linear(D, 1)
             )
         elif cfg.variant == "feature":
-            n = len(gene_ids)
-            self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n))
+            self.head = nn.Sequential(nn.Linear(D + cond_dim, 256), nn.ReLU(), nn.Linear(256, n_genes))
         if cfg.variant == "lowrank" or cfg.gene_head:  # low-rank drug x gene output on the final hidden states
             self.gene_head = DrugGeneHead(
                 DrugGeneConfig(
                     D,
                     cond_dim,
-                    len(gene_ids),
+                    n_genes,
                     cfg.gene_head_rank,
                     cfg.gene_head_hidden,
                     cfg.gene_head_dropout,
                     cfg.gene_head_free_genes,
                 )
             )
-        if cfg.variant in ("concat", "feature"):  # start at 'no change', like the adapters
+        if cfg.variant in ("concat", "feature"):
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
 
@@ -70,7 +78,7 @@ class ScDCANet(nn.Module):
         predicting no change. `finetune` trains the backbone itself, so it keeps dropout.
         """
         super().train(mode)
-        if self.cfg.variant != "finetune":
+        if not self.cfg.trains_backbone:
             self.backbone.eval()
         return self
 
@@ -108,29 +116,34 @@ class ScDCANet(nn.Module):
         so callers may pass them cached; they are computed when omitted. `lowrank` also takes
         `hidden` per line (L, T, D) with `lines` (B,), so the head reads each line once.
         """
-        v = self.cfg.variant
-        if v == "lowrank":
-            if hidden is None:
-                hidden, lines = self.frozen_hidden(values), None  # (B, T, D)
-            return values + self.gene_head(hidden, cond, lines)
-        if v in ("concat", "feature"):
-            h = hidden if hidden is not None else self.frozen_hidden(values)  # (B, T, D)
-            if v == "concat":
-                c = cond[:, None, :].expand(-1, h.shape[1], -1)
-                return values + self.head(torch.cat([h, c], -1)).squeeze(-1)
-            return values + self.head(torch.cat([h.mean(1), cond], -1))
-        ids = self.gene_ids.expand(values.shape[0], -1)
-        h = self.backbone.embed(ids, values)  # (B, T, D)
-        if v == "finetune":
-            out = self.backbone.decoder(self.backbone.transformer_encoder(h + self.mol_in(cond)[:, None, :]))
-        else:
-            for layer, adapter in zip(self.backbone.transformer_encoder.layers, self.adapters):
-                h = adapter(layer(h), cond)
-            out = self.head(h)  # (B, T)
-            if self.cfg.gene_head:
-                out = out + self.gene_head(h, cond)
+        if self.cfg.reads_frozen_states:
+            return values + self._read_frozen(values, cond, hidden, lines)
+        out = self._adapted_output(values, cond)
         if reference is None:
-            if v == "finetune":
+            if self.cfg.trains_backbone:
                 raise ValueError("finetune needs `reference` (the pretrained model's output), computed before training")
             reference = self.reference_output(values)
         return values + out - reference
+
+    def _read_frozen(self, values: Tensor, cond: Tensor, hidden: Tensor | None, lines: Tensor | None) -> Tensor:
+        """The change (B, T) a head predicts from the frozen backbone's final states."""
+        if self.cfg.variant == "lowrank":
+            if hidden is None:
+                hidden, lines = self.frozen_hidden(values), None  # (B, T, D)
+            return self.gene_head(hidden, cond, lines)
+        h = hidden if hidden is not None else self.frozen_hidden(values)  # (B, T, D)
+        if self.cfg.variant == "concat":
+            c = cond[:, None, :].expand(-1, h.shape[1], -1)
+            return self.head(torch.cat([h, c], -1)).squeeze(-1)
+        return self.head(torch.cat([h.mean(1), cond], -1))
+
+    def _adapted_output(self, values: Tensor, cond: Tensor) -> Tensor:
+        """The decoder's output (B, T) after the drug went into the backbone (adapters or input tokens)."""
+        ids = self.gene_ids.expand(values.shape[0], -1)
+        h = self.backbone.embed(ids, values)  # (B, T, D)
+        if self.cfg.trains_backbone:
+            return self.backbone.decoder(self.backbone.transformer_encoder(h + self.mol_in(cond)[:, None, :]))
+        for layer, adapter in zip(self.backbone.transformer_encoder.layers, self.adapters):
+            h = adapter(layer(h), cond)
+        out = self.head(h)  # (B, T)
+        return out + self.gene_head(h, cond) if self.cfg.gene_head else out

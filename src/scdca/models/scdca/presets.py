@@ -9,7 +9,7 @@ line's control pseudobulk and the drug condition; MSE loss):
 - `concat`       frozen backbone; drug concatenated to each gene's final hidden state -> head
 - `feature`      frozen backbone's mean cell embedding + drug -> a separately trained MLP
 
-Our extensions (not in the paper; why, and the ablation, in NOTES.md):
+Our extensions (not in the paper; why, and the ablations, in DECISIONS.md):
 - `scdca_lowrank` frozen backbone, no adapters: the line's mean training change, shifted by
                  the mean change at the row's dose (the dose profile), plus a low-rank drug x gene
                  head (`adapters.DrugGeneHead`) on the cached final gene states; full-batch
@@ -37,7 +37,6 @@ modelled: their prediction is the control value (no change), and fit logs how ma
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 from scdca.models.base import MODELS
 from scdca.models.scdca.model import ScDCAModel
@@ -45,61 +44,89 @@ from scdca.models.scdca.model import ScDCAModel
 log = logging.getLogger(__name__)
 
 
-Variant = Literal["adapter", "finetune", "concat", "feature", "lowrank"]
+class ScDCANoRes(ScDCAModel):
+    """scDCA with a plain nonlinearity in the bottleneck (Houlsby-style)."""
+
+    name, defaults = "scdca_nores", {"residual": False}
 
 
-def _variant(name: str, variant: str, doc: str, **defaults):
-    cls = type(f"ScDCA_{name}", (ScDCAModel,), {"name": name, "variant": variant, "defaults": defaults, "__doc__": doc})
-    MODELS.add(name, cls)
-    return cls
+class ScDCANoSkip(ScDCAModel):
+    """scDCA with eq. 5 as printed: the adapter output replaces h_l."""
+
+    name, defaults = "scdca_noskip", {"skip": False}
 
 
-MODELS.add("scdca", ScDCAModel)
-_variant("scdca_nores", "adapter", "scDCA with a plain nonlinearity in the bottleneck (Houlsby-style).", residual=False)
-_variant("scdca_noskip", "adapter", "scDCA with eq. 5 as printed: the adapter output replaces h_l.", skip=False)
-_variant(
-    "scdca_film",
-    "adapter",
-    "scDCA whose drug projection also scales the bottleneck channels (FiLM; our extension, not in the paper).",
-    modulation="film",
-)
-ScDCALowRank = _variant(
-    "scdca_lowrank",
-    "lowrank",
-    "Frozen backbone + a low-rank drug x gene output on its final hidden states (our "
-    "extension). No adapters, so the hidden states are cached per line and a full-batch step costs milliseconds: it "
-    "trains on its own budget (the benchmark-wide --epochs/--max-steps/--lr CPU budgets do not apply).",
-    batch_size=0,
-    epochs=600,
-    lr=3e-3,
-    val_fraction=0.0,
-    line_offset=True,  # 600 vs 300 steps: NOTES.md, session 4
-    dose_profile=True,
-)  # NOTES.md, session 8
-ScDCALowRank.options = ("backbone", "encoder", "device", "seed")
-_variant(
-    "scdca_plus",
-    "adapter",
-    "scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted "
-    "hidden states, the head first fitted alone on the frozen states (our extension).",
-    modulation="film",
-    gene_head=True,
-    head_warmup_epochs=300,
-    line_offset=True,
-)
-_variant(
-    "scdca_plus_frozen",
-    "adapter",
-    "scdca_plus whose drug x gene head keeps its warm-up fit (600 full-batch "
-    "steps, as scdca_lowrank) while the FiLM adapters train on a fixed budget, without best-validation restore "
-    "(our extension; NOTES.md, session 5).",
-    modulation="film",
-    gene_head=True,
-    head_warmup_epochs=600,
-    freeze_head=True,
-    line_offset=True,
-    val_fraction=0.0,
-)
-_variant("finetune", "finetune", "Full fine-tuning with the drug added to every input token (eq. 4).")
-_variant("concat", "concat", "Frozen backbone; drug concatenated to each gene's hidden state before the head.")
-_variant("feature", "feature", "Frozen backbone cell embedding + drug into a separately trained MLP.")
+class ScDCAFiLM(ScDCAModel):
+    """scDCA whose drug projection also scales the bottleneck channels (FiLM; our extension, not in the paper)."""
+
+    name, defaults = "scdca_film", {"modulation": "film"}
+
+
+class ScDCALowRank(ScDCAModel):
+    """Frozen backbone + a low-rank drug x gene output on its final hidden states (our extension).
+
+    No adapters, so the hidden states are cached per line and a full-batch step costs
+    milliseconds: it trains on its own budget (the benchmark-wide --epochs/--max-steps/--lr CPU
+    budgets do not apply). 600 steps rather than 300 and the dose profile: DECISIONS.md D12, D13.
+    """
+
+    name, variant = "scdca_lowrank", "lowrank"
+    defaults = {
+        "batch_size": 0,
+        "epochs": 600,
+        "lr": 3e-3,
+        "val_fraction": 0.0,
+        "line_offset": True,
+        "dose_profile": True,
+    }
+    options = ("backbone", "encoder", "device", "seed")
+
+
+class ScDCAPlus(ScDCAModel):
+    """scDCA with FiLM adapters plus the low-rank drug x gene output on the adapted hidden states,
+    the head first fitted alone on the frozen states (our extension)."""
+
+    name = "scdca_plus"
+    defaults = {"modulation": "film", "gene_head": True, "head_warmup_epochs": 300, "line_offset": True}
+
+
+class ScDCAPlusFrozen(ScDCAModel):
+    """scdca_plus whose drug x gene head keeps its warm-up fit (600 full-batch steps, as scdca_lowrank)
+    while the FiLM adapters train on a fixed budget, without best-validation restore (our
+    extension; DECISIONS.md D14)."""
+
+    name = "scdca_plus_frozen"
+    defaults = {
+        "modulation": "film",
+        "gene_head": True,
+        "head_warmup_epochs": 600,
+        "freeze_head": True,
+        "line_offset": True,
+        "val_fraction": 0.0,
+    }
+
+
+class FineTune(ScDCAModel):
+    """Full fine-tuning with the drug added to every input token (eq. 4)."""
+
+    name, variant = "finetune", "finetune"
+
+
+class Concat(ScDCAModel):
+    """Frozen backbone; drug concatenated to each gene's hidden state before the head."""
+
+    name, variant = "concat", "concat"
+
+
+class Feature(ScDCAModel):
+    """Frozen backbone cell embedding + drug into a separately trained MLP."""
+
+    name, variant = "feature", "feature"
+
+
+PRESETS: tuple[type[ScDCAModel], ...] = (
+    ScDCAModel, ScDCANoRes, ScDCANoSkip, ScDCAFiLM, ScDCALowRank, ScDCAPlus, ScDCAPlusFrozen, FineTune, Concat,
+    Feature,
+)  # fmt: skip
+for _preset in PRESETS:
+    MODELS.add(_preset.name, _preset)
