@@ -583,3 +583,21 @@ def test_routed_pulls_new_molecules_toward_the_drug_blind_answer_by_a_weight_fro
     np.testing.assert_allclose(blind.predict(qn), np.maximum(anchor, 0), atol=1e-5)
     with pytest.raises(ScdcaInputError, match="new_shrinkage"):
         make_model("scdca_routed", new_shrinkage=1.5, **opts)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"variant": "adaptor"}, "variant: 'adaptor' is not one of adapter, finetune"),
+        ({"precision": "fp16"}, "precision: 'fp16' is not one of auto, bf16, fp32"),
+        ({"dose_profile": True}, "needs line_offset=True"),
+        ({"freeze_head": True}, "set gene_head=True with variant='adapter'"),
+        ({"variant": "lowrank", "head_warmup_epochs": 10}, "set gene_head=True with variant='adapter'"),
+    ],
+)
+def test_a_config_that_means_nothing_is_refused_naming_the_setting(settings, message):
+    from scdca.models.scdca.config import ScDCAConfig
+
+    with pytest.raises(ScdcaInputError, match=message):
+        ScDCAConfig(**settings)
+    assert ScDCAConfig(variant="adapter", gene_head=True, head_warmup_epochs=10, freeze_head=True).warms_up_head
