@@ -152,8 +152,6 @@ class Annotator:
     def fit(self, reference: ad.AnnData, label_key: str, *, layer: str | None = None) -> Annotator:
         """Train on `reference` (labels in obs[label_key]); the best epoch on a stratified
         validation split is kept."""
-        from sklearn.model_selection import train_test_split
-
         t0 = time.perf_counter()
         labels = _labels(reference, label_key)
         classes = sorted(labels.unique())
@@ -161,30 +159,10 @@ class Annotator:
         self._build(genes, classes)
         ids, values = self._tokens(reference, layer, "reference")
         y = torch.from_numpy(pd.Categorical(labels, categories=classes).codes.astype(np.int64))
-        n_val = int(round(self.cfg.val_fraction * len(y)))
-        if n_val >= len(classes):
-            tr, va = train_test_split(
-                np.arange(len(y)), test_size=n_val, stratify=y.numpy(), random_state=self.cfg.seed
-            )
-        else:  # too few cells for a validation split: train on all, keep the last epoch
-            tr, va = np.arange(len(y)), np.array([], dtype=int)
+        tr, va = self._validation_split(y, len(classes))
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=0.01)
-        counts = count_parameters(self.net.backbone)
-        head = sum(p.numel() for p in self.net.head.parameters())
-        self.cost = {
-            "method": self.cfg.peft.method,
-            "params_backbone": counts["total"],
-            "params_trainable": counts["trainable"] + head,
-            "params_trainable_pct": 100.0 * (counts["trainable"] + head) / (counts["total"] + head),
-        }
-        log.info(
-            "annotate: %s trains %d of %d parameters (%.2f%%)",
-            self.cfg.peft.method,
-            self.cost["params_trainable"],
-            counts["total"] + head,
-            self.cost["params_trainable_pct"],
-        )
+        self._count_parameters()
         # a linear probe trains the head only: the frozen backbone's <cls> states are computed once
         feats = self._cls_states(ids, values) if self.cfg.peft.method == "linear" else None  # (N, D)
 
@@ -229,6 +207,35 @@ class Annotator:
             best_epoch=best_epoch if len(va) else epochs_run,
         )
         return self
+
+    def _validation_split(self, y: Tensor, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stratified (train, validation) rows; no validation rows when there are too few cells."""
+        from sklearn.model_selection import train_test_split
+
+        n_val = int(round(self.cfg.val_fraction * len(y)))
+        if n_val < n_classes:  # too few cells for a validation split: train on all, keep the last epoch
+            return np.arange(len(y)), np.array([], dtype=int)
+        return tuple(
+            train_test_split(np.arange(len(y)), test_size=n_val, stratify=y.numpy(), random_state=self.cfg.seed)
+        )
+
+    def _count_parameters(self) -> None:
+        """What trains (backbone PEFT parts + head) into the cost table, and say so."""
+        counts = count_parameters(self.net.backbone)
+        head = sum(p.numel() for p in self.net.head.parameters())
+        self.cost = {
+            "method": self.cfg.peft.method,
+            "params_backbone": counts["total"],
+            "params_trainable": counts["trainable"] + head,
+            "params_trainable_pct": 100.0 * (counts["trainable"] + head) / (counts["total"] + head),
+        }
+        log.info(
+            "annotate: %s trains %d of %d parameters (%.2f%%)",
+            self.cfg.peft.method,
+            self.cost["params_trainable"],
+            counts["total"] + head,
+            self.cost["params_trainable_pct"],
+        )
 
     def _choose_genes(self, reference: ad.AnnData, layer: str | None) -> list[str]:
         names = reference.var_names.astype(str)

@@ -264,6 +264,22 @@ def load(
     if not isinstance(adata, ad.AnnData):
         adata = read(adata, backed="r" if chunk_size else None, compounds=compounds, keys=keys)
     obs = _validated_obs(adata, keys)
+    gene_names, chunks = _expression(adata, keys, genes, n_top_genes, normalize, seed, chunk_size)
+    is_ctrl, lines_all, codes, conditions = _condition_table(obs, keys)
+    parts = _aggregate(obs, is_ctrl, lines_all, codes, conditions, len(gene_names), chunks, seed)
+    data = PerturbationData(
+        genes=np.asarray(gene_names, dtype=object),
+        conditions=conditions,
+        **parts,
+    )
+    data.degs = condition_degs(data, adata.uns.get(keys.degs_uns), n_degs=n_degs)
+    data.truth = _truth(adata.uns.get(TRUTH_KEY), data)
+    return data
+
+
+def _expression(adata, keys: DataKeys, genes, n_top_genes, normalize, seed: int, chunk_size):
+    """The kept gene names and the normalised matrix as (first row, rows) chunks, streamed when
+    `chunk_size` is given (highly variable genes then chosen on a sample of cells)."""
     gene_names = validated_genes(adata, keys)
     if normalize not in ("auto", "counts", "log"):
         raise ScdcaInputError(f"normalize: {normalize!r} is not one of 'auto', 'counts', 'log'")
@@ -291,7 +307,12 @@ def load(
         chunks = ((i, norm(A)[:, keep]) for i, A in matrix_chunks(adata, keys, chunk_size))
     gene_names = gene_names[keep]
 
-    # Condition table ---------------------------------------------------------------
+    return gene_names, chunks
+
+
+def _condition_table(obs: pd.DataFrame, keys: DataKeys):
+    """Which cells are controls, the cell lines, each treated cell's condition code and the
+    condition table (cell_line, drug, dose, smiles, n_cells); every line must have controls."""
     is_ctrl = obs["_control"].to_numpy()
     treated = obs.loc[~is_ctrl]
     lines_all = sorted(obs["_cell_line"].unique())
@@ -312,7 +333,14 @@ def load(
     n_cond = len(conditions)
     conditions["n_cells"] = np.bincount(codes, minlength=n_cond)
 
-    # Per-cell group codes (-1: not in the grouping), then one streaming pass over the matrix
+    return is_ctrl, lines_all, codes, conditions
+
+
+def _aggregate(obs, is_ctrl, lines_all, codes, conditions, n_genes: int, chunks, seed: int) -> dict:
+    """One streaming pass over the matrix: per condition and per control line the mean and std
+    (float64 sums), and each condition's split halves (its cells assigned by `seed`)."""
+    n_cond = len(conditions)
+    # per-cell group codes (-1: not in the grouping)
     cond_code = np.full(len(obs), -1, dtype=np.int64)
     cond_code[~is_ctrl] = codes
     in_a = _half_assignment(codes, n_cond, seed=seed)
@@ -323,7 +351,7 @@ def load(
     ctrl_code = np.full(len(obs), -1, dtype=np.int64)
     ctrl_code[is_ctrl] = pd.Index(lines_all).get_indexer(obs["_cell_line"].to_numpy()[is_ctrl])
     sums = {
-        name: _GroupSums(n, len(gene_names))
+        name: _GroupSums(n, n_genes)
         for name, n in (("cond", n_cond), ("a", n_cond), ("b", n_cond), ("ctrl", len(lines_all)))
     }
     groupings = {"cond": cond_code, "a": half_code["a"], "b": half_code["b"], "ctrl": ctrl_code}
@@ -341,20 +369,15 @@ def load(
     control_mean, control_std = sums["ctrl"].result()
     controls = pd.DataFrame({"n_cells": sums["ctrl"].n.astype(np.int64)}, index=pd.Index(lines_all, name="cell_line"))
 
-    data = PerturbationData(
-        genes=np.asarray(gene_names, dtype=object),
-        conditions=conditions,
-        mean=mean,
-        std=std,
-        controls=controls,
-        control_mean=control_mean,
-        control_std=control_std,
-        half_a=half_a,
-        half_b=half_b,
-    )
-    data.degs = condition_degs(data, adata.uns.get(keys.degs_uns), n_degs=n_degs)
-    data.truth = _truth(adata.uns.get(TRUTH_KEY), data)
-    return data
+    return {
+        "mean": mean,
+        "std": std,
+        "controls": controls,
+        "control_mean": control_mean,
+        "control_std": control_std,
+        "half_a": half_a,
+        "half_b": half_b,
+    }
 
 
 # ----------------------------------------------------------------------------- validation

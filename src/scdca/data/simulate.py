@@ -284,16 +284,35 @@ def simulate(
     """
     cfg = config or SimulationConfig()
     rng = np.random.default_rng(seed)
-    G, P = cfg.n_genes, cfg.n_programs
-    mech_names = [m[0] for m in MECHANISMS]
-
     names, smiles, mechs, logp = _choose_drugs(cfg, rng)
-    D = len(names)
-
     base, programs, mech_vec, W, z, line_shift, sensitivity = _gene_world(cfg, rng)
     lines = line_names(cfg.n_cell_lines)
 
-    # drugs ----------------------------------------------------------------------------
+    drugs = _drug_effects(cfg, rng, mechs, logp, mech_vec, programs)
+    rows, prop = _condition_rates(cfg, rng, lines, names, drugs, base, line_shift, sensitivity)
+    # cells: library sizes now, counts drawn chunk by chunk as they are written
+    n_cells = np.array([cfg.control_cells if r[1] == "control" else cfg.cells_per_condition for r in rows])
+    cond_of_cell = np.repeat(np.arange(len(rows)), n_cells)
+    lib = rng.lognormal(np.log(cfg.mean_library_size), 0.35, cond_of_cell.size)
+    counts = _count_chunks(prop, cond_of_cell, lib, cfg.dispersion, rng)
+
+    genes = [f"g{i:04d}" for i in range(cfg.n_genes)]
+    adata = ad.AnnData(obs=_cell_obs(rows, smiles, cond_of_cell), var=pd.DataFrame(index=genes))
+    _record_truth(adata, cfg, rows, prop, lines, genes, names, mechs, drugs, sensitivity)
+    params = {k: v for k, v in asdict(cfg).items() if k != "smiles"}
+    params["doses_nM"] = list(cfg.doses_nM)
+    adata.uns["simulation"] = {"seed": seed, **params, "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K"}
+    if out is not None:
+        write_in_chunks(out, adata, counts)
+        return ad.read_h5ad(out, backed="r")
+    adata.X = sp.vstack(list(counts)).tocsr()
+    return adata
+
+
+def _drug_effects(cfg: SimulationConfig, rng, mechs, logp, mech_vec, programs) -> dict[str, np.ndarray]:
+    """Per drug: mechanism index, activity, amplitude, potency, Hill slope and effect vector (D, G)."""
+    G, P, D = cfg.n_genes, cfg.n_programs, len(mechs)
+    mech_names = [m[0] for m in MECHANISMS]
     m_idx = np.array([mech_names.index(m) for m in mechs])
     p_active = np.array([MECHANISMS[i][4] for i in m_idx])
     active = rng.random(D) < p_active
@@ -307,7 +326,15 @@ def simulate(
         drug_vec[d, support] += rng.normal(0, cfg.drug_noise_sd, support.size)
         drug_vec[d] += rng.uniform(0.1, 0.3) * programs[rng.integers(P)]
 
-    # conditions: truth of the log-rates -------------------------------------------------
+    return {"m_idx": m_idx, "active": active, "amplitude": amplitude, "log10_ec50": log10_ec50, "hill_n": hill_n,
+            "drug_vec": drug_vec}  # fmt: skip
+
+
+def _condition_rates(cfg: SimulationConfig, rng, lines, names, drugs, base, line_shift, sensitivity):
+    """The condition rows (line, drug, dose, drug index) and their gene proportions (K, G)."""
+    G, D = cfg.n_genes, len(names)
+    m_idx, amplitude, log10_ec50 = drugs["m_idx"], drugs["amplitude"], drugs["log10_ec50"]
+    hill_n, drug_vec = drugs["hill_n"], drugs["drug_vec"]
     rows, logits = [], []
     for c, line in enumerate(lines):
         rows.append((line, "control", 0.0, None))
@@ -324,12 +351,11 @@ def simulate(
     prop = np.exp(logits - logits.max(1, keepdims=True))
     prop /= prop.sum(1, keepdims=True)  # (K, G)
 
-    # cells ------------------------------------------------------------------------------
-    n_cells = np.array([cfg.control_cells if r[1] == "control" else cfg.cells_per_condition for r in rows])
-    cond_of_cell = np.repeat(np.arange(len(rows)), n_cells)
-    lib = rng.lognormal(np.log(cfg.mean_library_size), 0.35, cond_of_cell.size)
-    counts = _count_chunks(prop, cond_of_cell, lib, cfg.dispersion, rng)
+    return rows, prop
 
+
+def _cell_obs(rows, smiles, cond_of_cell) -> pd.DataFrame:
+    """Per-cell obs in chemCPA's sci-Plex names, taken from the condition table (categorical codes)."""
     per_condition = pd.DataFrame(
         {
             "cell_type": [r[0] for r in rows],
@@ -352,9 +378,13 @@ def simulate(
             obs[col] = pd.Categorical.from_codes(cat.codes[cond_of_cell], categories=cat.categories)
         else:
             obs[col] = values.to_numpy()[cond_of_cell]
-    genes = [f"g{i:04d}" for i in range(G)]
-    adata = ad.AnnData(obs=obs, var=pd.DataFrame(index=genes))
+    return obs
 
+
+def _record_truth(adata, cfg, rows, prop, lines, genes, names, mechs, drugs, sensitivity) -> None:
+    """uns: the noise-free condition means, each drug's hidden parameters, each line's sensitivities."""
+    mech_names = [m[0] for m in MECHANISMS]
+    active, amplitude, log10_ec50, hill_n = (drugs[k] for k in ("active", "amplitude", "log10_ec50", "hill_n"))
     truth = _expected_log_normalised(prop, cfg.mean_library_size, 0.35, cfg.dispersion)
     treated = [k for k, r in enumerate(rows) if r[1] != "control"]
     adata.uns[TRUTH_KEY] = {
@@ -376,14 +406,6 @@ def simulate(
         "cell_line": np.array(lines),
         **{m: sensitivity[:, i] for i, m in enumerate(mech_names)},
     }
-    params = {k: v for k, v in asdict(cfg).items() if k != "smiles"}
-    params["doses_nM"] = list(cfg.doses_nM)
-    adata.uns["simulation"] = {"seed": seed, **params, "smiles_source": "user" if cfg.smiles else "rdkit NCI first_5K"}
-    if out is not None:
-        write_in_chunks(out, adata, counts)
-        return ad.read_h5ad(out, backed="r")
-    adata.X = sp.vstack(list(counts)).tocsr()
-    return adata
 
 
 def write_in_chunks(

@@ -58,6 +58,66 @@ def _rng(task: str, seed: int, held_out: str = "") -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task.encode()), zlib.crc32(held_out.encode())])
 
 
+def _unseen_drugs(data: PerturbationData, rng, frac: float) -> np.ndarray:
+    """Test mask: a random share `frac` of the drugs, in every line and dose."""
+    cond = data.conditions
+    drugs = np.array(sorted(cond["drug"].unique()))
+    test_drugs = set(rng.choice(drugs, size=int(round(frac * len(drugs))), replace=False))
+    return cond["drug"].isin(test_drugs).to_numpy()
+
+
+def _unseen_scaffolds(data: PerturbationData, rng, frac: float) -> np.ndarray:
+    """Test mask: whole Bemis-Murcko scaffolds, in random order, until at least `frac` of the drugs."""
+    from scdca.chem.molecules import scaffold
+
+    smiles = data.drug_smiles()
+    drugs = sorted(smiles)
+    groups: dict[str, list[str]] = {}
+    for d in drugs:
+        groups.setdefault(scaffold(smiles[d]) or f"acyclic:{d}", []).append(d)
+    order = list(groups)
+    test_drugs: set[str] = set()
+    for i in rng.permutation(len(order)):
+        if len(test_drugs) >= frac * len(drugs):
+            break
+        test_drugs.update(groups[order[i]])
+    return data.conditions["drug"].isin(test_drugs).to_numpy()
+
+
+def _unseen_pairs(data: PerturbationData, rng, frac: float) -> np.ndarray:
+    """Test mask: a random share `frac` of the (drug, line) pairs; each drug stays seen elsewhere."""
+    cond = data.conditions
+    pairs = sorted(set(zip(cond["drug"], cond["cell_line"])))
+    pick = rng.choice(len(pairs), size=int(round(frac * len(pairs))), replace=False)
+    test_pairs = {pairs[i] for i in pick}
+    return np.array([p in test_pairs for p in zip(cond["drug"], cond["cell_line"])], dtype=bool)
+
+
+# task -> (default test share, test mask); the cell-line tasks make one split per held-out line
+_SINGLE = {"unseen_drug": (0.3, _unseen_drugs), "unseen_scaffold": (0.3, _unseen_scaffolds),
+           "unseen_pair": (0.5, _unseen_pairs)}  # fmt: skip
+
+
+def _line_splits(data: PerturbationData, task: str, seed: int, fewshot_fraction: float) -> list[Split]:
+    """One split per held-out line: all its conditions (zero-shot) or all but a few drugs (few-shot)."""
+    cond = data.conditions
+    lines = sorted(cond["cell_line"].unique())
+    if len(lines) < 2:
+        raise ScdcaInputError(f"task {task!r} needs >= 2 cell lines with perturbations; the data has {lines!r}")
+    splits = []
+    for line in lines:
+        in_line = (cond["cell_line"] == line).to_numpy()
+        if task == "unseen_cell_zeroshot":
+            is_test = in_line
+        else:
+            drugs = np.array(sorted(cond.loc[in_line, "drug"].unique()))
+            n_train = max(1, int(round(fewshot_fraction * len(drugs))))
+            seen = set(_rng(task, seed, line).choice(drugs, size=n_train, replace=False))
+            is_test = in_line & ~cond["drug"].isin(seen).to_numpy()
+        splits.append(_split(data, task, seed, line, is_test))
+    return splits
+
+
 def make_splits(
     data: PerturbationData,
     task: str,
@@ -80,55 +140,12 @@ def make_splits(
     """
     if task not in ALL_TASKS:
         raise ScdcaInputError(f"task: unknown task {task!r}; choose from {', '.join(ALL_TASKS)} (or 'all')")
-    cond = data.conditions
-    splits: list[Split] = []
-    if task == "unseen_drug":
-        frac = 0.3 if test_fraction is None else test_fraction
-        drugs = np.array(sorted(cond["drug"].unique()))
-        n_test = int(round(frac * len(drugs)))
-        test_drugs = set(_rng(task, seed).choice(drugs, size=n_test, replace=False))
-        is_test = cond["drug"].isin(test_drugs).to_numpy()
-        splits.append(_split(data, task, seed, "", is_test))
-    elif task == "unseen_scaffold":
-        # whole Bemis-Murcko scaffolds go to test, in random order, until >= 30% of drugs
-        from scdca.chem.molecules import scaffold
-
-        frac = 0.3 if test_fraction is None else test_fraction
-        smiles = data.drug_smiles()
-        drugs = sorted(smiles)
-        groups: dict[str, list[str]] = {}
-        for d in drugs:
-            groups.setdefault(scaffold(smiles[d]) or f"acyclic:{d}", []).append(d)
-        order = list(groups)
-        test_drugs: set[str] = set()
-        for i in _rng(task, seed).permutation(len(order)):
-            if len(test_drugs) >= frac * len(drugs):
-                break
-            test_drugs.update(groups[order[i]])
-        is_test = cond["drug"].isin(test_drugs).to_numpy()
-        splits.append(_split(data, task, seed, "", is_test))
-    elif task == "unseen_pair":
-        frac = 0.5 if test_fraction is None else test_fraction
-        pairs = sorted(set(zip(cond["drug"], cond["cell_line"])))
-        n_test = int(round(frac * len(pairs)))
-        pick = _rng(task, seed).choice(len(pairs), size=n_test, replace=False)
-        test_pairs = {pairs[i] for i in pick}
-        is_test = np.array([p in test_pairs for p in zip(cond["drug"], cond["cell_line"])], dtype=bool)
-        splits.append(_split(data, task, seed, "", is_test))
+    if task in _SINGLE:
+        fraction, mask = _SINGLE[task]
+        frac = fraction if test_fraction is None else test_fraction
+        splits = [_split(data, task, seed, "", mask(data, _rng(task, seed), frac))]
     else:
-        lines = sorted(cond["cell_line"].unique())
-        if len(lines) < 2:
-            raise ScdcaInputError(f"task {task!r} needs >= 2 cell lines with perturbations; the data has {lines!r}")
-        for line in lines:
-            in_line = (cond["cell_line"] == line).to_numpy()
-            if task == "unseen_cell_zeroshot":
-                is_test = in_line
-            else:
-                drugs = np.array(sorted(cond.loc[in_line, "drug"].unique()))
-                n_train = max(1, int(round(fewshot_fraction * len(drugs))))
-                seen = set(_rng(task, seed, line).choice(drugs, size=n_train, replace=False))
-                is_test = in_line & ~cond["drug"].isin(seen).to_numpy()
-            splits.append(_split(data, task, seed, line, is_test))
+        splits = _line_splits(data, task, seed, fewshot_fraction)
     for s in splits:
         audit(s, data)
     return splits

@@ -36,6 +36,7 @@ from scdca.errors import GridError, ScdcaInputError
 from scdca.eval.diagnostics import plate_diagnostics
 from scdca.eval.metrics import METRICS, ScoringInput, score
 from scdca.eval.parallel import JobFailure, run_jobs
+from scdca.eval.report import build
 from scdca.eval.runs import (
     RESULT_COLUMNS,
     cell_path,
@@ -147,6 +148,37 @@ def run(
     """
     t_start = time.perf_counter()
     out = Path(cfg.out)
+    data = _prepare(cfg, out, data)
+    splits = {(task, seed): _splits(data, task, seed, out) for task in cfg.tasks for seed in cfg.seeds}
+    names = list(cfg.models) + (
+        [r for r in _REFERENCE_CELLS if r != "oracle" or data.truth is not None] if cfg.references else []
+    )
+    grid = [(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in names]
+    todo = [(m, t, s, splits[t, s]) for m, t, s in grid if not cell_path(out, m, t, s).exists()]
+    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", unit="cell", disable=not progress)
+    job_cfg = dataclasses.replace(cfg, model_options=_absolute(cfg.model_options))  # workers may run elsewhere
+    jobs = run_jobs(
+        partial(compute_cell, cfg=job_cfg), todo, data, workers=workers, address=ray_address, threads=threads
+    )
+    failures = _write_cells(out, jobs, bar)
+    finished = [c for c in grid if cell_path(out, *c).exists()]
+    results = collect(out, finished)
+    storage.write_csv(out / "results.csv", results)
+    storage.write_csv(out / "summary.csv", summarize(results))
+    log.info("benchmark: grid done in %.1f s", time.perf_counter() - t_start)
+    if failures:
+        listed = "; ".join(f"{stem} ({why})" for stem, why in failures[:3]) + (" ..." if len(failures) > 3 else "")
+        raise GridError(
+            f"{len(failures)} of {len(grid)} grid cell(s) failed: {listed}. The other cells are in "
+            f"results.csv; tracebacks in {out / 'failed'}/; rerun the same command to retry the failed ones"
+        )
+    if cfg.report:
+        build(out)
+    return results
+
+
+def _prepare(cfg: BenchmarkConfig, out: Path, data: PerturbationData | None) -> PerturbationData:
+    """Checks before any work, the data, and the run's record: config, diagnostics, backbone audit."""
     for name in cfg.models:  # fail before any work, not halfway through the grid
         MODELS.get(name).check_available()
     _check_resume(cfg, out)
@@ -160,25 +192,21 @@ def run(
     storage.write_csv(out / "diagnostics.csv", plate_diagnostics(data))
     if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):
         storage.write_json(out / "backbone_audit.json", backbone_audit(cfg.model_options["backbone"], cfg.data))
+    return data
 
-    splits: dict[tuple[str, int], list[Split]] = {}
-    for task in cfg.tasks:
-        for seed in cfg.seeds:
-            splits[task, seed] = make_splits(data, task, seed)
-            for s in splits[task, seed]:
-                s.save(out / "splits" / f"{s.name}.json")
 
-    names = list(cfg.models) + (
-        [r for r in _REFERENCE_CELLS if r != "oracle" or data.truth is not None] if cfg.references else []
-    )
-    grid = [(m, t, s) for t in cfg.tasks for s in cfg.seeds for m in names]
-    todo = [(m, t, s, splits[t, s]) for m, t, s in grid if not cell_path(out, m, t, s).exists()]
-    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", unit="cell", disable=not progress)
-    job_cfg = dataclasses.replace(cfg, model_options=_absolute(cfg.model_options))  # workers may run elsewhere
+def _splits(data: PerturbationData, task: str, seed: int, out: Path) -> list[Split]:
+    """The task's splits for this seed, each also written to `out/splits/`."""
+    splits = make_splits(data, task, seed)
+    for s in splits:
+        s.save(out / "splits" / f"{s.name}.json")
+    return splits
+
+
+def _write_cells(out: Path, jobs, bar) -> list[tuple[str, str]]:
+    """Write each finished cell as it arrives; a failed one leaves its traceback in `out/failed/`."""
     failures = []
-    for (model, task, seed, _), result in run_jobs(
-        partial(compute_cell, cfg=job_cfg), todo, data, workers=workers, address=ray_address, threads=threads
-    ):
+    for (model, task, seed, _), result in jobs:
         stem = cell_stem(model, task, seed)
         if isinstance(result, JobFailure):
             storage.write_text(out / "failed" / f"{stem}.txt", result.traceback)
@@ -190,23 +218,7 @@ def run(
         bar.update(1)
         bar.set_postfix_str(f"{model} / {task} / seed {seed}" + (f", {len(failures)} failed" if failures else ""))
     bar.close()
-
-    finished = [c for c in grid if cell_path(out, *c).exists()]
-    results = collect(out, finished)
-    storage.write_csv(out / "results.csv", results)
-    storage.write_csv(out / "summary.csv", summarize(results))
-    log.info("benchmark: grid done in %.1f s", time.perf_counter() - t_start)
-    if failures:
-        listed = "; ".join(f"{stem} ({why})" for stem, why in failures[:3]) + (" ..." if len(failures) > 3 else "")
-        raise GridError(
-            f"{len(failures)} of {len(grid)} grid cell(s) failed: {listed}. The other cells are in "
-            f"results.csv; tracebacks in {out / 'failed'}/; rerun the same command to retry the failed ones"
-        )
-    if cfg.report:
-        from scdca.eval.report import build
-
-        build(out)
-    return results
+    return failures
 
 
 def _absolute(options: dict) -> dict:

@@ -123,18 +123,24 @@ class ScDCAModel(PerturbationModel):
         is_val = validation_mask(train.conditions, cfg.val_fraction, cfg.seed)
         tr_idx, va_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
-        head = {id(p) for p in self.net.gene_head.parameters()} if cfg.freeze_head and cfg.gene_head else set()
-        params = [p for p in self.net.parameters() if p.requires_grad and id(p) not in head]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        epoch, steps, best = self._train(train, rows, cache, tr_idx, va_idx, ctx, _stop_after_epochs)
+        self._controls = (list(train.controls.index), train.control_mean.copy())
+        self._cost.update(
+            epochs_run=epoch + 1,
+            steps=steps,
+            best_val_mse=best,
+            train_seconds=time.perf_counter() - t_start,
+        )
+        return self
+
+    def _train(self, train, rows: _TrainingRows, cache, tr_idx, va_idx, ctx, stop_after) -> tuple[int, int, float]:
+        """The training loop (resumable, early-stopped); returns (last epoch, steps, best value)."""
+        cfg, _stop_after_epochs = self.cfg, stop_after
+        opt = self._optimizer()
         self._report_parameters(ctx)
         # without a validation set there is nothing to stop early on: the budget is fixed
         stopper = EarlyStopping(patience=cfg.patience if len(va_idx) else None, min_delta=1e-6)
-        resume = ResumeFile(
-            self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None,
-            {"config": asdict(cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name},
-            what="checkpoint_dir",
-            mismatch="holds a run with other data or settings; use another folder or delete it",
-        )
+        resume = self._resume_file(train)
         counter = {"step": 0}
         start = 0
         state = resume.load()
@@ -167,38 +173,39 @@ class ScDCAModel(PerturbationModel):
                 return train_loss
             return float(self._loss(rows.controls, cache, rows.lines, rows.cond, rows.target, va_idx))
 
-        def snapshot() -> dict:
-            return {k: v.detach().clone() for k, v in self._trainable_state().items()}
-
         def checkpoint(epoch: int) -> None:
             if ctx.is_main:
-                resume.save(
-                    trainable=self._trainable_state(),
-                    opt=opt.state_dict(),
-                    stopper=stopper.state(),
-                    step=counter["step"],
-                    epoch=epoch + 1,
-                )
+                resume.save(trainable=self._trainable_state(), opt=opt.state_dict(), stopper=stopper.state(),
+                            step=counter["step"], epoch=epoch + 1)  # fmt: skip
 
         epoch = fit_epochs(
             bar,
             run_epoch=run_epoch,
             validate=validate,
             stopper=stopper,
-            snapshot=snapshot,
+            snapshot=lambda: {k: v.detach().clone() for k, v in self._trainable_state().items()},
             after_epoch=checkpoint,
             last=start - 1,
         )
         if stopper.best_state is not None:
             self.net.load_state_dict(stopper.best_state, strict=False)
-        self._controls = (list(train.controls.index), train.control_mean.copy())
-        self._cost.update(
-            epochs_run=epoch + 1,
-            steps=counter["step"],
-            best_val_mse=stopper.best,
-            train_seconds=time.perf_counter() - t_start,
+        return epoch, counter["step"], stopper.best
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (the drug x gene head's stay out when it is frozen)."""
+        cfg = self.cfg
+        head = {id(p) for p in self.net.gene_head.parameters()} if cfg.freeze_head and cfg.gene_head else set()
+        params = [p for p in self.net.parameters() if p.requires_grad and id(p) not in head]
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _resume_file(self, train: PerturbationData) -> ResumeFile:
+        """The resume file of this run in `checkpoint_dir` (none without one)."""
+        return ResumeFile(
+            self.checkpoint_dir / "train_state.pt" if self.checkpoint_dir else None,
+            {"config": asdict(self.cfg), "ids": list(train.ids), "backbone": self._backbone_hash, "model": self.name},
+            what="checkpoint_dir",
+            mismatch="holds a run with other data or settings; use another folder or delete it",
         )
-        return self
 
     def _report_parameters(self, ctx) -> None:
         """Count trainable parameters into the cost table and say how many train."""
