@@ -237,77 +237,13 @@ def read_lincs(
     """
     X, rows, cols = read_gct_table(path)
     where = f"data: {str(path)!r}"
-    need = [c for c in ("pert_id", "pert_type") if c not in cols.columns]
-    if need:
-        raise ScdcaInputError(
-            f"{where} has no column metadata field(s) {need!r} (fields: {list(cols.columns)[:12]!r}); "
-            f"pass a level 3 LINCS file with its well annotations (pert_id, pert_type, pert_dose, "
-            f"cell_id)"
-        )
-    ptype = cols["pert_type"].fillna("").str.strip().str.lower()
-    is_ctrl = (ptype == "ctl_vehicle").to_numpy()
-    is_cpd = (ptype == "trt_cp").to_numpy()
-    if not is_ctrl.any():
-        raise ScdcaInputError(
-            f"{where} has no vehicle wells (pert_type 'ctl_vehicle'; types present: "
-            f"{sorted(set(ptype))[:8]!r}); a plate needs its DMSO wells as the control"
-        )
-    dropped = ptype[~(is_ctrl | is_cpd)].value_counts()
-    if len(dropped):
-        log.info(
-            "lincs: dropped %d well(s) that are neither compounds nor vehicle: %s",
-            int(dropped.sum()),
-            ", ".join(f"{n} {t or 'untyped'}" for t, n in dropped.items()),
-        )
-
+    is_ctrl, is_cpd = _well_types(cols, where)
     compound_id = cols["pert_id"].fillna("").str.strip().str[:COMPOUND_ID_LEN]
     iname = cols["pert_iname"].fillna("").str.strip() if "pert_iname" in cols else pd.Series("", index=cols.index)
     smiles = _well_smiles(cols, compound_id, iname, compounds, where)
-    if "pert_dose" in cols:
-        dose = dose_in_um(cols["pert_dose"], cols.get("pert_dose_unit"))
-    elif "pert_idose" in cols:
-        dose = dose_in_um(cols["pert_idose"], None)
-    else:
-        raise ScdcaInputError(
-            f"{where} has no pert_dose (or pert_idose) metadata field; every compound well needs a dose"
-        )
-
-    keep = is_ctrl | (is_cpd & smiles.notna().to_numpy())
-    no_structure = is_cpd & smiles.isna().to_numpy()
-    if no_structure.any():
-        names = sorted(set(np.where(iname[no_structure] != "", iname[no_structure], compound_id[no_structure])))
-        log.warning(
-            "lincs: skipped %d compound well(s) of %d compound(s) with no structure in %s, e.g. %s",
-            int(no_structure.sum()),
-            len(names),
-            "the compounds table" if compounds is not None else "the file (pass --compounds)",
-            ", ".join(names[:5]),
-        )
-    bad_dose = keep & ~is_ctrl & ~(dose > 0)
-    if bad_dose.any():
-        examples = cols["pert_dose"].to_numpy()[bad_dose][:5] if "pert_dose" in cols else []
-        raise ScdcaInputError(
-            f"{where}: {int(bad_dose.sum())} compound well(s) have a missing or unknown dose "
-            f"(e.g. {list(examples)!r}, "
-            f"units {sorted(set(cols.get('pert_dose_unit', pd.Series(dtype=str)).dropna()))!r}); "
-            f"give pert_dose in uM, nM or mM"
-        )
-    if not (keep & is_cpd).any():
-        raise ScdcaInputError(
-            f"{where}: no compound well has a structure; pass --compounds with a CSV mapping pert_id "
-            f"(or pert_iname) to smiles"
-        )
-
-    cell = (
-        cols["cell_id"].fillna("unknown").str.strip() if "cell_id" in cols else pd.Series("unknown", index=cols.index)
-    )
-    time = _times(cols)
-    if time[keep].nunique() > 1:
-        cell = cell + "_" + time.fillna("na")
-        log.info(
-            "lincs: several treatment times (%s); each cell line is split by time", sorted(time[keep].dropna().unique())
-        )
-
+    dose = _well_doses(cols, where)
+    keep, no_structure = _kept_wells(cols, is_ctrl, is_cpd, smiles, dose, compound_id, iname, compounds, where)
+    cell, time = _cell_lines(cols, keep)
     drug = _drug_names(compound_id, iname, keep & is_cpd)
     obs = cols.copy()
     obs[keys.cell_line] = cell.to_numpy()
@@ -337,6 +273,90 @@ def read_lincs(
         adata.n_vars,
     )
     return adata
+
+
+def _well_types(cols: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which wells are vehicle controls and which are compounds; the others are dropped (logged)."""
+    need = [c for c in ("pert_id", "pert_type") if c not in cols.columns]
+    if need:
+        raise ScdcaInputError(
+            f"{where} has no column metadata field(s) {need!r} (fields: {list(cols.columns)[:12]!r}); "
+            f"pass a level 3 LINCS file with its well annotations (pert_id, pert_type, pert_dose, "
+            f"cell_id)"
+        )
+    ptype = cols["pert_type"].fillna("").str.strip().str.lower()
+    is_ctrl = (ptype == "ctl_vehicle").to_numpy()
+    is_cpd = (ptype == "trt_cp").to_numpy()
+    if not is_ctrl.any():
+        raise ScdcaInputError(
+            f"{where} has no vehicle wells (pert_type 'ctl_vehicle'; types present: "
+            f"{sorted(set(ptype))[:8]!r}); a plate needs its DMSO wells as the control"
+        )
+    dropped = ptype[~(is_ctrl | is_cpd)].value_counts()
+    if len(dropped):
+        log.info(
+            "lincs: dropped %d well(s) that are neither compounds nor vehicle: %s",
+            int(dropped.sum()),
+            ", ".join(f"{n} {t or 'untyped'}" for t, n in dropped.items()),
+        )
+
+    return is_ctrl, is_cpd
+
+
+def _well_doses(cols: pd.DataFrame, where: str) -> np.ndarray:
+    """Each well's dose in uM (from pert_dose and its unit, or the pert_idose text)."""
+    if "pert_dose" in cols:
+        return dose_in_um(cols["pert_dose"], cols.get("pert_dose_unit"))
+    elif "pert_idose" in cols:
+        return dose_in_um(cols["pert_idose"], None)
+    raise ScdcaInputError(f"{where} has no pert_dose (or pert_idose) metadata field; every compound well needs a dose")
+
+
+def _kept_wells(cols, is_ctrl, is_cpd, smiles, dose, compound_id, iname, compounds, where):
+    """Vehicle wells and compound wells with a structure (the others warned about), every kept
+    compound well with a dose; returns (kept, compound wells without a structure)."""
+    keep = is_ctrl | (is_cpd & smiles.notna().to_numpy())
+    no_structure = is_cpd & smiles.isna().to_numpy()
+    if no_structure.any():
+        names = sorted(set(np.where(iname[no_structure] != "", iname[no_structure], compound_id[no_structure])))
+        log.warning(
+            "lincs: skipped %d compound well(s) of %d compound(s) with no structure in %s, e.g. %s",
+            int(no_structure.sum()),
+            len(names),
+            "the compounds table" if compounds is not None else "the file (pass --compounds)",
+            ", ".join(names[:5]),
+        )
+    bad_dose = keep & ~is_ctrl & ~(dose > 0)
+    if bad_dose.any():
+        examples = cols["pert_dose"].to_numpy()[bad_dose][:5] if "pert_dose" in cols else []
+        raise ScdcaInputError(
+            f"{where}: {int(bad_dose.sum())} compound well(s) have a missing or unknown dose "
+            f"(e.g. {list(examples)!r}, "
+            f"units {sorted(set(cols.get('pert_dose_unit', pd.Series(dtype=str)).dropna()))!r}); "
+            f"give pert_dose in uM, nM or mM"
+        )
+    if not (keep & is_cpd).any():
+        raise ScdcaInputError(
+            f"{where}: no compound well has a structure; pass --compounds with a CSV mapping pert_id "
+            f"(or pert_iname) to smiles"
+        )
+
+    return keep, no_structure
+
+
+def _cell_lines(cols: pd.DataFrame, keep: np.ndarray) -> tuple[pd.Series, pd.Series]:
+    """Each well's cell line (split by treatment time when the kept wells have several) and time."""
+    cell = (
+        cols["cell_id"].fillna("unknown").str.strip() if "cell_id" in cols else pd.Series("unknown", index=cols.index)
+    )
+    time = _times(cols)
+    if time[keep].nunique() > 1:
+        cell = cell + "_" + time.fillna("na")
+        log.info(
+            "lincs: several treatment times (%s); each cell line is split by time", sorted(time[keep].dropna().unique())
+        )
+
+    return cell, time
 
 
 def _well_smiles(cols, compound_id, iname, compounds, where) -> pd.Series:

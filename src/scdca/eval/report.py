@@ -7,7 +7,6 @@ DEG-size sweep) and `DIR/costs/*.csv`. Nothing here trains or predicts.
 from __future__ import annotations
 
 import glob
-import html
 import json
 import os
 from collections.abc import Sequence
@@ -16,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scdca import storage
 from scdca.eval.diagnostics import describe as describe_diagnostics
 from scdca.eval.figures import bars_figure, genes_figure, novelty_figure, png, sweep_figure
 from scdca.eval.metrics import METRICS, r2_rows
+from scdca.eval.render import write_html, write_markdown
 from scdca.eval.runs import REFERENCES, read_predictions
 from scdca.eval.stats import DRUG_BLIND_TOLERANCE, drug_blind, paired_tests, per_seed
 from scdca.eval.tables import (
@@ -271,8 +270,21 @@ def build(
     results["held_out"] = results["held_out"].fillna("").astype(str)
     learned = [m for m in results["model"].unique() if m not in BASELINES and m not in REFERENCES]
     model = model or (learned[0] if learned else "additive")
-    sections: list[tuple[str, str, str | None]] = []  # (title, markdown/html table, image b64)
+    sections = _overview(results, folder, model, metric)
+    sections += _breakdowns(results, folder, metric, annotations, annotation_name)
+    sections += _run_facts(results, folder, model)
+    title = f"scdca benchmark report: {folder.name}"
+    write_markdown(folder / "report.md", title, sections)
+    write_html(folder / "report.html", title, sections)
+    return folder / "report.html"
 
+
+Section = tuple[str, str, str | None]  # (title, text or table, PNG as base64 or None)
+
+
+def _overview(results: pd.DataFrame, folder: Path, model: str, metric: str) -> list[Section]:
+    """Summary, data diagnostics, the main table with its figure, paired tests."""
+    sections: list[Section] = []
     sections.append(("Summary", summary_text(results, metric), None))
     if (folder / "diagnostics.csv").exists():
         diag = pd.read_csv(folder / "diagnostics.csv")
@@ -306,10 +318,16 @@ def build(
         )
     else:
         sections.append((title, tests.round(4).to_string(index=False), None))
+    return sections
+
+
+def _breakdowns(results, folder: Path, metric: str, annotations, annotation_name: str) -> list[Section]:
+    """The scores broken down: per held-out line, per dose, per DEG-set size, per drug group, by novelty."""
+    sections: list[Section] = []
+    judged = [metric] + (["rank"] if metric != "rank" and (results["metric"] == "rank").any() else [])
     pho = per_held_out(results, metric)
     if not pho.empty:
         sections.append((f"Per held-out cell line ({metric})", pho.to_string(), None))
-    judged = [metric] + (["rank"] if metric != "rank" and (results["metric"] == "rank").any() else [])
     for m in judged:
         doses = dose_table(results, m)
         if not doses.empty and doses.index.get_level_values("dose").nunique() > 1:
@@ -358,6 +376,12 @@ def build(
                 png(novelty_figure(nov, metric), folder / "fig_novelty.png"),
             )
         )
+    return sections
+
+
+def _run_facts(results: pd.DataFrame, folder: Path, model: str) -> list[Section]:
+    """Per-gene view, costs, which peers ran, what the backbone saw."""
+    sections: list[Section] = []
     genes_fig = genes_figure(folder, model)
     if genes_fig is not None:
         sections.append(
@@ -385,23 +409,4 @@ def build(
             ("What the backbone saw in pretraining", backbone_text(json.loads(audit_path.read_text())), None)
         )
 
-    md = [f"# scdca benchmark report: {folder.name}\n"]
-    for title, body, _ in sections:
-        md.append(f"## {title}\n\n```\n{body}\n```\n" if "\n" in body else f"## {title}\n\n{body}\n")
-    storage.write_text(folder / "report.md", "\n".join(md))
-
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>scdca report {html.escape(folder.name)}"
-        "</title><style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-        "pre{background:#f6f6f6;padding:0.8em;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd}"
-        "img{max-width:100%}</style></head><body>",
-        f"<h1>scdca benchmark report: {html.escape(folder.name)}</h1>",
-    ]
-    for title, body, img in sections:
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(f"<pre>{html.escape(body)}</pre>" if "\n" in body else f"<p>{html.escape(body)}</p>")
-        if img:
-            parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{img}'>")
-    parts.append("</body></html>")
-    storage.write_text(folder / "report.html", "\n".join(parts))
-    return folder / "report.html"
+    return sections
