@@ -134,19 +134,36 @@ class BiolordPeer(PerturbationModel):
         return _drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
     def fit(self, train: PerturbationData) -> BiolordPeer:
-        import anndata as ad
         import biolord
-        import pandas as pd
-        import torch
 
         t0 = time.perf_counter()
         drugs = train.drug_smiles()
         self._drugs = DrugFeaturizer(self.encoder_spec).fit(drugs, train.conditions["dose"])
         logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
         self._dose_lo, self._dose_span = float(logd.min()), float(logd.max() - logd.min())
+        adata, is_val, n_val = self._training_anndata(train, drugs)
+        with _quiet():
+            biolord.Biolord.setup_anndata(
+                adata, ordered_attributes_keys=["drug"], categorical_attributes_keys=["cell_line"]
+            )
+        with _quiet():
+            self._model = biolord.Biolord(
+                adata=adata, n_latent=self.n_latent, module_params=self._module_params(),
+                split_key="split" if n_val else None,
+            )  # fmt: skip
+        self._control_row = {line: len(train.ids) + i for i, line in enumerate(train.cell_lines)}
+        self._adata = adata
+        stopper = self._train(train, is_val, n_val)
+        self._record_cost(stopper, time.perf_counter() - t0)
+        return self
+
+    def _training_anndata(self, train: PerturbationData, drugs: dict[str, str]):
+        """Conditions and line controls as biolord's samples, with a validation split of drugs;
+        returns (AnnData, validation flags, number of validation drugs)."""
+        import anndata as ad
+        import pandas as pd
 
         lines = train.cell_lines
-        n_cond = len(train.ids)
         X = np.vstack([train.mean, train.control_mean]).astype(np.float32)  # (N + L, G)
         drug_attr = np.vstack([self._drug_attribute(train), np.zeros((len(lines), self._drugs.dim), np.float32)])
         rng = np.random.default_rng(self.seed)
@@ -164,11 +181,11 @@ class BiolordPeer(PerturbationModel):
         )
         adata = ad.AnnData(X=X, obs=obs)
         adata.obsm["drug"] = drug_attr
-        with _quiet():
-            biolord.Biolord.setup_anndata(
-                adata, ordered_attributes_keys=["drug"], categorical_attributes_keys=["cell_line"]
-            )
-        module_params = dict(
+        return adata, is_val, n_val
+
+    def _module_params(self) -> dict:
+        """biolord's network settings."""
+        return dict(
             decoder_width=self.decoder_width,
             decoder_depth=self.decoder_depth,
             attribute_nn_width=self.attribute_width,
@@ -185,10 +202,11 @@ class BiolordPeer(PerturbationModel):
             decoder_dropout_rate=0.1,
             seed=self.seed,
         )
-        with _quiet():
-            self._model = biolord.Biolord(
-                adata=adata, n_latent=self.n_latent, module_params=module_params, split_key="split" if n_val else None
-            )
+
+    def _train(self, train: PerturbationData, is_val: np.ndarray, n_val: int):
+        """biolord's trainer with our early stopping on the validation drugs; returns the stopper."""
+        import torch
+
         # biolord 0.0.3's training plan reads `latent_lr` before assigning it unless the
         # attribute network's rates are given explicitly. Its StepLR (step_size=45) is stepped
         # once every 45 epochs, so the rate would first drop after 2,025 epochs: constant here.
@@ -202,8 +220,6 @@ class BiolordPeer(PerturbationModel):
         )
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         accelerator = "gpu" if device.startswith("cuda") else "cpu"
-        self._control_row = {line: n_cond + i for i, line in enumerate(lines)}
-        self._adata = adata
         callbacks = []
         if n_val:
             # biolord's own validation metric scores the validation samples' per-sample codes,
@@ -227,11 +243,15 @@ class BiolordPeer(PerturbationModel):
                 callbacks=callbacks,
                 **({} if n_val else {"limit_val_batches": 0}),
             )
+        return callbacks[0] if callbacks else None
+
+    def _record_cost(self, stopper, seconds: float) -> None:
+        """The best epoch's weights back into the model, and what the fit cost."""
         epochs_run, val_mse = self.epochs, None
-        if callbacks:
-            self._model.module.load_state_dict(callbacks[0].best_state)
-            epochs_run, val_mse = callbacks[0].epochs_seen, callbacks[0].best
-            log.info("biolord: best validation MSE %.4f at epoch %d", callbacks[0].best, callbacks[0].best_epoch)
+        if stopper is not None:
+            self._model.module.load_state_dict(stopper.best_state)
+            epochs_run, val_mse = stopper.epochs_seen, stopper.best
+            log.info("biolord: best validation MSE %.4f at epoch %d", stopper.best, stopper.best_epoch)
         params = list(self._model.module.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
@@ -241,9 +261,8 @@ class BiolordPeer(PerturbationModel):
             "params_trainable_pct": 100.0 * trainable / max(total, 1),
             "epochs_run": epochs_run,
             "val_mse": val_mse,
-            "fit_seconds": time.perf_counter() - t0,
+            "fit_seconds": seconds,
         }
-        return self
 
     def _predict(self, query: PerturbationData) -> np.ndarray:
         if not hasattr(self, "_model"):
