@@ -180,49 +180,65 @@ def screen(
         (|change| > 0.5), signature_cosine (if a signature is given), score, and, when the
         model records its training molecules, max_tanimoto_train and nearest_train_drug.
     """
-    from scdca.chem.molecules import canonical_smiles
-
     controls = resolve_controls(model, [cell_line] if cell_line else None, control)
     if len(controls) != 1:
         raise ScdcaInputError("screen one cell line at a time (--cell-line or --control)")
     line, ctrl = next(iter(controls.items()))
-    sig = None
-    if signature is not None:
-        sig = signature.reindex([str(g) for g in model.genes]).to_numpy(float)
-        if np.isnan(sig).all():
-            raise ScdcaInputError("signature: none of its genes are model genes")
-        sig = np.nan_to_num(sig)
+    sig = _signature_vector(signature, model.genes)
     similarity = TrainingSimilarity(model)
     rows = []
     pairs = list(zip(names, smiles))
     bar = tqdm(total=len(pairs), desc="screen", unit="mol", disable=not progress)
     for chunk in _batches(pairs, batch_size):
-        ok = [(n, canonical_smiles(s)) for n, s in chunk]
-        good = {n: c for n, c in ok if c is not None}
-        rows += [
-            {"drug": n, "smiles": s, "error": "unparseable SMILES"} for (n, s), (_, c) in zip(chunk, ok) if c is None
-        ]
-        if good:
-            query = _query(model.genes, {line: ctrl}, good, [dose])
-            delta = model.predict(query) - ctrl[None, :]  # (b, G)
-            near = similarity.columns(list(good.values())) if similarity.available else {}
-            for i, ((name, smi), d) in enumerate(zip(good.items(), delta)):
-                r = {
-                    "drug": name,
-                    "smiles": smi,
-                    "effect_size": float(np.sqrt((d**2).mean())),
-                    "n_up": int((d > 0.5).sum()),
-                    "n_down": int((d < -0.5).sum()),
-                    "error": "",
-                    **{col: values[i] for col, values in near.items()},
-                }
-                if sig is not None:
-                    den = np.linalg.norm(d) * np.linalg.norm(sig)
-                    r["signature_cosine"] = float(d @ sig / den) if den > 0 else 0.0
-                rows.append(r)
+        rows += _screen_batch(model, chunk, line, ctrl, dose, sig, similarity)
         bar.update(len(chunk))
     bar.close()
-    df = pd.DataFrame(rows)
+    df = _checked_screen(pd.DataFrame(rows))
+    df["score"] = df["signature_cosine"] if sig is not None else df.get("effect_size")
+    return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _signature_vector(signature: pd.Series | None, genes) -> np.ndarray | None:
+    """A target signature (gene -> change) on the model's genes, missing genes as 0."""
+    if signature is None:
+        return None
+    sig = signature.reindex([str(g) for g in genes]).to_numpy(float)
+    if np.isnan(sig).all():
+        raise ScdcaInputError("signature: none of its genes are model genes")
+    return np.nan_to_num(sig)
+
+
+def _screen_batch(model, chunk, line: str, ctrl: np.ndarray, dose: float, sig, similarity) -> list[dict]:
+    """Score one batch of (name, SMILES): effect size, genes up and down, signature cosine, novelty."""
+    from scdca.chem.molecules import canonical_smiles
+
+    ok = [(n, canonical_smiles(s)) for n, s in chunk]
+    good = {n: c for n, c in ok if c is not None}
+    rows = [{"drug": n, "smiles": s, "error": "unparseable SMILES"} for (n, s), (_, c) in zip(chunk, ok) if c is None]
+    if not good:
+        return rows
+    query = _query(model.genes, {line: ctrl}, good, [dose])
+    delta = model.predict(query) - ctrl[None, :]  # (b, G)
+    near = similarity.columns(list(good.values())) if similarity.available else {}
+    for i, ((name, smi), d) in enumerate(zip(good.items(), delta)):
+        r = {
+            "drug": name,
+            "smiles": smi,
+            "effect_size": float(np.sqrt((d**2).mean())),
+            "n_up": int((d > 0.5).sum()),
+            "n_down": int((d < -0.5).sum()),
+            "error": "",
+            **{col: values[i] for col, values in near.items()},
+        }
+        if sig is not None:
+            den = np.linalg.norm(d) * np.linalg.norm(sig)
+            r["signature_cosine"] = float(d @ sig / den) if den > 0 else 0.0
+        rows.append(r)
+    return rows
+
+
+def _checked_screen(df: pd.DataFrame) -> pd.DataFrame:
+    """Refuse a library with nothing to screen; warn about the molecules that could not be read."""
     if df.empty:
         raise ScdcaInputError(
             "library: no molecules in it; pass one SMILES per line (.smi) or a CSV with a 'smiles' column"
@@ -241,5 +257,4 @@ def screen(
             ", ".join(df.loc[failed, "drug"].astype(str).head(10)),
             " ..." if failed.sum() > 10 else "",
         )
-    df["score"] = df["signature_cosine"] if sig is not None else df.get("effect_size")
-    return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)
+    return df
