@@ -1,6 +1,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from scdca.cli import main
 
@@ -153,13 +154,26 @@ def test_a_run_reruns_exactly_from_its_written_config_and_reports_from_any_folde
     assert "not shown: the benchmark's data file" in (tmp_path / "work" / "first" / "report.md").read_text()
 
 
-def test_config_and_flags_together_or_unknown_settings_are_refused(tmp_path, capsys):
+def test_every_command_reads_its_options_from_config_and_flags_override_it(tmp_path, capsys, tiny_sim):
+    from scdca import storage
+
+    storage.write_h5ad(tmp_path / "d.h5ad", tiny_sim)
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("data: d.h5ad\nout: o\nmodels: control\nepochs_typo: 3\n")
+    cfg.write_text(f"data: {tmp_path / 'd.h5ad'}\nout: {tmp_path / 'o'}\nmodels: control\nepochs_typo: 3\n")
     assert main(["benchmark", "--config", str(cfg)]) == 2
-    assert "unknown setting(s) ['epochs_typo']" in capsys.readouterr().err
-    assert main(["benchmark", "--config", str(cfg), "--seeds", "3"]) == 2
-    assert "--seeds given next to --config" in capsys.readouterr().err
+    assert "unknown option(s) ['epochs_typo'] for `scdca benchmark`" in capsys.readouterr().err
+    cfg.write_text(f"data: {tmp_path / 'd.h5ad'}\nout: {tmp_path / 'o'}\nmodels: control\ntasks: unseen_drug\n"
+                   f"seeds: 3\nk: 5\n")  # fmt: skip
+    assert main(["benchmark", "--config", str(cfg), "--seeds", "1", "--quiet"]) == 0
+    results = pd.read_csv(tmp_path / "o" / "results.csv")
+    assert sorted(results["seed"].unique()) == [0]  # the flag won over the file's 3 seeds
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["k"] == 5  # the file's value was used
+    (tmp_path / "sim.yaml").write_text("genes: 60\ndrugs: 4\ncells: 3\ncell-lines: 2\n")
+    assert main(["simulate", "--config", str(tmp_path / "sim.yaml"), "--out", str(tmp_path / "s.h5ad")]) == 0
+    assert "x 60 genes, 4 drugs, 2 cell lines" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # --out is still required
+        main(["simulate", "--config", str(tmp_path / "sim.yaml")])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
 
 
 def test_prediction_files_keep_the_users_obs_keys_and_scanpy_reads_their_degs(tmp_path, tiny_sim):

@@ -589,7 +589,7 @@ def test_routed_pulls_new_molecules_toward_the_drug_blind_answer_by_a_weight_fro
     "settings, message",
     [
         ({"variant": "adaptor"}, "variant: 'adaptor' is not one of adapter, finetune"),
-        ({"precision": "fp16"}, "precision: 'fp16' is not one of auto, bf16, fp32"),
+        ({"precision": "fp16"}, "precision: 'fp16' is not one of auto, fp32, bf16"),
         ({"dose_profile": True}, "needs line_offset=True"),
         ({"freeze_head": True}, "set gene_head=True with variant='adapter'"),
         ({"variant": "lowrank", "head_warmup_epochs": 10}, "set gene_head=True with variant='adapter'"),

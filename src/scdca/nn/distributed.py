@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 
 from scdca.errors import ScdcaInputError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS = get_args(Precision)
 
 
 @dataclass(frozen=True)

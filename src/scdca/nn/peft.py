@@ -27,6 +27,7 @@ is what a saved model needs besides the frozen backbone it names.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from scdca.errors import ScdcaInputError
 from scdca.nn.backbone import Backbone, SelfAttention
 
-METHODS = ("lora", "prefix", "adapter", "token", "full", "linear")
+Method = Literal["lora", "prefix", "adapter", "token", "full", "linear"]
+METHODS = get_args(Method)
 LORA_TARGETS = ("attention", "ff")
 
 
@@ -43,7 +45,7 @@ LORA_TARGETS = ("attention", "ff")
 class PeftConfig:
     """Which PEFT method and its size."""
 
-    method: str = "lora"
+    method: Method = "lora"
     r: int = 8  # LoRA rank
     alpha: float = 8.0  # LoRA scaling alpha / r
     lora_on: tuple[str, ...] = ("attention", "ff")

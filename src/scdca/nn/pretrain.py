@@ -47,7 +47,7 @@ from scdca.data.screen import control_flags, read
 from scdca.errors import ScdcaInputError
 from scdca.nn import distributed
 from scdca.nn.backbone import Backbone, BackboneConfig, GeneVocab, save
-from scdca.nn.distributed import check_precision
+from scdca.nn.distributed import Precision, check_precision
 from scdca.nn.train import ResumeFile, optimizer_step
 from scdca.nn.train import progress as progress_bar
 
@@ -77,7 +77,7 @@ class PretrainConfig:
     seed: int = 0
     device: str | None = None
     include_perturbed: bool = False  # also pretrain on drug-treated cells (leaks test responses)
-    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it, "fp32" turns it off
+    precision: Precision = "auto"  # bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it, "fp32" turns it off
 
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Literal, get_args, get_origin, get_type_hints
 
 from scdca.errors import ScdcaInputError
+from scdca.nn.distributed import Precision
 
 Variant = Literal["adapter", "finetune", "concat", "feature", "lowrank"]
 Modulation = Literal["bias", "film"]
-Precision = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass
