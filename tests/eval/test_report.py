@@ -251,3 +251,24 @@ def test_groups_stored_with_the_data_get_their_tables(tmp_path):
     # d1 is 0.1 below its seed's value and d2 0.1 above, pooled over seeds 0.55 / 0.45 / 0.50 for 'a'
     assert table.loc[("unseen_drug", "active"), "a"] == pytest.approx(0.55 - 0.1)
     assert table.loc[("unseen_drug", "inactive"), "a"] == pytest.approx(0.55 + 0.1)
+
+
+def test_figures_draw_on_the_callers_axes_and_return_their_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scdca.eval.figures import bars_figure
+
+    rows = [
+        ("m", t, s, "", "A", "d", 1.0, "rank", 0.4 + 0.01 * s) for t in ("unseen_drug", "unseen_pair") for s in (0, 1)
+    ]
+    results = pd.DataFrame(rows, columns=["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric",
+                                          "value"])  # fmt: skip
+    fig, axes = plt.subplots(1, 2)
+    assert bars_figure(results, "rank", axes=axes) is fig
+    assert [ax.get_title() for ax in axes] == ["unseen drug", "unseen pair"]
+    with pytest.raises(ValueError, match="axes: 1 given, this figure draws 2 panels"):
+        bars_figure(results, "rank", axes=[axes[0]])
+    plt.close("all")

@@ -1,4 +1,9 @@
-"""The report's figures; each takes its table and returns a matplotlib figure."""
+"""The report's figures: each takes its table (and optionally the axes to draw on) and returns
+the matplotlib figure, so a notebook can place them in its own layout:
+
+    fig, axes = plt.subplots(1, 4)
+    bars_figure(results, "pearson_delta_deg", axes=axes)
+"""
 
 from __future__ import annotations
 
@@ -17,21 +22,38 @@ from scdca.eval.tables import BASELINES
 from scdca.models.peers import PEERS
 
 
-def model_colors(models) -> dict:
-    """One distinct, stable colour per model name (sorted), shared by the line figures."""
+def _pyplot():
+    """pyplot with a file backend (no display needed), imported only when a figure is drawn."""
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _axes(axes, n: int, figsize, **subplots) -> tuple:
+    """(figure, n axes): the caller's axes, or a new one-row figure."""
+    if axes is not None:
+        axes = list(np.ravel(axes))
+        if len(axes) != n:
+            raise ValueError(f"axes: {len(axes)} given, this figure draws {n} panels")
+        return axes[0].figure, axes
+    fig, new = _pyplot().subplots(1, n, figsize=figsize, squeeze=False, **subplots)
+    return fig, list(new[0])
+
+
+def model_colors(models) -> dict:
+    """One distinct, stable colour per model name (sorted), shared by the line figures."""
+    plt = _pyplot()
     return {m: plt.cm.tab20(i % 20) for i, m in enumerate(sorted(set(models)))}
 
 
-def novelty_figure(nov: pd.DataFrame, metric: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def novelty_figure(nov: pd.DataFrame, metric: str, *, axes=None):
+    """Left: the test drugs' max Tanimoto to training; right: each model's score by that similarity."""
     drugs = nov.drop_duplicates(["task", "seed", "drug"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2) = _axes(axes, 2, (10, 3.6))
     ax1.hist(drugs["max_tanimoto"], bins=np.linspace(0, 1, 21), color="#555555")
     ax1.axvline(0.4, color="red", ls="--", lw=1)
     ax1.set_xlabel("max Tanimoto to training drugs (Morgan r=2, 2048 bits)")
@@ -58,23 +80,23 @@ def novelty_figure(nov: pd.DataFrame, metric: str):
     return fig
 
 
-def genes_figure(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
-    """Control, observed (± cell SD) and predicted expression of the top-k DEGs for the
-    conditions with the largest observed change (paper's Figure 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def first_predictions(folder: Path, model: str):
+    """(the model's first seed-0 prediction file, its task), or (None, None) when it has none."""
     files = sorted(glob.glob(str(folder / "predictions" / f"{model}__*__seed0.h5ad")))
-    if not files:
-        return None
-    a = read_predictions(files[0])
+    return (read_predictions(files[0]), Path(files[0]).stem.split("__")[1]) if files else (None, None)
+
+
+def genes_figure(a, model: str, task: str, *, n_conditions: int = 2, k: int = 20, axes=None):
+    """Control, observed (± cell SD) and predicted expression of the top-k DEGs for the
+    conditions with the largest observed change (paper's Figure 4); `a` is a prediction file."""
     change = np.abs(a.layers["observed"] - a.layers["control"]).mean(1)
     picks = np.argsort(-change)[:n_conditions]
     genes = pd.Index(a.var_names)
-    fig, axes = plt.subplots(n_conditions, 1, figsize=(10, 2.8 * n_conditions), squeeze=False)
-    for ax, i in zip(axes[:, 0], picks):
+    if axes is None:
+        fig, grid = _pyplot().subplots(n_conditions, 1, figsize=(10, 2.8 * n_conditions), squeeze=False)
+        axes = list(grid[:, 0])
+    fig, axes = _axes(axes, n_conditions, None)
+    for ax, i in zip(axes, picks):
         cid = a.obs_names[i]
         names = [g for g in a.uns["degs"].loc[cid].tolist() if g][:k]
         idx = genes.get_indexer(names)
@@ -93,22 +115,18 @@ def genes_figure(folder: Path, model: str, n_conditions: int = 2, k: int = 20):
         ax.plot(x, np.asarray(a.X)[i, idx], "x", color="#d62728", ms=8, label=f"predicted ({model})")
         ax.set_xticks(x, names, rotation=60, fontsize=7)
         ax.set_ylabel("log1p expression")
-        ax.set_title(f"{cid} ({Path(files[0]).stem.split('__')[1]}, seed 0)", fontsize=9)
-    axes[0, 0].legend(fontsize=7, ncol=3)
+        ax.set_title(f"{cid} ({task}, seed 0)", fontsize=9)
+    axes[0].legend(fontsize=7, ncol=3)
     fig.tight_layout()
     return fig
 
 
-def bars_figure(results: pd.DataFrame, metric: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def bars_figure(results: pd.DataFrame, metric: str, *, axes=None):
+    """One panel per task: each model's mean ± SE over seeds, coloured by kind of model."""
     s = per_seed(results, metric).groupby(["task", "model"])["value"].agg(["mean", "sem"]).reset_index()
     tasks = list(dict.fromkeys(s["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.8), sharey=True, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = _axes(axes, len(tasks), (3.6 * len(tasks), 3.8), sharey=True)
+    for ax, task in zip(axes, tasks):
         t = s[s["task"] == task]
         colors = [
             "#999999" if m in REFERENCES else "#1f77b4" if m in BASELINES else "#ff7f0e" if m in PEERS else "#d62728"
@@ -127,21 +145,17 @@ def bars_figure(results: pd.DataFrame, metric: str):
     return fig
 
 
-def sweep_figure(sweep: pd.DataFrame):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def sweep_figure(sweep: pd.DataFrame, *, axes=None):
+    """One panel per task: R² of expression over the top-k DEGs as k grows, one line per model."""
     tasks = list(dict.fromkeys(sweep["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), sharey=True, squeeze=False)
+    fig, axes = _axes(axes, len(tasks), (3.6 * len(tasks), 3.4), sharey=True)
     order = [k for k in ("10", "20", "50", "100", "200", "all") if k in set(sweep["k"])]
     # the axis starts just below 'control' (no change), so one collapsed model cannot flatten the
     # others into a single line; models cut off are named under each panel
     anchor = sweep[sweep["model"] == "control"]["value"]
     floor = float(anchor.min()) - 0.1 if len(anchor) else float(sweep["value"].min())
     colors = model_colors(sweep["model"])
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes, tasks):
         t = sweep[sweep["task"] == task]
         for model, g in t.groupby("model"):
             g = g.set_index("k").reindex(order)
@@ -154,15 +168,16 @@ def sweep_figure(sweep: pd.DataFrame):
         ax.set_xlabel("top-k DEGs" + (f"\n{note}" if note else ""))
         ax.set_ylabel("R² (expression)")
     top = float(sweep["value"].max())
-    axes[0][0].set_ylim(floor, top + 0.02 * max(top - floor, 1e-3))
-    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    for ax in axes:
+        ax.set_ylim(floor, top + 0.02 * max(top - floor, 1e-3))
+    axes[-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
 
 
 def png(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
+    """Write the figure to `path` (atomically), close it, and return the PNG as base64."""
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

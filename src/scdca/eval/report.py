@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from scdca.eval.diagnostics import describe as describe_diagnostics
-from scdca.eval.figures import bars_figure, genes_figure, novelty_figure, png, sweep_figure
+from scdca.eval.figures import bars_figure, first_predictions, genes_figure, novelty_figure, png, sweep_figure
 from scdca.eval.metrics import METRICS, r2_rows
 from scdca.eval.render import write_html, write_markdown
 from scdca.eval.runs import REFERENCES, read_predictions
@@ -382,13 +382,13 @@ def _breakdowns(results, folder: Path, metric: str, annotations, annotation_name
 def _run_facts(results: pd.DataFrame, folder: Path, model: str) -> list[Section]:
     """Per-gene view, costs, which peers ran, what the backbone saw."""
     sections: list[Section] = []
-    genes_fig = genes_figure(folder, model)
-    if genes_fig is not None:
+    preds, task = first_predictions(folder, model)
+    if preds is not None:
         sections.append(
             (
                 f"Per-gene view: top-20 DEGs of the two most-changed test conditions ({model})",
                 "Grey squares: control; black: observed (± SD across cells when stored); red x: predicted.",
-                png(genes_fig, folder / "fig_genes.png"),
+                png(genes_figure(preds, model, task), folder / "fig_genes.png"),
             )
         )
     costs = cost_table(folder)
