@@ -4,16 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo demo-scdca demo-scdca-variants demo-peers test bench bench-lincs clean
+.PHONY: demo demo-scdca demo-scdca-variants demo-peers test lint docs bench bench-lincs clean
 
 # torch goes in first, pinned, so nothing later pulls a multi-GB CUDA build.
-$(BIN)/scdca: pyproject.toml requirements.lock requirements-peers.lock requirements-eval.lock
+$(BIN)/scdca: pyproject.toml requirements.lock requirements-peers.lock requirements-eval.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet -r requirements-peers.lock
 	$(BIN)/pip install --quiet -r requirements-eval.lock
+	$(BIN)/pip install --quiet -r requirements-dev.lock
 	$(BIN)/pip install --quiet --no-deps rxnfp==0.1.0 scgpt==0.2.4
 	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
@@ -42,7 +43,7 @@ $(DEMO_BACKBONE): | $(DEMO_ATLAS)
 # The recommended scDCA model next to the baselines, 5 seeds, all four tasks (issue 10's bar):
 # simulate the pretraining atlas (unperturbed cells, same genes), pretrain the demo backbone on it,
 # run the grid on the 256 most variable genes, then the same model on an untrained backbone (does
-# pretraining help?). The grids use 2 Ray workers. Timed end to end in NOTES.md.
+# pretraining help?). The grids use 2 Ray workers. Its numbers: RESULTS.md.
 demo-scdca: $(BIN)/scdca $(DEMO_DATA) $(DEMO_BACKBONE)
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo --tasks all --seeds 5 --workers 2 \
 		--models control,train_mean,additive,ridge,knn,dominant,c3tl,scdca_lowrank,scdca_routed \
@@ -66,8 +67,17 @@ demo-peers: $(BIN)/scdca $(DEMO_DATA)
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/demo_peers --tasks all --seeds 5 \
 		--models control,train_mean,additive,ridge,knn,biolord
 
-test: $(BIN)/scdca
-	$(BIN)/python -m pytest -q
+# Everything CI checks: format and lint, the docs (warnings are errors), every test including
+# the slow ones (a plain `pytest` skips tests marked slow, for a quick loop while developing).
+test: lint docs
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: $(BIN)/scdca
+	$(BIN)/ruff format --check src tests bench docs
+	$(BIN)/ruff check src tests bench docs
+
+docs: $(BIN)/scdca
+	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
 
 bench: $(BIN)/scdca
 	$(BIN)/python bench/backbone.py
@@ -85,4 +95,4 @@ bench-lincs: $(BIN)/scdca
 	$(BIN)/python bench/lincs_plate.py $(PLATE) $(COMPOUNDS) --out runs/lincs_plate
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build docs/generated

@@ -177,7 +177,7 @@ def screen(
     Returns:
         DataFrame sorted by `score` (signature cosine if given, else effect size) with columns
         drug, smiles, effect_size (RMS change from control over genes), n_up, n_down
-        (|change| > 0.5), signature_cosine (if a signature is given), score, and, when the
+        (absolute change > 0.5), signature_cosine (if a signature is given), score, and, when the
         model records its training molecules, max_tanimoto_train and nearest_train_drug.
     """
     controls = resolve_controls(model, [cell_line] if cell_line else None, control)

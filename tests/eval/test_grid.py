@@ -194,6 +194,7 @@ def _readable(path: Path) -> None:
         assert path.read_text().rstrip()
 
 
+@pytest.mark.slow  # over 20 s; `make test` runs it
 def test_killed_at_random_points_and_rerun_gives_the_uninterrupted_results(tmp_path, tiny_sim):
     import signal
     import subprocess

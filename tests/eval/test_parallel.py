@@ -47,6 +47,7 @@ def grids(tiny_data, tmp_path_factory):
     return serial, out, str(err.value)
 
 
+@pytest.mark.slow  # over 20 s; `make test` runs it
 def test_parallel_grid_equals_the_serial_one(grids):
     serial, out, _ = grids
     parallel = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""], dtype={"held_out": str})
@@ -58,6 +59,7 @@ def test_parallel_grid_equals_the_serial_one(grids):
     assert set(b["model"]) >= {"control", "additive", "ridge", "ceiling", "oracle"}
 
 
+@pytest.mark.slow  # shares a fixture that takes over 20 s; `make test` runs it
 def test_a_failing_cell_is_reported_and_the_others_are_kept(grids):
     _, out, message = grids
     failed = sorted(p.name for p in (out / "failed").iterdir())

@@ -31,6 +31,7 @@ def fitted():
 
 
 @needs_biolord
+@pytest.mark.slow  # over 20 s; `make test` runs it
 def test_biolord_learns_the_training_changes(fitted):
     model, data = fitted
     pred = model.predict(data.subset(data.ids, observed=False))
@@ -59,6 +60,7 @@ def test_biolord_keeps_the_weights_with_the_best_validation_score():
 
 
 @needs_biolord
+@pytest.mark.slow  # shares a fixture that takes over 20 s; `make test` runs it
 def test_biolord_prediction_of_a_condition_does_not_depend_on_the_rest_of_the_query(fitted):
     model, data = fitted
     ids = data.ids
@@ -69,6 +71,7 @@ def test_biolord_prediction_of_a_condition_does_not_depend_on_the_rest_of_the_qu
 
 
 @needs_biolord
+@pytest.mark.slow  # shares a fixture that takes over 20 s; `make test` runs it
 def test_biolord_records_its_cost(fitted):
     model, _ = fitted
     c = model.cost()
@@ -81,6 +84,7 @@ def test_biolord_records_its_cost(fitted):
 
 
 @needs_biolord
+@pytest.mark.slow  # shares a fixture that takes over 20 s; `make test` runs it
 def test_biolord_refuses_a_line_without_a_control_sample(fitted):
     model, data = fitted
     q = data.subset(data.ids[:1], observed=False)

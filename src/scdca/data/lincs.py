@@ -8,7 +8,7 @@ plate like any pseudobulk file: each well is one "cell" of its condition.
 Why not cmapPy (checked with the pinned numpy 2.4 / pandas 2.3): its GCT parser works but
 relies on `pd.to_numeric(errors="ignore")`, deprecated and due to raise in pandas 3; its GCTX
 writer fails on numpy 2 (`np.string_`) and, patched, on a real plate whose column metadata
-has an `id` field. The formats are small, so we read them here (NOTES.md, LINCS).
+has an `id` field. The formats are small, so we read them here (DECISIONS.md D29).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ workers do not oversubscribe the cores (N workers x 2 threads on 2 cores runs ~3
 
 Results equal a serial run's with the same threads per job (`workers=1, threads=T`).
 With another thread count, BLAS and torch sum in another order: most models agree to
-the last bit, but a model whose fit amplifies rounding (c3tl on some splits, NOTES.md)
+the last bit, but a model whose fit amplifies rounding (c3tl on some splits, DECISIONS.md D18)
 can differ visibly.
 """
 

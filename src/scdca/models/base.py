@@ -102,7 +102,7 @@ def principal_directions(delta: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     Drug effects are low-rank: models that predict in this space (ridge, dominant, c3tl)
     discard per-gene noise and fit k numbers per condition instead of G.
     Each direction's sign is fixed (its largest-magnitude entry is positive): the SVD's sign
-    is arbitrary and changed with the BLAS thread count, which moved c3tl's fit (NOTES.md).
+    is arbitrary and changed with the BLAS thread count, which moved c3tl's fit (DECISIONS.md D18).
     """
     mean = delta.mean(0)
     _, _, vt = np.linalg.svd(delta - mean, full_matrices=False)

@@ -181,7 +181,7 @@ def trust_or_stack(weights: dict[str, float], details: dict, model: str, *, alph
     The weights come from fold models that saw (K-1)/K of the training drugs, so they
     understate how far the model fitted on all of them can be trusted and are noisy with
     tens of drugs: stacking every time cost the simulated demo 0.010 rank on unseen drugs
-    (NOTES.md, LINCS). Shrinkage is for a model shown to do worse than the drug-blind answer.
+    (DECISIONS.md D16, D17). Shrinkage is for a model shown to do worse than the drug-blind answer.
     """
     if details[f"p_worse_{model}"] >= alpha:
         return {model: 1.0}

@@ -105,13 +105,13 @@ class DrugGeneHead(nn.Module):
     zero-initialised, so the head starts at 'no change'). E is needed because a linear
     read-out of D-dim hidden states spans at most D gene patterns; measured on the demo
     (256 genes, D = 128), A h alone fitted the training drugs barely better than 'no
-    change' (see NOTES.md). The dose
+    change' (DECISIONS.md D13). The dose
     enters only through a per-molecule sigmoid gate, so all doses of a drug share one
     direction: with a free function of (m, t) each noisy condition was fitted on its own.
     `dropout` on q trades fitting the training molecules for smoothness across molecules
-    (better for new molecules, worse for seen ones; NOTES.md, session 6).
+    (better for new molecules, worse for seen ones; DECISIONS.md D15).
     `free_genes=False` drops E (an ablation: what the backbone's gene states carry alone;
-    NOTES.md, session 7).
+    docs/archive/journal.md, session 7).
     """
 
     def __init__(self, cfg: DrugGeneConfig):

@@ -30,7 +30,7 @@ class ScDCARouted(PerturbationModel):
     plain head, which fits each training molecule closely; a new molecule gets a head whose
     molecule projection trained with dropout (`new_dropout`), which fits the training
     molecules less closely but varies more smoothly between them. Measured: the plain head
-    ranks seen drugs better and new drugs worse than the dropout head (NOTES.md, session 6),
+    ranks seen drugs better and new drugs worse than the dropout head (DECISIONS.md D15),
     and one head shared by both kinds of molecule was worse than each on its own kind. The
     choice uses only what is known when predicting: whether the molecule was in training.
 
