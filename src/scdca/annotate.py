@@ -34,6 +34,7 @@ from scdca import storage
 from scdca.data.expression import looks_like_counts, normalize_log1p, validated_matrix
 from scdca.data.keys import DataKeys
 from scdca.errors import ScdcaInputError
+from scdca.models.base import read_model_json, write_model_json
 from scdca.nn.adapters import count_parameters
 from scdca.nn.backbone import Backbone, GeneVocab, SelfAttention, is_random, weights_hash
 from scdca.nn.backbone import reference as backbone_reference
@@ -360,8 +361,6 @@ class Annotator:
         backbone is referenced by path and weights hash, not copied."""
         from safetensors.torch import save_file
 
-        from scdca.models.base import write_model_json
-
         self._check_fitted()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -382,8 +381,6 @@ class Annotator:
     def load(cls, folder: str | os.PathLike, *, device: str | None = None, backbone: str | None = None) -> Annotator:
         """Rebuild a saved annotator on its backbone (refused if the backbone's weights changed)."""
         from safetensors.torch import load_file
-
-        from scdca.models.base import read_model_json
 
         meta = read_model_json(folder)
         if meta.get("model") != "annotator":

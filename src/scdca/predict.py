@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from scdca.chem.molecules import NearestTraining, canonicalize
+from scdca.chem.molecules import NearestTraining, canonical_smiles, canonicalize
 from scdca.data.expression import looks_like_counts, normalize_log1p, validated_genes, validated_matrix
 from scdca.data.keys import DataKeys, condition_id
 from scdca.data.screen import PerturbationData, read
@@ -210,7 +210,6 @@ def _signature_vector(signature: pd.Series | None, genes) -> np.ndarray | None:
 
 def _screen_batch(model, chunk, line: str, ctrl: np.ndarray, dose: float, sig, similarity) -> list[dict]:
     """Score one batch of (name, SMILES): effect size, genes up and down, signature cosine, novelty."""
-    from scdca.chem.molecules import canonical_smiles
 
     ok = [(n, canonical_smiles(s)) for n, s in chunk]
     good = {n: c for n, c in ok if c is not None}

@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from scdca.errors import ScdcaInputError, reason
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -46,8 +48,6 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
 def read_mapping(path: str | os.PathLike, *, arg: str, hint: str) -> dict:
     """A YAML (or JSON) file holding a mapping; a clear error naming `arg` otherwise (`hint`: what to pass)."""
     import yaml
-
-    from scdca.errors import ScdcaInputError, reason
 
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -93,8 +93,6 @@ def load_state(path: str | os.PathLike, *, what: str = "out") -> dict:
     damaged file is refused with an error naming it. `what` names the argument.
     """
     import torch
-
-    from scdca.errors import ScdcaInputError, reason
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -21,6 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from scdca import storage
 from scdca.data.keys import SCALE_KEY, DataKeys
 from scdca.errors import ScdcaInputError, reason
 
@@ -426,8 +427,6 @@ def _var(rows: pd.DataFrame) -> pd.DataFrame:
 def write_gctx(path: str | os.PathLike, X: np.ndarray, rows: pd.DataFrame, cols: pd.DataFrame) -> None:
     """Write a GCTX file (X as genes x wells; metadata as strings), atomically. For tests and conversions."""
     import h5py
-
-    from scdca import storage
 
     def strings(values) -> np.ndarray:
         return np.array([str(v).encode() for v in values], dtype="S")

@@ -36,6 +36,7 @@ from scdca.data.expression import (
     validated_matrix,
 )
 from scdca.data.keys import CONTROL_NAMES, TRUTH_KEY, DataKeys, condition_id
+from scdca.data.lincs import is_lincs, read_lincs
 from scdca.errors import ScdcaInputError, reason
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,6 @@ def read(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ScdcaInputError(f"{what}: file {path!r} does not exist; pass the path of an .h5ad, .gct or .gctx file")
-    from scdca.data.lincs import is_lincs, read_lincs  # lincs imports this module
 
     if is_lincs(path):
         return read_lincs(path, compounds=compounds, keys=keys or DataKeys())

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from scdca.chem.molecules import scaffold
 from scdca.data.screen import PerturbationData
 from scdca.errors import LeakageError, ScdcaInputError
 from scdca.storage import write_json
@@ -68,7 +69,6 @@ def _unseen_drugs(data: PerturbationData, rng, frac: float) -> np.ndarray:
 
 def _unseen_scaffolds(data: PerturbationData, rng, frac: float) -> np.ndarray:
     """Test mask: whole Bemis-Murcko scaffolds, in random order, until at least `frac` of the drugs."""
-    from scdca.chem.molecules import scaffold
 
     smiles = data.drug_smiles()
     drugs = sorted(smiles)

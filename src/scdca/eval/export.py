@@ -26,7 +26,7 @@ import pandas as pd
 
 from scdca import storage
 from scdca.errors import ScdcaInputError
-from scdca.eval.runs import CONTROL, perturbation_label, prediction_file
+from scdca.eval.runs import CONTROL, perturbation_label, prediction_file, read_predictions
 
 PERT_COL = "perturbation"
 FORMATS = ("cell-eval",)
@@ -80,7 +80,6 @@ def export(run: str | Path, model: str, task: str, seed: int, out: str | Path, f
     """Write the files of `fmt` for one grid cell of a benchmark run; returns their paths."""
     if fmt not in FORMATS:
         raise ScdcaInputError(f"format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    from scdca.eval.runs import read_predictions
 
     real, pred = cell_eval_pair(read_predictions(prediction_file(run, model, task, seed)))
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model}__{task}__seed{seed}")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scdca.data.screen import read
+from scdca.errors import ScdcaInputError
 from scdca.eval.diagnostics import describe as describe_diagnostics
 from scdca.eval.figures import bars_figure, first_predictions, genes_figure, novelty_figure, png, sweep_figure
 from scdca.eval.metrics import METRICS, r2_rows
@@ -118,9 +120,6 @@ def data_info(folder: str | os.PathLike) -> tuple[dict[str, str], pd.DataFrame |
             ),
         )
     import logging
-
-    from scdca.data.screen import read
-    from scdca.errors import ScdcaInputError
 
     lincs_log = logging.getLogger("scdca.data.lincs")
     level = lincs_log.level
@@ -237,7 +236,6 @@ def read_annotations(path: str | os.PathLike, *, drug_column: str, group_column:
     Names are matched as given and also without a trailing parenthesis ('Veliparib (ABT-888)'
     -> 'Veliparib'), so product names match the short names used in chemCPA's files.
     """
-    from scdca.errors import ScdcaInputError
 
     sep = "\t" if str(path).endswith((".tsv", ".txt")) else ","
     table = pd.read_csv(path, sep=sep)

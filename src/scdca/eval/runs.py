@@ -14,7 +14,7 @@ import pandas as pd
 from scdca import storage
 from scdca.data.degs import deg_long_table
 from scdca.data.keys import DataKeys
-from scdca.data.screen import PerturbationData
+from scdca.data.screen import PerturbationData, read
 from scdca.errors import ScdcaInputError
 
 CONTROL = "control"
@@ -71,7 +71,6 @@ def predictions_anndata(
     t-test statistics in the long form of `sc.get.rank_genes_groups_df` (`data.deg_long_table`;
     `data.rank_genes_groups_uns` turns it into scanpy's uns['rank_genes_groups'] in memory).
     """
-    from scdca.eval.runs import CONTROL, perturbation_label
 
     cond = test.conditions
     lines = list(dict.fromkeys(cond["cell_line"]))  # in order of appearance
@@ -115,7 +114,6 @@ def predictions_anndata(
 
 def read_predictions(path: str | os.PathLike) -> ad.AnnData:
     """A prediction file's condition rows (its control rows dropped), as the report and export use them."""
-    from scdca.data.screen import read
 
     a = read(path, what="predictions")
     return a[~a.obs["control"].to_numpy(bool)].copy() if "control" in a.obs else a

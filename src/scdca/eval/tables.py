@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from scdca.chem.molecules import novelty_table
 from scdca.eval.metrics import METRICS
 from scdca.eval.runs import REFERENCES
 from scdca.eval.stats import DRUG_BLIND_NOTE, drug_blind, per_seed
@@ -120,7 +121,6 @@ def novelty(
     In these tasks every drug that is not tested is a training drug, so the split is read
     from the results table itself.
     """
-    from scdca.chem.molecules import novelty_table
 
     rows = []
     r = results[results["metric"] == metric]

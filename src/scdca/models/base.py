@@ -7,8 +7,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from scdca import storage
 from scdca.data.screen import PerturbationData
-from scdca.errors import ScdcaInputError
+from scdca.errors import ScdcaInputError, reason
 from scdca.registry import Registry
 
 
@@ -129,8 +130,6 @@ def write_model_json(folder, meta: dict, files: list[str]) -> None:
     were changed or damaged after saving is refused on load (`read_model_json`)."""
     from pathlib import Path
 
-    from scdca import storage
-
     folder = Path(folder)
     storage.write_json(folder / "model.json", {**meta, "files": {f: storage.file_sha256(folder / f) for f in files}})
 
@@ -139,9 +138,6 @@ def read_model_json(folder) -> dict:
     """model.json of a saved model folder, after checking every file it lists is unchanged."""
     import json
     from pathlib import Path
-
-    from scdca import storage
-    from scdca.errors import ScdcaInputError
 
     folder = Path(folder)
     path = folder / "model.json"
@@ -172,8 +168,6 @@ def load_model(path, **kwargs) -> PerturbationModel:
     was edited so the weights no longer fit, gives a ScdcaInputError, not a traceback.
     """
     import inspect
-
-    from scdca.errors import ScdcaInputError, reason
 
     meta = read_model_json(path)
     cls = MODELS.get(meta["model"])

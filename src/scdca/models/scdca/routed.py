@@ -17,7 +17,7 @@ from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
 from scdca.models.scdca.presets import ScDCALowRank
-from scdca.models.shrinkage import ScaledMeanBaseline
+from scdca.models.shrinkage import ScaledMeanBaseline, cv_weights, trust_or_stack
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ class ScDCARouted(PerturbationModel):
         return self._weights
 
     def _choose_weights(self, train: PerturbationData) -> dict[str, float]:
-        from scdca.models.shrinkage import cv_weights, trust_or_stack
 
         t0 = time.perf_counter()
         n_drugs = train.conditions["drug"].nunique()
