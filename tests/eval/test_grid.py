@@ -293,3 +293,15 @@ def test_the_run_records_the_data_diagnostics_and_the_report_opens_with_them(ben
     assert list(stored["cell_line"]) == data.cell_lines
     page = build(out).read_text()
     assert page.index("How much drug signal the data carries") < page.index("Main table")
+
+
+def test_reading_parts_of_a_prediction_file_gives_what_the_full_read_gives(bench):
+    from scdca.eval.runs import read_prediction_parts, read_predictions
+
+    path = next((bench[1] / "predictions").glob("*.h5ad"))
+    full, parts = read_predictions(path), read_prediction_parts(path)
+    assert list(parts.obs_names) == list(full.obs_names) and not parts.obs["control"].any()
+    np.testing.assert_array_equal(parts.X, full.X)
+    np.testing.assert_array_equal(parts.layers["observed"], full.layers["observed"])
+    pd.testing.assert_frame_equal(parts.uns["degs"], full.uns["degs"])
+    assert "rank_genes_groups_df" not in parts.uns and "control" not in parts.layers

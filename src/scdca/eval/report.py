@@ -21,7 +21,7 @@ from scdca.eval.diagnostics import describe as describe_diagnostics
 from scdca.eval.figures import bars_figure, first_predictions, genes_figure, novelty_figure, png, sweep_figure
 from scdca.eval.metrics import METRICS, r2_rows
 from scdca.eval.render import write_html, write_markdown
-from scdca.eval.runs import REFERENCES, read_predictions
+from scdca.eval.runs import REFERENCES, read_prediction_parts
 from scdca.eval.stats import DRUG_BLIND_TOLERANCE, drug_blind, paired_tests, per_seed
 from scdca.eval.tables import (
     BASELINES,
@@ -46,7 +46,7 @@ def deg_sweep(folder: str | os.PathLike, ks: Sequence[int | str] = (10, 20, 50, 
     rows = []
     for path in sorted(glob.glob(str(Path(folder) / "predictions" / "*.h5ad"))):
         model, task, seed = Path(path).stem.split("__")
-        a = read_predictions(path)
+        a = read_prediction_parts(path)
         table = a.uns["degs"].loc[list(a.obs_names)]
         idx = pd.Index(a.var_names).get_indexer(table.to_numpy().ravel()).reshape(table.shape)  # -1 = none
         n_stored = int((idx >= 0).sum(1).min())

@@ -3,6 +3,8 @@ the prediction-file format, and the run's provenance (package versions, git comm
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -107,15 +109,59 @@ def predictions_anndata(
     adata.layers["observed"] = np.vstack([observed, ctrl_rows]).astype(np.float32)
     adata.layers["observed_std"] = np.vstack([std, ctrl_std]).astype(np.float32)  # across cells, per-gene plots
     adata.layers["control"] = np.vstack([control, ctrl_rows]).astype(np.float32)
-    adata.uns["degs"] = deg_table(test, n_degs)
-    adata.uns["rank_genes_groups_df"] = deg_long_table(test, n_degs=n_degs)
+    adata.uns["degs"], adata.uns["rank_genes_groups_df"] = _deg_tables(test, n_degs)
     return adata
+
+
+_DEG_CACHE: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}  # content hash -> tables, this process only
+
+
+def _deg_tables(test: PerturbationData, n_degs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The test conditions' DEG tables (`deg_table`, `deg_long_table`). They depend on the test
+    data only, not on the model, so every model of a split shares one computation: keyed by a
+    hash of everything they are computed from."""
+    h = hashlib.sha1(f"{n_degs}|{'|'.join(map(str, test.ids))}|{'|'.join(map(str, test.genes))}".encode())
+    for array in (test.mean, test.std, test.control_mean, test.control_std):
+        if array is not None:
+            h.update(np.ascontiguousarray(array).tobytes())
+    h.update(test.controls["n_cells"].to_numpy().tobytes() + test.conditions["n_cells"].to_numpy().tobytes())
+    h.update(test.controls.index.astype(str).str.cat(sep="|").encode())
+    for i in test.ids:
+        h.update(np.asarray(test.degs[i][:n_degs]).tobytes())
+    key = h.hexdigest()
+    if key not in _DEG_CACHE:
+        if len(_DEG_CACHE) >= 64:
+            _DEG_CACHE.pop(next(iter(_DEG_CACHE)))
+        _DEG_CACHE[key] = (deg_table(test, n_degs), deg_long_table(test, n_degs=n_degs))
+    table, long = _DEG_CACHE[key]
+    return table.copy(), long.copy()
 
 
 def read_predictions(path: str | os.PathLike) -> ad.AnnData:
     """A prediction file's condition rows (its control rows dropped), as the report and export use them."""
 
     a = read(path, what="predictions")
+    return a[~a.obs["control"].to_numpy(bool)].copy() if "control" in a.obs else a
+
+
+def read_prediction_parts(path: str | os.PathLike, layers=("observed",), uns=("degs",)) -> ad.AnnData:
+    """The condition rows of a prediction file with only X, these layers and these uns entries:
+    about 2.5x faster than `read_predictions` for readers that need no DEG statistics."""
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as f:
+            a = ad.AnnData(X=read_elem(f["X"]), obs=read_elem(f["obs"]), var=read_elem(f["var"]))
+            for name in layers:
+                a.layers[name] = read_elem(f["layers"][name])
+            for name in uns:
+                a.uns[name] = read_elem(f["uns"][name])
+    except (OSError, KeyError) as err:
+        raise ScdcaInputError(
+            f"predictions: {str(path)!r} is not a complete prediction file ({err}); rerun its grid "
+            f"cell (delete its cells/ and predictions/ files and rerun the benchmark)"
+        ) from None
     return a[~a.obs["control"].to_numpy(bool)].copy() if "control" in a.obs else a
 
 
@@ -161,6 +207,11 @@ def collect(out: Path, grid) -> pd.DataFrame:
 
 def package_versions() -> dict[str, str]:
     """Versions of Python and of the packages that decide a run's numbers (those installed)."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
     import platform
     from importlib import metadata
 
