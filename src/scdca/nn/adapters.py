@@ -105,7 +105,7 @@ class DrugGeneHead(nn.Module):
     zero-initialised, so the head starts at 'no change'). E is needed because a linear
     read-out of D-dim hidden states spans at most D gene patterns; measured on the demo
     (256 genes, D = 128), A h alone fitted the training drugs barely better than 'no
-    change' (DECISIONS.md D13). The dose
+    change' (docs/archive/journal.md, 'Ablation: without the free per-gene loadings E'). The dose
     enters only through a per-molecule sigmoid gate, so all doses of a drug share one
     direction: with a free function of (m, t) each noisy condition was fitted on its own.
     `dropout` on q trades fitting the training molecules for smoothness across molecules

@@ -67,7 +67,7 @@ class ScDCALowRank(ScDCAModel):
 
     No adapters, so the hidden states are cached per line and a full-batch step costs
     milliseconds: it trains on its own budget (the benchmark-wide --epochs/--max-steps/--lr CPU
-    budgets do not apply). 600 steps rather than 300 and the dose profile: DECISIONS.md D12, D13.
+    budgets do not apply). 600 steps rather than 300 and the dose profile: DECISIONS.md D13.
     """
 
     name, variant = "scdca_lowrank", "lowrank"
