@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ from scdca.cli.options import (
     add_training_options,
     data_keys,
     encoder_help,
+    field_default,
     model_options,
     require,
 )
@@ -41,7 +43,8 @@ def add_commands(sub) -> None:
     help = {"models": f"comma-separated, from: {', '.join(MODELS.names())}",
             "tasks": f"'all' (the paper's four) or comma-separated, from: {', '.join(ALL_TASKS)}",
             "metrics": f"'all' or comma-separated, from: {', '.join(METRICS.names())}"}  # fmt: skip
-    defaults = {"models": ",".join(BenchmarkConfig.__dataclass_fields__["models"].default_factory()),
+    models_field = next(f for f in dataclasses.fields(BenchmarkConfig) if f.name == "models")
+    defaults = {"models": ",".join(field_default(models_field)),
                 "tasks": "all", "metrics": "all", "seeds": 5}  # fmt: skip
     spec = {k: (f, help.get(k, h)) for k, (f, h) in GRID.items()}
     add_fields(b, BenchmarkConfig, spec, defaults=defaults, types={"seeds": int})

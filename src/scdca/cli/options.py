@@ -92,7 +92,7 @@ def add_fields(
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, (flag, help) in spec.items():
         f = fields[name]
-        default = (defaults or {}).get(name, _default(f))
+        default = (defaults or {}).get(name, field_default(f))
         kind, choices = ((types or {})[name], ()) if name in (types or {}) else _kind(hints[name])
         if kind is bool and default is False:
             cmd.add(flag, action="store_true", help=help, group=group)
@@ -105,7 +105,8 @@ def add_fields(
         cmd.add(flag, group=group, **kwargs)
 
 
-def _default(f: dataclasses.Field):
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default value (its factory called)."""
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None

@@ -3,8 +3,6 @@ normalisation and gene selection."""
 
 from __future__ import annotations
 
-import logging
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -12,8 +10,6 @@ import scipy.sparse as sp
 
 from scdca.data.keys import SCALE_KEY, DataKeys
 from scdca.errors import ScdcaInputError
-
-log = logging.getLogger(__name__)
 
 
 def validated_genes(adata: ad.AnnData, keys: DataKeys) -> np.ndarray:

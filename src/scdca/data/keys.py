@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
-
 
 CONTROL_NAMES = ("control", "dmso", "vehicle", "ctrl")
 SCALE_KEY = "expression_scale"  # uns key a reader sets when values are already log-scale ('log2' for LINCS)

@@ -33,15 +33,15 @@ def _pyplot():
     return plt
 
 
-def _axes(axes, n: int, figsize, **subplots) -> tuple:
-    """(figure, n axes): the caller's axes, or a new one-row figure."""
+def _axes(axes, n: int, figsize, *, column: bool = False, **subplots) -> tuple:
+    """(figure, n axes): the caller's axes, or a new one-row (or one-column) figure."""
     if axes is not None:
         axes = list(np.ravel(axes))
         if len(axes) != n:
             raise ValueError(f"axes: {len(axes)} given, this figure draws {n} panels")
         return axes[0].figure, axes
-    fig, new = _pyplot().subplots(1, n, figsize=figsize, squeeze=False, **subplots)
-    return fig, list(new[0])
+    fig, new = _pyplot().subplots(*((n, 1) if column else (1, n)), figsize=figsize, squeeze=False, **subplots)
+    return fig, list(new.ravel())
 
 
 def model_colors(models) -> dict:
@@ -92,10 +92,7 @@ def genes_figure(a, model: str, task: str, *, n_conditions: int = 2, k: int = 20
     change = np.abs(a.layers["observed"] - a.layers["control"]).mean(1)
     picks = np.argsort(-change)[:n_conditions]
     genes = pd.Index(a.var_names)
-    if axes is None:
-        fig, grid = _pyplot().subplots(n_conditions, 1, figsize=(10, 2.8 * n_conditions), squeeze=False)
-        axes = list(grid[:, 0])
-    fig, axes = _axes(axes, n_conditions, None)
+    fig, axes = _axes(axes, n_conditions, (10, 2.8 * n_conditions), column=True)
     for ax, i in zip(axes, picks):
         cid = a.obs_names[i]
         names = [g for g in a.uns["degs"].loc[cid].tolist() if g][:k]

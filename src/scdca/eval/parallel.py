@@ -21,7 +21,6 @@ can differ visibly.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -29,8 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from scdca.errors import ScdcaInputError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

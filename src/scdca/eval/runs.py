@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 from pathlib import Path
 
@@ -42,9 +41,6 @@ def prediction_file(run: str | Path, model: str, task: str, seed: int) -> Path:
             f"model/task/seed: no predictions for {model!r} on {task!r} seed {seed} in {str(run)!r}; {hint}"
         )
     return path
-
-
-log = logging.getLogger(__name__)
 
 
 RESULT_COLUMNS = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]

@@ -3,7 +3,6 @@ table, per-line, per-dose, per-group and novelty tables."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,8 +12,6 @@ from scdca.chem.molecules import novelty_table
 from scdca.eval.metrics import METRICS
 from scdca.eval.runs import REFERENCES
 from scdca.eval.stats import DRUG_BLIND_NOTE, drug_blind, per_seed
-
-log = logging.getLogger(__name__)
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,8 @@ class EarlyStopping:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def state(self) -> dict[str, Any]:
-        """Plain values for a resume file."""
-        return asdict(self)
+        """Its fields for a resume file (the best snapshot by reference, not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def restore(self, state: dict[str, Any]) -> None:
         for key, value in state.items():

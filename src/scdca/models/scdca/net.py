@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from torch import Tensor, nn
@@ -11,8 +10,6 @@ from torch import Tensor, nn
 from scdca.models.scdca.config import ScDCAConfig
 from scdca.nn.adapters import AdapterConfig, DrugConditionalAdapter, DrugGeneConfig, DrugGeneHead, freeze
 from scdca.nn.backbone import Backbone
-
-log = logging.getLogger(__name__)
 
 
 class ScDCANet(nn.Module):

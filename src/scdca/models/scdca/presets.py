@@ -36,12 +36,8 @@ modelled: their prediction is the control value (no change), and fit logs how ma
 
 from __future__ import annotations
 
-import logging
-
 from scdca.models.base import MODELS
 from scdca.models.scdca.model import ScDCAModel
-
-log = logging.getLogger(__name__)
 
 
 class ScDCANoRes(ScDCAModel):
