@@ -1,6 +1,7 @@
 """The unseen-drug grid on a real LINCS L1000 plate, judged by change, rank and error together.
 
     python bench/lincs_plate.py PLATE.gct|gctx COMPOUNDS.csv [--seeds 5] [--out DIR] [--backbone random:4x128]
+        [--intervals]
 
 Runs every baseline, `dominant`, `scaled_mean`, ridge (plain and shrunk), knn, c3tl, biolord
 (when installed) and the recommended `scdca_routed` with `scdca benchmark`'s grid (5 seeds,
@@ -29,6 +30,7 @@ from scdca.eval.diagnostics import describe, plate_diagnostics
 from scdca.eval.grid import BenchmarkConfig, run
 from scdca.eval.metrics import ScoringInput, score
 from scdca.eval.stats import paired_tests, per_seed
+from scdca.eval.tables import calibration_table
 from scdca.models import MODELS
 from scdca.models.scdca.routed import ScDCARouted
 from scdca.models.shrinkage import ScaledMeanBaseline
@@ -85,6 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/lincs_plate")
     p.add_argument("--backbone", default="random:4x128", help="backbone of the scDCA models")
     p.add_argument("--encoder", default="chemnet")
+    p.add_argument("--intervals", action="store_true", help="also calibrate 90%% intervals and print their coverage")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     models = ["control", "train_mean", "dominant", "scaled_mean", "ridge", "ridge_shrunk", "knn", "c3tl"]
@@ -105,6 +108,7 @@ def main(argv=None) -> None:
         tasks=["unseen_drug"],
         seeds=args.seeds,
         model_options=options,
+        intervals=args.intervals,
     )
     results = run(cfg, data=data, progress=False)
     print(f"grid: {time.perf_counter() - t0:.0f} s, {args.seeds} seeds, unseen drugs, {Path(args.plate).name}\n")
@@ -118,6 +122,9 @@ def main(argv=None) -> None:
         f"per seed: new head {', '.join(f'{x:.2f}' for x in costs['shrinkage'])}; ridge "
         f"{', '.join(f'{x:.2f}' for x in costs['ridge_weight'])}"
     )
+    if args.intervals:
+        print("\nprediction intervals (conformal, calibrated on folds of the training drugs):")
+        print(calibration_table(results).to_string())
     diag = plate_diagnostics(data)
     print("\nplate diagnostics:\n" + diag.round(3).to_string(index=False) + "\n" + describe(diag))
     print("\ntrade-off: anchor (scaled_mean) + w x (model without shrinkage - anchor), mean over seeds:")

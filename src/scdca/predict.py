@@ -21,6 +21,7 @@ from scdca.data.expression import looks_like_counts, normalize_log1p, validated_
 from scdca.data.keys import DataKeys, condition_id
 from scdca.data.screen import PerturbationData, read
 from scdca.errors import ScdcaInputError
+from scdca.models.intervals import LEVEL, Intervals
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def predict(
     cell_lines: Sequence[str] | None = None,
     control: dict[str, np.ndarray] | None = None,
     doses: Sequence[float] = (1.0,),
+    level: float = LEVEL,
 ) -> ad.AnnData:
     """Predict every drug x cell line x dose.
 
@@ -108,6 +110,8 @@ def predict(
         cell_lines: known lines by name.
         control: new lines: name -> control expression in the model's gene order (zero-shot).
         doses: doses in the units of the training data.
+        level: the prediction intervals' level, where the model has a calibration (`scdca train`
+            calibrates by default): layers lower and upper, obs expected_mse and confidence.
     Returns:
         AnnData of predicted mean expression.
     """
@@ -126,6 +130,12 @@ def predict(
         for col in per_drug:
             out.obs[col] = out.obs["drug"].map(per_drug[col]).to_numpy()
     out.layers["control"] = query.control_for(query.conditions["cell_line"])
+    cal = getattr(model, "calibration", None)
+    if cal is not None:
+        interval = Intervals.of(cal, pred, out.layers["control"], query.conditions["dose"].to_numpy(), levels=(level,))
+        out.layers["lower"], out.layers["upper"] = interval.bounds(pred, level)
+        out.obs["expected_mse"], out.obs["confidence"] = interval.expected_mse, interval.confidence
+        out.uns["intervals"] = {"level": level, "calibrated_for": cal.task}
     return out
 
 
@@ -168,6 +178,8 @@ def screen(
     signature: pd.Series | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    rank_by: str = "auto",
+    level: float = LEVEL,
 ) -> pd.DataFrame:
     """Rank a molecule library by predicted effect size (and similarity to a target signature).
 
@@ -178,8 +190,15 @@ def screen(
         DataFrame sorted by `score` (signature cosine if given, else effect size) with columns
         drug, smiles, effect_size (RMS change from control over genes), n_up, n_down
         (absolute change > 0.5), signature_cosine (if a signature is given), score, and, when the
-        model records its training molecules, max_tanimoto_train and nearest_train_drug.
+        model records its training molecules, max_tanimoto_train and nearest_train_drug. With a
+        calibrated model also effect_lower (the effect size with every gene's change shrunk to the
+        edge of its `level` interval nearest to no change: a lower confidence bound), expected_mse
+        and confidence.
+        `rank_by`: 'auto' (signature cosine if a signature is given, else effect size), 'effect',
+        'effect_lower' (needs a calibrated model) or 'signature'.
     """
+    cal = getattr(model, "calibration", None)
+    column = _rank_column(rank_by, signature is not None, cal is not None)
     controls = resolve_controls(model, [cell_line] if cell_line else None, control)
     if len(controls) != 1:
         raise ScdcaInputError("screen one cell line at a time (--cell-line or --control)")
@@ -190,12 +209,31 @@ def screen(
     pairs = list(zip(names, smiles))
     bar = tqdm(total=len(pairs), desc="screen", unit="mol", disable=not progress)
     for chunk in _batches(pairs, batch_size):
-        rows += _screen_batch(model, chunk, line, ctrl, dose, sig, similarity)
+        rows += _screen_batch(model, chunk, line, ctrl, dose, sig, similarity, (cal, level))
         bar.update(len(chunk))
     bar.close()
     df = _checked_screen(pd.DataFrame(rows))
-    df["score"] = df["signature_cosine"] if sig is not None else df.get("effect_size")
+    df["score"] = df.get(column)
     return df.sort_values("score", ascending=False, na_position="last").reset_index(drop=True)
+
+
+RANK_BY = {"effect": "effect_size", "effect_lower": "effect_lower", "signature": "signature_cosine"}
+
+
+def _rank_column(rank_by: str, has_signature: bool, calibrated: bool) -> str:
+    """The screen table's column that `rank_by` sorts on, or an error saying what is missing."""
+    if rank_by == "auto":
+        return "signature_cosine" if has_signature else "effect_size"
+    if rank_by not in RANK_BY:
+        raise ScdcaInputError(f"rank_by: {rank_by!r}; choose one of auto, {', '.join(RANK_BY)}")
+    if rank_by == "effect_lower" and not calibrated:
+        raise ScdcaInputError(
+            "rank_by: 'effect_lower' needs a calibrated model; retrain it with `scdca train` (which calibrates "
+            "by default, --intervals unseen_drug) or rank by 'effect'"
+        )
+    if rank_by == "signature" and not has_signature:
+        raise ScdcaInputError("rank_by: 'signature' needs a target signature (--signature FILE)")
+    return RANK_BY[rank_by]
 
 
 def _signature_vector(signature: pd.Series | None, genes) -> np.ndarray | None:
@@ -208,8 +246,9 @@ def _signature_vector(signature: pd.Series | None, genes) -> np.ndarray | None:
     return np.nan_to_num(sig)
 
 
-def _screen_batch(model, chunk, line: str, ctrl: np.ndarray, dose: float, sig, similarity) -> list[dict]:
-    """Score one batch of (name, SMILES): effect size, genes up and down, signature cosine, novelty."""
+def _screen_batch(model, chunk, line: str, ctrl: np.ndarray, dose: float, sig, similarity, calibration) -> list[dict]:
+    """Score one batch of (name, SMILES): effect size, genes up and down, signature cosine, novelty,
+    and with a calibration (cal, level) the effect's lower bound, expected error and confidence."""
 
     ok = [(n, canonical_smiles(s)) for n, s in chunk]
     good = {n: c for n, c in ok if c is not None}
@@ -217,8 +256,19 @@ def _screen_batch(model, chunk, line: str, ctrl: np.ndarray, dose: float, sig, s
     if not good:
         return rows
     query = _query(model.genes, {line: ctrl}, good, [dose])
-    delta = model.predict(query) - ctrl[None, :]  # (b, G)
+    pred = model.predict(query)
+    delta = pred - ctrl[None, :]  # (b, G)
     near = similarity.columns(list(good.values())) if similarity.available else {}
+    cal, level = calibration
+    if cal is not None:
+        interval = Intervals.of(cal, pred, ctrl[None, :], np.full(len(pred), dose), levels=(level,))
+        shrunk = np.maximum(np.abs(delta) - interval.alphas[level] * interval.sigma, 0)  # change nearest 0
+        near = {
+            **near,
+            "effect_lower": np.sqrt((shrunk**2).mean(1)).tolist(),
+            "expected_mse": interval.expected_mse.tolist(),
+            "confidence": interval.confidence.tolist(),
+        }
     for i, ((name, smi), d) in enumerate(zip(good.items(), delta)):
         r = {
             "drug": name,

@@ -77,6 +77,15 @@ def write_h5ad(path: str | os.PathLike, adata) -> None:
         adata.write_h5ad(tmp)
 
 
+def write_npz(path: str | os.PathLike, **arrays) -> None:
+    """numpy arrays as one uncompressed .npz, written atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
 def save_state(path: str | os.PathLike, state: dict) -> None:
     """Write a resume file (tensors and plain Python values only) atomically."""
     import torch

@@ -107,7 +107,20 @@ def test_train_c3tl_then_predict_a_new_molecule_from_the_command_line(tmp_path, 
     trained = set(tiny_sim.obs["condition"].astype(str))
     assert (pred.obs["max_tanimoto_train"] < 1).all() and set(pred.obs["nearest_train_drug"]) <= trained
     assert pred.obs["max_tanimoto_train"].iloc[0] < 0.2  # glycerol shares almost no substructure with them
-    assert "1 molecule(s) below 0.2, where predictions are least reliable: OCC(O)CO" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 molecule(s) below 0.2, where predictions are least reliable: OCC(O)CO" in out
+    assert "calibrated: 90% interval multiplier" in out  # `train` calibrates for unseen drugs by default
+    # the bounds: ordered, saved with the model, and in the screen table, which can rank by them
+    assert (pred.layers["lower"] <= pred.X + 1e-6).all() and (pred.X <= pred.layers["upper"] + 1e-6).all()
+    assert (pred.layers["upper"] - pred.layers["lower"] > 0).any() and pred.obs["confidence"].between(0, 1).all()
+    (tmp_path / "lib.smi").write_text("OCC(O)CO glycerol\nCC(=O)Oc1ccccc1C(=O)O aspirin\n")
+    screen = ["screen", "--model", str(tmp_path / "m"), "--library", str(tmp_path / "lib.smi"), "--cell-line",
+              "lineA", "--dose", "10000", "--out", str(tmp_path / "s.csv"), "--quiet"]  # fmt: skip
+    assert main([*screen, "--rank-by", "effect_lower"]) == 0
+    table = pd.read_csv(tmp_path / "s.csv")
+    assert (table["effect_lower"] <= table["effect_size"] + 1e-9).all()
+    assert table["score"].tolist() == sorted(table["effect_lower"], reverse=True)
+    assert "lower bound of the effect size" in capsys.readouterr().out
 
 
 def test_a_run_reruns_exactly_from_its_written_config_and_reports_from_any_folder(tmp_path, tiny_sim, monkeypatch):

@@ -305,3 +305,25 @@ def test_reading_parts_of_a_prediction_file_gives_what_the_full_read_gives(bench
     np.testing.assert_array_equal(parts.layers["observed"], full.layers["observed"])
     pd.testing.assert_frame_equal(parts.uns["degs"], full.uns["degs"])
     assert "rank_genes_groups_df" not in parts.uns and "control" not in parts.layers
+
+
+def test_intervals_are_scored_written_and_reported(tiny_data, tmp_path):
+    cfg = BenchmarkConfig(
+        data="tiny.h5ad", out=str(tmp_path), models=["ridge"], tasks=["unseen_drug", "unseen_cell_fewshot"],
+        seeds=2, k=5, intervals=True, references=False,
+    )  # fmt: skip
+    results = run(cfg, data=tiny_data, progress=False)
+    cov = results[results["metric"] == "coverage_90"]
+    assert len(cov) == len(results[results["metric"] == "mse"]) and cov["value"].between(0, 1).all()
+    assert cov["value"].mean() > 0.5  # calibrated intervals cover most values (0 would mean broken scales)
+    width = results[results["metric"] == "interval_width_90"]["value"]
+    assert (width > 0).all() and np.isfinite(width).all()
+    a = ad.read_h5ad(tmp_path / "predictions" / "ridge__unseen_drug__seed0.h5ad")
+    rows = ~a.obs["control"].to_numpy(bool)
+    assert (a.layers["lower"] <= a.X + 1e-6).all() and (a.X <= a.layers["upper"] + 1e-6).all()
+    assert np.isfinite(a.obs.loc[rows, "expected_mse"]).all() and a.uns["intervals"]["level"] == 0.9
+    costs = pd.read_csv(tmp_path / "costs" / "ridge__unseen_drug__seed0.csv")
+    assert (costs["calibration_seconds"] > 0).all()
+    report = (tmp_path / "report.md").read_text()
+    assert "Prediction intervals" in report and "error_spearman" in report
+    assert (tmp_path / "fig_calibration.png").stat().st_size > 1000

@@ -28,6 +28,11 @@ GRID = {
     "k": ("--k", "top-k DEGs for the *_deg metrics"),
     "n_top_genes": ("--n-top-genes", "keep the top-N highly variable genes"),
     "chunk_size": ("--chunk-size", "read --data backed, this many cells at a time (files larger than memory)"),
+    "intervals": (
+        "--intervals",
+        "conformal 90%% intervals and expected errors for every model, calibrated on "
+        "refits over the task's own splits of the training data (costs extra fits)",
+    ),
 }
 
 

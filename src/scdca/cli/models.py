@@ -37,6 +37,7 @@ PRETRAIN = {
 
 
 def add_commands(sub) -> None:
+    from scdca.data.splits import ALL_TASKS
     from scdca.models.base import savable_models
     from scdca.nn.pretrain import PretrainConfig
 
@@ -53,6 +54,9 @@ def add_commands(sub) -> None:
     tr.add("--model", default="scdca_routed", help=f"one of {', '.join(savable_models())}; scdca_routed (default) "
            "is the recommended model, scdca the paper's adapter")  # fmt: skip
     tr.add("--n-top-genes", type=int, default=None)
+    tr.add("--intervals", default="unseen_drug", choices=[*ALL_TASKS, "none"],
+           help="calibrate prediction intervals for this kind of new prediction (refits the model on the "
+                "task's splits of the training data; 'none' skips it); predict and screen report them")  # fmt: skip
     tr.add("--quiet", action="store_true")
     g = tr.group("model")
     tr.add("--backbone", default=None, group=g, help="backbone checkpoint folder")
@@ -71,6 +75,7 @@ def add_commands(sub) -> None:
     pr.add("--control", default=None, help=".h5ad of a new line's control cells (zero-shot)")
     pr.add("--control-name", default=None)
     pr.add("--dose", nargs="+", type=float, default=[1.0], help="dose(s), in the training data's units")
+    pr.add("--level", type=float, default=0.9, help="prediction-interval level (calibrated models)")
     pr.add("--out", required=True, help="output .h5ad")
     _loaded_model_options(pr)
 
@@ -82,6 +87,10 @@ def add_commands(sub) -> None:
     sc.add("--control-name", default=None)
     sc.add("--dose", type=float, default=1.0)
     sc.add("--signature", default=None, help="CSV gene,change: rank by cosine to this target signature")
+    sc.add("--rank-by", default="auto", choices=["auto", "effect", "effect_lower", "signature"],
+           help="auto: signature cosine with --signature, else effect size; effect_lower: the effect's lower "
+                "confidence bound (calibrated models)")  # fmt: skip
+    sc.add("--level", type=float, default=0.9, help="prediction-interval level (calibrated models)")
     sc.add("--batch-size", type=int, default=256)
     sc.add("--out", required=True, help="output CSV")
     sc.add("--quiet", action="store_true")
@@ -133,9 +142,11 @@ def cmd_train(args) -> None:
     else:
         model = cls(**{k: v for k, v in options.items() if k in cls.options})
     model.fit(data)
+    calibration = _calibration(args, cls, options, data) if _main_process() else None
     if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
         return
     model.save(args.out)
+    _save_calibration(args.out, calibration)
     write_command(args)
     c = model.cost()
     extra = f", {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}" if "epochs_run" in c else ""
@@ -143,6 +154,37 @@ def cmd_train(args) -> None:
         f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
         f"({c['params_trainable_pct']:.2f}%){extra}"
     )
+
+
+def _calibration(args, cls, options, data):
+    """The trained model's conformal calibration for `--intervals TASK` (None for 'none'): fresh
+    copies of the model, with the same options and no checkpoints, refitted on the task's own
+    splits of the training data."""
+    if args.intervals == "none":
+        return None
+    from scdca.models.intervals import calibrate
+    from scdca.models.scdca.model import ScDCAModel
+    from scdca.models.scdca.routed import ScDCARouted
+
+    if issubclass(cls, (ScDCAModel, ScDCARouted)):  # as `cmd_train` builds them, without checkpoints
+        kwargs = {**options, "progress": False}
+    else:
+        kwargs = {k: v for k, v in options.items() if k in cls.options}
+    print(f"calibrating prediction intervals for {args.intervals} (refits on splits of the training data) ...")
+    return calibrate(lambda: cls(**kwargs), data, args.intervals, seed=options.get("seed") or 0)
+
+
+def _save_calibration(folder, calibration) -> None:
+    from pathlib import Path
+
+    from scdca.models.intervals import FILE
+
+    if calibration is None:
+        (Path(folder) / FILE).unlink(missing_ok=True)  # a stale one from an earlier training would lie
+        return
+    calibration.save(Path(folder) / FILE)
+    print(f"calibrated: 90% interval multiplier {calibration.alpha(0.9):.2f} on {len(calibration.calibration_mse)} "
+          f"held-out training conditions ({calibration.task})")  # fmt: skip
 
 
 def _load_model(args):
@@ -172,7 +214,13 @@ def cmd_predict(args) -> None:
     else:
         names, smiles = read_molecule_list(args.input)
     out = predict(
-        model, smiles, names=names, cell_lines=args.cell_line, control=_controls_arg(args, model), doses=args.dose
+        model,
+        smiles,
+        names=names,
+        cell_lines=args.cell_line,
+        control=_controls_arg(args, model),
+        doses=args.dose,
+        level=args.level,
     )
     storage.write_h5ad(args.out, out)
     print(f"wrote {args.out}: {out.n_obs} predictions (drug x cell line x dose) x {out.n_vars} genes")
@@ -218,13 +266,15 @@ def cmd_screen(args) -> None:
         signature=sig,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        rank_by=args.rank_by,
+        level=args.level,
     )
     storage.write_csv(args.out, ranked)
     print(ranked.head(10).to_string(index=False))
-    print(
-        f"wrote {args.out}: {len(ranked)} molecules ranked by "
-        f"{'signature cosine' if sig is not None else 'effect size'}"
-    )
+    by = {"auto": "signature cosine" if sig is not None else "effect size", "effect": "effect size",
+          "effect_lower": f"the {args.level:g} lower bound of the effect size",
+          "signature": "signature cosine"}  # fmt: skip
+    print(f"wrote {args.out}: {len(ranked)} molecules ranked by {by[args.rank_by]}")
     if "max_tanimoto_train" in ranked:
         _print_similarity(
             ranked.dropna(subset=["max_tanimoto_train"]).set_index("drug")["max_tanimoto_train"],

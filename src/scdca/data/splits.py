@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -98,14 +99,15 @@ _SINGLE = {"unseen_drug": (0.3, _unseen_drugs), "unseen_scaffold": (0.3, _unseen
            "unseen_pair": (0.5, _unseen_pairs)}  # fmt: skip
 
 
-def _line_splits(data: PerturbationData, task: str, seed: int, fewshot_fraction: float) -> list[Split]:
-    """One split per held-out line: all its conditions (zero-shot) or all but a few drugs (few-shot)."""
+def _line_splits(data: PerturbationData, task: str, seed: int, fewshot_fraction: float, only=None) -> list[Split]:
+    """One split per held-out line (of `only`, if given): all its conditions (zero-shot) or all but a few
+    drugs (few-shot)."""
     cond = data.conditions
     lines = sorted(cond["cell_line"].unique())
     if len(lines) < 2:
         raise ScdcaInputError(f"task {task!r} needs >= 2 cell lines with perturbations; the data has {lines!r}")
     splits = []
-    for line in lines:
+    for line in [x for x in lines if only is None or x in only]:
         in_line = (cond["cell_line"] == line).to_numpy()
         if task == "unseen_cell_zeroshot":
             is_test = in_line
@@ -125,6 +127,7 @@ def make_splits(
     *,
     test_fraction: float | None = None,
     fewshot_fraction: float = 0.1,
+    lines: Sequence[str] | None = None,
 ) -> list[Split]:
     """All splits of one task for one seed (one per held-out line for the cell tasks).
 
@@ -135,6 +138,7 @@ def make_splits(
         test_fraction: share of drugs (unseen_drug, default 0.3) or of pairs (unseen_pair,
             default 0.5) held out.
         fewshot_fraction: share of the held-out line's drugs seen in training (few-shot).
+        lines: the cell tasks hold out only these lines (default: every line).
     Returns:
         A list of audited splits.
     """
@@ -145,7 +149,7 @@ def make_splits(
         frac = fraction if test_fraction is None else test_fraction
         splits = [_split(data, task, seed, "", mask(data, _rng(task, seed), frac))]
     else:
-        splits = _line_splits(data, task, seed, fewshot_fraction)
+        splits = _line_splits(data, task, seed, fewshot_fraction, lines)
     for s in splits:
         audit(s, data)
     return splits

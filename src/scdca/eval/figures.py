@@ -182,3 +182,26 @@ def png(fig, path: Path) -> str:
     with storage.atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return base64.b64encode(data).decode()
+
+
+def calibration_figure(results: pd.DataFrame, *, axes=None):
+    """Nominal against realised coverage of the prediction intervals, one panel per task, one line per model."""
+    from scdca.models.intervals import LEVELS
+
+    names = {f"coverage_{round(100 * lv)}": lv for lv in LEVELS}
+    r = results[results["metric"].isin(names)]
+    tasks = list(dict.fromkeys(r["task"]))
+    fig, axs = _axes(axes, len(tasks), (3.4 * len(tasks), 3.4), sharey=True)
+    colors = model_colors(r["model"])
+    for ax, task in zip(axs, tasks):
+        realised = r[r["task"] == task].groupby(["model", "metric"])["value"].mean()
+        for model in realised.index.get_level_values(0).unique():
+            cov = realised[model]
+            ax.plot([names[m] for m in cov.index], cov.to_numpy(), "o-", color=colors[model], label=model)
+        ax.plot([0.4, 1], [0.4, 1], color="grey", ls="--", lw=1)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("nominal coverage")
+    axs[0].set_ylabel("realised coverage (top-k DEGs)")
+    axs[-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -49,6 +49,7 @@ from scdca.eval.runs import (
 )
 from scdca.eval.tables import summarize
 from scdca.models import MODELS
+from scdca.models.intervals import Intervals, calibrate
 from scdca.nn.backbone import is_random
 from scdca.nn.backbone import reference as backbone_reference
 
@@ -78,6 +79,7 @@ class BenchmarkConfig:
     report: bool = True  # write report.html / report.md at the end
     chunk_size: int | None = None  # stream the data file in chunks of this many cells (atlas-scale input)
     compounds: str | None = None  # a LINCS .gct/.gctx `data` file's compounds table (pert_id/pert_iname -> smiles)
+    intervals: bool = False  # conformal prediction intervals for every model (refits each on calibration splits)
 
     def __post_init__(self):
         self.models = MODELS.parse_list(self.models, arg="models")
@@ -116,6 +118,8 @@ class BenchmarkConfig:
         }
         if self.compounds:
             identity["compounds"] = os.path.abspath(self.compounds)
+        if self.intervals:
+            identity["intervals"] = True
         if self.chunk_size and self.n_top_genes:  # streamed files choose HVGs on a sample: other genes possible
             identity["chunk_size"] = self.chunk_size
         return identity
@@ -325,52 +329,61 @@ def compute_cell(
     rows, preds, costs = [], [], []
     for split in splits:
         test = data.subset(split.test)
-        observed = test.mean
+        if model_name == "ceiling" and test.half_a is None:
+            return pd.DataFrame(columns=RESULT_COLUMNS), None, []
         t0 = time.perf_counter()
         tracemalloc.start()
-        if model_name == "ceiling":
-            if test.half_a is None:
-                tracemalloc.stop()
-                return pd.DataFrame(columns=RESULT_COLUMNS), None, []
-            ok = ~np.isnan(test.half_a).any(1)
-            test = data.subset(np.asarray(split.test)[ok])
-            pred, observed = test.half_a, test.half_b
-            test.degs = half_b_degs(test)
-            extra = {}
-        elif model_name == "oracle":
-            pred, extra = test.truth, {}
-        else:
-            model = _make(model_name, cfg.model_options, seed)
-            model.fit(data.subset(split.train))
-            pred = np.asarray(model.predict(data.subset(test.ids, observed=False)), dtype=np.float32)
-            extra = model.cost()
+        test, pred, observed, extra, model = _fit_predict(data, model_name, split, test, cfg, seed)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        seconds = time.perf_counter() - t0
-        costs.append(
-            {
-                "model": model_name,
-                "task": task,
-                "seed": seed,
-                "held_out": split.held_out,
-                "seconds": seconds,
-                "peak_python_mb": peak / 2**20,
-                **extra,
-            }
-        )
+        cost = {"model": model_name, "task": task, "seed": seed, "held_out": split.held_out}
+        costs.append({**cost, "seconds": time.perf_counter() - t0, "peak_python_mb": peak / 2**20, **extra})
         if pred.shape != observed.shape:
             raise RuntimeError(f"{model_name} predicted shape {pred.shape}, expected {observed.shape}")
+        interval = None
+        if cfg.intervals and model is not None:
+            t1 = time.perf_counter()
+            interval = _intervals(data, model_name, split, test, pred, cfg, seed)
+            costs[-1]["calibration_seconds"] = time.perf_counter() - t1
         if model_name == "ceiling":
             half = score_conditions(test, pred, observed, "ceiling_half", split, cfg.k, cfg.metrics)
             rows += [half, spearman_brown(half)]
         else:
-            rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics))
-        preds.append((split, test, pred, observed))
+            rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics, interval))
+        preds.append((split, test, pred, observed, interval))
     return (
         pd.concat(rows, ignore_index=True),
         predictions_file(model_name, task, seed, preds, k=cfg.k, keys=cfg.keys),
         costs,
     )
+
+
+def _fit_predict(data: PerturbationData, model_name: str, split: Split, test: PerturbationData, cfg, seed):
+    """(test, prediction, observation, cost extras, fitted model or None) for a model or a reference row."""
+    if model_name == "ceiling":
+        ok = ~np.isnan(test.half_a).any(1)
+        test = data.subset(np.asarray(split.test)[ok])
+        test.degs = half_b_degs(test)
+        return test, test.half_a, test.half_b, {}, None
+    if model_name == "oracle":
+        return test, test.truth, test.mean, {}, None
+    model = _make(model_name, cfg.model_options, seed)
+    model.fit(data.subset(split.train))
+    pred = np.asarray(model.predict(data.subset(test.ids, observed=False)), dtype=np.float32)
+    return test, pred, test.mean, model.cost(), model
+
+
+def _intervals(data, model_name: str, split: Split, test: PerturbationData, pred, cfg, seed) -> Intervals:
+    """Conformal intervals for one split's predictions, calibrated on its training conditions only."""
+    cal = calibrate(
+        partial(_make, model_name, cfg.model_options, seed),
+        data.subset(split.train),
+        split.task,
+        seed,
+        k=cfg.k,
+        exclude=split.held_out,
+    )
+    return Intervals.of(cal, pred, test.control_for(test.conditions["cell_line"]), test.conditions["dose"].to_numpy())
 
 
 def spearman_brown(half: pd.DataFrame) -> pd.DataFrame:
@@ -412,7 +425,9 @@ def half_b_degs(test: PerturbationData) -> dict[str, np.ndarray]:
     return rank_degs(half)
 
 
-def score_conditions(test: PerturbationData, pred, observed, model, split: Split, k, metrics) -> pd.DataFrame:
+def score_conditions(
+    test: PerturbationData, pred, observed, model, split: Split, k, metrics, interval: Intervals | None = None
+) -> pd.DataFrame:
     """Score one split's predictions -> tidy rows (one per condition and metric)."""
     cond = test.conditions
     inp = ScoringInput(
@@ -422,6 +437,7 @@ def score_conditions(test: PerturbationData, pred, observed, model, split: Split
         degs=[test.degs[i] for i in test.ids],
         groups=cond["cell_line"].to_numpy(),
         k=k,
+        **(interval.scoring() if interval is not None else {}),
     )
     values = score(inp, metrics)
     frames = [

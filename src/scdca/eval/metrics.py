@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scdca.errors import ScdcaInputError
+from scdca.models.intervals import LEVELS
 from scdca.registry import Registry
 
 
@@ -32,6 +33,9 @@ class ScoringInput:
         degs: N arrays of gene indices, ranked (most differential first).
         groups: (N,) group label per condition (cell line) for set-level metrics.
         k: number of top DEGs used by the `*_deg` metrics.
+        sigma: (N, G) the interval scale of each prediction (`scdca.models.intervals`), or None.
+        alphas: level -> the conformal multiplier of sigma at that level (with sigma).
+        expected_mse: (N,) each prediction's expected mse (with sigma).
     """
 
     pred: np.ndarray
@@ -40,6 +44,9 @@ class ScoringInput:
     degs: Sequence[np.ndarray]
     groups: np.ndarray
     k: int = 20
+    sigma: np.ndarray | None = None
+    alphas: dict[float, float] | None = None
+    expected_mse: np.ndarray | None = None
 
     def __post_init__(self):
         shapes = {a: getattr(self, a).shape for a in ("pred", "observed", "control")}
@@ -55,6 +62,11 @@ class ScoringInput:
     def top(self, i: int) -> np.ndarray:
         return np.asarray(self.degs[i][: self.k])
 
+    def top_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, columns) index arrays (N, k) of every condition's top-k DEGs."""
+        cols = np.stack([self.top(i) for i in range(self.pred.shape[0])])
+        return np.arange(len(cols))[:, None], cols
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -62,14 +74,15 @@ class Metric:
     description: str
     higher_is_better: bool
     fn: Callable[[ScoringInput], np.ndarray]
+    needs_intervals: bool = False  # scored only for predictions with intervals (`ScoringInput.sigma`)
 
 
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def _metric(name: str, description: str, higher_is_better: bool):
+def _metric(name: str, description: str, higher_is_better: bool, needs_intervals: bool = False):
     def deco(fn):
-        METRICS.add(name, Metric(name, description, higher_is_better, fn))
+        METRICS.add(name, Metric(name, description, higher_is_better, fn, needs_intervals))
         return fn
 
     return deco
@@ -157,7 +170,44 @@ def _rank(inp: ScoringInput) -> np.ndarray:
     return out
 
 
+def _interval(inp: ScoringInput, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(observed, lower, upper) on each condition's top-k DEGs, (N, k), at this level; lower clipped at 0."""
+    rows, cols = inp.top_entries()
+    pred, half = inp.pred[rows, cols], inp.alphas[level] * inp.sigma[rows, cols]
+    return inp.observed[rows, cols], np.maximum(pred - half, 0), pred + half
+
+
+def _coverage(level: float):
+    def fn(inp: ScoringInput) -> np.ndarray:
+        y, lower, upper = _interval(inp, level)
+        return ((y >= lower) & (y <= upper)).mean(1).astype(float)
+
+    return fn
+
+
+for _level in LEVELS:
+    _metric(
+        f"coverage_{round(100 * _level)}",
+        f"share of the top-k DEG values inside the {100 * _level:g}% prediction interval (calibrated: {_level:g})",
+        True,
+        needs_intervals=True,
+    )(_coverage(_level))
+
+
+@_metric("interval_width_90", "mean width of the 90% prediction interval over the top-k DEGs", False, True)
+def _interval_width_90(inp: ScoringInput) -> np.ndarray:
+    _, lower, upper = _interval(inp, 0.9)
+    return (upper - lower).mean(1).astype(float)
+
+
+@_metric("expected_mse", "the model's own expected mse for the condition (report: Spearman against mse)", False, True)
+def _expected_mse(inp: ScoringInput) -> np.ndarray:
+    return np.asarray(inp.expected_mse, dtype=float)
+
+
 def score(inp: ScoringInput, metrics: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Compute the named metrics (default: all) -> name -> (N,) values."""
+    """Compute the named metrics (default: all) -> name -> (N,) values. Interval metrics are
+    computed only when the input has intervals."""
     names = list(metrics) if metrics is not None else METRICS.names()
-    return {n: METRICS.get(n).fn(inp) for n in names}
+    chosen = [METRICS.get(n) for n in names]
+    return {m.name: m.fn(inp) for m in chosen if inp.sigma is not None or not m.needs_intervals}

@@ -18,7 +18,15 @@ import pandas as pd
 from scdca.data.screen import read
 from scdca.errors import ScdcaInputError
 from scdca.eval.diagnostics import describe as describe_diagnostics
-from scdca.eval.figures import bars_figure, first_predictions, genes_figure, novelty_figure, png, sweep_figure
+from scdca.eval.figures import (
+    bars_figure,
+    calibration_figure,
+    first_predictions,
+    genes_figure,
+    novelty_figure,
+    png,
+    sweep_figure,
+)
 from scdca.eval.metrics import METRICS, r2_rows
 from scdca.eval.render import write_html, write_markdown
 from scdca.eval.runs import REFERENCES, read_prediction_parts
@@ -26,6 +34,7 @@ from scdca.eval.stats import DRUG_BLIND_TOLERANCE, drug_blind, paired_tests, per
 from scdca.eval.tables import (
     BASELINES,
     NOVELTY_TASKS,
+    calibration_table,
     dose_table,
     group_table,
     main_table,
@@ -187,6 +196,19 @@ def _test_phrase(results: pd.DataFrame, model: str, versus: str, task: str, metr
     row = tests[(tests["task"] == task) & (tests["versus"] == versus)]
     p = row["p"].iloc[0] if len(row) else np.nan
     return f"paired t-test p = {p:.3g}" if np.isfinite(p) else "too few seeds for a test"
+
+
+def calibration_text(calib: pd.DataFrame) -> str:
+    """Where the intervals hold and where they are too narrow (coverage_90 outside 0.85-0.95)."""
+    narrow = [f"{m} on {t} ({c:.2f})" for (t, m), c in calib["coverage_90"].items() if c < 0.85]
+    wide = [f"{m} on {t} ({c:.2f})" for (t, m), c in calib["coverage_90"].items() if c > 0.95]
+    parts = [f"90% intervals hold (coverage 0.85-0.95) for {int((calib['verdict'] == 'ok').sum())} of {len(calib)} "
+             f"model x task rows."]  # fmt: skip
+    if narrow:
+        parts.append("Too narrow (the model is more wrong than it says): " + "; ".join(narrow) + ".")
+    if wide:
+        parts.append("Too wide (conservative): " + "; ".join(wide) + ".")
+    return " ".join(parts)
 
 
 def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
@@ -398,6 +420,16 @@ def _run_facts(results: pd.DataFrame, folder: Path, model: str) -> list[Section]
                 "closed form)",
                 _cost_text(costs),
                 None,
+            )
+        )
+    calib = calibration_table(results)
+    if not calib.empty:
+        sections.append(
+            (
+                "Prediction intervals (conformal, calibrated on the training data's own splits; coverage over "
+                "the top-k DEGs, mean over seeds; error_spearman = Spearman of expected against realised mse)",
+                calibration_text(calib) + "\n\n" + calib.to_string(),
+                png(calibration_figure(results), folder / "fig_calibration.png"),
             )
         )
     sections.append(("Published peers", peers_text(results), None))

@@ -17,6 +17,7 @@ from scdca.data.degs import deg_long_table
 from scdca.data.keys import DataKeys
 from scdca.data.screen import PerturbationData, read
 from scdca.errors import ScdcaInputError
+from scdca.models.intervals import LEVEL, Intervals
 
 CONTROL = "control"
 
@@ -56,7 +57,14 @@ def cell_path(out: Path, model: str, task: str, seed: int) -> Path:
 
 
 def predictions_anndata(
-    test: PerturbationData, pred, observed, *, held_out: str = "", n_degs: int = 50, keys: DataKeys | None = None
+    test: PerturbationData,
+    pred,
+    observed,
+    *,
+    held_out: str = "",
+    n_degs: int = 50,
+    keys: DataKeys | None = None,
+    interval: Intervals | None = None,
 ) -> ad.AnnData:
     """One split's predictions as AnnData that scanpy, pertpy and cell-eval read as they are.
 
@@ -68,6 +76,8 @@ def predictions_anndata(
     names (the report reads them); uns['rank_genes_groups_df']: the same DEGs with scanpy's
     t-test statistics in the long form of `sc.get.rank_genes_groups_df` (`data.deg_long_table`;
     `data.rank_genes_groups_uns` turns it into scanpy's uns['rank_genes_groups'] in memory).
+    With `interval`: layers lower and upper (the 90% interval; a control row's are its value),
+    obs expected_mse and confidence (NaN on control rows), uns['intervals'] = {'level': 0.9}.
     """
 
     cond = test.conditions
@@ -106,7 +116,22 @@ def predictions_anndata(
     adata.layers["observed_std"] = np.vstack([std, ctrl_std]).astype(np.float32)  # across cells, per-gene plots
     adata.layers["control"] = np.vstack([control, ctrl_rows]).astype(np.float32)
     adata.uns["degs"], adata.uns["rank_genes_groups_df"] = _deg_tables(test, n_degs)
+    if interval is not None:
+        add_intervals(adata, pred, interval)
     return adata
+
+
+def add_intervals(adata: ad.AnnData, pred, interval: Intervals, level: float = LEVEL) -> None:
+    """Write `interval` for the first len(pred) rows of adata (the rest, control rows, get their value
+    as both bounds and NaN expected error): layers lower/upper, obs expected_mse/confidence, uns['intervals']."""
+    n, extra = len(pred), adata.n_obs - len(pred)
+    lower, upper = interval.bounds(pred, level)
+    fill = np.asarray(adata.X[n:], dtype=np.float32)
+    adata.layers["lower"] = np.vstack([lower, fill])
+    adata.layers["upper"] = np.vstack([upper, fill])
+    adata.obs["expected_mse"] = np.concatenate([interval.expected_mse, np.full(extra, np.nan)])
+    adata.obs["confidence"] = np.concatenate([interval.confidence, np.full(extra, np.nan)])
+    adata.uns["intervals"] = {"level": level}
 
 
 _DEG_CACHE: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}  # content hash -> tables, this process only
@@ -174,10 +199,15 @@ def predictions_file(model, task, seed, preds, *, k: int = 20, keys: DataKeys | 
     """One grid cell's prediction AnnData (its splits' `predictions_anndata`, concatenated)."""
     if not preds:
         return None
-    adatas = [predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys) for s, t, p, o in preds]
+    adatas = [
+        predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys, interval=i)
+        for s, t, p, o, i in preds
+    ]
     merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
     merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
     merged.uns["rank_genes_groups_df"] = pd.concat([a.uns["rank_genes_groups_df"] for a in adatas], ignore_index=True)
+    if "intervals" in adatas[0].uns:
+        merged.uns["intervals"] = adatas[0].uns["intervals"]
     merged.uns["scdca"] = {"model": model, "task": task, "seed": seed, "versions": package_versions()}
     return merged
 

@@ -140,3 +140,41 @@ def sweep_table(sweep: pd.DataFrame) -> pd.DataFrame:
     table = sweep.pivot_table(index=["task", "model"], columns="k", values="value").round(3)
     order = sorted(table.columns, key=lambda k: (k == "all", int(k) if k != "all" else 0))
     return table[order]
+
+
+def _error_spearman(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, task, seed): Spearman, over the test conditions, of expected_mse against mse."""
+    from scipy.stats import spearmanr
+
+    keys = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose"]
+    wide = results[results["metric"].isin(["expected_mse", "mse"])].pivot_table(
+        index=keys, columns="metric", values="value", aggfunc="first"
+    )
+    if "expected_mse" not in wide:
+        return pd.DataFrame(columns=["model", "task", "seed", "value"])
+    rows = [
+        {"model": m, "task": t, "seed": s, "value": spearmanr(g["expected_mse"], g["mse"])[0] if len(g) > 2 else np.nan}
+        for (m, t, s), g in wide.dropna().reset_index().groupby(["model", "task", "seed"])
+    ]
+    return pd.DataFrame(rows)
+
+
+def calibration_table(results: pd.DataFrame, levels: Sequence[float] = (0.5, 0.8, 0.9, 0.95)) -> pd.DataFrame:
+    """Rows (task, model) for models with intervals: realised coverage at each level, the 90% interval's
+    width and the Spearman of expected against realised per-condition mse (mean over seeds), and a
+    verdict: 'too narrow' where coverage_90 < 0.85, 'too wide' where > 0.95."""
+    names = [f"coverage_{round(100 * lv)}" for lv in levels] + ["interval_width_90"]
+    results = results.assign(held_out=results["held_out"].fillna(""))  # drug tasks hold out no line
+    r = results[results["metric"].isin(names)]
+    if r.empty:
+        return pd.DataFrame()
+    seeds = (
+        r.groupby(["task", "model", "metric", "seed", "held_out"])["value"].mean().groupby(level=[0, 1, 2, 3]).mean()
+    )
+    table = seeds.groupby(level=[0, 1, 2]).mean().unstack("metric")[[n for n in names if n in set(r["metric"])]]
+    rho = _error_spearman(results).groupby(["task", "model"])["value"].mean()
+    table["error_spearman"] = rho.reindex(table.index)
+    cov = table.get("coverage_90")
+    if cov is not None:
+        table["verdict"] = np.where(cov < 0.85, "too narrow", np.where(cov > 0.95, "too wide", "ok"))
+    return table.round(3)

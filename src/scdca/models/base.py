@@ -10,6 +10,7 @@ import numpy as np
 from scdca import storage
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError, reason
+from scdca.models.intervals import load_calibration
 from scdca.registry import Registry
 
 
@@ -163,6 +164,8 @@ def read_model_json(folder) -> dict:
 def load_model(path, **kwargs) -> PerturbationModel:
     """Load a model folder written by a model's `save` (the model name is in model.json).
 
+    The folder's calibration (`calibration.npz`, written by `scdca train`) becomes `model.calibration`
+    (None without one): `predict` and `screen` then add prediction intervals.
     Keyword arguments the model's `load` does not take (e.g. `backbone` for C3TL) or that
     are None are dropped. A folder whose files fail their checksums, or whose model.json
     was edited so the weights no longer fit, gives a ScdcaInputError, not a traceback.
@@ -175,7 +178,9 @@ def load_model(path, **kwargs) -> PerturbationModel:
         raise ScdcaInputError(f"model: {meta['model']!r} models cannot be loaded from a folder")
     accepted = inspect.signature(cls.load).parameters
     try:
-        return cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
+        model = cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
+        model.calibration = load_calibration(path)
+        return model
     except ScdcaInputError:
         raise
     except Exception as err:  # an edited model.json: missing keys, wrong sizes, wrong types

@@ -1,0 +1,269 @@
+"""Conformal prediction intervals and an expected error around any registered model (DECISIONS.md D36).
+
+How a model is calibrated (`calibrate`):
+
+1. **Out-of-fold predictions that mimic the task.** The task's own split rule is applied to the
+   training conditions (`make_splits(train, task, seed)`: a share of the training drugs held out
+   for unseen_drug, training lines for the line tasks, training pairs for unseen_pair). A fresh
+   copy of the model is fitted on each calibration split's training part and predicts its
+   held-out part. Test drugs and lines are not in `train`, so they never reach calibration.
+2. **Difficulty.** Each condition gets an expected mse `E[c]`, a log-linear fit of the realised
+   out-of-fold mse on the log dose and the log size of the predicted change; each gene a scale
+   `s[g]`, its out-of-fold RMS residual. An entry's scale is `sigma[c, g] = s[g] * sqrt(E[c] / mean E)`.
+3. **Normalised split-conformal** (crepes' `ConformalRegressor`) on the calibration conditions'
+   top-k DEG entries: the interval is `prediction +- alpha(level) * sigma`, lower bound clipped at 0.
+   Calibrating on DEG entries makes the intervals hold where `coverage_90` measures them (the
+   genes a condition changes most); on the other genes they are conservative.
+
+The refits make the intervals distribution-free for new groups of the task's kind (up to the
+difference between a model fitted on all training data and one fitted on part of it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from scdca import storage
+from scdca.data.screen import PerturbationData
+from scdca.data.splits import Split, make_splits
+from scdca.errors import ScdcaInputError
+
+LEVELS = (0.5, 0.8, 0.9, 0.95)  # the levels the harness measures coverage at
+LEVEL = 0.9  # the default interval level
+FILE = "calibration.npz"  # its name in a saved model folder
+
+
+def difficulty_features(pred: np.ndarray, control: np.ndarray, dose: np.ndarray) -> np.ndarray:
+    """(N, 3) per-condition features of how hard a prediction is: 1, log10 dose, log RMS predicted change."""
+    change = np.sqrt(((np.asarray(pred, float) - control) ** 2).mean(1))
+    logd = np.log10(np.maximum(np.asarray(dose, float), 1e-12))
+    return np.column_stack([np.ones(len(change)), logd, np.log(change + 1e-3)])
+
+
+@dataclass
+class OutOfFold:
+    """Predictions for training conditions made by models that did not see them.
+
+    Attributes: pred, observed, control (N, G); dose (N,); top (N, k) the top-k DEG indices;
+    group (N,) the unit held out together (a drug, a line or a drug-line pair), or None.
+    """
+
+    pred: np.ndarray
+    observed: np.ndarray
+    control: np.ndarray
+    dose: np.ndarray
+    top: np.ndarray
+    group: np.ndarray | None = None
+
+
+@dataclass
+class Calibration:
+    """A fitted calibration: turns a model's predictions into intervals and expected errors."""
+
+    gene_scale: np.ndarray  # (G,) out-of-fold RMS residual per gene
+    coef: np.ndarray  # (3,) log expected mse ~ difficulty_features
+    smear: float  # Duan's smearing factor: exp(fit) * smear is the expected mse, not its geometric mean
+    mean_expected: float  # mean expected mse over the calibration conditions (sigma's normaliser)
+    residuals: np.ndarray  # (n,) observed - predicted on calibration DEG entries
+    sigmas: np.ndarray  # (n,) their scales
+    calibration_mse: np.ndarray  # (M,) realised mse of each calibration condition (for `confidence`)
+    task: str = ""
+    _regressor: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        from crepes import ConformalRegressor
+
+        self._regressor = ConformalRegressor().fit(residuals=self.residuals, sigmas=self.sigmas)
+
+    def expected_mse(self, pred, control, dose) -> np.ndarray:
+        """(N,) the expected mse over genes of each predicted condition."""
+        return np.exp(difficulty_features(pred, control, dose) @ self.coef) * self.smear
+
+    def scale(self, pred, control, dose) -> np.ndarray:
+        """(N, G) sigma: each entry's scale; the interval half-width is alpha(level) * sigma."""
+        expected = self.expected_mse(pred, control, dose)
+        return (self.gene_scale[None, :] * np.sqrt(expected / self.mean_expected)[:, None]).astype(np.float32)
+
+    def alpha(self, level: float = LEVEL) -> float:
+        """The conformal multiplier of sigma at this level (inf when calibration is too small for it)."""
+        if not 0 < level < 1:
+            raise ScdcaInputError(f"level: {level!r}; give an interval level between 0 and 1, e.g. 0.9")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # crepes warns when the level is too high for n; inf says it
+            return float(self._regressor.predict_int(np.zeros(1), sigmas=np.ones(1), confidence=level)[0, 1])
+
+    def bounds(self, pred, sigma, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper), each like pred; lower is clipped at 0 (no log expression is negative)."""
+        half = self.alpha(level) * sigma
+        return np.maximum(pred - half, 0).astype(np.float32), (pred + half).astype(np.float32)
+
+    def confidence(self, expected: np.ndarray) -> np.ndarray:
+        """(N,) share of calibration conditions whose realised mse was larger than this expected mse
+        (1 = expected to be more accurate than every held-out training condition)."""
+        ranked = np.sort(self.calibration_mse)
+        return 1.0 - np.searchsorted(ranked, np.asarray(expected), side="right") / len(ranked)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the calibration as one .npz (atomically); `Calibration.load` reads it."""
+        arrays = {k: np.asarray(getattr(self, k)) for k in _SAVED}
+        storage.write_npz(Path(path), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        with np.load(path, allow_pickle=False) as f:
+            values = {k: f[k] for k in _SAVED}
+        for k in ("smear", "mean_expected"):
+            values[k] = float(values[k])
+        values["task"] = str(values["task"])
+        return cls(**values)
+
+
+@dataclass
+class Intervals:
+    """Intervals of one set of N predictions over G genes.
+
+    Attributes: sigma (N, G) the entries' scales; expected_mse (N,); confidence (N,) in [0, 1]
+    (`Calibration.confidence`); alphas: level -> multiplier (the half-width is alphas[level] * sigma).
+    """
+
+    sigma: np.ndarray
+    expected_mse: np.ndarray
+    confidence: np.ndarray
+    alphas: dict[float, float]
+
+    @classmethod
+    def of(cls, cal: Calibration, pred, control, dose, levels=(*LEVELS, LEVEL)) -> Intervals:
+        expected = cal.expected_mse(pred, control, dose)
+        sigma = cal.scale(pred, control, dose)
+        return cls(sigma, expected, cal.confidence(expected), {lv: cal.alpha(lv) for lv in levels})
+
+    def bounds(self, pred, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) like pred, lower clipped at 0."""
+        if level not in self.alphas:
+            raise ScdcaInputError(f"level: {level!r} was not calibrated; choose one of {sorted(self.alphas)}")
+        half = self.alphas[level] * self.sigma
+        return np.maximum(pred - half, 0).astype(np.float32), (pred + half).astype(np.float32)
+
+    def scoring(self) -> dict:
+        """The ScoringInput fields the interval metrics read."""
+        return {"sigma": self.sigma, "alphas": self.alphas, "expected_mse": self.expected_mse}
+
+
+_SAVED = ("gene_scale", "coef", "smear", "mean_expected", "residuals", "sigmas", "calibration_mse", "task")
+
+
+def _difficulty(res: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(gene scale (G,), log-mse coefficients (3,), smearing factor) fitted on residuals res (N, G)."""
+    gene_scale = np.sqrt((res**2).mean(0))
+    gene_scale = np.maximum(gene_scale, 1e-3 * np.median(gene_scale) + 1e-8)  # no zero scale
+    y = np.log(np.maximum((res**2).mean(1), 1e-12))
+    coef = np.linalg.lstsq(X, y, rcond=None)[0]  # min-norm where a feature is constant (one dose)
+    return gene_scale, coef, float(np.exp(y - X @ coef).mean())
+
+
+def _sigma(gene_scale, coef, smear, X, mean_expected) -> np.ndarray:
+    expected = np.exp(X @ coef) * smear
+    return gene_scale[None, :] * np.sqrt(expected / mean_expected)[:, None]
+
+
+def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
+    """Fit the difficulty model and the conformal regressor on out-of-fold predictions.
+
+    The scales of a group's own conformal scores come from a difficulty model fitted without that
+    group (cross-fitting): scales fitted on the very residuals they divide would shrink the largest
+    scores and make the intervals too narrow on new groups. The stored model uses every group.
+    """
+    res = np.asarray(oof.observed, float) - oof.pred
+    X = difficulty_features(oof.pred, oof.control, oof.dose)
+    gene_scale, coef, smear = _difficulty(res, X)
+    mean_expected = float((np.exp(X @ coef) * smear).mean())
+    groups = np.zeros(len(res)) if oof.group is None else np.asarray(oof.group)
+    sigma = np.empty_like(res)
+    for g in np.unique(groups):
+        own = groups == g
+        fit = _difficulty(res[~own], X[~own]) if (~own).sum() >= 3 else (gene_scale, coef, smear)
+        sigma[own] = _sigma(*fit, X[own], mean_expected)
+    rows = np.repeat(np.arange(len(res)), oof.top.shape[1])
+    cols = oof.top.ravel()
+    return Calibration(
+        gene_scale=gene_scale,
+        coef=coef,
+        smear=smear,
+        mean_expected=mean_expected,
+        residuals=res[rows, cols],
+        sigmas=sigma[rows, cols],
+        calibration_mse=(res**2).mean(1),
+        task=task,
+    )
+
+
+def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude: str = "", max_splits: int = 2):
+    """The task's split rule applied to the training conditions; for line tasks at most `max_splits`
+    held-out lines, chosen at random, never `exclude` (a few-shot split's own line)."""
+    lines = None
+    if task.startswith("unseen_cell"):
+        candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
+        rng = np.random.default_rng([seed, 36])
+        lines = sorted(rng.choice(candidates, size=min(max_splits, len(candidates)), replace=False))
+    try:
+        return make_splits(train, task, seed, lines=lines)
+    except ScdcaInputError as err:
+        raise ScdcaInputError(
+            f"intervals: cannot calibrate for {task!r} on the training conditions alone ({err}); "
+            f"turn intervals off for this task or add training data"
+        ) from None
+
+
+def out_of_fold(make_model: Callable, train: PerturbationData, splits: list[Split], k: int) -> OutOfFold:
+    """Fit a fresh model on each calibration split's training part; predict its held-out part."""
+    parts = []
+    for split in splits:
+        model = make_model().fit(train.subset(split.train))
+        held = train.subset(split.test)
+        pred = np.asarray(model.predict(train.subset(split.test, observed=False)), float)
+        top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
+        cond = held.conditions
+        control = held.control_for(cond["cell_line"])
+        parts.append((pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, split.task)))
+    if not parts:
+        raise ScdcaInputError("intervals: no calibration split could be made from the training conditions")
+    return OutOfFold(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def _groups(cond, task: str) -> np.ndarray:
+    """The unit a task holds out together: a line (cell tasks), a drug-line pair, or a drug."""
+    if task.startswith("unseen_cell"):
+        return cond["cell_line"].astype(str).to_numpy()
+    if task == "unseen_pair":
+        return (cond["drug"].astype(str) + "|" + cond["cell_line"].astype(str)).to_numpy()
+    return cond["drug"].astype(str).to_numpy()
+
+
+def calibrate(
+    make_model: Callable, train: PerturbationData, task: str, seed: int = 0, *, k: int = 20, exclude: str = ""
+) -> Calibration:
+    """Calibrate the model that `make_model()` builds for the generalisation task `task`.
+
+    Args:
+        make_model: builds an unfitted model (the same settings as the one to calibrate).
+        train: the training conditions (the model to calibrate was fitted on them).
+        task: the kind of new prediction to calibrate for (unseen_drug, unseen_cell_zeroshot, ...).
+        seed: seed of the calibration splits.
+        k: the number of top DEGs per condition the conformal scores are taken on.
+        exclude: a line that must not be a calibration line (a few-shot split's own line).
+    """
+    return fit_calibration(
+        out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k), task
+    )
+
+
+def load_calibration(folder: str | os.PathLike) -> Calibration | None:
+    """The calibration saved in a model folder by `scdca train`, or None if it has none."""
+    path = Path(folder) / FILE
+    return Calibration.load(path) if path.is_file() else None

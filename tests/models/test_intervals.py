@@ -1,0 +1,111 @@
+"""Conformal intervals: coverage under known noise, calibration that never sees test groups, ordered bounds."""
+
+import numpy as np
+import pytest
+
+from scdca.data.splits import make_splits
+from scdca.errors import ScdcaInputError
+from scdca.models import make_model
+from scdca.models.intervals import (
+    Calibration,
+    OutOfFold,
+    calibrate,
+    calibration_splits,
+    fit_calibration,
+    load_calibration,
+)
+
+
+def _noisy(rng, n, G=40, k=10):
+    """Predictions with heteroscedastic Gaussian errors: sd = gene scale x (1 + log10 dose)."""
+    gene_sd = np.random.default_rng(99).uniform(0.05, 0.5, G)  # the same genes in calibration and test
+    dose = rng.choice([0.1, 1.0, 10.0], n)
+    control = np.full((n, G), 5.0)
+    pred = control + rng.normal(0, 1, (n, G)) * (1 + np.log10(dose) + 1)[:, None] * 0.3
+    sd = gene_sd[None, :] * (2 + np.log10(dose))[:, None]
+    observed = pred + rng.normal(0, 1, (n, G)) * sd
+    top = np.argsort(-np.abs(observed - control), axis=1)[:, :k]
+    return OutOfFold(pred, observed, control, dose, top)
+
+
+def test_coverage_matches_the_level_under_known_noise():
+    rng = np.random.default_rng(0)
+    cal = fit_calibration(_noisy(rng, 400))
+    test = _noisy(rng, 400)
+    sigma = cal.scale(test.pred, test.control, test.dose)
+    for level in (0.5, 0.8, 0.9):
+        lower, upper = cal.bounds(test.pred, sigma, level)
+        rows = np.arange(len(test.pred))[:, None]
+        y = test.observed[rows, test.top]
+        inside = (y >= lower[rows, test.top]) & (y <= upper[rows, test.top])
+        assert abs(inside.mean() - level) < 0.03, (level, inside.mean())
+
+
+def test_expected_error_sorts_the_realised_error():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    cal = fit_calibration(_noisy(rng, 300))
+    test = _noisy(rng, 300)
+    realised = ((test.observed - test.pred) ** 2).mean(1)
+    assert spearmanr(cal.expected_mse(test.pred, test.control, test.dose), realised)[0] > 0.5
+    conf = cal.confidence(cal.expected_mse(test.pred, test.control, test.dose))
+    assert ((conf >= 0) & (conf <= 1)).all() and conf.std() > 0.1
+
+
+def test_bounds_are_ordered_and_survive_save_and_load(tmp_path):
+    rng = np.random.default_rng(2)
+    cal = fit_calibration(_noisy(rng, 50), task="unseen_drug")
+    test = _noisy(rng, 20)
+    sigma = cal.scale(test.pred, test.control, test.dose)
+    lower, upper = cal.bounds(test.pred, sigma)
+    assert (lower <= test.pred + 1e-6).all() and (test.pred <= upper + 1e-6).all() and (lower >= 0).all()
+    cal.save(tmp_path / "calibration.npz")
+    back = load_calibration(tmp_path)
+    assert back.task == "unseen_drug" and back.alpha(0.9) == cal.alpha(0.9)
+    np.testing.assert_array_equal(back.bounds(test.pred, back.scale(test.pred, test.control, test.dose))[1], upper)
+    assert load_calibration(tmp_path / "elsewhere") is None
+
+
+def test_a_level_too_high_for_the_calibration_size_gives_infinite_bounds():
+    rng = np.random.default_rng(3)
+    oof = _noisy(rng, 2, k=2)  # 4 calibration values: no finite 95% quantile
+    assert np.isinf(fit_calibration(oof).alpha(0.95))
+    with pytest.raises(ScdcaInputError, match="level"):
+        fit_calibration(oof).alpha(1.5)
+
+
+def test_calibration_never_sees_a_test_drug_or_line(tiny_data):
+    for task in ("unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot"):
+        split = make_splits(tiny_data, task, 0)[0]
+        train = tiny_data.subset(split.train)
+        test = tiny_data.conditions.loc[list(split.test)]
+        for cal in calibration_splits(train, task, 0, exclude=split.held_out):
+            used = set(cal.train) | set(cal.test)
+            assert used <= set(split.train)  # only training conditions
+            drugs = set(tiny_data.conditions.loc[list(used), "drug"])
+            if task == "unseen_drug":
+                assert not drugs & set(test["drug"])
+            if split.held_out:
+                assert cal.held_out != split.held_out  # the few-shot line is never a calibration line
+                if task == "unseen_cell_zeroshot":
+                    assert split.held_out not in set(tiny_data.conditions.loc[list(used), "cell_line"])
+
+
+def test_calibrate_a_registered_model_end_to_end(tiny_data):
+    split = make_splits(tiny_data, "unseen_drug", 0)[0]
+    train = tiny_data.subset(split.train)
+    cal = calibrate(lambda: make_model("ridge"), train, "unseen_drug", 0, k=5)
+    assert isinstance(cal, Calibration) and len(cal.residuals) % 5 == 0 and np.isfinite(cal.alpha(0.8))
+    model = make_model("ridge").fit(train)
+    test = tiny_data.subset(split.test, observed=False)
+    pred = model.predict(test)
+    sigma = cal.scale(pred, test.control_for(test.conditions["cell_line"]), test.conditions["dose"].to_numpy())
+    assert sigma.shape == pred.shape and (sigma > 0).all()
+
+
+def test_a_task_the_training_data_cannot_mimic_is_refused(tiny_data):
+    first = tiny_data.conditions["cell_line"].iloc[0]
+    one_line = tiny_data.subset([i for i in tiny_data.ids if tiny_data.conditions.loc[i, "cell_line"] == first])
+    with pytest.raises(ScdcaInputError, match="intervals: cannot calibrate"):
+        calibration_splits(one_line, "unseen_cell_zeroshot", 0)
