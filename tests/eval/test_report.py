@@ -272,3 +272,27 @@ def test_figures_draw_on_the_callers_axes_and_return_their_figure():
     with pytest.raises(ValueError, match="axes: 1 given, this figure draws 2 panels"):
         bars_figure(results, "rank", axes=[axes[0]])
     plt.close("all")
+
+
+def test_calibration_table_averages_seeds_and_flags_narrow_intervals():
+    from scdca.eval.report import calibration_text
+    from scdca.eval.tables import calibration_table
+
+    rows = []
+    for model, cov in (("good", 0.9), ("narrow", 0.6)):
+        for seed in (0, 1):
+            for i in range(4):  # expected_mse sorts mse perfectly for "good", reversed for "narrow"
+                base = {"model": model, "task": "unseen_drug", "seed": seed, "held_out": np.nan,
+                        "cell_line": "L", "drug": f"d{i}", "dose": 1.0}  # fmt: skip
+                rows += [
+                    {**base, "metric": "coverage_90", "value": cov + (0.02 if seed else -0.02)},
+                    {**base, "metric": "interval_width_90", "value": 1.0},
+                    {**base, "metric": "mse", "value": float(i)},
+                    {**base, "metric": "expected_mse", "value": float(i if model == "good" else -i)},
+                ]
+    table = calibration_table(pd.DataFrame(rows))
+    assert table.loc[("unseen_drug", "good"), "coverage_90"] == pytest.approx(0.9)
+    assert table.loc[("unseen_drug", "good"), "error_spearman"] == pytest.approx(1.0)
+    assert table.loc[("unseen_drug", "narrow"), "error_spearman"] == pytest.approx(-1.0)
+    assert list(table["verdict"]) == ["ok", "too narrow"]
+    assert "narrow on unseen_drug (0.60)" in calibration_text(table)

@@ -2,11 +2,12 @@
 
 How a model is calibrated (`calibrate`):
 
-1. **Out-of-fold predictions that mimic the task.** The task's own split rule is applied to the
-   training conditions (`make_splits(train, task, seed)`: a share of the training drugs held out
-   for unseen_drug, training lines for the line tasks, training pairs for unseen_pair). A fresh
-   copy of the model is fitted on each calibration split's training part and predicts its
-   held-out part. Test drugs and lines are not in `train`, so they never reach calibration.
+1. **Out-of-fold predictions that mimic the task.** The training conditions are split the way the
+   task splits the data (`calibration_splits`: folds of the training drugs for unseen_drug, of
+   the training pairs for unseen_pair, the task's own rule on two training lines for the line
+   tasks). A fresh copy of the model is fitted on each calibration split's training part and
+   predicts its held-out part. Test drugs and lines are not in `train`, so they never reach
+   calibration.
 2. **Difficulty.** Each condition gets an expected mse `E[c]`, a log-linear fit of the realised
    out-of-fold mse on the log dose and the log size of the predicted change; each gene a scale
    `s[g]`, its out-of-fold RMS residual. An entry's scale is `sigma[c, g] = s[g] * sqrt(E[c] / mean E)`.
@@ -203,14 +204,31 @@ def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
     )
 
 
-def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude: str = "", max_splits: int = 2):
-    """The task's split rule applied to the training conditions; for line tasks at most `max_splits`
-    held-out lines, chosen at random, never `exclude` (a few-shot split's own line)."""
-    lines = None
-    if task.startswith("unseen_cell"):
-        candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
-        rng = np.random.default_rng([seed, 36])
-        lines = sorted(rng.choice(candidates, size=min(max_splits, len(candidates)), replace=False))
+FOLDS = {"unseen_drug": 3, "unseen_scaffold": 3, "unseen_pair": 2}  # calibration refits per split; line tasks: 2
+
+
+def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude: str = "", max_lines: int = 2):
+    """Splits of the training conditions that hold out what `task` holds out.
+
+    Drug, scaffold and pair tasks: the training drugs (scaffolds, drug-line pairs) in `FOLDS[task]`
+    folds, each held out once, so every training condition is calibrated on. Line tasks: the task's
+    own split rule for at most `max_lines` training lines, chosen at random, never `exclude` (a
+    few-shot split's own line, which has too few conditions to hold out).
+    """
+    rng = np.random.default_rng([seed, 36])
+    if not task.startswith("unseen_cell"):
+        units = _groups(train.conditions, task)
+        names = np.unique(units)
+        if len(names) < FOLDS[task]:
+            raise ScdcaInputError(
+                f"intervals: cannot calibrate for {task!r}: the training data has {len(names)} held-out "
+                f"unit(s), {FOLDS[task]} calibration folds need at least that many; add training data"
+            )
+        ids = np.asarray(train.ids)
+        folds = np.array_split(rng.permutation(names), FOLDS[task])
+        return [Split(task, seed, "", tuple(ids[~np.isin(units, f)]), tuple(ids[np.isin(units, f)])) for f in folds]
+    candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
+    lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
     try:
         return make_splits(train, task, seed, lines=lines)
     except ScdcaInputError as err:
@@ -237,11 +255,15 @@ def out_of_fold(make_model: Callable, train: PerturbationData, splits: list[Spli
 
 
 def _groups(cond, task: str) -> np.ndarray:
-    """The unit a task holds out together: a line (cell tasks), a drug-line pair, or a drug."""
+    """The unit a task holds out together: a line (cell tasks), a drug-line pair, a scaffold or a drug."""
     if task.startswith("unseen_cell"):
         return cond["cell_line"].astype(str).to_numpy()
     if task == "unseen_pair":
         return (cond["drug"].astype(str) + "|" + cond["cell_line"].astype(str)).to_numpy()
+    if task == "unseen_scaffold":
+        from scdca.chem.molecules import scaffold
+
+        return np.array([scaffold(s) or d for d, s in zip(cond["drug"].astype(str), cond["smiles"].astype(str))])
     return cond["drug"].astype(str).to_numpy()
 
 
