@@ -21,7 +21,8 @@ $(BIN)/scdca: pyproject.toml requirements.lock requirements-peers.lock requireme
 
 demo: $(BIN)/scdca
 	$(BIN)/scdca simulate --out runs/demo/data.h5ad --seed 0
-	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --models control,train_mean,additive,ridge,knn,dominant,c3tl --tasks all --seeds 5 --out runs/demo
+	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --tasks all --seeds 5 --out runs/demo \
+		--models control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl
 
 # Inputs the scDCA and peer demos share, made once (order-only on the venv, so reinstalling
 # does not redo them): the demo screen, the pretraining atlas (unperturbed cells, same genes)
@@ -46,7 +47,7 @@ $(DEMO_BACKBONE): | $(DEMO_ATLAS)
 # pretraining help?). The grids use 2 Ray workers. Its numbers: RESULTS.md.
 demo-scdca: $(BIN)/scdca $(DEMO_DATA) $(DEMO_BACKBONE)
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo --tasks all --seeds 5 --workers 2 \
-		--models control,train_mean,additive,ridge,knn,dominant,c3tl,scdca_lowrank,scdca_routed \
+		--models control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl,scdca_lowrank,scdca_routed \
 		--n-top-genes 256 --backbone runs/demo/backbone_atlas --encoder chemnet
 	$(BIN)/scdca benchmark --data runs/demo/data.h5ad --out runs/scdca_demo_random --tasks all --seeds 5 --workers 2 \
 		--models dominant,scdca_routed --n-top-genes 256 --backbone random:4x128 --encoder chemnet

@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 from scdca.eval import grid, report  # noqa: E402
 
 T_IMPORTS = time.perf_counter() - T_START
-DEMO_MODELS = "control,train_mean,additive,ridge,knn,dominant,c3tl"
+DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl"
 PHASES = {  # phase -> (module, function) wrapped for timing
     "load data": (grid, "load"),
     "diagnostics": (grid, "plate_diagnostics"),

@@ -140,3 +140,43 @@ def test_property_no_split_ever_leaks(n_lines, n_drugs, seed, task, drop_frac):
                 assert len(seen) == 0
             else:
                 assert not set(seen) & set(te["drug"])
+
+
+def test_unseen_drug_line_holds_out_new_drugs_in_a_held_out_line_both_new_at_once():
+    data = grid(n_lines=3, n_drugs=20)
+    splits = make_splits(data, "unseen_drug_line", 0)
+    assert [s.held_out for s in splits] == ["L0", "L1", "L2"]
+    cond = data.conditions
+    for s in splits:
+        train, test = cond.loc[list(s.train)], cond.loc[list(s.test)]
+        assert set(test["cell_line"]) == {s.held_out} and s.held_out not in set(train["cell_line"])
+        assert not set(test["drug"]) & set(train["drug"]) and test["drug"].nunique() == 6  # 30% of 20
+        assert len(test) == 6 * 2  # every dose of the new drugs in that line
+
+
+def test_unseen_dose_holds_out_each_pairs_top_dose():
+    data = grid(n_drugs=5, doses=(0.1, 1.0, 10.0))
+    (s,) = make_splits(data, "unseen_dose", 0)
+    cond = data.conditions
+    assert set(cond.loc[list(s.test), "dose"]) == {10.0} and len(s.test) == 15
+    assert set(cond.loc[list(s.train), "dose"]) == {0.1, 1.0}
+
+
+@pytest.mark.parametrize("task", ["unseen_drug_line", "unseen_dose"])
+def test_audit_catches_leaks_in_the_new_tasks(task):
+    data = grid(doses=(0.1, 1.0, 10.0))
+    s = make_splits(data, task, 0)[0]
+    cond = data.conditions
+    test = cond.loc[list(s.test)]
+    if task == "unseen_dose":  # swap a pair's held-out top dose with its training dose below: top in training
+        top = test.index[0]
+        pair = (cond["drug"] == test.loc[top, "drug"]) & (cond["cell_line"] == test.loc[top, "cell_line"])
+        lower = cond.index[pair & (cond["dose"] == 1.0)][0]
+        leaky = Split(s.task, s.seed, "", tuple(i for i in s.train if i != lower) + (top,),
+                      tuple(i for i in s.test if i != top) + (lower,))  # fmt: skip
+    else:  # a new drug's condition in another line
+        d = test["drug"].iloc[0]
+        moved = cond.index[(cond["drug"] == d) & (cond["cell_line"] != s.held_out)][0]
+        leaky = Split(s.task, s.seed, s.held_out, s.train + (moved,), s.test)
+    with pytest.raises(LeakageError):
+        audit(leaky, data)

@@ -89,3 +89,77 @@ def test_a_drug_named_like_the_control_label_is_refused():
     a.layers["control"] = a.X.copy()
     with pytest.raises(ScdcaInputError, match="rename that drug"):
         cell_eval_pair(a)
+
+
+def _de_tables(real, pred, preds, k):
+    """cell-eval DE tables whose definitions coincide with ours: the real side's significant genes are
+    our top-k DEGs (in our order), the predicted side ranks every gene by |predicted change|."""
+    import polars as pl
+
+    genes = np.asarray(real.var_names)
+    rows_real, rows_pred = [], []
+    for i, label in enumerate(preds.obs["perturbation"]):
+        ctrl = preds.layers["control"][i]
+        top = [list(genes).index(g) for g in preds.uns["degs"].loc[preds.obs_names[i]].iloc[:k]]
+        score = np.zeros(len(genes))
+        score[top] = k - np.arange(k)  # our order
+        fdr = np.where(score > 0, 0.0, 1.0)
+        observed, change = preds.layers["observed"][i] - ctrl, preds.X[i] - ctrl
+        rows_real.append(
+            pl.DataFrame(
+                {
+                    "target": label,
+                    "feature": genes,
+                    "log2_fold_change": observed,
+                    "abs_log2_fold_change": score,
+                    "p_value": fdr,
+                    "fdr": fdr,
+                }  # fmt: skip
+            )
+        )
+        rows_pred.append(
+            pl.DataFrame(
+                {
+                    "target": label,
+                    "feature": genes,
+                    "log2_fold_change": change,
+                    "abs_log2_fold_change": np.abs(change),
+                    "p_value": 0.0,
+                    "fdr": 0.0,
+                }  # fmt: skip
+            )
+        )
+    return pl.concat(rows_real), pl.concat(rows_pred)
+
+
+def test_deg_precision_direction_and_rank_agree_with_cell_eval(ridge_run, tmp_path):
+    """cell-eval's overlap_at_N and de_direction_match equal our deg_precision and deg_direction when its DE
+    tables rank genes as we do (its own DE ranks by |log fold change| of a Wilcoxon test on cells, ours by
+    |Welch t|). Its discrimination_score_l2 is 1 - (our rank) x (n - 1) / n: it divides by all n conditions,
+    itself included, and scores 1 for the best; we divide by the n - 1 others and score 0 for the best."""
+    cell_eval = pytest.importorskip("cell_eval")
+    out, results = ridge_run
+    k = 5
+    real, pred = (read(p) for p in export(out, "ridge", "unseen_cell_zeroshot", 0, tmp_path))
+    preds = read_predictions(out / "predictions" / "ridge__unseen_cell_zeroshot__seed0.h5ad")
+    ours = results[(results["model"] == "ridge") & (results["task"] == "unseen_cell_zeroshot")]
+    checked = 0
+    for line in preds.obs["cell_line"].unique():
+        keep = preds.obs["cell_line"] == line
+        r, p = real[real.obs["cell_line"] == line].copy(), pred[pred.obs["cell_line"] == line].copy()
+        de_real, de_pred = _de_tables(r, p, preds[keep.to_numpy()], k)
+        ev = cell_eval.MetricsEvaluator(adata_pred=p, adata_real=r, de_real=de_real, de_pred=de_pred,
+                                        control_pert=CONTROL, pert_col=PERT_COL, num_threads=1,
+                                        outdir=str(tmp_path / "ce"))  # fmt: skip
+        theirs, _ = ev.compute(profile="full", write_csv=False)
+        theirs = theirs.to_pandas().set_index("perturbation")
+        n = int(keep.sum())
+        mine = ours[ours["cell_line"] == line].pivot_table(index=["drug", "dose"], columns="metric", values="value")
+        for (drug, dose), row in mine.iterrows():
+            label = f"{drug}@{float(dose):g}"
+            assert theirs.loc[label, "overlap_at_N"] == pytest.approx(row["deg_precision"], abs=1e-6)
+            assert theirs.loc[label, "de_direction_match"] == pytest.approx(row["deg_direction"], abs=1e-6)
+            expected = 1 - row["rank"] * (n - 1) / n
+            assert theirs.loc[label, "discrimination_score_l2"] == pytest.approx(expected, abs=1e-6)
+            checked += 1
+    assert checked == len(ours[ours["metric"] == "rank"]) > 0

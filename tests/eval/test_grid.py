@@ -327,3 +327,20 @@ def test_intervals_are_scored_written_and_reported(tiny_data, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "Prediction intervals" in report and "error_spearman" in report
     assert (tmp_path / "fig_calibration.png").stat().st_size > 1000
+
+
+def test_the_mean_baseline_scores_zero_against_itself_on_every_extended_task(tiny_data, tmp_path):
+    cfg = BenchmarkConfig(data="tiny.h5ad", out=str(tmp_path), models=["dose_mean", "ridge"], tasks="extended",
+                          seeds=1, k=5)  # fmt: skip
+    assert len(cfg.tasks) == 7
+    results = run(cfg, data=tiny_data, progress=False)
+    assert set(results["task"]) == set(cfg.tasks)
+    vs = results[results["metric"].isin(["pearson_vs_mean_deg", "r2_vs_mean_deg"])]
+    mean = vs[vs["model"] == "dose_mean"]
+    assert len(mean) > 0 and np.allclose(mean["value"], 0.0)
+    assert not np.allclose(vs[vs["model"] == "ridge"]["value"].dropna(), 0.0)  # a drug model deviates from it
+    summary = (tmp_path / "report.md").read_text()
+    assert "Against the average perturbed response" in summary
+    # the main table leads with the metric a drug-blind model cannot game
+    table = summary[summary.index("Main table") :]
+    assert table.index("pearson_vs_mean_deg") < table.index("pearson_delta_deg")

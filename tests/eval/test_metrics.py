@@ -74,3 +74,45 @@ def test_unknown_metric_lists_choices():
 def test_nan_prediction_is_refused():
     with pytest.raises(ScdcaInputError, match="NaN"):
         inp([np.nan, 1, 1], [1, 1, 1], [1, 1, 1], [[0, 1, 2]])
+
+
+def test_metrics_against_the_average_perturbed_response_by_hand():
+    ctrl, ref = [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, -1.0, 0.0]  # reference change: the average response
+    obs = [3.0, 1.0, -2.0, 0.0]  # deviation from the reference: +2, 0, -1
+    pred = [2.0, 2.0, -1.0, 5.0]  # deviation: +1, +1, 0 (gene 3 is not a top DEG)
+    i = inp(pred, obs, ctrl, [[0, 1, 2]])
+    i = ScoringInput(i.pred, i.observed, i.control, i.degs, i.groups, k=3, reference=np.atleast_2d(ref))
+    s = score(i, ["pearson_vs_mean_deg", "r2_vs_mean_deg"])
+    assert s["pearson_vs_mean_deg"][0] == pytest.approx(np.corrcoef([2, 0, -1], [1, 1, 0])[0, 1])
+    # skill: 1 - SS(obs - pred) / SS(obs - reference) = 1 - (1 + 1 + 1) / (4 + 0 + 1)
+    assert s["r2_vs_mean_deg"][0] == pytest.approx(1 - 3 / 5)
+    # the reference itself scores exactly 0 on both; the truth scores 1 on the skill
+    at_ref = ScoringInput(np.atleast_2d(ref), i.observed, i.control, i.degs, i.groups, k=3, reference=i.reference)
+    assert score(at_ref, ["pearson_vs_mean_deg", "r2_vs_mean_deg"]) == {
+        "pearson_vs_mean_deg": pytest.approx([0.0]),
+        "r2_vs_mean_deg": pytest.approx([0.0]),
+    }
+    exact = ScoringInput(i.observed, i.observed, i.control, i.degs, i.groups, k=3, reference=i.reference)
+    assert score(exact, ["r2_vs_mean_deg"])["r2_vs_mean_deg"][0] == pytest.approx(1.0)
+    assert "pearson_vs_mean_deg" not in score(inp(pred, obs, ctrl, [[0, 1, 2]]))  # no reference: not scored
+
+
+def test_deg_precision_and_direction_by_hand():
+    ctrl = [0.0] * 5
+    obs = [3.0, -2.0, 1.0, 0.1, 0.0]  # observed top-3 DEGs: 0, 1, 2
+    pred = [1.0, 0.5, 0.0, -4.0, 0.2]  # predicted top-3 by |change|: 3, 0, 1
+    s = score(inp(pred, obs, ctrl, [[0, 1, 2, 3, 4]]), ["deg_precision", "deg_direction"])
+    assert s["deg_precision"][0] == pytest.approx(2 / 3)  # genes 0 and 1 shared
+    assert s["deg_direction"][0] == pytest.approx(1 / 3)  # gene 0 right (+); gene 1 wrong (+ vs -); gene 2 no change
+
+
+def test_rank_dose_ranks_only_among_conditions_at_the_same_dose():
+    # two drugs x two doses; the prediction is dose-aware but drug-blind (the dose's mean)
+    obs = np.array([[1.0, 0.0], [0.0, 1.0], [5.0, 4.0], [4.0, 5.0]])
+    pred = np.array([[0.5, 0.5], [0.5, 0.5], [4.5, 4.5], [4.5, 4.5]])
+    base = dict(control=np.zeros_like(obs), degs=[np.array([0, 1])] * 4, groups=np.zeros(4), k=2)
+    i = ScoringInput(pred, obs, doses=np.array([1.0, 1.0, 10.0, 10.0]), **base)
+    s = score(i, ["rank", "rank_dose"])
+    assert np.allclose(s["rank_dose"], 0.5)  # cannot tell the drugs of a dose apart
+    # pooled over doses, the same drug-blind model looks informative: own observation tied first of 3 others
+    assert np.allclose(s["rank"], 0.5 / 3)

@@ -154,3 +154,25 @@ def test_principal_directions_have_a_fixed_sign_and_span_the_changes():
     rows = np.arange(3)
     assert (basis[rows, np.abs(basis).argmax(1)] > 0).all()
     np.testing.assert_allclose((delta - mean) @ basis.T @ basis, delta - mean, atol=1e-8)  # nothing lost
+
+
+def test_dose_mean_is_the_lines_mean_change_at_that_dose_with_fallbacks():
+    from scdca.models.baselines import DoseMeanBaseline, PooledMeanBaseline
+
+    delta = {
+        ("L1", "aspirin", 1.0): [1.0, 0.0],
+        ("L1", "caffeine", 1.0): [3.0, 0.0],
+        ("L1", "aspirin", 10.0): [0.0, 4.0],
+        ("L2", "aspirin", 1.0): [-1.0, 0.0],
+    }
+    data = make_pb(delta, control={"L1": [5.0, 5.0], "L2": [5.0, 5.0], "L3": [2.0, 2.0]})
+    model = DoseMeanBaseline().fit(data)
+    query = make_pb(
+        {("L1", "ibuprofen", 1.0): [0, 0], ("L2", "ibuprofen", 10.0): [0, 0], ("L3", "ibuprofen", 3.0): [0, 0]},
+        control={"L1": [5.0, 5.0], "L2": [5.0, 5.0], "L3": [2.0, 2.0]},
+    )
+    np.testing.assert_allclose(model.change(query)[0], [2.0, 0.0])  # L1 at 1.0: mean of aspirin, caffeine
+    np.testing.assert_allclose(model.change(query)[1], [0.0, 4.0])  # L2 never at 10: all lines at 10
+    np.testing.assert_allclose(model.change(query)[2], [1.0, 0.0])  # new line, dose 3 -> nearest (log) 1.0, pooled
+    np.testing.assert_allclose(model.predict(query)[2], [3.0, 2.0])  # + the line's control
+    np.testing.assert_allclose(PooledMeanBaseline().fit(data).change(query)[0], [1.0, 0.0])  # all lines at 1.0

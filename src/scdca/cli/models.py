@@ -224,6 +224,14 @@ def cmd_predict(args) -> None:
     )
     storage.write_h5ad(args.out, out)
     print(f"wrote {args.out}: {out.n_obs} predictions (drug x cell line x dose) x {out.n_vars} genes")
+    if "intervals" in out.uns:
+        print(
+            f"{args.level:g} prediction intervals (calibrated for {out.uns['intervals']['calibrated_for']}) in "
+            f"layers['lower'] and ['upper']; obs expected_mse and confidence "
+            f"(median {out.obs['confidence'].median():.2f})"
+        )
+    else:
+        print("no prediction intervals: the model was trained with --intervals none (or by an older scdca)")
     if "max_tanimoto_train" in out.obs:
         _print_similarity(
             out.obs.drop_duplicates("drug").set_index("drug")["max_tanimoto_train"], "obs['max_tanimoto_train']"

@@ -1,7 +1,9 @@
-"""The four generalisation tasks of the scDCA paper, as seeded and audited splits.
+"""The four generalisation tasks of the scDCA paper, and three more, as seeded and audited splits.
 
-Unit of splitting: a drug (all its doses, all lines) for `unseen_drug`, a
-(drug, cell line) pair (all its doses) for `unseen_pair` and the few-shot drugs.
+Unit of splitting: a drug (all its doses, all lines) for `unseen_drug`, a scaffold for
+`unseen_scaffold`, a (drug, cell line) pair (all its doses) for `unseen_pair` and the few-shot
+drugs, a line for the cell tasks, a line and a share of the drugs for `unseen_drug_line`, and
+each pair's top dose for `unseen_dose`.
 Control expression of every cell line, held-out lines included, is always
 available: it is the model's input, not a target.
 """
@@ -16,18 +18,30 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 
 from scdca.chem.molecules import scaffold
 from scdca.data.screen import PerturbationData
 from scdca.errors import LeakageError, ScdcaInputError
 from scdca.storage import write_json
 
-Task = Literal["unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot", "unseen_scaffold"]
+Task = Literal[
+    "unseen_drug",
+    "unseen_pair",
+    "unseen_cell_fewshot",
+    "unseen_cell_zeroshot",
+    "unseen_scaffold",
+    "unseen_drug_line",
+    "unseen_dose",
+]
 TASKS: tuple[str, ...] = ("unseen_drug", "unseen_pair", "unseen_cell_fewshot", "unseen_cell_zeroshot")
-# Extra tasks run only when named: not part of the paper's four ('all').
-EXTRA_TASKS: tuple[str, ...] = ("unseen_scaffold",)
+# Extra tasks run only when named or with 'extended': not part of the paper's four ('all').
+# unseen_drug_line: new drugs in a held-out line, both new at once (one split per line);
+# unseen_dose: every drug-line pair's top dose held out, its lower doses in training.
+EXTRA_TASKS: tuple[str, ...] = ("unseen_scaffold", "unseen_drug_line", "unseen_dose")
 ALL_TASKS = TASKS + EXTRA_TASKS
 CELL_TASKS = ("unseen_cell_fewshot", "unseen_cell_zeroshot")
+LINE_TASKS = (*CELL_TASKS, "unseen_drug_line")  # one split per held-out line
 
 
 @dataclass(frozen=True)
@@ -94,14 +108,27 @@ def _unseen_pairs(data: PerturbationData, rng, frac: float) -> np.ndarray:
     return np.array([p in test_pairs for p in zip(cond["drug"], cond["cell_line"])], dtype=bool)
 
 
-# task -> (default test share, test mask); the cell-line tasks make one split per held-out line
+def _unseen_doses(data: PerturbationData, rng, frac: float) -> np.ndarray:
+    """Test mask: each (drug, line) pair's top dose, for pairs measured at two doses or more (frac unused)."""
+    cond = data.conditions
+    dose = cond["dose"].to_numpy(float)
+    pair = cond["drug"].astype(str) + "|" + cond["cell_line"].astype(str)
+    top = pd.Series(dose).groupby(pair.to_numpy()).transform("max").to_numpy()
+    n_doses = pd.Series(dose).groupby(pair.to_numpy()).transform("nunique").to_numpy()
+    return (dose == top) & (n_doses >= 2)
+
+
+# task -> (default test share, test mask); the line tasks make one split per held-out line
 _SINGLE = {"unseen_drug": (0.3, _unseen_drugs), "unseen_scaffold": (0.3, _unseen_scaffolds),
-           "unseen_pair": (0.5, _unseen_pairs)}  # fmt: skip
+           "unseen_pair": (0.5, _unseen_pairs), "unseen_dose": (0.0, _unseen_doses)}  # fmt: skip
 
 
-def _line_splits(data: PerturbationData, task: str, seed: int, fewshot_fraction: float, only=None) -> list[Split]:
-    """One split per held-out line (of `only`, if given): all its conditions (zero-shot) or all but a few
-    drugs (few-shot)."""
+def _line_splits(
+    data: PerturbationData, task: str, seed: int, fewshot_fraction: float, only=None, drug_fraction: float = 0.3
+) -> list[Split]:
+    """One split per held-out line (of `only`, if given): all its conditions (zero-shot), all but a few
+    drugs (few-shot), or its conditions of a random `drug_fraction` of the drugs, those drugs then
+    removed from every line's training conditions (unseen_drug_line)."""
     cond = data.conditions
     lines = sorted(cond["cell_line"].unique())
     if len(lines) < 2:
@@ -111,6 +138,18 @@ def _line_splits(data: PerturbationData, task: str, seed: int, fewshot_fraction:
         in_line = (cond["cell_line"] == line).to_numpy()
         if task == "unseen_cell_zeroshot":
             is_test = in_line
+        elif task == "unseen_drug_line":
+            drugs = np.array(sorted(cond["drug"].unique()))
+            new = _rng(task, seed, line).choice(
+                drugs, size=max(1, int(round(drug_fraction * len(drugs)))), replace=False
+            )
+            is_new = cond["drug"].isin(new).to_numpy()
+            is_test = in_line & is_new
+            ids = np.asarray(data.ids)
+            split = Split(task, seed, line, tuple(ids[~in_line & ~is_new]), tuple(ids[is_test]))
+            if split.test and split.train:
+                splits.append(split)
+            continue
         else:
             drugs = np.array(sorted(cond.loc[in_line, "drug"].unique()))
             n_train = max(1, int(round(fewshot_fraction * len(drugs))))
@@ -152,6 +191,8 @@ def make_splits(
         splits = _line_splits(data, task, seed, fewshot_fraction, lines)
     for s in splits:
         audit(s, data)
+    if not splits:
+        raise ScdcaInputError(f"task {task!r}: no split has both training and test conditions in this data")
     return splits
 
 
@@ -166,6 +207,18 @@ def _split(data, task, seed, held_out, is_test) -> Split:
     if not split.train:
         raise ScdcaInputError(f"split {split.name}: no training conditions. Add conditions or drop the task (--tasks).")
     return split
+
+
+def _audit_doses(split: Split, train, test) -> None:
+    """unseen_dose: every test condition's pair is in training only at lower doses."""
+    seen = train.groupby([train["drug"], train["cell_line"]])["dose"].max()
+    for (d, c), x in zip(zip(test["drug"], test["cell_line"]), test["dose"]):
+        top = seen.get((d, c))
+        if top is None or top >= x:
+            raise LeakageError(
+                f"{split.name}: test condition {d!r} in {c!r} at dose {x:g} has "
+                + ("no lower training dose" if top is None else f"training dose {top:g} at or above it")
+            )
 
 
 def audit(split: Split, data: PerturbationData, *, fewshot_fraction: float = 0.1) -> None:
@@ -191,6 +244,16 @@ def audit(split: Split, data: PerturbationData, *, fewshot_fraction: float = 0.1
         leaked = set(zip(train["drug"], train["cell_line"])) & set(zip(test["drug"], test["cell_line"]))
         if leaked:
             raise LeakageError(f"{split.name}: test pair(s) {sorted(leaked)[:5]} appear in training")
+    elif split.task == "unseen_dose":
+        _audit_doses(split, train, test)
+    elif split.task == "unseen_drug_line":
+        if set(test["cell_line"]) != {split.held_out} or (train["cell_line"] == split.held_out).any():
+            raise LeakageError(
+                f"{split.name}: the held-out line {split.held_out!r} is in training or not alone in test"
+            )
+        leaked = set(train["drug"]) & set(test["drug"])
+        if leaked:
+            raise LeakageError(f"{split.name}: test drug(s) {sorted(leaked)[:5]} appear in training")
     elif split.task in CELL_TASKS:
         if set(test["cell_line"]) != {split.held_out}:
             raise LeakageError(f"{split.name}: test set contains lines other than {split.held_out!r}")

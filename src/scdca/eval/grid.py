@@ -49,6 +49,7 @@ from scdca.eval.runs import (
 )
 from scdca.eval.tables import summarize
 from scdca.models import MODELS
+from scdca.models.baselines import DoseMeanBaseline
 from scdca.models.intervals import Intervals, calibrate
 from scdca.nn.backbone import is_random
 from scdca.nn.backbone import reference as backbone_reference
@@ -85,10 +86,14 @@ class BenchmarkConfig:
         self.models = MODELS.parse_list(self.models, arg="models")
         self.metrics = METRICS.parse_list(self.metrics, arg="metrics")
         tasks = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
-        tasks = list(TASKS) if tasks == ["all"] else [t.strip() for t in tasks]
+        named = {"all": list(TASKS), "extended": list(ALL_TASKS)}
+        tasks = named.get(",".join(tasks).strip(), [t.strip() for t in tasks])
         bad = [t for t in tasks if t not in ALL_TASKS]
         if bad or not tasks:
-            raise ScdcaInputError(f"tasks: unknown task(s) {bad!r}; choose from {', '.join(ALL_TASKS)} (or 'all')")
+            raise ScdcaInputError(
+                f"tasks: unknown task(s) {bad!r}; choose from {', '.join(ALL_TASKS)} (or 'all': the paper's "
+                f"four; 'extended': every task)"
+            )
         self.tasks = tasks
         if isinstance(self.seeds, int):
             if self.seeds < 1:
@@ -345,11 +350,12 @@ def compute_cell(
             t1 = time.perf_counter()
             interval = _intervals(data, model_name, split, test, pred, cfg, seed)
             costs[-1]["calibration_seconds"] = time.perf_counter() - t1
+        extras = {**scoring_extras(data, split, test, cfg.metrics), **(interval.scoring() if interval else {})}
         if model_name == "ceiling":
-            half = score_conditions(test, pred, observed, "ceiling_half", split, cfg.k, cfg.metrics)
+            half = score_conditions(test, pred, observed, "ceiling_half", split, cfg.k, cfg.metrics, extras)
             rows += [half, spearman_brown(half)]
         else:
-            rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics, interval))
+            rows.append(score_conditions(test, pred, observed, model_name, split, cfg.k, cfg.metrics, extras))
         preds.append((split, test, pred, observed, interval))
     return (
         pd.concat(rows, ignore_index=True),
@@ -425,10 +431,23 @@ def half_b_degs(test: PerturbationData) -> dict[str, np.ndarray]:
     return rank_degs(half)
 
 
+def scoring_extras(data: PerturbationData, split: Split, test: PerturbationData, metrics) -> dict:
+    """The ScoringInput fields beyond predictions that the chosen metrics need: the average perturbed
+    response (`dose_mean` fitted on the split's training conditions) and the doses."""
+    needs = {METRICS.get(m).needs for m in metrics}
+    extras = {}
+    if "reference" in needs:
+        extras["reference"] = DoseMeanBaseline().fit(data.subset(split.train)).change(test)
+    if "doses" in needs:
+        extras["doses"] = test.conditions["dose"].to_numpy(float)
+    return extras
+
+
 def score_conditions(
-    test: PerturbationData, pred, observed, model, split: Split, k, metrics, interval: Intervals | None = None
+    test: PerturbationData, pred, observed, model, split: Split, k, metrics, extras: dict | None = None
 ) -> pd.DataFrame:
-    """Score one split's predictions -> tidy rows (one per condition and metric)."""
+    """Score one split's predictions -> tidy rows (one per condition and metric); `extras`: more
+    ScoringInput fields (`scoring_extras`, `Intervals.scoring`)."""
     cond = test.conditions
     inp = ScoringInput(
         pred=pred,
@@ -437,7 +456,7 @@ def score_conditions(
         degs=[test.degs[i] for i in test.ids],
         groups=cond["cell_line"].to_numpy(),
         k=k,
-        **(interval.scoring() if interval is not None else {}),
+        **(extras or {}),
     )
     values = score(inp, metrics)
     frames = [

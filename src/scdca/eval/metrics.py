@@ -36,6 +36,9 @@ class ScoringInput:
         sigma: (N, G) the interval scale of each prediction (`scdca.models.intervals`), or None.
         alphas: level -> the conformal multiplier of sigma at that level (with sigma).
         expected_mse: (N,) each prediction's expected mse (with sigma).
+        reference: (N, G) the average perturbed response's change from control for each condition
+            (`dose_mean`, fitted on the split's training conditions), or None.
+        doses: (N,) each condition's dose (for `rank_dose`), or None.
     """
 
     pred: np.ndarray
@@ -47,6 +50,8 @@ class ScoringInput:
     sigma: np.ndarray | None = None
     alphas: dict[float, float] | None = None
     expected_mse: np.ndarray | None = None
+    reference: np.ndarray | None = None
+    doses: np.ndarray | None = None
 
     def __post_init__(self):
         shapes = {a: getattr(self, a).shape for a in ("pred", "observed", "control")}
@@ -74,15 +79,15 @@ class Metric:
     description: str
     higher_is_better: bool
     fn: Callable[[ScoringInput], np.ndarray]
-    needs_intervals: bool = False  # scored only for predictions with intervals (`ScoringInput.sigma`)
+    needs: str = ""  # a ScoringInput field the metric needs; scored only where it is given (not None)
 
 
 METRICS: Registry[Metric] = Registry("metric")
 
 
-def _metric(name: str, description: str, higher_is_better: bool, needs_intervals: bool = False):
+def _metric(name: str, description: str, higher_is_better: bool, needs: str = ""):
     def deco(fn):
-        METRICS.add(name, Metric(name, description, higher_is_better, fn, needs_intervals))
+        METRICS.add(name, Metric(name, description, higher_is_better, fn, needs))
         return fn
 
     return deco
@@ -156,18 +161,90 @@ def _mse(inp: ScoringInput) -> np.ndarray:
     False,
 )
 def _rank(inp: ScoringInput) -> np.ndarray:
-    out = np.full(inp.pred.shape[0], np.nan)
-    for g in np.unique(inp.groups):
-        idx = np.flatnonzero(inp.groups == g)
+    return _ranks(inp.pred, inp.observed, inp.groups)
+
+
+def _ranks(pred: np.ndarray, observed: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Within each group: the normalised rank of each prediction's own observation by distance."""
+    out = np.full(pred.shape[0], np.nan)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
         if idx.size < 2:
             continue
-        P, O = inp.pred[idx].astype(np.float64), inp.observed[idx].astype(np.float64)
+        P, O = pred[idx].astype(np.float64), observed[idx].astype(np.float64)
         d = (P**2).sum(1)[:, None] + (O**2).sum(1)[None, :] - 2 * P @ O.T  # (n, n) squared distances
         own = np.diag(d)[:, None]
         closer = (d < own - 1e-9).sum(1)
         ties = (np.abs(d - own) <= 1e-9).sum(1) - 1  # minus itself
         out[idx] = (closer + 0.5 * ties) / (idx.size - 1)
     return out
+
+
+def _versus_mean(score_fn):
+    """score_fn(observed - reference, predicted - reference) over each condition's top-k DEGs, where
+    reference = control + the average perturbed response (`ScoringInput.reference`)."""
+
+    def f(s: ScoringInput, i: int) -> float:
+        g = s.top(i)
+        ref = s.control[i, g] + s.reference[i, g]
+        return score_fn(s.observed[i, g] - ref, s.pred[i, g] - ref)
+
+    return f
+
+
+def _skill(y: np.ndarray, yhat: np.ndarray) -> float:
+    """1 - SS(y - yhat) / SS(y): 0 for yhat = 0 (the reference itself), 1 for a perfect prediction."""
+    den = float((y * y).sum())
+    return 1.0 - float(((y - yhat) ** 2).sum()) / den if den > 0 else np.nan
+
+
+@_metric(
+    "pearson_vs_mean_deg",
+    "Pearson, over the top-k DEGs, of the predicted against the observed deviation from the average "
+    "perturbed response (dose_mean: 0; drug-blind models: about 0)",
+    True,
+    needs="reference",
+)
+def _pearson_vs_mean_deg(inp: ScoringInput) -> np.ndarray:
+    return _per_condition(inp, _versus_mean(pearson))
+
+
+@_metric(
+    "r2_vs_mean_deg",
+    "skill over the average perturbed response on the top-k DEGs: 1 - SS(observed - predicted) / "
+    "SS(observed - reference) (dose_mean: 0; below 0: worse than it)",
+    True,
+    needs="reference",
+)
+def _r2_vs_mean_deg(inp: ScoringInput) -> np.ndarray:
+    return _per_condition(inp, _versus_mean(_skill))
+
+
+@_metric("deg_precision", "share of the observed top-k DEGs among the top-k genes by |predicted change|", True)
+def _deg_precision(inp: ScoringInput) -> np.ndarray:
+    rows, observed = inp.top_entries()
+    change = np.abs(inp.pred - inp.control)
+    predicted = np.argsort(-change, axis=1, kind="stable")[:, : inp.k]
+    return np.array([np.isin(o, p).mean() for o, p in zip(observed, predicted)], dtype=float)
+
+
+@_metric("deg_direction", "share of the observed top-k DEGs whose predicted change has the observed sign", True)
+def _deg_direction(inp: ScoringInput) -> np.ndarray:
+    rows, cols = inp.top_entries()
+    obs = np.sign(inp.observed[rows, cols] - inp.control[rows, cols])
+    pred = np.sign(inp.pred[rows, cols] - inp.control[rows, cols])
+    return (obs == pred).mean(1).astype(float)
+
+
+@_metric(
+    "rank_dose",
+    "`rank` among the line's test conditions at the same dose only (a dose-aware drug-blind model: 0.5)",
+    False,
+    needs="doses",
+)
+def _rank_dose(inp: ScoringInput) -> np.ndarray:
+    groups = np.array([f"{g}|{d:g}" for g, d in zip(inp.groups, np.asarray(inp.doses, float))])
+    return _ranks(inp.pred, inp.observed, groups)
 
 
 def _interval(inp: ScoringInput, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,24 +267,24 @@ for _level in LEVELS:
         f"coverage_{round(100 * _level)}",
         f"share of the top-k DEG values inside the {100 * _level:g}% prediction interval (calibrated: {_level:g})",
         True,
-        needs_intervals=True,
+        needs="sigma",
     )(_coverage(_level))
 
 
-@_metric("interval_width_90", "mean width of the 90% prediction interval over the top-k DEGs", False, True)
+@_metric("interval_width_90", "mean width of the 90% prediction interval over the top-k DEGs", False, "sigma")
 def _interval_width_90(inp: ScoringInput) -> np.ndarray:
     _, lower, upper = _interval(inp, 0.9)
     return (upper - lower).mean(1).astype(float)
 
 
-@_metric("expected_mse", "the model's own expected mse for the condition (report: Spearman against mse)", False, True)
+@_metric("expected_mse", "the model's own expected mse for the condition (report: Spearman against mse)", False, "sigma")
 def _expected_mse(inp: ScoringInput) -> np.ndarray:
     return np.asarray(inp.expected_mse, dtype=float)
 
 
 def score(inp: ScoringInput, metrics: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Compute the named metrics (default: all) -> name -> (N,) values. Interval metrics are
-    computed only when the input has intervals."""
+    """Compute the named metrics (default: all) -> name -> (N,) values. A metric that needs an
+    input field (intervals, the reference, doses) is computed only where the input has it."""
     names = list(metrics) if metrics is not None else METRICS.names()
     chosen = [METRICS.get(n) for n in names]
-    return {m.name: m.fn(inp) for m in chosen if inp.sigma is not None or not m.needs_intervals}
+    return {m.name: m.fn(inp) for m in chosen if not m.needs or getattr(inp, m.needs) is not None}

@@ -30,14 +30,16 @@ from scdca.eval.figures import (
 from scdca.eval.metrics import METRICS, r2_rows
 from scdca.eval.render import write_html, write_markdown
 from scdca.eval.runs import REFERENCES, read_prediction_parts
-from scdca.eval.stats import DRUG_BLIND_TOLERANCE, drug_blind, paired_tests, per_seed
+from scdca.eval.stats import DRUG_BLIND_TOLERANCE, drug_blind, holm, paired_tests, per_seed
 from scdca.eval.tables import (
     BASELINES,
+    MEAN_BASELINES,
     NOVELTY_TASKS,
     calibration_table,
     dose_table,
     group_table,
     main_table,
+    normalised_scores,
     novelty,
     per_held_out,
     sweep_table,
@@ -211,6 +213,35 @@ def calibration_text(calib: pd.DataFrame) -> str:
     return " ".join(parts)
 
 
+def mean_baseline_text(results: pd.DataFrame, metric: str = "pearson_vs_mean_deg") -> str:
+    """Per task: which models beat the average perturbed response beyond noise on `metric`, on which
+    the mean baseline (`dose_mean`) scores 0 by construction: a one-sample t-test of the per-seed
+    means against 0 (the same as a paired test against dose_mean), Holm-corrected within task."""
+    from scipy import stats
+
+    s = per_seed(results, metric)
+    s = s[~s["model"].isin(REFERENCES + MEAN_BASELINES + ("control",))]
+    if s.empty:
+        return ""
+    parts = []
+    for task, grp in s.groupby("task", sort=False):
+        by = grp.groupby("model")["value"]
+        p = by.apply(lambda v: stats.ttest_1samp(v, 0.0).pvalue if len(v) > 1 and v.std() > 0 else np.nan)
+        p_holm, means = holm(p.dropna()), by.mean()
+        winners = [m for m in p_holm.index if p_holm[m] < 0.05 and means[m] > 0]
+        best = means.idxmax()
+        if winners:
+            listed = ", ".join(f"{m} ({means[m]:.3f}, p_holm {p_holm[m]:.3f})" for m in winners)
+            parts.append(f"On {task}, {listed} beat{'s' if len(winners) == 1 else ''} it beyond noise.")
+        else:
+            ph = f"p_holm {p_holm[best]:.2f}" if best in p_holm.index else "not testable"
+            parts.append(f"On {task}, no model beats it beyond noise (best: {best}, {means[best]:.3f}, {ph}).")
+    return (
+        f"Against the average perturbed response ({metric}: the line's mean training change at the dose "
+        f"scores 0, a drug-blind model about 0; one-sample t over seeds): " + " ".join(parts)
+    )
+
+
 def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
     """A plain-language paragraph: who wins each task on `metric`, against the best simple baseline."""
     s = per_seed(results, metric)
@@ -305,7 +336,17 @@ Section = tuple[str, str, str | None]  # (title, text or table, PNG as base64 or
 def _overview(results: pd.DataFrame, folder: Path, model: str, metric: str) -> list[Section]:
     """Summary, data diagnostics, the main table with its figure, paired tests."""
     sections: list[Section] = []
-    sections.append(("Summary", summary_text(results, metric), None))
+    lead = mean_baseline_text(results)
+    sections.append(("Summary", (lead + "\n\n" if lead else "") + summary_text(results, metric), None))
+    normalised = normalised_scores(results)
+    if not normalised.empty:
+        sections.append(
+            (
+                "Normalised change score (pearson_delta_deg: 0 = the best mean baseline, 1 = the oracle or ceiling)",
+                normalised["normalised"].unstack("task").to_string(),
+                None,
+            )
+        )
     if (folder / "diagnostics.csv").exists():
         diag = pd.read_csv(folder / "diagnostics.csv")
         sections.append(

@@ -37,12 +37,37 @@ def format_summary(
     return wide.to_string()
 
 
-MAIN_METRICS = ("r2_deg", "r2_delta_deg", "pearson_delta_deg", "pearson_delta", "rank", "mse")
-BASELINES = ("control", "train_mean", "additive", "ridge", "knn", "dominant", "scaled_mean", "ridge_shrunk")
+# led by metrics a drug-blind model cannot game (0 for the average perturbed response, `dose_mean`)
+MAIN_METRICS = (
+    "pearson_vs_mean_deg",
+    "r2_vs_mean_deg",
+    "rank_dose",
+    "r2_deg",
+    "r2_delta_deg",
+    "pearson_delta_deg",
+    "pearson_delta",
+    "rank",
+    "mse",
+)
+MEAN_BASELINES = ("dose_mean", "pooled_mean", "train_mean", "scaled_mean")  # what a drug-blind model predicts
+BASELINES = (
+    "control",
+    "train_mean",
+    "dose_mean",
+    "pooled_mean",
+    "additive",
+    "ridge",
+    "knn",
+    "dominant",
+    "scaled_mean",
+    "ridge_shrunk",
+)
 
 
 def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:
-    """Rows (task, model); columns metric -> 'mean ± se', best non-reference model per column marked '*'."""
+    """Rows (task, model); columns metric -> 'mean ± se', best non-reference model per column marked '*'.
+    Metrics the run did not score (e.g. the `*_vs_mean_*` ones in an older run) are left out."""
+    metrics = [m for m in metrics if (results["metric"] == m).any()]
     out = {}
     blind = (
         {(t, m) for t, m in drug_blind(results)[["task", "model"]].itertuples(index=False)}
@@ -178,3 +203,23 @@ def calibration_table(results: pd.DataFrame, levels: Sequence[float] = (0.5, 0.8
     if cov is not None:
         table["verdict"] = np.where(cov < 0.85, "too narrow", np.where(cov > 0.95, "too wide", "ok"))
     return table.round(3)
+
+
+def normalised_scores(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.DataFrame:
+    """Rows (task, model): the metric rescaled so that 0 = the best mean baseline of the task
+    (`MEAN_BASELINES`) and 1 = the oracle (simulated data) or else the noise ceiling (cell-eval's
+    normalised score). Empty without a mean baseline or a reference in the run."""
+    means = per_seed(results, metric).groupby(["task", "model"])["value"].mean()
+    higher = METRICS.get(metric).higher_is_better
+    rows = []
+    for task, m in means.groupby(level=0):
+        m = m.droplevel(0)
+        base = m[[b for b in MEAN_BASELINES if b in m.index]]
+        top = next((m[r] for r in ("oracle", "ceiling") if r in m.index), None)
+        if base.empty or top is None:
+            continue
+        floor = base.max() if higher else base.min()
+        span = top - floor
+        for model, v in m.drop([r for r in REFERENCES if r in m.index]).items():
+            rows.append({"task": task, "model": model, "normalised": (v - floor) / span if span else np.nan})
+    return pd.DataFrame(rows).set_index(["task", "model"]).round(3) if rows else pd.DataFrame()

@@ -239,3 +239,68 @@ class DominantDirectionBaseline(PerturbationModel):
             mean, v, levels, scales = self._fits.get(line, self._fits[None])
             out.append(mean + scales[np.argmin(np.abs(levels - x))] * v)
         return query.control_for(cond["cell_line"]) + np.stack(out)
+
+
+class _DoseMeans:
+    """Mean training change per (line, dose) and per dose over all lines, with fallbacks."""
+
+    def __init__(self, train: PerturbationData):
+        cond = train.conditions
+        delta = train.delta()
+        lines, doses = cond["cell_line"].astype(str).to_numpy(), cond["dose"].to_numpy(float)
+        self._means: dict[tuple, np.ndarray] = {}
+        for key in set(zip(lines, doses)) | {(None, x) for x in doses}:
+            rows = (doses == key[1]) & ((lines == key[0]) if key[0] is not None else True)
+            self._means[key] = delta[rows].mean(0)
+        self._doses = {line: np.unique(doses[lines == line]) for line in np.unique(lines)}
+        self._doses[None] = np.unique(doses)
+
+    def change(self, line: str | None, dose: float) -> np.ndarray:
+        """The line's mean change at this dose; else all lines' at it; else the same at the nearest
+        training dose (log scale) of the line, then of all lines."""
+        for key in ((line, dose), (None, dose)):
+            if key in self._means:
+                return self._means[key]
+        for where in (line, None):
+            if where in self._doses:
+                have = self._doses[where]
+                near = have[np.abs(np.log10(np.maximum(have, 1e-12)) - np.log10(max(dose, 1e-12))).argmin()]
+                return self._means[(where, near)]
+        raise AssertionError("unreachable: every training dose has a pooled mean")
+
+
+@MODELS.register("dose_mean")
+class DoseMeanBaseline(PerturbationModel):
+    """Drug-blind: control + the line's mean training change at that dose (the average perturbed response).
+
+    Falls back to all training lines' mean change at that dose (unseen lines) and then to the
+    nearest training dose. It is the reference of the `*_vs_mean_*` metrics, on which it scores 0.
+    """
+
+    name = "dose_mean"
+    pooled = False
+
+    def fit(self, train):
+        self._means = _DoseMeans(train)
+        return self
+
+    def change(self, query: PerturbationData) -> np.ndarray:
+        """(N, G) the predicted change from control."""
+        cond = query.conditions
+        return np.stack(
+            [
+                self._means.change(None if self.pooled else str(c), float(x))
+                for c, x in zip(cond["cell_line"], cond["dose"])
+            ]
+        )
+
+    def _predict(self, query):
+        return query.control_for(query.conditions["cell_line"]) + self.change(query)
+
+
+@MODELS.register("pooled_mean")
+class PooledMeanBaseline(DoseMeanBaseline):
+    """Drug- and line-blind: control + the mean change over all training lines at that dose."""
+
+    name = "pooled_mean"
+    pooled = True

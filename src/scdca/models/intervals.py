@@ -32,7 +32,7 @@ import numpy as np
 
 from scdca import storage
 from scdca.data.screen import PerturbationData
-from scdca.data.splits import Split, make_splits
+from scdca.data.splits import LINE_TASKS, Split, make_splits
 from scdca.errors import ScdcaInputError
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)  # the levels the harness measures coverage at
@@ -213,10 +213,11 @@ def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude
     Drug, scaffold and pair tasks: the training drugs (scaffolds, drug-line pairs) in `FOLDS[task]`
     folds, each held out once, so every training condition is calibrated on. Line tasks: the task's
     own split rule for at most `max_lines` training lines, chosen at random, never `exclude` (a
-    few-shot split's own line, which has too few conditions to hold out).
+    few-shot split's own line, which has too few conditions to hold out). unseen_dose: its own rule
+    (each pair's top training dose held out).
     """
     rng = np.random.default_rng([seed, 36])
-    if not task.startswith("unseen_cell"):
+    if task in FOLDS:
         units = _groups(train.conditions, task)
         names = np.unique(units)
         if len(names) < FOLDS[task]:
@@ -227,8 +228,10 @@ def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude
         ids = np.asarray(train.ids)
         folds = np.array_split(rng.permutation(names), FOLDS[task])
         return [Split(task, seed, "", tuple(ids[~np.isin(units, f)]), tuple(ids[np.isin(units, f)])) for f in folds]
-    candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
-    lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
+    lines = None  # unseen_dose: the rule itself (each pair's top remaining dose)
+    if task in LINE_TASKS:
+        candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
+        lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
     try:
         return make_splits(train, task, seed, lines=lines)
     except ScdcaInputError as err:
@@ -255,10 +258,10 @@ def out_of_fold(make_model: Callable, train: PerturbationData, splits: list[Spli
 
 
 def _groups(cond, task: str) -> np.ndarray:
-    """The unit a task holds out together: a line (cell tasks), a drug-line pair, a scaffold or a drug."""
-    if task.startswith("unseen_cell"):
+    """The unit a task holds out together: a line (line tasks), a drug-line pair, a scaffold or a drug."""
+    if task in LINE_TASKS:
         return cond["cell_line"].astype(str).to_numpy()
-    if task == "unseen_pair":
+    if task in ("unseen_pair", "unseen_dose"):
         return (cond["drug"].astype(str) + "|" + cond["cell_line"].astype(str)).to_numpy()
     if task == "unseen_scaffold":
         from scdca.chem.molecules import scaffold

@@ -1,0 +1,70 @@
+"""What an optional part of the grid costs: the demo grid run twice, without and with it.
+
+    python bench/grid_cost.py --variant intervals|metrics [--data runs/demo/data.h5ad] [--models ...]
+        [--seeds 5] [--out runs/grid_cost]
+
+Runs `make demo`'s grid (its models, all four tasks) twice in this process, serially, into two
+fresh folders, report included, and prints both wall times and their ratio:
+
+- `intervals`: without and with `--intervals` (conformal intervals; issue 28's bar: at most
+  1.30x), then the calibration table of the run with them (coverage per level, the 90%
+  interval's width, Spearman of expected against realised error).
+- `metrics`: the six metrics of the paper's harness, then every metric (the `*_vs_mean_*`,
+  DEG and `rank_dose` metrics added; issue 26's bar: at most 1.10x).
+
+Run it on a quiet machine: nothing else may use the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from scdca.data.screen import load
+from scdca.eval.grid import BenchmarkConfig, run
+from scdca.eval.tables import calibration_table
+
+DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl"
+PAPER_METRICS = "r2_deg,r2_delta_deg,pearson_delta_deg,pearson_delta,mse,rank"
+VARIANTS = {  # name -> (settings without it, settings with it)
+    "intervals": ({"intervals": False}, {"intervals": True}),
+    "metrics": ({"metrics": PAPER_METRICS}, {"metrics": "all"}),
+}
+
+
+def timed_grid(data, path: str, out: Path, models: str, seeds: int, settings: dict) -> tuple[float, object]:
+    """(seconds, results) of one fresh grid run, report included, as `scdca benchmark` runs it."""
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = BenchmarkConfig(data=path, out=str(out), models=models, tasks="all", seeds=seeds, **settings)
+    t0 = time.perf_counter()
+    results = run(cfg, data=data, progress=False)
+    return time.perf_counter() - t0, results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--data", default="runs/demo/data.h5ad")
+    p.add_argument("--models", default=DEMO_MODELS)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--out", default="runs/grid_cost")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    data = load(args.data)
+    without, with_ = VARIANTS[args.variant]
+    out = Path(args.out) / args.variant
+    base, _ = timed_grid(data, args.data, out / "without", args.models, args.seeds, without)
+    print(f"grid without {args.variant}: {base:.0f} s", flush=True)
+    seconds, results = timed_grid(data, args.data, out / "with", args.models, args.seeds, with_)
+    print(f"grid with {args.variant}:    {seconds:.0f} s")
+    if args.variant == "intervals":
+        print("\n" + calibration_table(results).to_string())
+    print(f"\n{args.variant} cost {seconds / base:.2f}x the grid without them ({args.models}; {args.seeds} seeds)")
+
+
+if __name__ == "__main__":
+    main()
