@@ -601,3 +601,23 @@ def test_a_config_that_means_nothing_is_refused_naming_the_setting(settings, mes
     with pytest.raises(ScdcaInputError, match=message):
         ScDCAConfig(**settings)
     assert ScDCAConfig(variant="adapter", gene_head=True, head_warmup_epochs=10, freeze_head=True).warms_up_head
+
+
+def test_routed_is_calibrated_for_new_molecules_on_its_own_shrinkage_folds_without_a_refit(tiny_data, tiny_backbone):
+    from scdca.models.intervals import calibrate
+
+    split = make_splits(tiny_data, "unseen_drug", 0)[0]
+    train = tiny_data.subset(split.train)
+    opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=4, seed=0)
+    model = make_model("scdca_routed", **opts).fit(train)
+    ids, oof = model.new_molecule_out_of_fold()
+    assert sorted(ids) == sorted(train.ids) and oof.shape == (len(train.ids), train.n_genes) and (oof >= 0).all()
+
+    def refit():
+        raise AssertionError("calibration refitted the model although its folds were at hand")
+
+    cal = calibrate(refit, train, "unseen_drug", 0, k=5, fitted=model)
+    assert len(cal.calibration_mse) == len(train.ids)  # every training condition, each predicted out of fold
+    # the residuals are those of the out-of-fold stack, the prediction the model makes for new molecules
+    realised = ((train.subset(list(ids)).mean - oof) ** 2).mean(1)
+    np.testing.assert_allclose(cal.calibration_mse, realised, rtol=1e-5)

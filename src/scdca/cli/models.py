@@ -142,7 +142,7 @@ def cmd_train(args) -> None:
     else:
         model = cls(**{k: v for k, v in options.items() if k in cls.options})
     model.fit(data)
-    calibration = _calibration(args, cls, options, data) if _main_process() else None
+    calibration = _calibration(args, cls, options, data, model) if _main_process() else None
     if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
         return
     model.save(args.out)
@@ -156,7 +156,7 @@ def cmd_train(args) -> None:
     )
 
 
-def _calibration(args, cls, options, data):
+def _calibration(args, cls, options, data, fitted):
     """The trained model's conformal calibration for `--intervals TASK` (None for 'none'): fresh
     copies of the model, with the same options and no checkpoints, refitted on the task's own
     splits of the training data."""
@@ -171,7 +171,7 @@ def _calibration(args, cls, options, data):
     else:
         kwargs = {k: v for k, v in options.items() if k in cls.options}
     print(f"calibrating prediction intervals for {args.intervals} (refits on splits of the training data) ...")
-    return calibrate(lambda: cls(**kwargs), data, args.intervals, seed=options.get("seed") or 0)
+    return calibrate(lambda: cls(**kwargs), data, args.intervals, seed=options.get("seed") or 0, fitted=fitted)
 
 
 def _save_calibration(folder, calibration) -> None:

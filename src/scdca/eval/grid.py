@@ -348,7 +348,7 @@ def compute_cell(
         interval = None
         if cfg.intervals and model is not None:
             t1 = time.perf_counter()
-            interval = _intervals(data, model_name, split, test, pred, cfg, seed)
+            interval = _intervals(data, model_name, split, test, pred, cfg, seed, model)
             costs[-1]["calibration_seconds"] = time.perf_counter() - t1
         extras = {**scoring_extras(data, split, test, cfg.metrics), **(interval.scoring() if interval else {})}
         if model_name == "ceiling":
@@ -379,7 +379,7 @@ def _fit_predict(data: PerturbationData, model_name: str, split: Split, test: Pe
     return test, pred, test.mean, model.cost(), model
 
 
-def _intervals(data, model_name: str, split: Split, test: PerturbationData, pred, cfg, seed) -> Intervals:
+def _intervals(data, model_name: str, split: Split, test: PerturbationData, pred, cfg, seed, model) -> Intervals:
     """Conformal intervals for one split's predictions, calibrated on its training conditions only."""
     cal = calibrate(
         partial(_make, model_name, cfg.model_options, seed),
@@ -388,6 +388,7 @@ def _intervals(data, model_name: str, split: Split, test: PerturbationData, pred
         seed,
         k=cfg.k,
         exclude=split.held_out,
+        fitted=model,
     )
     return Intervals.of(cal, pred, test.control_for(test.conditions["cell_line"]), test.conditions["dose"].to_numpy())
 

@@ -277,7 +277,9 @@ def _interval_width_90(inp: ScoringInput) -> np.ndarray:
     return (upper - lower).mean(1).astype(float)
 
 
-@_metric("expected_mse", "the model's own expected mse for the condition (report: Spearman against mse)", False, "sigma")
+@_metric(
+    "expected_mse", "the model's own expected mse for the condition (report: Spearman against mse)", False, "sigma"
+)
 def _expected_mse(inp: ScoringInput) -> np.ndarray:
     return np.asarray(inp.expected_mse, dtype=float)
 

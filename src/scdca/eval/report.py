@@ -234,7 +234,7 @@ def mean_baseline_text(results: pd.DataFrame, metric: str = "pearson_vs_mean_deg
             listed = ", ".join(f"{m} ({means[m]:.3f}, p_holm {p_holm[m]:.3f})" for m in winners)
             parts.append(f"On {task}, {listed} beat{'s' if len(winners) == 1 else ''} it beyond noise.")
         else:
-            ph = f"p_holm {p_holm[best]:.2f}" if best in p_holm.index else "not testable"
+            ph = f"p_holm {p_holm[best]:.2f}" if best in p_holm.index else "the same on every seed: no test"
             parts.append(f"On {task}, no model beats it beyond noise (best: {best}, {means[best]:.3f}, {ph}).")
     return (
         f"Against the average perturbed response ({metric}: the line's mean training change at the dose "

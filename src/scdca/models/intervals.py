@@ -271,7 +271,14 @@ def _groups(cond, task: str) -> np.ndarray:
 
 
 def calibrate(
-    make_model: Callable, train: PerturbationData, task: str, seed: int = 0, *, k: int = 20, exclude: str = ""
+    make_model: Callable,
+    train: PerturbationData,
+    task: str,
+    seed: int = 0,
+    *,
+    k: int = 20,
+    exclude: str = "",
+    fitted=None,
 ) -> Calibration:
     """Calibrate the model that `make_model()` builds for the generalisation task `task`.
 
@@ -282,10 +289,28 @@ def calibrate(
         seed: seed of the calibration splits.
         k: the number of top DEGs per condition the conformal scores are taken on.
         exclude: a line that must not be a calibration line (a few-shot split's own line).
+        fitted: the model fitted on `train`, if at hand. For unseen_drug, a model that already made
+            out-of-fold predictions over folds of the training drugs (`new_molecule_out_of_fold`:
+            `scdca_routed`'s shrinkage folds) is calibrated on those, with no refit.
     """
+    reused = (
+        fitted.new_molecule_out_of_fold()
+        if task == "unseen_drug" and hasattr(fitted, "new_molecule_out_of_fold")
+        else None
+    )
+    if reused is not None:
+        return fit_calibration(_reused_out_of_fold(train, *reused, k), task)
     return fit_calibration(
         out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k), task
     )
+
+
+def _reused_out_of_fold(train: PerturbationData, ids, pred, k: int) -> OutOfFold:
+    held = train.subset(list(ids))
+    cond = held.conditions
+    top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
+    control = held.control_for(cond["cell_line"])
+    return OutOfFold(pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, "unseen_drug"))
 
 
 def load_calibration(folder: str | os.PathLike) -> Calibration | None:

@@ -111,6 +111,7 @@ def cv_weights(
     *,
     n_folds: int = 3,
     seed: int = 0,
+    keep: dict | None = None,
 ) -> tuple[dict[str, float], dict]:
     """How much of each model's deviation from `scaled_mean` held-out training drugs support.
 
@@ -120,6 +121,8 @@ def cv_weights(
         train: the training conditions (never the test ones).
         n_folds: folds of training drugs (each refits every model once).
         seed: which drugs go to which fold.
+        keep: if given, receives the out-of-fold arrays: 'ids' (N,), 'base' (N, G) control + anchor,
+            'deviation' {name: (N, G)} (each model's deviation from the base).
     Returns:
         (name -> weight in [0, 1], details: folds and the out-of-fold squared error of the
         anchor alone, of the weighted blend, and of each model alone).
@@ -139,6 +142,9 @@ def cv_weights(
         target[rows] = train.subset(ids[rows]).delta() - anchor
     w = best_weights(dev, target)
     blend = np.tensordot(w, dev, axes=1)
+    if keep is not None:
+        keep.update(ids=ids, base=train.subset(ids).delta() - target + train.control_for(train.conditions["cell_line"]))
+        keep["deviation"] = {name: dev[j] for j, name in enumerate(names)}
     details = {
         "folds": n_folds,
         "sse_anchor": float((target**2).sum()),

@@ -115,14 +115,27 @@ class ScDCARouted(PerturbationModel):
             models = {"scdca": lambda inner, held: ScDCALowRank(**self._new_kwargs).fit(inner).predict(held)}
             if self.stack_ridge:
                 models["ridge"] = lambda inner, held: MODELS.get("ridge")().fit(inner).predict(held)
+            self._oof = {}
             stacked, self.shrinkage_cv_ = cv_weights(
-                models, train, n_folds=self.shrinkage_folds, seed=int(self._new_kwargs.get("seed", 0))
+                models, train, n_folds=self.shrinkage_folds, seed=int(self._new_kwargs.get("seed", 0)), keep=self._oof
             )
             weights = trust_or_stack(stacked, self.shrinkage_cv_, "scdca")
             if weights.get("ridge", 0.0) > 0.0:
                 self._ridge = MODELS.get("ridge")().fit(train)
         self._shrinkage_seconds = time.perf_counter() - t0
         return weights
+
+    def new_molecule_out_of_fold(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(condition ids, (N, G) predictions) of the training conditions made by the shrinkage folds'
+        models, which did not see those drugs, combined with the chosen weights: what this model
+        predicts for a new molecule, at no extra fit (`scdca.models.intervals` calibrates on it).
+        None when no folds ran (too few drugs, a fixed `new_shrinkage`, or a loaded model)."""
+        weights = self.weights_
+        oof = getattr(self, "_oof", None)
+        if not oof:
+            return None
+        pred = oof["base"] + sum(w * oof["deviation"][name] for name, w in weights.items())
+        return oof["ids"], np.maximum(pred, 0)
 
     @property
     def shrinkage_(self) -> float:
