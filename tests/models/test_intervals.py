@@ -109,3 +109,9 @@ def test_a_task_the_training_data_cannot_mimic_is_refused(tiny_data):
     one_line = tiny_data.subset([i for i in tiny_data.ids if tiny_data.conditions.loc[i, "cell_line"] == first])
     with pytest.raises(ScdcaInputError, match="intervals: cannot calibrate"):
         calibration_splits(one_line, "unseen_cell_zeroshot", 0)
+
+
+def test_a_damaged_calibration_file_gets_a_clear_error(tmp_path):
+    (tmp_path / "calibration.npz").write_bytes(b"not an npz")
+    with pytest.raises(ScdcaInputError, match="calibration: .* delete it"):
+        load_calibration(tmp_path)

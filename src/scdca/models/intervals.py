@@ -117,8 +117,14 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
-        with np.load(path, allow_pickle=False) as f:
-            values = {k: f[k] for k in _SAVED}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                values = {k: f[k] for k in _SAVED}
+        except (OSError, ValueError, KeyError) as err:
+            raise ScdcaInputError(
+                f"calibration: {str(path)!r} is not a calibration written by `scdca train` ({type(err).__name__}); "
+                f"delete it (the model then predicts without intervals) or retrain the model"
+            ) from None
         for k in ("smear", "mean_expected"):
             values[k] = float(values[k])
         values["task"] = str(values["task"])
