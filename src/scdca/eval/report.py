@@ -30,7 +30,7 @@ from scdca.eval.figures import (
 from scdca.eval.metrics import METRICS, r2_rows
 from scdca.eval.render import write_html, write_markdown
 from scdca.eval.runs import REFERENCES, read_prediction_parts
-from scdca.eval.stats import DRUG_BLIND_TOLERANCE, drug_blind, holm, paired_tests, per_seed
+from scdca.eval.stats import DRUG_BLIND_NOTE, DRUG_BLIND_TOLERANCE, drug_blind, holm, paired_tests, per_seed
 from scdca.eval.tables import (
     BASELINES,
     MEAN_BASELINES,
@@ -223,6 +223,7 @@ def mean_baseline_text(results: pd.DataFrame, metric: str = "pearson_vs_mean_deg
     s = s[~s["model"].isin(REFERENCES + MEAN_BASELINES + ("control",))]
     if s.empty:
         return ""
+    blind = {(t, m) for t, m in drug_blind(results)[["task", "model"]].itertuples(index=False)}
     parts = []
     for task, grp in s.groupby("task", sort=False):
         by = grp.groupby("model")["value"]
@@ -231,7 +232,10 @@ def mean_baseline_text(results: pd.DataFrame, metric: str = "pearson_vs_mean_deg
         winners = [m for m in p_holm.index if p_holm[m] < 0.05 and means[m] > 0]
         best = means.idxmax()
         if winners:
-            listed = ", ".join(f"{m} ({means[m]:.3f}, p_holm {p_holm[m]:.3f})" for m in winners)
+            listed = ", ".join(
+                f"{m} ({means[m]:.3f}, p_holm {p_holm[m]:.3f}{'; ' + DRUG_BLIND_NOTE if (task, m) in blind else ''})"
+                for m in winners
+            )
             parts.append(f"On {task}, {listed} beat{'s' if len(winners) == 1 else ''} it beyond noise.")
         else:
             ph = f"p_holm {p_holm[best]:.2f}" if best in p_holm.index else "the same on every seed: no test"
