@@ -8,6 +8,7 @@ from scdca.errors import ScdcaInputError
 from scdca.models import make_model
 from scdca.models.intervals import (
     Calibration,
+    Intervals,
     OutOfFold,
     calibrate,
     calibration_splits,
@@ -32,9 +33,9 @@ def test_coverage_matches_the_level_under_known_noise():
     rng = np.random.default_rng(0)
     cal = fit_calibration(_noisy(rng, 400))
     test = _noisy(rng, 400)
-    sigma = cal.scale(test.pred, test.control, test.dose)
+    interval = Intervals.of(cal, test.pred, test.control, test.dose)
     for level in (0.5, 0.8, 0.9):
-        lower, upper = cal.bounds(test.pred, sigma, level)
+        lower, upper = interval.bounds(test.pred, level)
         rows = np.arange(len(test.pred))[:, None]
         y = test.observed[rows, test.top]
         inside = (y >= lower[rows, test.top]) & (y <= upper[rows, test.top])
@@ -57,13 +58,12 @@ def test_bounds_are_ordered_and_survive_save_and_load(tmp_path):
     rng = np.random.default_rng(2)
     cal = fit_calibration(_noisy(rng, 50), task="unseen_drug")
     test = _noisy(rng, 20)
-    sigma = cal.scale(test.pred, test.control, test.dose)
-    lower, upper = cal.bounds(test.pred, sigma)
+    lower, upper = Intervals.of(cal, test.pred, test.control, test.dose).bounds(test.pred)
     assert (lower <= test.pred + 1e-6).all() and (test.pred <= upper + 1e-6).all() and (lower >= 0).all()
     cal.save(tmp_path / "calibration.npz")
     back = load_calibration(tmp_path)
     assert back.task == "unseen_drug" and back.alpha(0.9) == cal.alpha(0.9)
-    np.testing.assert_array_equal(back.bounds(test.pred, back.scale(test.pred, test.control, test.dose))[1], upper)
+    np.testing.assert_array_equal(Intervals.of(back, test.pred, test.control, test.dose).bounds(test.pred)[1], upper)
     assert load_calibration(tmp_path / "elsewhere") is None
 
 

@@ -129,22 +129,17 @@ def cmd_train(args) -> None:
     from scdca.data.screen import load
     from scdca.models import MODELS
     from scdca.models.base import savable_models
-    from scdca.models.scdca.model import ScDCAModel
-    from scdca.models.scdca.routed import ScDCARouted
 
     cls = MODELS.get(args.model)
     if not cls.savable:
         raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable_models())}")
     data = load(args.data, keys=data_keys(args), n_top_genes=args.n_top_genes, compounds=args.compounds)
     options = model_options(args)
-    if issubclass(cls, (ScDCAModel, ScDCARouted)):
-        model = cls(progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint", **options)
-    else:
-        model = cls(**{k: v for k, v in options.items() if k in cls.options})
+    model = _build(cls, options, progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint")
     model.fit(data)
-    calibration = _calibration(args, cls, options, data, model) if _main_process() else None
-    if not _main_process():  # one of several torchrun processes: rank 0 writes and reports
+    if not _main_process():  # one of several torchrun processes: rank 0 calibrates, writes and reports
         return
+    calibration = _calibration(args, cls, options, data, model)
     model.save(args.out)
     _save_calibration(args.out, calibration)
     write_command(args)
@@ -163,15 +158,21 @@ def _calibration(args, cls, options, data, fitted):
     if args.intervals == "none":
         return None
     from scdca.models.intervals import calibrate
+
+    print(f"calibrating prediction intervals for {args.intervals} (refits on splits of the training data) ...")
+    fresh = lambda: _build(cls, options, progress=False, checkpoint_dir=None)  # noqa: E731
+    return calibrate(fresh, data, args.intervals, seed=options.get("seed") or 0, fitted=fitted)
+
+
+def _build(cls, options: dict, *, progress: bool, checkpoint_dir):
+    """A model of class `cls` with the command's options: every one for the scDCA family (which
+    also takes progress and a checkpoint folder), the ones it declares for the others."""
     from scdca.models.scdca.model import ScDCAModel
     from scdca.models.scdca.routed import ScDCARouted
 
-    if issubclass(cls, (ScDCAModel, ScDCARouted)):  # as `cmd_train` builds them, without checkpoints
-        kwargs = {**options, "progress": False}
-    else:
-        kwargs = {k: v for k, v in options.items() if k in cls.options}
-    print(f"calibrating prediction intervals for {args.intervals} (refits on splits of the training data) ...")
-    return calibrate(lambda: cls(**kwargs), data, args.intervals, seed=options.get("seed") or 0, fitted=fitted)
+    if issubclass(cls, (ScDCAModel, ScDCARouted)):
+        return cls(progress=progress, checkpoint_dir=checkpoint_dir, **options)
+    return cls(**{k: v for k, v in options.items() if k in cls.options})
 
 
 def _save_calibration(folder, calibration) -> None:

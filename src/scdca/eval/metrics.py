@@ -222,7 +222,7 @@ def _r2_vs_mean_deg(inp: ScoringInput) -> np.ndarray:
 
 @_metric("deg_precision", "share of the observed top-k DEGs among the top-k genes by |predicted change|", True)
 def _deg_precision(inp: ScoringInput) -> np.ndarray:
-    rows, observed = inp.top_entries()
+    _, observed = inp.top_entries()
     change = np.abs(inp.pred - inp.control)
     predicted = np.argsort(-change, axis=1, kind="stable")[:, : inp.k]
     return np.array([np.isin(o, p).mean() for o, p in zip(observed, predicted)], dtype=float)

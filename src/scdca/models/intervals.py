@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +88,8 @@ class Calibration:
 
     def scale(self, pred, control, dose) -> np.ndarray:
         """(N, G) sigma: each entry's scale; the interval half-width is alpha(level) * sigma."""
-        expected = self.expected_mse(pred, control, dose)
-        return (self.gene_scale[None, :] * np.sqrt(expected / self.mean_expected)[:, None]).astype(np.float32)
+        X = difficulty_features(pred, control, dose)
+        return _sigma(self.gene_scale, self.coef, self.smear, X, self.mean_expected).astype(np.float32)
 
     def alpha(self, level: float = LEVEL) -> float:
         """The conformal multiplier of sigma at this level (inf when calibration is too small for it)."""
@@ -98,11 +98,6 @@ class Calibration:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # crepes warns when the level is too high for n; inf says it
             return float(self._regressor.predict_int(np.zeros(1), sigmas=np.ones(1), confidence=level)[0, 1])
-
-    def bounds(self, pred, sigma, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
-        """(lower, upper), each like pred; lower is clipped at 0 (no log expression is negative)."""
-        half = self.alpha(level) * sigma
-        return np.maximum(pred - half, 0).astype(np.float32), (pred + half).astype(np.float32)
 
     def confidence(self, expected: np.ndarray) -> np.ndarray:
         """(N,) share of calibration conditions whose realised mse was larger than this expected mse
@@ -155,7 +150,7 @@ class Intervals:
         if level not in self.alphas:
             raise ScdcaInputError(f"level: {level!r} was not calibrated; choose one of {sorted(self.alphas)}")
         half = self.alphas[level] * self.sigma
-        return np.maximum(pred - half, 0).astype(np.float32), (pred + half).astype(np.float32)
+        return np.maximum(pred - half, 0).astype(np.float32), (pred + half).astype(np.float32)  # no log value < 0
 
     def scoring(self) -> dict:
         """The ScoringInput fields the interval metrics read."""
@@ -175,6 +170,7 @@ def _difficulty(res: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def _sigma(gene_scale, coef, smear, X, mean_expected) -> np.ndarray:
+    """(N, G) entry scales from a difficulty model and the features X (N, 3)."""
     expected = np.exp(X @ coef) * smear
     return gene_scale[None, :] * np.sqrt(expected / mean_expected)[:, None]
 
@@ -252,15 +248,20 @@ def out_of_fold(make_model: Callable, train: PerturbationData, splits: list[Spli
     parts = []
     for split in splits:
         model = make_model().fit(train.subset(split.train))
-        held = train.subset(split.test)
         pred = np.asarray(model.predict(train.subset(split.test, observed=False)), float)
-        top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
-        cond = held.conditions
-        control = held.control_for(cond["cell_line"])
-        parts.append((pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, split.task)))
+        parts.append(_held_out(train, split.test, pred, k, split.task))
     if not parts:
         raise ScdcaInputError("intervals: no calibration split could be made from the training conditions")
-    return OutOfFold(*(np.concatenate(p) for p in zip(*parts)))
+    return OutOfFold(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(OutOfFold)})
+
+
+def _held_out(train: PerturbationData, ids, pred, k: int, task: str) -> OutOfFold:
+    """The OutOfFold of the training conditions `ids`, predicted as `pred` by a model that did not see them."""
+    held = train.subset(list(ids))
+    cond = held.conditions
+    top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
+    control = held.control_for(cond["cell_line"])
+    return OutOfFold(pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, task))
 
 
 def _groups(cond, task: str) -> np.ndarray:
@@ -305,18 +306,10 @@ def calibrate(
         else None
     )
     if reused is not None:
-        return fit_calibration(_reused_out_of_fold(train, *reused, k), task)
+        return fit_calibration(_held_out(train, *reused, k, task), task)
     return fit_calibration(
         out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k), task
     )
-
-
-def _reused_out_of_fold(train: PerturbationData, ids, pred, k: int) -> OutOfFold:
-    held = train.subset(list(ids))
-    cond = held.conditions
-    top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
-    control = held.control_for(cond["cell_line"])
-    return OutOfFold(pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, "unseen_drug"))
 
 
 def load_calibration(folder: str | os.PathLike) -> Calibration | None:
