@@ -26,6 +26,18 @@ def test_r2_deg_uses_only_top_k_degs():
     assert v == pytest.approx(1 - 9 / 42)
 
 
+def test_deg_sweep_metrics_score_the_top_n_degs_and_nan_where_fewer_genes_are_ranked():
+    rng = np.random.default_rng(0)
+    obs, pred = rng.normal(size=(3, 30)), rng.normal(size=(3, 30))
+    degs = [rng.permutation(30) for _ in range(2)] + [np.arange(8)]  # the third ranks only 8 genes
+    s = score(inp(pred, obs, np.zeros((3, 30)), degs, k=10), ["r2_deg", "r2_deg_10", "r2_deg_20", "r2_all"])
+    np.testing.assert_allclose(s["r2_deg_10"][:2], s["r2_deg"][:2])  # k = 10: the paper's metric at that size
+    top20 = degs[1][:20]
+    assert s["r2_deg_20"][1] == pytest.approx(r2_score(obs[1, top20], pred[1, top20]))
+    assert np.isnan(s["r2_deg_10"][2]) and np.isnan(s["r2_deg_20"][2])
+    assert s["r2_all"][0] == pytest.approx(r2_score(obs[0], pred[0]))
+
+
 def test_delta_metrics_subtract_control():
     ctrl = [1.0, 1.0, 1.0, 1.0]
     obs = [2.0, 0.0, 3.0, 1.0]  # change +1, -1, +2, 0

@@ -487,7 +487,10 @@ def test_routed_training_killed_in_its_second_head_resumes_to_the_same_result(ti
         tmp_path / "b" / "new" / "train_state.pt"
     ).exists()
     resumed = make_model("scdca_routed", checkpoint_dir=tmp_path / "b", **opts).fit(tiny_data)
-    np.testing.assert_allclose(resumed.predict(q), full.predict(q), rtol=1e-5, atol=1e-6)
+    for kind in ("seen", "new"):  # the killed head resumed, the finished one reloaded
+        np.testing.assert_allclose(
+            resumed._head(kind).predict(q), full._head(kind).predict(q), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_head(tiny_data, tiny_backbone, tmp_path):
@@ -512,6 +515,10 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
     assert model.is_seen([smiles, other_spelling, "C1CCCCC1CCCCCCCCCCCCN"]).tolist() == [True, True, False]
     c = model.cost()
     assert c["params_trainable"] == plain.cost()["params_trainable"] * 2 and c["steps"] == 60
+    # a query of seen molecules alone never trains the new head (each head trains when first needed)
+    only_seen = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, **opts).fit(train)
+    np.testing.assert_allclose(only_seen.predict(tiny_data.subset(seen_ids, observed=False)), pred[:6], atol=1e-6)
+    assert only_seen.cost()["steps"] == 30 and only_seen.cost()["params_trainable"] == c["params_trainable"]
 
     model.save(tmp_path / "routed")
     from scdca.models import load_model

@@ -123,6 +123,36 @@ def _r2_deg(inp: ScoringInput) -> np.ndarray:
     return _per_condition(inp, lambda s, i: r2(s.observed[i, s.top(i)], s.pred[i, s.top(i)]))
 
 
+SWEEP_SIZES = (10, 20, 50, 100, 200)  # the DEG-size sweep (paper's Figure 8), plus every gene: `r2_all`
+
+
+def _r2_top(n: int):
+    """R^2 of expression over each condition's top-n DEGs (NaN where fewer genes are ranked)."""
+
+    def fn(inp: ScoringInput) -> np.ndarray:
+        out = np.full(inp.pred.shape[0], np.nan)
+        ok = np.flatnonzero([len(d) >= n for d in inp.degs])
+        if len(ok):
+            cols = np.stack([np.asarray(inp.degs[i][:n]) for i in ok])  # (n_ok, n)
+            rows = ok[:, None]
+            out[ok] = r2_rows(inp.observed[rows, cols].astype(float), inp.pred[rows, cols].astype(float))
+        return out
+
+    return fn
+
+
+for _n in SWEEP_SIZES:
+    METRICS.add(
+        f"r2_deg_{_n}",
+        Metric(f"r2_deg_{_n}", f"R^2 of expression over the top {_n} DEGs (the DEG-size sweep)", True, _r2_top(_n)),
+    )
+
+
+@_metric("r2_all", "R^2 of expression over all genes (the DEG-size sweep's last point)", True)
+def _r2_all(inp: ScoringInput) -> np.ndarray:
+    return r2_rows(inp.observed.astype(float), inp.pred.astype(float))
+
+
 def _on_deg_change(score_fn):
     """Apply score_fn(observed change, predicted change) over each condition's top-k DEGs."""
 

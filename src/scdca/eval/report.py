@@ -27,7 +27,7 @@ from scdca.eval.figures import (
     png,
     sweep_figure,
 )
-from scdca.eval.metrics import METRICS, r2_rows
+from scdca.eval.metrics import METRICS, SWEEP_SIZES, r2_rows
 from scdca.eval.render import write_html, write_markdown
 from scdca.eval.runs import REFERENCES, read_prediction_parts
 from scdca.eval.stats import DRUG_BLIND_NOTE, DRUG_BLIND_TOLERANCE, drug_blind, holm, paired_tests, per_seed
@@ -47,9 +47,24 @@ from scdca.eval.tables import (
 from scdca.models.peers import peer_status
 
 
-def deg_sweep(folder: str | os.PathLike, ks: Sequence[int | str] = (10, 20, 50, 100, 200, "all")) -> pd.DataFrame:
-    """R^2 of expression over the top-k DEGs as a function of k (paper's Figure 8), from the saved
-    predictions -> columns model, task, k, value (mean over seeds; held-out lines averaged first).
+def deg_sweep(results: pd.DataFrame) -> pd.DataFrame:
+    """R^2 of expression over the top-k DEGs as a function of k (paper's Figure 8), from the
+    `r2_deg_<k>` and `r2_all` rows of the results -> columns model, task, k, value (mean over
+    seeds; held-out lines averaged first, as every table does). Empty for runs made before
+    those metrics existed (`deg_sweep_from_predictions` reads their prediction files)."""
+    frames = []
+    for k in (*SWEEP_SIZES, "all"):
+        s = per_seed(results, "r2_all" if k == "all" else f"r2_deg_{k}")
+        mean = s.groupby(["model", "task"], as_index=False)["value"].mean().dropna()
+        frames.append(mean.assign(k=str(k)))
+    out = pd.concat(frames, ignore_index=True)
+    return out[["model", "task", "k", "value"]]
+
+
+def deg_sweep_from_predictions(
+    folder: str | os.PathLike, ks: Sequence[int | str] = (*SWEEP_SIZES, "all")
+) -> pd.DataFrame:
+    """`deg_sweep` of a run without the sweep metrics, read from its saved predictions.
 
     k values larger than the number of DEGs stored in the prediction files are skipped;
     'all' uses every gene.
@@ -397,7 +412,9 @@ def _breakdowns(results, folder: Path, metric: str, annotations, annotation_name
         doses = dose_table(results, m)
         if not doses.empty and doses.index.get_level_values("dose").nunique() > 1:
             sections.append((f"Per dose ({m}; conditions pooled over seeds)", doses.to_string(), None))
-    sweep = deg_sweep(folder)
+    sweep = deg_sweep(results)
+    if sweep.empty:  # a run from before the sweep metrics: read its prediction files
+        sweep = deg_sweep_from_predictions(folder)
     if not sweep.empty:
         sections.append(
             (

@@ -196,11 +196,14 @@ def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
 
 
 def predictions_file(model, task, seed, preds, *, k: int = 20, keys: DataKeys | None = None) -> ad.AnnData | None:
-    """One grid cell's prediction AnnData (its splits' `predictions_anndata`, concatenated)."""
+    """One grid cell's prediction AnnData (its splits' `predictions_anndata`, concatenated), with
+    each condition's top-k DEGs, the genes its `*_deg` metrics were scored on. (The DEG-size
+    sweep is scored with the other metrics, so the files need no longer DEG lists, which made
+    writing them 10x slower.)"""
     if not preds:
         return None
     adatas = [
-        predictions_anndata(t, p, o, held_out=s.held_out, n_degs=max(k, 200), keys=keys, interval=i)
+        predictions_anndata(t, p, o, held_out=s.held_out, n_degs=k, keys=keys, interval=i)
         for s, t, p, o, i in preds
     ]
     merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]

@@ -146,16 +146,42 @@ class DrugGeneHead(nn.Module):
         return out
 
     def _drop(self, x: Tensor) -> Tensor:
-        return nn.functional.dropout(x, self.cfg.dropout, self.training)
+        """Dropout with a mask from `torch.rand_like` (on CPU twice as fast as torch's own dropout,
+        which was a third of a training step; the same distribution, another random stream)."""
+        p = self.cfg.dropout
+        if not self.training or p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= p) / (1.0 - p)
 
     def drug_weights(self, cond: Tensor) -> Tensor:  # (B, C) -> (B, K)
         """u(m) * sigmoid(alpha(m) + beta(m) t): one direction per molecule m, scaled by a
         sigmoid in the scaled log dose t that rises with dose (beta > 0), as a Hill curve."""
         first, act, last = self.drug_proj
-        out = last(self._drop(act(first(self._drop(cond[:, :-1])))))  # (B, K + 2)
+        if self.training and self.cfg.dropout > 0.0:  # each row its own dropout mask
+            out = last(self._drop(act(first(self._drop(cond[:, :-1])))))  # (B, K + 2)
+        else:  # the rows of one molecule (its doses, lines) share q(m): compute it once per molecule
+            molecules, row = unique_rows(cond[:, :-1])  # (M, C - 1), (B,)
+            out = self.drug_proj(molecules)[row]  # (B, K + 2)
         u, alpha, beta = out[:, :-2], out[:, -2], out[:, -1]
         gate = torch.sigmoid(alpha + 8.0 * nn.functional.softplus(beta) * (cond[:, -1] - 0.5))  # (B,)
         return u * gate[:, None]
+
+
+def unique_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, C) distinct rows of x (B, C) and (B,) the index of each row among them: x == rows[index].
+
+    Rows are grouped by a random projection, and the grouping is checked exactly; should two
+    different rows ever share a projection, every row is returned as its own (x, arange(B)).
+    """
+    probe = torch.linspace(1.0, 2.0, x.shape[1], dtype=torch.float64, device=x.device).sin()  # fixed, irregular
+    key = x.detach().double() @ probe  # (B,)
+    _, index = torch.unique(key, return_inverse=True)
+    first = torch.empty(int(index.max()) + 1 if len(index) else 0, dtype=torch.long, device=x.device)
+    first.scatter_(0, index, torch.arange(len(x), device=x.device))  # one row of each group
+    rows = x[first]
+    if not torch.equal(rows[index], x):
+        return x, torch.arange(len(x), device=x.device)
+    return rows, index
 
 
 def count_parameters(module: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict[str, float]:

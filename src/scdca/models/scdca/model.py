@@ -174,7 +174,7 @@ class ScDCAModel(PerturbationModel):
             return float(self._loss(rows.controls, cache, rows.lines, rows.cond, rows.target, va_idx))
 
         def checkpoint(epoch: int) -> None:
-            if ctx.is_main:
+            if ctx.is_main and resume.path is not None:
                 resume.save(trainable=self._trainable_state(), opt=opt.state_dict(), stopper=stopper.state(),
                             step=counter["step"], epoch=epoch + 1)  # fmt: skip
 
@@ -226,7 +226,8 @@ class ScDCAModel(PerturbationModel):
         cfg = self.cfg
         batch = cfg.batch_size if cfg.batch_size > 0 else len(order)
         n_genes = rows.target.shape[1]
-        self.net.train()
+        if not self.net.training:  # (validation leaves it in eval mode); walking every module costs a millisecond
+            self.net.train()
         sq_errs, sizes = [], []  # per step; summed over ranks and read once per epoch (no per-step sync)
         spent = False
         for s in range(0, len(order), batch):
@@ -327,8 +328,8 @@ class ScDCAModel(PerturbationModel):
         return total / (len(idx) * target.shape[1])
 
     def _trainable_state(self) -> dict[str, Tensor]:
-        names = {n for n, p in self.net.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.net.state_dict().items() if k in names}
+        """The trainable parameters by state-dict name (detached, not copied)."""
+        return {n: p.detach() for n, p in self.net.named_parameters() if p.requires_grad}
 
     # -- prediction --------------------------------------------------------------------
     def _predict(self, query: PerturbationData) -> np.ndarray:

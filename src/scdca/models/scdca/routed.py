@@ -45,7 +45,8 @@ class ScDCARouted(PerturbationModel):
     response; where the head generalises (the simulated demo) it is left alone. The weights
     are chosen on first use (a new molecule to predict, or `save`). `stack_ridge=False`
     stacks the head alone; `new_shrinkage` fixes the head's weight instead (1.0: unshrunk).
-    Each head loads its own copy of the backbone (cost() counts it once). With
+    Each head loads its own copy of the backbone (cost() counts it once) and trains when a
+    molecule first needs it, so a screen of seen (or of new) molecules trains one head. With
     `checkpoint_dir`, each head keeps its own checkpoints (`seen/`, `new/`), so a killed run
     resumes where it stopped.
     """
@@ -79,17 +80,33 @@ class ScDCARouted(PerturbationModel):
         self.new = ScDCALowRank(**self._new_kwargs, checkpoint_dir=folder / "new" if folder else None)
 
     def fit(self, train: PerturbationData) -> ScDCARouted:
-        self.seen.fit(train)
-        self.new.fit(train)
+        # each head trains when first needed (`_head`): a grid cell whose test molecules were all
+        # seen in training (pairs, few-shot and zero-shot lines) never trains the new head, one whose
+        # molecules are all new (unseen drugs) never trains the seen head; `save` trains both
+        self._unfitted = {"seen": self.seen, "new": self.new}
+        self._head_train = train
         self._molecules = sorted({canonical_smiles(s) or s for s in train.drug_smiles().values()})
         self._anchor = ScaledMeanBaseline().fit(train)
         self.shrinkage_cv_: dict = {}
         self._ridge, self._shrinkage_seconds = None, 0.0
-        # the weights are chosen when first needed (a new molecule to predict, save): a grid cell
-        # whose test molecules were all seen in training (few-shot, zero-shot lines) never pays for them
+        # the weights are chosen when first needed too (a new molecule to predict, save)
         self._weights = {"scdca": float(self.new_shrinkage)} if self.new_shrinkage is not None else None
         self._train = train if self._weights is None else None
         return self
+
+    def _head(self, kind: str) -> ScDCALowRank:
+        """The `seen` or `new` head, trained on the training data the first time it is asked for."""
+        head = self._unfitted.pop(kind, None)
+        if head is not None:
+            head.fit(self._head_train)
+            if not self._unfitted:
+                self._head_train = None
+        return getattr(self, kind)
+
+    def _any_head(self) -> ScDCALowRank:
+        """A trained head (both share genes, lines and molecules); the seen head if neither is yet."""
+        unfitted = getattr(self, "_unfitted", {})
+        return self.new if "new" not in unfitted and "seen" in unfitted else self._head("seen")
 
     @property
     def weights_(self) -> dict[str, float]:
@@ -144,15 +161,15 @@ class ScDCARouted(PerturbationModel):
 
     @property
     def genes(self) -> np.ndarray:
-        return self.seen.genes
+        return self._any_head().genes
 
     @property
     def control_lines(self) -> dict[str, np.ndarray]:
-        return self.seen.control_lines
+        return self._any_head().control_lines
 
     @property
     def training_molecules(self) -> dict[str, str] | None:
-        return self.seen.training_molecules
+        return self._any_head().training_molecules
 
     def is_seen(self, smiles) -> np.ndarray:
         """(N,) True where the molecule was in the training data."""
@@ -166,9 +183,9 @@ class ScDCARouted(PerturbationModel):
             raise RuntimeError("call fit() (or ScDCARouted.load) before predict()")
         seen = self.is_seen(query.conditions["smiles"])
         out = np.empty((len(query.ids), query.n_genes), dtype=np.float32)
-        for mask, head in ((seen, self.seen), (~seen, self.new)):
+        for mask, kind in ((seen, "seen"), (~seen, "new")):
             if mask.any():
-                out[mask] = head.predict(query.subset(np.asarray(query.ids)[mask], observed=False))
+                out[mask] = self._head(kind).predict(query.subset(np.asarray(query.ids)[mask], observed=False))
         if (~seen).any() and self.weights_ != {"scdca": 1.0}:  # new molecules: the stack on the drug-blind answer
             new = query.subset(np.asarray(query.ids)[~seen], observed=False)
             anchor = new.control_for(new.conditions["cell_line"]) + self._anchor.change(new)
@@ -179,17 +196,21 @@ class ScDCARouted(PerturbationModel):
         return out
 
     def cost(self) -> dict[str, Any]:
-        a, b = self.seen.cost(), self.new.cost()
-        if not a or not b:
+        """Parameters of both heads (one frozen backbone); steps and training time of the heads
+        trained so far (a head no test molecule needed is never trained)."""
+        unfitted = getattr(self, "_unfitted", {})
+        trained = [h.cost() for kind, h in (("seen", self.seen), ("new", self.new)) if kind not in unfitted]
+        if not trained or not all(trained):
             return {}
-        trainable = a["params_trainable"] + b["params_trainable"]
-        total = a["params_total"] + b["params_trainable"]  # one frozen backbone, two heads
+        head = trained[0]["params_trainable"]  # the two heads are the same network
+        trainable = 2 * head
+        total = trained[0]["params_total"] + head  # one frozen backbone, two heads
         return {
             "params_trainable": trainable,
             "params_total": total,
             "params_trainable_pct": 100.0 * trainable / total,
-            "steps": a["steps"] + b["steps"],
-            "train_seconds": a["train_seconds"] + b["train_seconds"],
+            "steps": sum(c["steps"] for c in trained),
+            "train_seconds": sum(c["train_seconds"] for c in trained),
             "shrinkage": self._weights["scdca"] if self._weights else float("nan"),  # NaN: never needed
             "ridge_weight": self._weights.get("ridge", 0.0) if self._weights else float("nan"),
             "shrinkage_seconds": self._shrinkage_seconds,
@@ -198,7 +219,8 @@ class ScDCARouted(PerturbationModel):
     def save(self, path: str | os.PathLike) -> None:
         """Both heads in subfolders `seen/` and `new/`, then model.json (written last)."""
         folder = Path(path)
-        weights = self.weights_  # a saved model predicts any molecule: choose the weights now
+        weights = self.weights_  # a saved model predicts any molecule: choose the weights and train both heads now
+        self._head("seen"), self._head("new")
         self.seen.save(folder / "seen")
         self.new.save(folder / "new")
         anchor = {
@@ -236,6 +258,7 @@ class ScDCARouted(PerturbationModel):
         # models saved before the stack existed have no weights: their new head, unshrunk
         model._weights = {k: float(v) for k, v in (meta.get("weights") or {"scdca": 1.0}).items()}
         model._train, model._shrinkage_seconds = None, 0.0
+        model._unfitted, model._head_train = {}, None
         model.shrinkage_cv_ = meta.get("shrinkage_cv", {})
         model.new_shrinkage, model.shrinkage_folds, model.stack_ridge = None, 3, "ridge" in model.weights_
         model._anchor = ScaledMeanBaseline.from_fits(meta.get("anchor") or {})
