@@ -488,9 +488,7 @@ def test_routed_training_killed_in_its_second_head_resumes_to_the_same_result(ti
     ).exists()
     resumed = make_model("scdca_routed", checkpoint_dir=tmp_path / "b", **opts).fit(tiny_data)
     for kind in ("seen", "new"):  # the killed head resumed, the finished one reloaded
-        np.testing.assert_allclose(
-            resumed._head(kind).predict(q), full._head(kind).predict(q), rtol=1e-5, atol=1e-6
-        )
+        np.testing.assert_allclose(resumed._head(kind).predict(q), full._head(kind).predict(q), rtol=1e-5, atol=1e-6)
 
 
 def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_head(tiny_data, tiny_backbone, tmp_path):

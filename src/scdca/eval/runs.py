@@ -203,8 +203,7 @@ def predictions_file(model, task, seed, preds, *, k: int = 20, keys: DataKeys | 
     if not preds:
         return None
     adatas = [
-        predictions_anndata(t, p, o, held_out=s.held_out, n_degs=k, keys=keys, interval=i)
-        for s, t, p, o, i in preds
+        predictions_anndata(t, p, o, held_out=s.held_out, n_degs=k, keys=keys, interval=i) for s, t, p, o, i in preds
     ]
     merged = ad.concat(adatas, merge="same") if len(adatas) > 1 else adatas[0]
     merged.uns["degs"] = pd.concat([a.uns["degs"] for a in adatas])
