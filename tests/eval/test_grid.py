@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -83,14 +84,38 @@ def test_prediction_files_carry_observed_control_and_degs(bench):
 
 def test_resume_skips_finished_cells_and_redoes_missing_ones(bench, tiny_data):
     cfg, out, results, _ = bench
-    done = out / "cells" / "control__unseen_drug__seed0.csv"
-    redo = out / "cells" / "additive__unseen_drug__seed1.csv"
+    done = out / "cells" / "control__unseen_drug__seed0.parquet"
+    redo = out / "cells" / "additive__unseen_drug__seed1.parquet"
     t_done = os.path.getmtime(done)
     redo.unlink()
     again = run(cfg, data=tiny_data, progress=False)
     assert os.path.getmtime(done) == t_done
     assert redo.exists()
     pd.testing.assert_frame_equal(again.reset_index(drop=True), results.reset_index(drop=True))
+    # the table is written twice, as CSV for people and parquet for the report: the same rows
+    from scdca.eval.runs import read_results
+
+    fast = read_results(out)
+    slow = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""], dtype={"held_out": str})
+    assert len(fast) == len(slow) == len(results)
+    np.testing.assert_allclose(fast["value"], slow["value"], rtol=1e-12, equal_nan=True)
+    assert (fast["metric"].astype(str).to_numpy() == slow["metric"].to_numpy()).all()
+
+
+def test_a_run_folder_with_csv_cells_from_an_older_version_resumes_without_recomputing(bench, tiny_data, tmp_path):
+    import shutil
+
+    cfg, out, results, _ = bench
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for cell in (old / "cells").glob("*.parquet"):  # the layout before session 13: one CSV per cell
+        pd.read_parquet(cell).to_csv(cell.with_suffix(".csv"), index=False)
+        cell.unlink()
+    stamp = {p: os.path.getmtime(p) for p in (old / "cells").glob("*.csv")}
+    again = run(dataclasses.replace(cfg, out=str(old)), data=tiny_data, progress=False)
+    assert {p: os.path.getmtime(p) for p in (old / "cells").glob("*.csv")} == stamp  # nothing recomputed
+    assert not list((old / "cells").glob("*.parquet"))
+    np.testing.assert_allclose(again["value"].to_numpy(), results["value"].to_numpy(), rtol=1e-12, equal_nan=True)
 
 
 def test_resume_into_a_folder_with_other_settings_is_refused(bench, tiny_data):
@@ -187,6 +212,8 @@ def _readable(path: Path) -> None:
     """Raise if a file under its final name is partial."""
     if path.suffix == ".csv":
         pd.read_csv(path)
+    elif path.suffix == ".parquet":
+        pd.read_parquet(path)
     elif path.suffix == ".json":
         json.loads(path.read_text())
     elif path.suffix == ".h5ad":
@@ -236,7 +263,7 @@ def test_killed_at_random_points_and_rerun_gives_the_uninterrupted_results(tmp_p
     n_cells = 16  # (control, ridge, ceiling, oracle) x 2 tasks x 2 seeds
 
     def finished() -> int:
-        return len(list((out / "cells").glob("*.csv")))
+        return len(list((out / "cells").glob("*.parquet")))
 
     # kill once during start-up, then after a random number of finished grid cells (plus a random
     # instant, so some kills land inside the next cell's work or its writes): progress, not wall

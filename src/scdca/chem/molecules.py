@@ -73,17 +73,28 @@ def morgan_fingerprints(smiles: Sequence[str], *, radius: int = 2, n_bits: int =
     Returns:
         uint8 array of shape (n, n_bits).
     """
-    Chem = _rdkit()
-    from rdkit.Chem import rdFingerprintGenerator
-
-    gen = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
     out = np.zeros((len(smiles), n_bits), dtype=np.uint8)
     for i, smi in enumerate(smiles):
-        mol = Chem.MolFromSmiles(smi)
-        if mol is None:
+        fp = _fingerprint(smi, radius, n_bits)
+        if fp is None:
             raise ScdcaInputError(f"smiles[{i}]: RDKit cannot parse {smi!r}; fix or remove it")
-        out[i] = gen.GetFingerprintAsNumPy(mol)
+        out[i] = fp
     return out
+
+
+@lru_cache(maxsize=100_000)
+def _fingerprint(smiles: str, radius: int, n_bits: int) -> np.ndarray | None:
+    """One molecule's Morgan bits (read-only; None if RDKit cannot parse it), cached: the report
+    asks for the same training drugs once per seed."""
+    from rdkit.Chem import rdFingerprintGenerator
+
+    mol = _rdkit().MolFromSmiles(smiles)
+    if mol is None:
+        return None
+    fp = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits).GetFingerprintAsNumPy(mol)
+    fp = fp.astype(np.uint8)
+    fp.setflags(write=False)
+    return fp
 
 
 def tanimoto(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -97,6 +108,7 @@ def tanimoto(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sim.astype(np.float32)
 
 
+@lru_cache(maxsize=100_000)
 def scaffold(smiles: str) -> str:
     """Bemis-Murcko scaffold (canonical SMILES; '' for acyclic molecules)."""
     from rdkit.Chem.Scaffolds import MurckoScaffold

@@ -100,7 +100,7 @@ def _flat(raw: dict) -> dict:
 
 def cmd_benchmark(args) -> None:
     from scdca.eval.grid import BenchmarkConfig, run
-    from scdca.eval.report import build
+    from scdca.eval.report import build, recommended_text
     from scdca.eval.tables import format_summary, summarize
 
     require(args, "data", "out")
@@ -120,6 +120,9 @@ def cmd_benchmark(args) -> None:
     print(f"\nwrote {cfg.out}/results.csv, summary.csv, predictions/, splits/ (grid {t1 - t0:.1f} s)")
     path = build(cfg.out)
     print(f"wrote {path} ({time.perf_counter() - t1:.1f} s)")
+    lead = recommended_text(results)
+    if lead:
+        print("\n" + lead)
 
 
 def cmd_report(args) -> None:

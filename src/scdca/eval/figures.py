@@ -189,12 +189,12 @@ def calibration_figure(results: pd.DataFrame, *, axes=None):
     from scdca.models.intervals import LEVELS
 
     names = {f"coverage_{round(100 * lv)}": lv for lv in LEVELS}
-    r = results[results["metric"].isin(names)]
+    r = results[results["metric"].isin(names)].astype({"model": object, "task": object, "metric": object})
     tasks = list(dict.fromkeys(r["task"]))
     fig, axs = _axes(axes, len(tasks), (3.4 * len(tasks), 3.4), sharey=True)
     colors = model_colors(r["model"])
     for ax, task in zip(axs, tasks):
-        realised = r[r["task"] == task].groupby(["model", "metric"])["value"].mean()
+        realised = r[r["task"] == task].groupby(["model", "metric"], observed=True)["value"].mean()
         for model in realised.index.get_level_values(0).unique():
             cov = realised[model]
             ax.plot([names[m] for m in cov.index], cov.to_numpy(), "o-", color=colors[model], label=model)

@@ -42,10 +42,12 @@ from scdca.eval.runs import (
     cell_path,
     cell_stem,
     collect,
+    collect_costs,
     git_commit,
     package_versions,
     predictions_file,
     write_cell,
+    write_results,
 )
 from scdca.eval.tables import summarize
 from scdca.models import MODELS
@@ -172,8 +174,9 @@ def run(
     failures = _write_cells(out, jobs, bar)
     finished = [c for c in grid if cell_path(out, *c).exists()]
     results = collect(out, finished)
-    storage.write_csv(out / "results.csv", results)
+    write_results(out, results)
     storage.write_csv(out / "summary.csv", summarize(results))
+    storage.write_csv(out / "costs.csv", collect_costs(out, finished))
     log.info("benchmark: grid done in %.1f s", time.perf_counter() - t_start)
     if failures:
         listed = "; ".join(f"{stem} ({why})" for stem, why in failures[:3]) + (" ..." if len(failures) > 3 else "")

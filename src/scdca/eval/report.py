@@ -1,7 +1,7 @@
 """Tables, statistics, figures and an HTML/Markdown report, all pure functions of a benchmark folder.
 
-Inputs: `DIR/results.csv` (tidy per-condition scores), `DIR/predictions/*.h5ad` (for the
-DEG-size sweep) and `DIR/costs/*.csv`. Nothing here trains or predicts.
+Inputs: `DIR/results.parquet` or `DIR/results.csv` (tidy per-condition scores, the same table),
+`DIR/costs.csv` and a few `DIR/predictions/*.h5ad` (the per-gene figure). Nothing here trains or predicts.
 """
 
 from __future__ import annotations
@@ -29,8 +29,16 @@ from scdca.eval.figures import (
 )
 from scdca.eval.metrics import METRICS, SWEEP_SIZES, r2_rows
 from scdca.eval.render import write_html, write_markdown
-from scdca.eval.runs import REFERENCES, read_prediction_parts
-from scdca.eval.stats import DRUG_BLIND_NOTE, DRUG_BLIND_TOLERANCE, drug_blind, holm, paired_tests, per_seed
+from scdca.eval.runs import REFERENCES, read_prediction_parts, read_results
+from scdca.eval.stats import (
+    DRUG_BLIND_NOTE,
+    DRUG_BLIND_TOLERANCE,
+    drug_blind,
+    holm,
+    paired_tests,
+    per_seed,
+    split_means,
+)
 from scdca.eval.tables import (
     BASELINES,
     MEAN_BASELINES,
@@ -44,6 +52,7 @@ from scdca.eval.tables import (
     per_held_out,
     sweep_table,
 )
+from scdca.models import RECOMMENDED
 from scdca.models.peers import peer_status
 
 
@@ -94,9 +103,14 @@ def deg_sweep_from_predictions(
 
 
 def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
-    """Per model: mean fit+predict seconds per split, trainable and total parameters (Table 9)."""
-    files = glob.glob(str(Path(folder) / "costs" / "*.csv"))
-    frames = [pd.read_csv(f) for f in files if os.path.getsize(f) > 1]
+    """Per model: mean fit+predict seconds per split, trainable and total parameters (Table 9).
+    Read from `costs.csv` (the grid writes it at the end), else from the cells' `costs/*.csv`."""
+    one = Path(folder) / "costs.csv"
+    if one.exists() and one.stat().st_size > 1:
+        frames = [pd.read_csv(one)]
+    else:
+        files = glob.glob(str(Path(folder) / "costs" / "*.csv"))
+        frames = [pd.read_csv(f) for f in files if os.path.getsize(f) > 1]
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame()
@@ -261,6 +275,28 @@ def mean_baseline_text(results: pd.DataFrame, metric: str = "pearson_vs_mean_deg
     )
 
 
+def recommended_text(results: pd.DataFrame, model: str = RECOMMENDED) -> str:
+    """One line per task: `model`'s change score, rank and mse next to the best simple baseline
+    on each of them (which may be a different baseline per metric); '' when `model` did not run."""
+    if model not in set(results["model"]):
+        return ""
+    lines = [f"The recommended model, {model} (mean over seeds; the best simple baseline on each metric in brackets):"]
+    for task in dict.fromkeys(results.loc[results["model"] == model, "task"]):
+        cells = []
+        for metric, label in (("pearson_delta_deg", "change score"), ("rank", "rank"), ("mse", "mse")):
+            means = per_seed(results[results["task"] == task], metric).groupby("model")["value"].mean()
+            if model not in means:
+                continue
+            base = means[[b for b in BASELINES if b in means.index]]
+            text = f"{label} {means[model]:.3f}"
+            if len(base):
+                best = base.idxmax() if METRICS.get(metric).higher_is_better else base.idxmin()
+                text += f" ({best} {base[best]:.3f})"
+            cells.append(text)
+        lines.append(f"- {task}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def summary_text(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> str:
     """A plain-language paragraph: who wins each task on `metric`, against the best simple baseline."""
     s = per_seed(results, metric)
@@ -336,13 +372,13 @@ def build(
     annotations stored in the dataset itself.
     """
     folder = Path(folder)
-    results = pd.read_csv(folder / "results.csv", keep_default_na=False, na_values=[""], dtype={"held_out": str})
-    results["held_out"] = results["held_out"].fillna("").astype(str)
-    learned = [m for m in results["model"].unique() if m not in BASELINES and m not in REFERENCES]
+    results = read_results(folder)
+    splits = split_means(results)  # what the tables of split means read: the same numbers, far fewer rows
+    learned = [m for m in splits["model"].unique() if m not in BASELINES and m not in REFERENCES]
     model = model or (learned[0] if learned else "additive")
-    sections = _overview(results, folder, model, metric)
-    sections += _breakdowns(results, folder, metric, annotations, annotation_name)
-    sections += _run_facts(results, folder, model)
+    sections = _overview(splits, folder, model, metric)
+    sections += _breakdowns(results, splits, folder, metric, annotations, annotation_name)
+    sections += _run_facts(results, splits, folder, model)
     title = f"scdca benchmark report: {folder.name}"
     write_markdown(folder / "report.md", title, sections)
     write_html(folder / "report.html", title, sections)
@@ -353,9 +389,9 @@ Section = tuple[str, str, str | None]  # (title, text or table, PNG as base64 or
 
 
 def _overview(results: pd.DataFrame, folder: Path, model: str, metric: str) -> list[Section]:
-    """Summary, data diagnostics, the main table with its figure, paired tests."""
+    """Summary, data diagnostics, the main table with its figure, paired tests (`results`: split means)."""
     sections: list[Section] = []
-    lead = mean_baseline_text(results)
+    lead = "\n\n".join(t for t in (recommended_text(results), mean_baseline_text(results)) if t)
     sections.append(("Summary", (lead + "\n\n" if lead else "") + summary_text(results, metric), None))
     normalised = normalised_scores(results)
     if not normalised.empty:
@@ -401,18 +437,18 @@ def _overview(results: pd.DataFrame, folder: Path, model: str, metric: str) -> l
     return sections
 
 
-def _breakdowns(results, folder: Path, metric: str, annotations, annotation_name: str) -> list[Section]:
+def _breakdowns(results, splits, folder: Path, metric: str, annotations, annotation_name: str) -> list[Section]:
     """The scores broken down: per held-out line, per dose, per DEG-set size, per drug group, by novelty."""
     sections: list[Section] = []
-    judged = [metric] + (["rank"] if metric != "rank" and (results["metric"] == "rank").any() else [])
-    pho = per_held_out(results, metric)
+    judged = [metric] + (["rank"] if metric != "rank" and (splits["metric"] == "rank").any() else [])
+    pho = per_held_out(splits, metric)
     if not pho.empty:
         sections.append((f"Per held-out cell line ({metric})", pho.to_string(), None))
     for m in judged:
         doses = dose_table(results, m)
         if not doses.empty and doses.index.get_level_values("dose").nunique() > 1:
             sections.append((f"Per dose ({m}; conditions pooled over seeds)", doses.to_string(), None))
-    sweep = deg_sweep(results)
+    sweep = deg_sweep(splits)
     if sweep.empty:  # a run from before the sweep metrics: read its prediction files
         sweep = deg_sweep_from_predictions(folder)
     if not sweep.empty:
@@ -434,7 +470,7 @@ def _breakdowns(results, folder: Path, metric: str, annotations, annotation_name
                     sections.append((f"Per drug group: {col} ({m}; conditions pooled over seeds)", g.to_string(), None))
     if annotations is not None:
         tested = results["drug"].nunique()
-        matched = results["drug"].isin(annotations.index).groupby(results["drug"]).first().sum()
+        matched = results["drug"].isin(annotations.index).groupby(results["drug"], observed=True).first().sum()
         for m in judged:
             g = group_table(results, annotations, m)
             sections.append(
@@ -461,7 +497,7 @@ def _breakdowns(results, folder: Path, metric: str, annotations, annotation_name
     return sections
 
 
-def _run_facts(results: pd.DataFrame, folder: Path, model: str) -> list[Section]:
+def _run_facts(results: pd.DataFrame, splits: pd.DataFrame, folder: Path, model: str) -> list[Section]:
     """Per-gene view, costs, which peers ran, what the backbone saw."""
     sections: list[Section] = []
     preds, task = first_predictions(folder, model)
@@ -494,7 +530,7 @@ def _run_facts(results: pd.DataFrame, folder: Path, model: str) -> list[Section]
                 png(calibration_figure(results), folder / "fig_calibration.png"),
             )
         )
-    sections.append(("Published peers", peers_text(results), None))
+    sections.append(("Published peers", peers_text(splits), None))
     audit_path = folder / "backbone_audit.json"
     if audit_path.exists():
         sections.append(

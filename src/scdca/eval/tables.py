@@ -14,14 +14,21 @@ from scdca.eval.runs import REFERENCES
 from scdca.eval.stats import DRUG_BLIND_NOTE, drug_blind, per_seed
 
 
+def _plain(rows: pd.DataFrame) -> pd.DataFrame:
+    """A copy of some result rows with text columns as plain strings (`read_results` gives
+    categories, whose groupby and comparison rules differ; convert after filtering, on few rows)."""
+    return rows.astype({c: object for c in rows.columns if isinstance(rows[c].dtype, pd.CategoricalDtype)})
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard error over seeds: conditions are averaged within each split,
 
     held-out lines within each seed, then seeds give mean, se and n.
     """
-    per_split = results.groupby(["model", "task", "metric", "seed", "held_out"], as_index=False)["value"].mean()
-    per_seed = per_split.groupby(["model", "task", "metric", "seed"], as_index=False)["value"].mean()
-    g = per_seed.groupby(["model", "task", "metric"])["value"]
+    keys = {"as_index": False, "observed": True}  # `metric` may be categorical (`read_results`)
+    per_split = results.groupby(["model", "task", "metric", "seed", "held_out"], **keys)["value"].mean()
+    per_seed = per_split.groupby(["model", "task", "metric", "seed"], **keys)["value"].mean()
+    g = per_seed.groupby(["model", "task", "metric"], observed=True)["value"]
     summary = pd.DataFrame({"mean": g.mean(), "se": g.sem(ddof=1), "n": g.count()}).reset_index()
     return summary[["model", "task", "metric", "mean", "se", "n"]]
 
@@ -32,7 +39,7 @@ def format_summary(
     """A wide text table: rows model x task, columns metrics as 'mean ± se'."""
     s = summary[summary["metric"].isin(metrics)].copy()
     s["cell"] = [f"{m:.3f} ± {e:.3f}" if np.isfinite(e) else f"{m:.3f}" for m, e in zip(s["mean"], s["se"])]
-    wide = s.pivot_table(index=["task", "model"], columns="metric", values="cell", aggfunc="first")
+    wide = s.pivot_table(index=["task", "model"], columns="metric", values="cell", aggfunc="first", observed=True)
     wide = wide[[m for m in metrics if m in wide.columns]]
     return wide.to_string()
 
@@ -95,8 +102,8 @@ def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> 
 def per_held_out(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.DataFrame:
     """Cell-line tasks: mean over seeds of each model's score per held-out line (paper's Table 8)."""
     r = results[(results["metric"] == metric) & (results["held_out"].astype(str) != "")]
-    split = r.groupby(["task", "model", "held_out", "seed"])["value"].mean()
-    return split.groupby(["task", "model", "held_out"]).mean().unstack("held_out").round(3)
+    split = r.groupby(["task", "model", "held_out", "seed"], observed=True)["value"].mean()
+    return split.groupby(["task", "model", "held_out"], observed=True).mean().unstack("held_out").round(3)
 
 
 def group_table(results: pd.DataFrame, groups: pd.Series, metric: str = "pearson_delta_deg") -> pd.DataFrame:
@@ -104,12 +111,14 @@ def group_table(results: pd.DataFrame, groups: pd.Series, metric: str = "pearson
 
     Conditions are pooled over seeds; the `n_drugs` column counts the group's tested drugs.
     """
-    r = results[(results["metric"] == metric) & results["drug"].isin(groups.index)].copy()
+    r = _plain(results[(results["metric"] == metric) & results["drug"].isin(groups.index)])
     if r.empty:
         return pd.DataFrame()
     r["group"] = r["drug"].map(groups).astype(str)
-    table = r.pivot_table(index=["task", "group"], columns="model", values="value", aggfunc="mean").round(3)
-    table.insert(0, "n_drugs", r.groupby(["task", "group"])["drug"].nunique())
+    table = r.pivot_table(
+        index=["task", "group"], columns="model", values="value", aggfunc="mean", observed=True
+    ).round(3)
+    table.insert(0, "n_drugs", r.groupby(["task", "group"], observed=True)["drug"].nunique())
     return table
 
 
@@ -119,12 +128,16 @@ def dose_table(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.D
     Dose-dependent failures hide in the averages: a model that hedges for new molecules
     predicts too small a change at high doses, where effects are largest (docs/archive/journal.md, session 7).
     """
-    r = results[results["metric"] == metric]
+    r = _plain(results[results["metric"] == metric])
     if r.empty:
         return pd.DataFrame()
-    table = r.pivot_table(index=["task", "dose"], columns="model", values="value", aggfunc="mean").round(3)
+    table = r.pivot_table(index=["task", "dose"], columns="model", values="value", aggfunc="mean", observed=True).round(
+        3
+    )
     table.insert(
-        0, "n_conditions", r.drop_duplicates(["task", "dose", "cell_line", "drug"]).groupby(["task", "dose"]).size()
+        0,
+        "n_conditions",
+        r.drop_duplicates(["task", "dose", "cell_line", "drug"]).groupby(["task", "dose"], observed=True).size(),
     )
     return table
 
@@ -145,14 +158,14 @@ def novelty(
     """
 
     rows = []
-    r = results[results["metric"] == metric]
-    for (task, seed), grp in r[r["task"].isin(tasks)].groupby(["task", "seed"]):
+    r = _plain(results[results["metric"] == metric])
+    for (task, seed), grp in r[r["task"].isin(tasks)].groupby(["task", "seed"], observed=True):
         test = sorted(d for d in grp["drug"].unique() if d in smiles)
         train = [d for d in smiles if d not in set(grp["drug"])]
         if not test or not train:
             continue
         sim = novelty_table({d: smiles[d] for d in train}, {d: smiles[d] for d in test})["max_tanimoto"]
-        per_drug = grp.groupby(["model", "drug"])["value"].mean().reset_index()
+        per_drug = grp.groupby(["model", "drug"], observed=True)["value"].mean().reset_index()
         per_drug = per_drug[per_drug["drug"].isin(test)]
         per_drug["max_tanimoto"] = per_drug["drug"].map(sim)
         per_drug["task"], per_drug["seed"] = task, seed
@@ -172,14 +185,14 @@ def _error_spearman(results: pd.DataFrame) -> pd.DataFrame:
     from scipy.stats import spearmanr
 
     keys = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose"]
-    wide = results[results["metric"].isin(["expected_mse", "mse"])].pivot_table(
-        index=keys, columns="metric", values="value", aggfunc="first"
+    wide = _plain(results[results["metric"].isin(["expected_mse", "mse"])]).pivot_table(
+        index=keys, columns="metric", values="value", aggfunc="first", observed=True
     )
     if "expected_mse" not in wide:
         return pd.DataFrame(columns=["model", "task", "seed", "value"])
     rows = [
         {"model": m, "task": t, "seed": s, "value": spearmanr(g["expected_mse"], g["mse"])[0] if len(g) > 2 else np.nan}
-        for (m, t, s), g in wide.dropna().reset_index().groupby(["model", "task", "seed"])
+        for (m, t, s), g in wide.dropna().reset_index().groupby(["model", "task", "seed"], observed=True)
     ]
     return pd.DataFrame(rows)
 
@@ -189,14 +202,21 @@ def calibration_table(results: pd.DataFrame, levels: Sequence[float] = (0.5, 0.8
     width and the Spearman of expected against realised per-condition mse (mean over seeds), and a
     verdict: 'too narrow' where coverage_90 < 0.85, 'too wide' where > 0.95."""
     names = [f"coverage_{round(100 * lv)}" for lv in levels] + ["interval_width_90"]
+    if not results["metric"].isin([*names, "expected_mse"]).any():
+        return pd.DataFrame()
+    results = _plain(results[results["metric"].isin([*names, "expected_mse", "mse"])])
     results = results.assign(held_out=results["held_out"].fillna(""))  # drug tasks hold out no line
     r = results[results["metric"].isin(names)]
     if r.empty:
         return pd.DataFrame()
     seeds = (
-        r.groupby(["task", "model", "metric", "seed", "held_out"])["value"].mean().groupby(level=[0, 1, 2, 3]).mean()
+        r.groupby(["task", "model", "metric", "seed", "held_out"], observed=True)["value"]
+        .mean()
+        .groupby(level=[0, 1, 2, 3], observed=True)
+        .mean()
     )
-    table = seeds.groupby(level=[0, 1, 2]).mean().unstack("metric")[[n for n in names if n in set(r["metric"])]]
+    table = seeds.groupby(level=[0, 1, 2], observed=True).mean().unstack("metric")
+    table = table[[n for n in names if n in set(r["metric"])]]
     rho = _error_spearman(results).groupby(["task", "model"])["value"].mean()
     table["error_spearman"] = rho.reindex(table.index)
     cov = table.get("coverage_90")

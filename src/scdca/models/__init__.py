@@ -6,4 +6,6 @@ Importing this package registers every built-in model in `MODELS`.
 from scdca.models import baselines, c3tl, peers, scdca, shrinkage  # noqa: F401  (registers the models)
 from scdca.models.base import MODELS, PerturbationModel, load_model, make_model
 
-__all__ = ["MODELS", "PerturbationModel", "load_model", "make_model"]
+RECOMMENDED = "scdca_routed"  # the model `scdca train` builds by default and the reports single out
+
+__all__ = ["MODELS", "RECOMMENDED", "PerturbationModel", "load_model", "make_model"]

@@ -131,11 +131,15 @@ class DrugGeneHead(nn.Module):
         nn.init.zeros_(self.drug_proj[-1].weight)
         nn.init.zeros_(self.drug_proj[-1].bias)
 
-    def forward(self, h: Tensor, cond: Tensor, rows: Tensor | None = None) -> Tensor:
+    def forward(
+        self, h: Tensor, cond: Tensor, rows: Tensor | None = None, molecules: MoleculeGroups | None = None
+    ) -> Tensor:
         """h (B, T, D), cond (B, C) -> (B, T). With `rows` (B,), h holds one entry per cell
-        line (L, T, D) and row b reads line rows[b]: loadings are computed once per line."""
+        line (L, T, D) and row b reads line rows[b]: loadings are computed once per line.
+        `molecules`: cond's rows grouped by molecule (`group_molecules(cond)`), for callers that
+        pass the same rows every step; computed when omitted."""
         loadings = self.gene_proj(self.norm(h)) + self.gene_emb  # (B or L, T, K)
-        weights = self.drug_weights(cond)  # (B, K)
+        weights = self.drug_weights(cond, molecules)  # (B, K)
         if rows is None:
             return torch.einsum("btk,bk->bt", loadings, weights)
         # one matmul per line; gathering loadings[rows] would materialise (B, T, K)
@@ -153,35 +157,47 @@ class DrugGeneHead(nn.Module):
             return x
         return x * (torch.rand_like(x) >= p) / (1.0 - p)
 
-    def drug_weights(self, cond: Tensor) -> Tensor:  # (B, C) -> (B, K)
+    def drug_weights(self, cond: Tensor, molecules: MoleculeGroups | None = None) -> Tensor:  # (B, C) -> (B, K)
         """u(m) * sigmoid(alpha(m) + beta(m) t): one direction per molecule m, scaled by a
         sigmoid in the scaled log dose t that rises with dose (beta > 0), as a Hill curve."""
         first, act, last = self.drug_proj
         if self.training and self.cfg.dropout > 0.0:  # each row its own dropout mask
             out = last(self._drop(act(first(self._drop(cond[:, :-1])))))  # (B, K + 2)
-        else:  # the rows of one molecule (its doses, lines) share q(m): compute it once per molecule
-            molecules, row = unique_rows(cond[:, :-1])  # (M, C - 1), (B,)
-            out = self.drug_proj(molecules)[row]  # (B, K + 2)
+        else:  # the rows of one molecule (its doses, lines) share q(m): computed once per molecule
+            groups = molecules if molecules is not None else group_molecules(cond)
+            out = groups.select @ self.drug_proj(groups.molecules)  # (B, M) @ (M, K + 2)
         u, alpha, beta = out[:, :-2], out[:, -2], out[:, -1]
         gate = torch.sigmoid(alpha + 8.0 * nn.functional.softplus(beta) * (cond[:, -1] - 0.5))  # (B,)
         return u * gate[:, None]
 
 
-def unique_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(M, C) distinct rows of x (B, C) and (B,) the index of each row among them: x == rows[index].
+@dataclass
+class MoleculeGroups:
+    """The rows of a batch of drug conditions grouped by molecule: `molecules` (M, C - 1) the
+    distinct molecule embeddings, `select` (B, M) one-hot, row b -> its molecule. A one-hot
+    matmul rather than an index: an index's backward sums repeated rows in a thread-dependent
+    order (DECISIONS.md D18)."""
 
-    Rows are grouped by a random projection, and the grouping is checked exactly; should two
-    different rows ever share a projection, every row is returned as its own (x, arange(B)).
+    molecules: Tensor
+    select: Tensor
+
+
+def group_molecules(cond: Tensor) -> MoleculeGroups:
+    """Group the rows of cond (B, C: molecule embedding, then the scaled dose) by molecule.
+
+    Rows are grouped by a fixed random projection of the embedding and the grouping is checked
+    exactly; should two different molecules ever share a projection, each row is its own group.
     """
+    x = cond[:, :-1].detach()
     probe = torch.linspace(1.0, 2.0, x.shape[1], dtype=torch.float64, device=x.device).sin()  # fixed, irregular
-    key = x.detach().double() @ probe  # (B,)
-    _, index = torch.unique(key, return_inverse=True)
-    first = torch.empty(int(index.max()) + 1 if len(index) else 0, dtype=torch.long, device=x.device)
-    first.scatter_(0, index, torch.arange(len(x), device=x.device))  # one row of each group
-    rows = x[first]
-    if not torch.equal(rows[index], x):
-        return x, torch.arange(len(x), device=x.device)
-    return rows, index
+    _, index = torch.unique(x.double() @ probe, return_inverse=True)  # (B,)
+    n = int(index.max()) + 1 if len(index) else 0
+    first = torch.empty(n, dtype=torch.long, device=x.device).scatter_(0, index, torch.arange(len(x), device=x.device))
+    molecules = x[first]  # (M, C - 1): one row of each group
+    if not torch.equal(molecules[index], x):
+        molecules, index = x, torch.arange(len(x), device=x.device)
+    select = nn.functional.one_hot(index, len(molecules)).to(x.dtype)  # (B, M)
+    return MoleculeGroups(molecules, select)
 
 
 def count_parameters(module: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict[str, float]:

@@ -22,7 +22,7 @@ from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_
 from scdca.models.scdca.config import ScDCAConfig
 from scdca.models.scdca.net import ScDCANet
 from scdca.nn import distributed
-from scdca.nn.adapters import count_parameters
+from scdca.nn.adapters import count_parameters, group_molecules
 from scdca.nn.backbone import reference as backbone_reference
 from scdca.nn.backbone import resolve as resolve_backbone
 from scdca.nn.backbone import weights_hash
@@ -162,11 +162,14 @@ class ScDCAModel(PerturbationModel):
         runner = distributed.wrap(self.net, ctx)  # DDP with several processes: gradients averaged over ranks
         self.loss_history_ = []  # training loss of every optimiser step (the whole global batch)
 
+        # a full batch sums the same rows in any order: one order, its inputs kept (`_train_epoch`)
+        full, fixed = cfg.batch_size <= 0 or cfg.batch_size >= len(tr_idx), {}
+
         def run_epoch(epoch: int) -> tuple[float, bool]:
             if _stop_after_epochs is not None and epoch - start >= _stop_after_epochs:
                 raise KeyboardInterrupt(f"stopped before epoch {epoch}")
-            order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(tr_idx)
-            return self._train_epoch(order, rows, cache, opt, runner, ctx, counter)
+            order = tr_idx if full else np.random.default_rng([cfg.seed, 1, epoch]).permutation(tr_idx)
+            return self._train_epoch(order, rows, cache, opt, runner, ctx, counter, fixed if full else None)
 
         def validate(train_loss: float) -> float:
             if not len(va_idx):
@@ -218,11 +221,14 @@ class ScDCAModel(PerturbationModel):
             tqdm.write(summary)
         log.info(summary)
 
-    def _train_epoch(self, order, rows: _TrainingRows, cache, opt, runner, ctx, counter) -> tuple[float, bool]:
+    def _train_epoch(
+        self, order, rows: _TrainingRows, cache, opt, runner, ctx, counter, fixed: dict | None = None
+    ) -> tuple[float, bool]:
         """One pass over the training rows in `order`; returns (last step's loss, step budget spent).
 
         Each optimiser step takes a global batch; under DDP every rank computes its share and
-        the loss is scaled so the averaged gradient equals one process's."""
+        the loss is scaled so the averaged gradient equals one process's. `fixed` (full-batch
+        training: the same rows every step) keeps the batch's inputs from one step to the next."""
         cfg = self.cfg
         batch = cfg.batch_size if cfg.batch_size > 0 else len(order)
         n_genes = rows.target.shape[1]
@@ -235,9 +241,13 @@ class ScDCAModel(PerturbationModel):
             mine = distributed.shard(b, ctx)  # this rank's rows of the global batch (all of it alone)
             weight = 1.0 if len(mine) else 0.0  # a rank with no rows still joins the gradient exchange
             mine = mine if len(mine) else b[:1]
+            batch_in = fixed if fixed else self._batch_inputs(rows, cache, mine)
+            if fixed is not None and not fixed:
+                fixed.update(batch_in)
             with distributed.autocast(self.device, cfg.precision):
-                pred = self._forward(rows.controls, cache, rows.lines[mine], rows.cond[mine], net=runner)
-            sq_err = weight * ((pred.float() - rows.target[mine].to(self.device)) ** 2).sum()
+                pred = self._forward(rows.controls, cache, batch_in["lines"], batch_in["cond"], net=runner,
+                                     offset=batch_in["offset"], molecules=batch_in["molecules"])  # fmt: skip
+            sq_err = weight * ((pred.float() - batch_in["target"]) ** 2).sum()
             optimizer_step(distributed.global_mean_loss(sq_err, len(b) * n_genes, ctx), opt)
             counter["step"] += 1
             sq_errs.append(sq_err.detach())
@@ -292,12 +302,34 @@ class ScDCAModel(PerturbationModel):
             return self.net.frozen_hidden(c), None, offsets  # (L, T, D)
         return None, self.net.reference_output(c), offsets  # (L, T)
 
-    def _forward(self, controls, cache, lines, cond, net: nn.Module | None = None) -> Tensor:
-        """Predictions for rows (lines, cond); `net` is the module to call (training passes its DDP wrapper)."""
+    def _batch_inputs(self, rows: _TrainingRows, cache, mine) -> dict[str, Any]:
+        """A batch's inputs on the device: lines, cond, target, and what depends on them alone:
+        the drug-agnostic offset (B, T) and, for `lowrank`, the rows grouped by molecule."""
+        lines, cond = rows.lines[mine].to(self.device), rows.cond[mine].to(self.device)
+        offsets = cache[2]
+        return {
+            "lines": lines,
+            "cond": cond,
+            "target": rows.target[mine].to(self.device),
+            "offset": None if offsets is None else self._offset(offsets, lines, cond),
+            "molecules": group_molecules(cond) if self.cfg.variant == "lowrank" else None,
+        }
+
+    def _forward(
+        self, controls, cache, lines, cond, net: nn.Module | None = None, *, offset=None, molecules=None
+    ) -> Tensor:
+        """Predictions for rows (lines, cond); `net` is the module to call (training passes its DDP
+        wrapper); `offset` and `molecules` (`_batch_inputs`) are computed when not given."""
         hidden, ref, offsets = cache
         net = net or self.net
         if self.cfg.variant == "lowrank":  # per-line hidden states, indexed inside the head
-            out = net(controls[lines].to(self.device), cond.to(self.device), hidden, lines=lines.to(self.device))
+            out = net(
+                controls[lines].to(self.device),
+                cond.to(self.device),
+                hidden,
+                lines=lines.to(self.device),
+                molecules=molecules,
+            )
         else:
             out = net(
                 controls[lines].to(self.device),
@@ -305,7 +337,11 @@ class ScDCAModel(PerturbationModel):
                 hidden[lines] if hidden is not None else None,
                 ref[lines] if ref is not None else None,
             )
-        return out if offsets is None else out + self._offset(offsets, lines.to(self.device), cond.to(self.device))
+        if offsets is None:
+            return out
+        if offset is None:
+            offset = self._offset(offsets, lines.to(self.device), cond.to(self.device))
+        return out + offset
 
     def _offset(self, offsets: Tensor, lines: Tensor, cond: Tensor) -> Tensor:
         """(B, T) drug-agnostic part of each row's change: its line's mean change, plus the

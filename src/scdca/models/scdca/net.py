@@ -8,7 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from scdca.models.scdca.config import ScDCAConfig
-from scdca.nn.adapters import AdapterConfig, DrugConditionalAdapter, DrugGeneConfig, DrugGeneHead, freeze
+from scdca.nn.adapters import (
+    AdapterConfig,
+    DrugConditionalAdapter,
+    DrugGeneConfig,
+    DrugGeneHead,
+    MoleculeGroups,
+    freeze,
+)
 from scdca.nn.backbone import Backbone
 
 
@@ -106,15 +113,17 @@ class ScDCANet(nn.Module):
         reference: Tensor | None = None,
         *,
         lines: Tensor | None = None,
+        molecules: MoleculeGroups | None = None,
     ) -> Tensor:
         """values (B, T) control expression, cond (B, C) -> predicted expression (B, T).
 
         `hidden` (frozen h_L) and `reference` (reference_output) depend only on the cell line,
         so callers may pass them cached; they are computed when omitted. `lowrank` also takes
-        `hidden` per line (L, T, D) with `lines` (B,), so the head reads each line once.
+        `hidden` per line (L, T, D) with `lines` (B,), so the head reads each line once, and
+        `molecules` (cond's rows grouped by molecule) when the same rows come every step.
         """
         if self.cfg.reads_frozen_states:
-            return values + self._read_frozen(values, cond, hidden, lines)
+            return values + self._read_frozen(values, cond, hidden, lines, molecules)
         out = self._adapted_output(values, cond)
         if reference is None:
             if self.cfg.trains_backbone:
@@ -122,12 +131,19 @@ class ScDCANet(nn.Module):
             reference = self.reference_output(values)
         return values + out - reference
 
-    def _read_frozen(self, values: Tensor, cond: Tensor, hidden: Tensor | None, lines: Tensor | None) -> Tensor:
+    def _read_frozen(
+        self,
+        values: Tensor,
+        cond: Tensor,
+        hidden: Tensor | None,
+        lines: Tensor | None,
+        molecules: MoleculeGroups | None = None,
+    ) -> Tensor:
         """The change (B, T) a head predicts from the frozen backbone's final states."""
         if self.cfg.variant == "lowrank":
             if hidden is None:
                 hidden, lines = self.frozen_hidden(values), None  # (B, T, D)
-            return self.gene_head(hidden, cond, lines)
+            return self.gene_head(hidden, cond, lines, molecules)
         h = hidden if hidden is not None else self.frozen_hidden(values)  # (B, T, D)
         if self.cfg.variant == "concat":
             c = cond[:, None, :].expand(-1, h.shape[1], -1)
