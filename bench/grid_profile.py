@@ -17,7 +17,6 @@ T_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import glob  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -27,7 +26,7 @@ import pandas as pd  # noqa: E402
 from scdca.eval import grid, report  # noqa: E402
 
 T_IMPORTS = time.perf_counter() - T_START
-DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl"
+DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl,scdca_routed"
 PHASES = {  # phase -> (module, function) wrapped for timing
     "load data": (grid, "load"),
     "diagnostics": (grid, "plate_diagnostics"),
@@ -36,6 +35,7 @@ PHASES = {  # phase -> (module, function) wrapped for timing
     "prediction files (build)": (grid, "predictions_file"),
     "cell files (write)": (grid, "write_cell"),
     "collect results": (grid, "collect"),
+    "results tables (write)": (grid, "write_results"),
 }
 
 
@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--data", default="runs/demo/data.h5ad", help="the demo screen (`scdca simulate` makes it)")
     parser.add_argument("--models", default=DEMO_MODELS)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--n-top-genes", type=int, default=256, help="as make demo")
+    parser.add_argument("--backbone", default="random:4x128", help="as make demo")
+    parser.add_argument("--encoder", default="chemnet", help="as make demo")
     args = parser.parse_args()
     if not os.path.exists(args.data):
         raise SystemExit(f"data: {args.data!r} does not exist; make it with `scdca simulate --out {args.data}`")
@@ -64,14 +67,15 @@ def main() -> None:
         setattr(module, attr, timed(seconds, name, getattr(module, attr)))
     with tempfile.TemporaryDirectory() as out:
         cfg = grid.BenchmarkConfig(data=args.data, out=out, models=args.models, tasks="all", seeds=args.seeds,
-                                   report=False)  # fmt: skip
+                                   n_top_genes=args.n_top_genes, report=False,
+                                   model_options={"backbone": args.backbone, "encoder": args.encoder})  # fmt: skip
         t0 = time.perf_counter()
         grid.run(cfg, progress=False)
         t_grid = time.perf_counter() - t0
         t1 = time.perf_counter()
         report.build(out)
         seconds["report"] = time.perf_counter() - t1
-        costs = pd.concat(pd.read_csv(f) for f in glob.glob(os.path.join(out, "costs", "*.csv")))
+        costs = pd.read_csv(os.path.join(out, "costs.csv"))
     model_seconds = float(costs["seconds"].sum())
     per_model = costs.groupby("model")["seconds"].sum().sort_values(ascending=False)
     seconds["start-up (imports)"] = T_IMPORTS
