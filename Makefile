@@ -30,9 +30,9 @@ DEMO_MODELS := control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,domin
 
 # The main job: the recommended scdca_routed next to the baselines and C3TL, all four tasks,
 # 5 seeds, 2 workers, on the simulated screen's 256 most variable genes. Its backbone is
-# untrained (random:4x128): on this screen pretraining does not change scdca_routed's scores
-# (RESULTS.md, "Does the demo need a pretrained backbone?"); `make demo-scdca` runs the
-# pretrained one. Wall time on this machine: README.md.
+# untrained (random:4x128): on this screen pretraining changes scdca_routed's scores little and
+# raises its error on new lines (RESULTS.md, "Does the demo need a pretrained backbone?");
+# `make demo-scdca` runs the pretrained one. Wall time on this machine: README.md.
 demo: $(BIN)/scdca $(DEMO_DATA)
 	$(BIN)/scdca benchmark --data $(DEMO_DATA) --out runs/demo --tasks all --seeds 5 --workers 2 \
 		--models $(DEMO_MODELS) --n-top-genes 256 --backbone random:4x128 --encoder chemnet

@@ -3,8 +3,9 @@
     python bench/grid_cost.py --variant intervals|metrics [--data runs/demo/data.h5ad] [--models ...]
         [--seeds 5] [--out runs/grid_cost]
 
-Runs `make demo`'s grid (its models, all four tasks) twice in this process, serially, into two
-fresh folders, report included, and prints both wall times and their ratio:
+Runs the demo screen's baseline grid (the baselines and C3TL on all 1,000 genes, all four tasks:
+`make demo`'s grid before it ran scDCA) twice in this process, serially, into two fresh folders,
+report included, and prints both wall times and their ratio:
 
 - `intervals`: without and with `--intervals` (conformal intervals; issue 28's bar: at most
   1.30x), then the calibration table of the run with them (coverage per level, the 90%

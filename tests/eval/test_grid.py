@@ -102,6 +102,31 @@ def test_resume_skips_finished_cells_and_redoes_missing_ones(bench, tiny_data):
     assert (fast["metric"].astype(str).to_numpy() == slow["metric"].to_numpy()).all()
 
 
+def test_a_run_folder_without_results_parquet_is_reported_from_its_csv(bench, tmp_path):
+    import shutil
+
+    from scdca.eval.report import build
+    from scdca.eval.runs import read_results
+
+    _, out, _, _ = bench
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "results.parquet").unlink()  # a run made before session 13
+    (old / "report.md").unlink()
+    from_csv = read_results(old)
+    from_parquet = read_results(out)
+    assert isinstance(from_csv["metric"].dtype, pd.CategoricalDtype)
+    np.testing.assert_allclose(from_csv["value"], from_parquet["value"], rtol=1e-12, equal_nan=True)
+    build(old)
+
+    def section(folder, title):
+        text = (folder / "report.md").read_text()
+        return text[text.index(title) :].split("\n## ")[0]
+
+    for title in ("## Summary", "## Main table", "## DEG-size sweep"):
+        assert section(old, title) == section(out, title)
+
+
 def test_a_run_folder_with_csv_cells_from_an_older_version_resumes_without_recomputing(bench, tiny_data, tmp_path):
     import shutil
 
