@@ -14,9 +14,13 @@
    process that only imports scdca (the floor). Prints the 2M / 0.2M ratio: close to 1
    means memory does not grow with the number of cells (10 would be linear).
 
+3. With `--demo-grid` (instead of 1 and 2): `make demo`'s grid (scdca_routed, the baselines
+   and C3TL; 256 genes, untrained backbone, chemnet; all four tasks, 5 seeds), serial with 2
+   threads against `--workers 2`, in one run (about 20 minutes). Issue 30's bar: 1.6x.
+
 Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
-    python bench/scale.py [--skip-grid] [--skip-memory]
+    python bench/scale.py [--skip-grid] [--skip-memory] [--demo-grid]
 """
 
 from __future__ import annotations
@@ -86,6 +90,33 @@ def grid(data_path: Path) -> None:
     print(f"  max |workers 2 - serial 2 threads| per model: {diff('workers2', 'serial')}")
 
 
+DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl,scdca_routed"
+
+
+def demo_grid(data_path: Path) -> None:
+    """`make demo`'s grid, serial (2 threads) and with 2 workers, from the same loaded data."""
+    from scdca.data.screen import load
+    from scdca.eval.grid import BenchmarkConfig, run
+
+    data = load(data_path, n_top_genes=256)
+    tmp = Path(tempfile.mkdtemp(prefix="scale_demo_"))
+    times = {}
+    try:
+        for name, workers in (("serial", 1), ("workers2", 2)):
+            cfg = BenchmarkConfig(data=str(data_path), out=str(tmp / name), models=DEMO_MODELS, tasks="all", seeds=5,
+                                  n_top_genes=256, report=False,
+                                  model_options={"backbone": "random:4x128", "encoder": "chemnet"})  # fmt: skip
+            t0 = time.perf_counter()
+            run(cfg, data=data, progress=False, workers=workers)
+            times[name] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("make demo's grid (240 cells, 256 genes; data loaded once, report not built)")
+    print(f"  serial, 2 threads         {times['serial']:7.1f} s")
+    print(f"  --workers 2 (1 thread)    {times['workers2']:7.1f} s   (Ray start-up included)")
+    print(f"  speed-up vs serial        {times['serial'] / times['workers2']:7.2f} x")
+
+
 def memory() -> None:
     from scdca.data.simulate import SimulationConfig, simulate
 
@@ -125,7 +156,11 @@ def main() -> None:
     p.add_argument("--data", default=str(RUNS / "demo" / "data.h5ad"))
     p.add_argument("--skip-grid", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--demo-grid", action="store_true", help="make demo's grid, serial vs 2 workers, only")
     args = p.parse_args()
+    if args.demo_grid:
+        demo_grid(Path(args.data))
+        return
     if not args.skip_grid:
         if not Path(args.data).exists():
             sys.exit(f"{args.data} not found; run `make demo` (or scdca simulate --out {args.data}) first")
