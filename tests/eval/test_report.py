@@ -296,3 +296,44 @@ def test_calibration_table_averages_seeds_and_flags_narrow_intervals():
     assert table.loc[("unseen_drug", "narrow"), "error_spearman"] == pytest.approx(-1.0)
     assert list(table["verdict"]) == ["ok", "too narrow"]
     assert "narrow on unseen_drug (0.60)" in calibration_text(table)
+
+
+def test_the_summary_names_the_recommended_model_next_to_the_best_baseline_on_each_metric(tmp_path):
+    from scdca.eval.report import recommended_text
+    from scdca.eval.stats import split_means
+
+    rows = []
+    means = {  # model -> (change score, rank, mse): ridge best on rank, dominant on change and mse
+        "scdca_routed": (0.30, 0.46, 0.040),
+        "ridge": (0.25, 0.47, 0.045),
+        "dominant": (0.28, 0.50, 0.044),
+    }
+    for model, values in means.items():
+        for seed in range(2):
+            for metric, value in zip(("pearson_delta_deg", "rank", "mse"), values):
+                for drug, shift in (("d1", -0.01), ("d2", 0.01)):
+                    rows.append((model, "unseen_drug", seed, "", "L1", drug, 1.0, metric, value + shift))
+    cols = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric", "value"]
+    results = pd.DataFrame(rows, columns=cols)
+    text = recommended_text(results)
+    line = "- unseen_drug: change score 0.300 (dominant 0.280), rank 0.460 (ridge 0.470), mse 0.040 (dominant 0.044)"
+    assert line in text
+    assert recommended_text(split_means(results)) == text  # the report passes split means
+    assert recommended_text(results[results["model"] != "scdca_routed"]) == ""
+    results.to_csv(tmp_path / "results.csv", index=False)
+    assert "The recommended model, scdca_routed" in build(tmp_path).read_text()
+
+
+def test_split_means_equal_pandas_groupby_with_nan_skipped_for_text_or_categorical_columns():
+    from scdca.eval.stats import per_seed, split_means
+
+    results = tiny_results()
+    results.loc[0, "value"] = np.nan  # one NaN condition: skipped, as pandas' mean skips it
+    results.loc[len(results)] = ("a", "unseen_drug", 9, "", "L1", "d1", 1.0, "rank", np.nan)  # an all-NaN split
+    keys = ["model", "task", "seed", "held_out", "metric"]
+    expected = results.groupby(keys)["value"].mean().reset_index().sort_values(keys, ignore_index=True)
+    for frame in (results, results.astype({c: "category" for c in ("model", "task", "held_out", "metric")})):
+        got = split_means(frame).sort_values(keys, ignore_index=True)
+        assert got[keys].astype(str).equals(expected[keys].astype(str))
+        np.testing.assert_allclose(got["value"], expected["value"], equal_nan=True)
+        pd.testing.assert_frame_equal(per_seed(got, "pearson_delta_deg"), per_seed(results, "pearson_delta_deg"))
