@@ -69,3 +69,24 @@ def test_a_failing_cell_is_reported_and_the_others_are_kept(grids):
     assert "Traceback" in (out / "failed" / failed[0]).read_text()
     assert message.startswith("4 of 24 grid cell(s) failed: scdca_lowrank__") and "rerun the same command" in message
     assert not any(p.name.startswith("scdca_lowrank") for p in (out / "cells").iterdir())
+
+
+@pytest.mark.slow  # over 20 s; `make test` runs it
+def test_two_workers_give_the_serial_one_thread_numbers_for_the_recommended_model(tiny_data, tmp_path):
+    pytest.importorskip("ray")
+    common = dict(
+        data="tiny.h5ad",
+        models=["scdca_routed"],
+        tasks=["unseen_drug", "unseen_cell_fewshot"],
+        seeds=1,
+        k=5,
+        report=False,
+        model_options={"backbone": "random:2x16", "encoder": "morgan:bits=128"},
+    )
+    serial = run(BenchmarkConfig(out=str(tmp_path / "serial"), **common), data=tiny_data, progress=False, threads=1)
+    parallel = run(BenchmarkConfig(out=str(tmp_path / "parallel"), **common), data=tiny_data, progress=False, workers=2)
+    key = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric"]
+    a = serial.sort_values(key).reset_index(drop=True)
+    b = parallel.sort_values(key).reset_index(drop=True)
+    assert (a["model"] == "scdca_routed").any()
+    pd.testing.assert_frame_equal(a, b, check_exact=True)  # the same thread cap: the same numbers
