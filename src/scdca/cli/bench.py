@@ -101,6 +101,7 @@ def _flat(raw: dict) -> dict:
 def cmd_benchmark(args) -> None:
     from scdca.eval.grid import BenchmarkConfig, run
     from scdca.eval.report import build, recommended_text
+    from scdca.eval.stats import split_means
     from scdca.eval.tables import format_summary, summarize
 
     require(args, "data", "out")
@@ -120,7 +121,7 @@ def cmd_benchmark(args) -> None:
     print(f"\nwrote {cfg.out}/results.csv, summary.csv, predictions/, splits/ (grid {t1 - t0:.1f} s)")
     path = build(cfg.out)
     print(f"wrote {path} ({time.perf_counter() - t1:.1f} s)")
-    lead = recommended_text(results)
+    lead = recommended_text(split_means(results))
     if lead:
         print("\n" + lead)
 
