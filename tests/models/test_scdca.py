@@ -475,6 +475,39 @@ def test_head_dropout_acts_only_while_training():
     assert not torch.allclose(head.drug_weights(cond), head.drug_weights(cond))
 
 
+def test_head_dropout_drops_a_share_p_and_keeps_the_expectation():
+    from scdca.nn.adapters import DrugGeneConfig, DrugGeneHead
+
+    torch.manual_seed(0)
+    head = DrugGeneHead(DrugGeneConfig(d_model=8, cond_dim=6, n_genes=5, rank=3, hidden=16, dropout=0.6)).train()
+    x = torch.ones(200_000)
+    out = head._drop(x)
+    assert float((out == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
+    assert float(out.mean()) == pytest.approx(1.0, abs=0.01)  # kept entries scaled by 1 / (1 - p)
+    head.cfg.dropout = 1.0
+    assert torch.equal(head._drop(x), torch.zeros_like(x))
+
+
+def test_molecule_grouping_gives_the_per_row_drug_weights():
+    from scdca.nn.adapters import DrugGeneConfig, DrugGeneHead, group_molecules
+
+    torch.manual_seed(0)
+    head = DrugGeneHead(DrugGeneConfig(d_model=8, cond_dim=6, n_genes=5, rank=3, hidden=16)).eval()
+    with torch.no_grad():
+        head.drug_proj[-1].weight.normal_()
+    molecules = torch.randn(3, 5)
+    cond = torch.cat([molecules[[0, 1, 0, 2, 1, 0]], torch.rand(6, 1)], 1)  # 3 molecules at 6 doses
+    groups = group_molecules(cond)
+    assert 3 <= len(groups.molecules) <= 6  # different molecules are never merged
+    assert torch.equal(groups.select @ groups.molecules, cond[:, :-1])
+    first, act, last = head.drug_proj
+    out = last(act(first(cond[:, :-1])))  # every row on its own
+    u, alpha, beta = out[:, :-2], out[:, -2], out[:, -1]
+    per_row = u * torch.sigmoid(alpha + 8.0 * torch.nn.functional.softplus(beta) * (cond[:, -1] - 0.5))[:, None]
+    torch.testing.assert_close(head.drug_weights(cond), per_row)
+    torch.testing.assert_close(head.drug_weights(cond, groups), per_row)
+
+
 def test_routed_training_killed_in_its_second_head_resumes_to_the_same_result(tiny_data, tiny_backbone, tmp_path):
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=4, seed=0)
     q = tiny_data.subset(list(tiny_data.ids[:8]), observed=False)

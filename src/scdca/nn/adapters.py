@@ -155,6 +155,8 @@ class DrugGeneHead(nn.Module):
         p = self.cfg.dropout
         if not self.training or p == 0.0:
             return x
+        if p >= 1.0:  # everything dropped, as torch's dropout does
+            return torch.zeros_like(x)
         return x * (torch.rand_like(x) >= p) / (1.0 - p)
 
     def drug_weights(self, cond: Tensor, molecules: MoleculeGroups | None = None) -> Tensor:  # (B, C) -> (B, K)
@@ -185,8 +187,11 @@ class MoleculeGroups:
 def group_molecules(cond: Tensor) -> MoleculeGroups:
     """Group the rows of cond (B, C: molecule embedding, then the scaled dose) by molecule.
 
-    Rows are grouped by a fixed random projection of the embedding and the grouping is checked
+    Rows are grouped by a fixed random projection of the embedding, and the grouping is checked
     exactly; should two different molecules ever share a projection, each row is its own group.
+    The projection can round one molecule's rows differently at different positions of a batch,
+    splitting them into two groups: harmless (each group computes the same q(m)), and kept so,
+    because routed's training amplifies rounding (DECISIONS.md, open questions).
     """
     x = cond[:, :-1].detach()
     probe = torch.linspace(1.0, 2.0, x.shape[1], dtype=torch.float64, device=x.device).sin()  # fixed, irregular
