@@ -26,7 +26,10 @@ import pandas as pd  # noqa: E402
 from scdca.eval import grid, report  # noqa: E402
 
 T_IMPORTS = time.perf_counter() - T_START
+# `make demo`'s grid (the Makefile's DEMO_MODELS and benchmark options); bench/scale.py reads these too
 DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl,scdca_routed"
+DEMO_GENES = 256
+DEMO_OPTIONS = {"backbone": "random:4x128", "encoder": "chemnet"}
 PHASES = {  # phase -> (module, function) wrapped for timing
     "load data": (grid, "load"),
     "diagnostics": (grid, "plate_diagnostics"),
@@ -56,9 +59,9 @@ def main() -> None:
     parser.add_argument("--data", default="runs/demo/data.h5ad", help="the demo screen (`scdca simulate` makes it)")
     parser.add_argument("--models", default=DEMO_MODELS)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--n-top-genes", type=int, default=256, help="as make demo")
-    parser.add_argument("--backbone", default="random:4x128", help="as make demo")
-    parser.add_argument("--encoder", default="chemnet", help="as make demo")
+    parser.add_argument("--n-top-genes", type=int, default=DEMO_GENES, help="as make demo")
+    parser.add_argument("--backbone", default=DEMO_OPTIONS["backbone"], help="as make demo")
+    parser.add_argument("--encoder", default=DEMO_OPTIONS["encoder"], help="as make demo")
     args = parser.parse_args()
     if not os.path.exists(args.data):
         raise SystemExit(f"data: {args.data!r} does not exist; make it with `scdca simulate --out {args.data}`")

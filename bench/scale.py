@@ -90,28 +90,25 @@ def grid(data_path: Path) -> None:
     print(f"  max |workers 2 - serial 2 threads| per model: {diff('workers2', 'serial')}")
 
 
-DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl,scdca_routed"
-
-
 def demo_grid(data_path: Path) -> None:
     """`make demo`'s grid, serial (2 threads) and with 2 workers, from the same loaded data."""
+    from grid_profile import DEMO_GENES, DEMO_MODELS, DEMO_OPTIONS  # this folder: make demo's grid
     from scdca.data.screen import load
     from scdca.eval.grid import BenchmarkConfig, run
 
-    data = load(data_path, n_top_genes=256)
+    data = load(data_path, n_top_genes=DEMO_GENES)
     tmp = Path(tempfile.mkdtemp(prefix="scale_demo_"))
     times = {}
     try:
         for name, workers in (("serial", 1), ("workers2", 2)):
             cfg = BenchmarkConfig(data=str(data_path), out=str(tmp / name), models=DEMO_MODELS, tasks="all", seeds=5,
-                                  n_top_genes=256, report=False,
-                                  model_options={"backbone": "random:4x128", "encoder": "chemnet"})  # fmt: skip
+                                  n_top_genes=DEMO_GENES, report=False, model_options=DEMO_OPTIONS)  # fmt: skip
             t0 = time.perf_counter()
             run(cfg, data=data, progress=False, workers=workers)
             times[name] = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("make demo's grid (240 cells, 256 genes; data loaded once, report not built)")
+    print(f"make demo's grid ({DEMO_GENES} genes; data loaded once, report not built)")
     print(f"  serial, 2 threads         {times['serial']:7.1f} s")
     print(f"  --workers 2 (1 thread)    {times['workers2']:7.1f} s   (Ray start-up included)")
     print(f"  speed-up vs serial        {times['serial'] / times['workers2']:7.2f} x")

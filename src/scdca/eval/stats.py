@@ -26,40 +26,13 @@ def drug_blind(results: pd.DataFrame) -> pd.DataFrame:
 
 def split_means(results: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, task, seed, held_out, metric): the mean over the split's conditions
-    (NaN values skipped, as pandas does; NaN where a split has none).
+    (NaN values skipped; NaN where a split has none).
 
     Everything that reads only split means (`per_seed` and what is built on it) gives the same
     numbers from this table as from the per-condition rows, on a table hundreds of times smaller.
-    Computed on the columns' integer codes (a pandas groupby over 4M rows of text took a second).
     """
     keys = ["model", "task", "seed", "held_out", "metric"]
-    codes, levels = [], []
-    for k in keys:
-        col = results[k]
-        if isinstance(col.dtype, pd.CategoricalDtype):
-            codes.append(col.cat.codes.to_numpy(np.int64))
-            levels.append(col.cat.categories.to_numpy())
-        else:
-            c, u = pd.factorize(col.to_numpy(), sort=False)
-            codes.append(c.astype(np.int64))
-            levels.append(np.asarray(u))
-    sizes = [max(len(lv), 1) for lv in levels]
-    flat = np.ravel_multi_index(codes, sizes)  # one integer per row's key
-    if np.prod(sizes, dtype=float) <= 1e7:  # few possible keys: count into every one of them
-        cells = np.flatnonzero(np.bincount(flat, minlength=int(np.prod(sizes))))
-        row = np.searchsorted(cells, flat)
-    else:
-        cells, row = np.unique(flat, return_inverse=True)
-    value = results["value"].to_numpy(np.float64)
-    ok = ~np.isnan(value)
-    total = np.bincount(row, weights=np.where(ok, value, 0.0), minlength=len(cells))
-    count = np.bincount(row, weights=ok.astype(np.float64), minlength=len(cells))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / count, np.nan)
-    parts = np.unravel_index(cells, sizes)
-    out = pd.DataFrame({k: levels[i][parts[i]] for i, k in enumerate(keys)})
-    out["seed"] = out["seed"].astype(results["seed"].dtype)
-    out["value"] = mean
+    out = results.groupby(keys, observed=True, sort=False)["value"].mean().reset_index()
     return out.astype({k: object for k in ("model", "task", "held_out", "metric")})  # plain text, as in results.csv
 
 

@@ -220,9 +220,8 @@ class ScDCARouted(PerturbationModel):
         """Both heads in subfolders `seen/` and `new/`, then model.json (written last)."""
         folder = Path(path)
         weights = self.weights_  # a saved model predicts any molecule: choose the weights and train both heads now
-        self._head("seen"), self._head("new")
-        self.seen.save(folder / "seen")
-        self.new.save(folder / "new")
+        for kind in ("seen", "new"):
+            self._head(kind).save(folder / kind)
         anchor = {
             str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
             for k, (m, lv, sc) in self._anchor._fits.items()
