@@ -14,18 +14,23 @@
    process that only imports scdca (the floor). Prints the 2M / 0.2M ratio: close to 1
    means memory does not grow with the number of cells (10 would be linear).
 
-3. With `--demo-grid` (instead of 1 and 2): `make demo`'s grid (scdca_routed, the baselines
+3. With `--small-grid` (instead of 1 and 2): Ray's start-up (init, one task that imports the
+   grid's code, shutdown), and a 24-cell grid of closed-form baselines (control, ridge, knn,
+   dominant + references; new drugs and pairs; 2 seeds) serial, with `--workers 2`, and with 2
+   workers forced onto Ray for every cell (`RAY_START_S = 0`, the rule before session 14).
+4. With `--demo-grid` (instead of 1 and 2): `make demo`'s grid (scdca_routed, the baselines
    and C3TL; 256 genes, untrained backbone, chemnet; all four tasks, 5 seeds), serial with 2
    threads against `--workers 2`, in one run (about 20 minutes). Issue 30's bar: 1.6x.
 
 Do not run it while another torch job runs: two jobs on 2 cores slow each ~3x.
 
-    python bench/scale.py [--skip-grid] [--skip-memory] [--demo-grid]
+    python bench/scale.py [--skip-grid] [--skip-memory] [--small-grid] [--demo-grid]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -88,6 +93,56 @@ def grid(data_path: Path) -> None:
 
     print(f"  max |workers 2 - serial 1 thread| per model: {diff('workers2', 'serial_1thread')}")
     print(f"  max |workers 2 - serial 2 threads| per model: {diff('workers2', 'serial')}")
+
+
+SMALL_GRID = ["control", "ridge", "knn", "dominant"]
+
+
+def _import_grid() -> float:
+    import time
+
+    t = time.perf_counter()
+    import scdca.eval.grid  # noqa: F401 - what a worker imports before its first cell
+
+    return time.perf_counter() - t
+
+
+def small_grid(data_path: Path) -> None:
+    """Ray's start-up, and a small grid serial, with 2 workers, and with 2 workers always on Ray."""
+    import ray
+
+    from scdca.data.screen import load
+    from scdca.eval import parallel
+    from scdca.eval.grid import BenchmarkConfig, run
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the grid's private Ray
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    worker_import = ray.get(ray.remote(num_cpus=1)(_import_grid).remote())
+    ray.shutdown()
+    print(f"Ray start-up: {time.perf_counter() - t0:.1f} s (init, one task importing the grid's code, shutdown; "
+          f"the import alone {worker_import:.1f} s)")  # fmt: skip
+    data = load(data_path)
+    tmp = Path(tempfile.mkdtemp(prefix="scale_small_"))
+    times, budget = {}, parallel.RAY_START_S
+    try:
+        for name, workers, first in (("serial", 1, budget), ("workers2", 2, budget), ("workers2_ray", 2, 0.0)):
+            cfg = BenchmarkConfig(data=str(data_path), out=str(tmp / name), models=SMALL_GRID,
+                                  tasks=["unseen_drug", "unseen_pair"], seeds=2, report=False)  # fmt: skip
+            parallel.RAY_START_S = first
+            t0 = time.perf_counter()
+            res = run(cfg, data=data, progress=False, workers=workers)
+            times[name] = time.perf_counter() - t0
+    finally:
+        parallel.RAY_START_S = budget
+        shutil.rmtree(tmp, ignore_errors=True)
+    n_cells = res.groupby(["model", "task", "seed"]).ngroups
+    print(f"small grid ({n_cells} cells: control, ridge, knn, dominant + references; 2 tasks x 2 seeds)")
+    print(f"  serial, 2 threads                   {times['serial']:7.1f} s")
+    print(f"  --workers 2 (RAY_START_S {budget:.0f} s)        {times['workers2']:7.1f} s")
+    print(f"  --workers 2, every cell on Ray      {times['workers2_ray']:7.1f} s")
+    print(f"  workers 2 / serial: {times['workers2'] / times['serial']:.2f} (every cell on Ray: "
+          f"{times['workers2_ray'] / times['serial']:.2f})")  # fmt: skip
 
 
 def demo_grid(data_path: Path) -> None:
@@ -154,7 +209,11 @@ def main() -> None:
     p.add_argument("--skip-grid", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--demo-grid", action="store_true", help="make demo's grid, serial vs 2 workers, only")
+    p.add_argument("--small-grid", action="store_true", help="Ray's start-up and a small grid, only")
     args = p.parse_args()
+    if args.small_grid:
+        small_grid(Path(args.data))
+        return
     if args.demo_grid:
         demo_grid(Path(args.data))
         return

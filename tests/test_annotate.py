@@ -126,3 +126,21 @@ def test_linear_probe_runs_the_frozen_backbone_once_per_cell_and_learns(monkeypa
     right = (ann.annotate(query).obs["scdca_label"].astype(str) == query.obs["cell_type"]).mean()
     untrained = _fit("linear", epochs=1, patience=None, lr=0.0).annotate(query).obs["scdca_label"].astype(str)
     assert right >= 0.7 > 0.4 >= (untrained == query.obs["cell_type"]).mean()  # 3 types: chance is 1/3
+
+
+def test_the_frozen_backbone_trains_without_dropout_unless_asked_and_full_fine_tuning_keeps_it(monkeypatch):
+    from scdca.nn.backbone import Backbone
+
+    modes = []
+    encode = Backbone.encode
+
+    def recorded(self, ids, values, *args, **kwargs):
+        if torch.is_grad_enabled():  # a training step (validation and prediction run without gradients)
+            modes.append(any(m.training for m in self.modules() if isinstance(m, torch.nn.Dropout)))
+        return encode(self, ids, values, *args, **kwargs)
+
+    monkeypatch.setattr(Backbone, "encode", recorded)
+    for method, asked, expected in (("lora", False, False), ("lora", True, True), ("full", False, True)):
+        modes.clear()
+        _fit(method, epochs=2, patience=None, backbone_dropout=asked)
+        assert modes and set(modes) == {expected}, (method, asked)

@@ -59,6 +59,8 @@ class AnnotateConfig:
     lr: float | None = None  # default: 1e-4 for full fine-tuning, 1e-3 for the others
     max_genes: int = 256  # gene tokens per cell
     val_fraction: float = 0.1  # stratified; the epoch with the best validation loss is kept
+    backbone_dropout: bool = False  # the frozen backbone's own dropout while training (`full` always keeps
+    #                                 it); off, attention runs fused and an epoch costs a third (DECISIONS.md D43)
     seed: int = 0
 
     def __post_init__(self):
@@ -180,6 +182,8 @@ class Annotator:
 
         def run_epoch(epoch: int) -> tuple[float, bool]:
             self.net.train()
+            if not (self.cfg.backbone_dropout or self.cfg.peft.method == "full"):
+                self.net.backbone.eval()  # frozen weights: no dropout; the PEFT parts have none of their own
             order = rng.permutation(tr)
             for s in range(0, len(order), self.cfg.batch_size):
                 b = torch.from_numpy(order[s : s + self.cfg.batch_size])

@@ -399,3 +399,15 @@ def test_the_mean_baseline_scores_zero_against_itself_on_every_extended_task(tin
     # the main table leads with the metric a drug-blind model cannot game
     table = summary[summary.index("Main table") :]
     assert table.index("pearson_vs_mean_deg") < table.index("pearson_delta_deg")
+
+
+def test_the_benchmarks_precision_and_frozen_backbone_options_reach_the_scdca_models():
+    from scdca.eval.grid import _make
+
+    options = {"backbone": "random:1x8", "precision": "bf16", "frozen_dtype": "bfloat16", "recompute_frozen": True}
+    adapter = _make("scdca", options, 0)
+    assert (adapter.cfg.precision, adapter.cfg.frozen_dtype, adapter.cfg.recompute_frozen) == ("bf16", "bfloat16", True)
+    lowrank = _make("scdca_lowrank", options, 0)  # reads cached states: nothing to recompute
+    assert (lowrank.cfg.frozen_dtype, lowrank.cfg.recompute_frozen) == ("bfloat16", False)
+    finetune = _make("finetune", options, 0)  # trains its backbone: the frozen-backbone options are not its own
+    assert (finetune.cfg.precision, finetune.cfg.frozen_dtype) == ("bf16", "float32")

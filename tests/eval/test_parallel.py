@@ -1,11 +1,20 @@
 import operator
+import time
 
 import pandas as pd
 import pytest
+import torch
 
 from scdca.errors import GridError, ScdcaInputError
+from scdca.eval import parallel
 from scdca.eval.grid import BenchmarkConfig, run
 from scdca.eval.parallel import JobFailure, default_threads, run_jobs
+
+
+def _nap(threads_seen: list, seconds: float) -> float:
+    threads_seen.append(torch.get_num_threads())
+    time.sleep(seconds)
+    return seconds
 
 
 def test_serial_jobs_report_a_failure_and_finish_the_others():
@@ -22,11 +31,38 @@ def test_threads_per_worker_share_the_cores(monkeypatch):
         list(run_jobs(operator.add, [(1,)], 1, workers=0))
 
 
+def test_jobs_run_here_until_workers_would_save_more_than_rays_start_up(monkeypatch):
+    sent = []
+    monkeypatch.setattr(parallel, "_run_ray", lambda fn, jobs, shared, **kw: sent.extend(jobs) or iter(()))
+    before, seen = torch.get_num_threads(), []
+    monkeypatch.setattr(parallel, "RAY_START_S", 0.15)
+    here = [job for job, _ in run_jobs(_nap, [(0.1,)] * 5, seen, workers=2, threads=1)]
+    # after the first job: 4 more x 0.1 s here, of which 2 workers would save 0.2 s > 0.15 s
+    assert len(here) == 1 and len(sent) == 4
+    assert seen == [1] and torch.get_num_threads() == before  # the workers' thread cap, then restored
+    sent.clear()
+    monkeypatch.setattr(parallel, "RAY_START_S", 0.25)  # saving at most 0.2 s: never worth starting Ray
+    assert len(list(run_jobs(_nap, [(0.1,)] * 5, [], workers=2))) == 5 and not sent
+    sent.clear()
+    list(run_jobs(_nap, [(0.01,)] * 3, [], address="auto"))  # a cluster was asked for: everything goes there
+    assert len(sent) == 3
+    sent.clear()
+    monkeypatch.setattr(parallel, "RAY_START_S", 0.0)  # 0: every job on the workers
+    list(run_jobs(_nap, [(0.01,)] * 3, [], workers=2))
+    assert len(sent) == 3
+
+
 @pytest.fixture(scope="module")
 def grids(tiny_data, tmp_path_factory):
     """The same tiny grid, serial and on 2 Ray workers; in the parallel one a third model's
     cells all fail (its backbone folder holds no checkpoint)."""
     pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parallel, "RAY_START_S", 0.0)  # every cell on the workers, however small the grid
+        return _grids(tiny_data, tmp_path_factory)
+
+
+def _grids(tiny_data, tmp_path_factory):
     broken = tmp_path_factory.mktemp("broken_backbone")
     (broken / "best_model.pt").write_bytes(b"not a checkpoint")
     common = dict(data="tiny.h5ad", tasks=["unseen_drug", "unseen_cell_zeroshot"], seeds=2, k=5, report=False)
@@ -72,8 +108,9 @@ def test_a_failing_cell_is_reported_and_the_others_are_kept(grids):
 
 
 @pytest.mark.slow  # over 20 s; `make test` runs it
-def test_two_workers_give_the_serial_one_thread_numbers_for_the_recommended_model(tiny_data, tmp_path):
+def test_two_workers_give_the_serial_one_thread_numbers_for_the_recommended_model(tiny_data, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    monkeypatch.setattr(parallel, "RAY_START_S", 0.0)
     common = dict(
         data="tiny.h5ad",
         models=["scdca_routed"],
@@ -84,9 +121,9 @@ def test_two_workers_give_the_serial_one_thread_numbers_for_the_recommended_mode
         model_options={"backbone": "random:2x16", "encoder": "morgan:bits=128"},
     )
     serial = run(BenchmarkConfig(out=str(tmp_path / "serial"), **common), data=tiny_data, progress=False, threads=1)
-    parallel = run(BenchmarkConfig(out=str(tmp_path / "parallel"), **common), data=tiny_data, progress=False, workers=2)
+    workers = run(BenchmarkConfig(out=str(tmp_path / "parallel"), **common), data=tiny_data, progress=False, workers=2)
     key = ["model", "task", "seed", "held_out", "cell_line", "drug", "dose", "metric"]
     a = serial.sort_values(key).reset_index(drop=True)
-    b = parallel.sort_values(key).reset_index(drop=True)
+    b = workers.sort_values(key).reset_index(drop=True)
     assert (a["model"] == "scdca_routed").any()
     pd.testing.assert_frame_equal(a, b, check_exact=True)  # the same thread cap: the same numbers

@@ -85,6 +85,51 @@ def test_frozen_backbone_has_no_dropout_in_training_mode(tiny_backbone, variant)
     assert ft.backbone.training
 
 
+def _trained_adapter_net(backbone: str, **cfg) -> tuple[ScDCANet, torch.Tensor, torch.Tensor]:
+    """An adapter net after two optimiser steps (so the adapters are no longer the identity), and its inputs."""
+    torch.manual_seed(0)
+    net = ScDCANet(load(backbone), torch.arange(20), cond_dim=7, cfg=ScDCAConfig(variant="adapter", **cfg))
+    values, cond = torch.rand(3, 20), torch.randn(3, 7)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        (net(values, cond) - values - 1.0).pow(2).mean().backward()
+        opt.step()
+    return net, values, cond
+
+
+def test_recomputing_frozen_activations_gives_the_same_outputs_and_gradients(tiny_backbone):
+    plain, values, cond = _trained_adapter_net(tiny_backbone)
+    again, _, _ = _trained_adapter_net(tiny_backbone, recompute_frozen=True)
+    for net in (plain, again):
+        net.zero_grad()
+        net(values, cond).pow(2).sum().backward()
+    torch.testing.assert_close(again(values, cond), plain(values, cond))
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("up.weight"))  # gradients reached layer 1
+    for n, p in again.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n])
+
+
+def test_a_bf16_frozen_backbone_starts_at_no_change_and_trains_its_fp32_adapters(tiny_backbone):
+    net = ScDCANet(load(tiny_backbone), torch.arange(20), cond_dim=7, cfg=ScDCAConfig(frozen_dtype="bfloat16"))
+    assert {p.dtype for p in net.backbone.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in net.parameters() if p.requires_grad} == {torch.float32}
+    values, cond = torch.rand(3, 20), torch.randn(3, 7)
+    with torch.no_grad():
+        out = net(values, cond)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, values)  # the reference runs the same bf16 path: no change, exactly
+    trained, _, _ = _trained_adapter_net(tiny_backbone, frozen_dtype="bfloat16")
+    plain, _, _ = _trained_adapter_net(tiny_backbone)
+    with torch.no_grad():
+        moved, moved32 = trained(values, cond) - values, plain(values, cond) - values
+    assert moved.abs().max() > 1e-3  # the adapters learnt something through the bf16 layers ...
+    torch.testing.assert_close(moved, moved32, atol=0.05, rtol=0.05)  # ... about what they learn in fp32
+    assert not torch.equal(moved, moved32)  # (and it is not silently fp32)
+
+
 def test_film_adapter_starts_as_identity_and_lets_the_drug_scale_channels():
     ad = DrugConditionalAdapter(AdapterConfig(d_model=8, cond_dim=5, bottleneck=4, modulation="film"))
     h, c = torch.randn(2, 3, 8), torch.randn(2, 5)
@@ -136,6 +181,17 @@ def test_save_load_gives_identical_predictions_and_refuses_another_backbone(tiny
     save(other, other.vocab, tmp_path / "other_bb")
     with pytest.raises(ScdcaInputError, match="differs from the one this model was trained on"):
         ScDCAModel.load(tmp_path / "m", backbone=str(tmp_path / "other_bb"))
+
+
+def test_a_bf16_frozen_backbone_saves_and_loads_to_the_same_predictions(tiny_data, tiny_backbone, tmp_path):
+    split = make_splits(tiny_data, "unseen_drug", 1)[0]
+    model = make_model("scdca", backbone=tiny_backbone, frozen_dtype="bfloat16", recompute_frozen=True, **FAST)
+    model.fit(tiny_data.subset(split.train))
+    model.save(tmp_path / "m")
+    again = ScDCAModel.load(tmp_path / "m")  # the backbone's hash is of its stored (fp32) weights
+    assert again.cfg.frozen_dtype == "bfloat16" and next(again.net.backbone.parameters()).dtype == torch.bfloat16
+    q = tiny_data.subset(split.test, observed=False)
+    np.testing.assert_allclose(again.predict(q), model.predict(q), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -631,6 +687,9 @@ def test_routed_pulls_new_molecules_toward_the_drug_blind_answer_by_a_weight_fro
         ({"dose_profile": True}, "needs line_offset=True"),
         ({"freeze_head": True}, "set gene_head=True with variant='adapter'"),
         ({"variant": "lowrank", "head_warmup_epochs": 10}, "set gene_head=True with variant='adapter'"),
+        ({"frozen_dtype": "float16"}, "frozen_dtype: 'float16' is not one of float32, bfloat16"),
+        ({"variant": "finetune", "frozen_dtype": "bfloat16"}, "act on a frozen backbone"),
+        ({"variant": "finetune", "recompute_frozen": True}, "act on a frozen backbone"),
     ],
 )
 def test_a_config_that_means_nothing_is_refused_naming_the_setting(settings, message):

@@ -12,6 +12,8 @@ TRAINING = {
     "batch_size": ("--batch-size", None),
     "lr": ("--lr", "default 1e-3 (full: 1e-4)"),
     "max_genes": ("--max-genes", "gene tokens per cell (most variable in the reference)"),
+    "backbone_dropout": ("--backbone-dropout", "keep the frozen backbone's dropout while training (an epoch "
+                         "costs about 3x on CPU: attention cannot run fused; `full` always keeps it)"),
     "seed": ("--seed", None),
 }  # fmt: skip
 PEFT = {

@@ -185,7 +185,8 @@ def encoder_help(default: str) -> str:
 
 
 def add_training_options(cmd: Command, group) -> None:
-    """--epochs, --max-steps, --lr, --precision for the trained models (unset: each model's own default)."""
+    """--epochs, --max-steps, --lr, --precision, --frozen-dtype, --recompute-frozen for the trained models
+    (unset: each model's own default)."""
     from scdca.models.scdca.config import ScDCAConfig
 
     spec = {
@@ -193,11 +194,23 @@ def add_training_options(cmd: Command, group) -> None:
         "max_steps": ("--max-steps", "cap on optimiser steps per fit (CPU budgets)"),
         "lr": ("--lr", "learning rate (scDCA default 1e-4, the paper's)"),
         "precision": ("--precision", "bf16 autocast (scDCA models): auto (default) = on CUDA only"),
-    }
+        "frozen_dtype": ("--frozen-dtype", "scDCA models: store and run the frozen backbone in this dtype "
+                         "(bfloat16: half its memory, faster where the CPU or GPU has bf16; default float32)"),
+    }  # fmt: skip
     add_fields(cmd, ScDCAConfig, spec, group=group, defaults=dict.fromkeys(spec))
+    cmd.add(
+        "--recompute-frozen",
+        action="store_true",
+        default=None,  # unset: not passed to the model
+        help="scDCA adapter models: recompute the frozen layers' activations in the backward pass instead of "
+        "storing them (less memory, one more forward pass)",
+        group=group,
+    )
 
 
-MODEL_OPTIONS = ("backbone", "encoder", "epochs", "max_steps", "lr", "device", "precision")
+MODEL_OPTIONS = (
+    "backbone", "encoder", "epochs", "max_steps", "lr", "device", "precision", "frozen_dtype", "recompute_frozen"
+)  # fmt: skip
 
 
 def model_options(args: argparse.Namespace) -> dict:

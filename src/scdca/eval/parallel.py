@@ -12,6 +12,13 @@ driver, which alone writes files, so workers need no shared filesystem for outpu
 Each task is given `threads` CPUs and caps torch's and BLAS's threads to match, so N
 workers do not oversubscribe the cores (N workers x 2 threads on 2 cores runs ~3x slower).
 
+A local Ray costs its start-up (`RAY_START_S`, measured by `python bench/scale.py --small-grid`),
+which a small grid cannot win back. So with `workers=N` the jobs first run here, one after
+another with the workers' thread cap, and after each one the time the rest would take here
+is estimated (the mean job so far x jobs left). Once N workers would save more than Ray's
+start-up, the rest go to Ray: a large grid switches after its first job, a grid of quick
+jobs never starts Ray.
+
 Results equal a serial run's with the same threads per job (`workers=1, threads=T`).
 With another thread count, BLAS and torch sum in another order: most models agree to
 the last bit, but a model whose fit amplifies rounding (c3tl on some splits, DECISIONS.md D18)
@@ -21,13 +28,19 @@ can differ visibly.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from scdca.errors import ScdcaInputError
+
+log = logging.getLogger(__name__)
+
+RAY_START_S = 8.0  # a local Ray's start-up on a 2-core machine: init, and a worker importing the grid's code
 
 
 @dataclass
@@ -49,11 +62,12 @@ def _call(fn: Callable, shared: Any, job: tuple, threads: int | None):
     `threads` caps torch's and the BLAS libraries' threads (numpy's SVD sums in another order
     with another thread count), so a job gives the same numbers wherever it runs with the same cap.
     """
-    limits = contextlib.nullcontext()
+    limits, restore = contextlib.nullcontext(), None
     if threads is not None:
         import torch
         from threadpoolctl import threadpool_limits
 
+        restore = torch.get_num_threads()  # a job run in the driver leaves its thread count as it was
         torch.set_num_threads(threads)
         limits = threadpool_limits(limits=threads)
     try:
@@ -61,6 +75,9 @@ def _call(fn: Callable, shared: Any, job: tuple, threads: int | None):
             return fn(shared, *job)
     except Exception as err:  # noqa: BLE001 - reported to the user with its traceback, never swallowed
         return JobFailure(f"{type(err).__name__}: {err}".splitlines()[0][:300], traceback.format_exc())
+    finally:
+        if restore is not None:
+            torch.set_num_threads(restore)
 
 
 def run_jobs(
@@ -79,7 +96,7 @@ def run_jobs(
         jobs: argument tuples, one per job.
         shared: one large read-only object every job needs (put in Ray's object store once).
         workers: 1 runs the jobs here, one after another; N > 1 runs them on a local Ray
-            with N CPUs.
+            with N CPUs, once the jobs left would take longer here than Ray saves (see above).
         address: a running Ray cluster ('auto' or 'HOST:PORT'); overrides `workers`.
         threads: torch threads (= Ray CPUs) per job; default: cores // workers locally,
             1 on a cluster.
@@ -90,14 +107,20 @@ def run_jobs(
         for job in jobs:
             yield job, _call(fn, shared, job, threads)
         return
-    yield from _run_ray(
-        fn,
-        jobs,
-        shared,
-        workers=workers,
-        address=address,
-        threads=threads or (1 if address else default_threads(workers)),
-    )
+    threads = threads or (1 if address else default_threads(workers))
+    left = list(jobs)
+    if address is None and RAY_START_S > 0:  # the workers' thread cap here, so these jobs give their numbers
+        spent, done = 0.0, 0
+        while left and not (done and spent / done * len(left) * (1 - 1 / workers) > RAY_START_S):
+            job = left.pop(0)
+            start = time.perf_counter()
+            result = _call(fn, shared, job, threads)
+            spent, done = spent + time.perf_counter() - start, done + 1
+            yield job, result
+        if not left:
+            log.info("all %d jobs ran here: starting %d workers would have cost more than it saved", done, workers)
+            return
+    yield from _run_ray(fn, left, shared, workers=workers, address=address, threads=threads)
 
 
 def _run_ray(fn, jobs, shared, *, workers: int, address: str | None, threads: int):

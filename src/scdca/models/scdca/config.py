@@ -21,6 +21,7 @@ from scdca.nn.distributed import Precision
 
 Variant = Literal["adapter", "finetune", "concat", "feature", "lowrank"]
 Modulation = Literal["bias", "film"]
+FrozenDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass
@@ -56,6 +57,10 @@ class ScDCAConfig:
     patience: int = 5
     max_steps: int | None = None  # stop after this many optimiser steps in total (CPU budgets)
     precision: Precision = "auto"  # bf16 autocast on CUDA, fp32 on CPU; "bf16" forces it, "fp32" turns it off
+    frozen_dtype: FrozenDtype = "float32"  # "bfloat16": the frozen backbone's weights and activations are
+    #                                        stored in bf16 (half the memory); what trains stays fp32
+    recompute_frozen: bool = False  # recompute the frozen layers' activations in the backward pass instead
+    #                                 of storing them (adapter variant: less memory, one more forward)
     seed: int = 0
 
     def __post_init__(self):
@@ -66,6 +71,11 @@ class ScDCAConfig:
             raise ScdcaInputError(
                 "dose_profile=True shifts the line offset by dose and needs line_offset=True; "
                 "set both, or dose_profile=False"
+            )
+        if self.trains_backbone and (self.frozen_dtype != "float32" or self.recompute_frozen):
+            raise ScdcaInputError(
+                f"frozen_dtype={self.frozen_dtype!r} / recompute_frozen={self.recompute_frozen} act on a frozen "
+                "backbone, and variant='finetune' trains it; use variant='adapter', or leave them at their defaults"
             )
         if (self.freeze_head or self.head_warmup_epochs) and not (self.gene_head and self.variant == "adapter"):
             raise ScdcaInputError(

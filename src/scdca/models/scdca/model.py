@@ -55,7 +55,10 @@ class ScDCAModel(PerturbationModel):
 
     name = "scdca"
     savable = True
-    options = ("backbone", "encoder", "epochs", "max_steps", "lr", "device", "seed")
+    options = (
+        "backbone", "encoder", "epochs", "max_steps", "lr", "device", "seed", "precision", "frozen_dtype",
+        "recompute_frozen",
+    )  # fmt: skip
     variant: str = "adapter"
     defaults: dict[str, Any] = {}
 

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from scdca.models.scdca.config import ScDCAConfig
 from scdca.nn.adapters import (
@@ -32,6 +33,10 @@ class ScDCANet(nn.Module):
         D = backbone.cfg.d_model
         self._build_injector(D, cond_dim)
         self._build_head(D, cond_dim, len(gene_ids))
+        # after the head: a trainable copy of the decoder (train_head) stays fp32
+        self.frozen_dtype = getattr(torch, cfg.frozen_dtype)
+        if self.frozen_dtype != torch.float32:
+            backbone.to(self.frozen_dtype)
 
     def _build_injector(self, D: int, cond_dim: int) -> None:
         """Where the drug enters: adapters after every layer, or a projection onto every input token."""
@@ -97,13 +102,13 @@ class ScDCANet(nn.Module):
         ids = self.gene_ids.expand(values.shape[0], -1)
         ref = pretrained if pretrained is not None else self.backbone
         with torch.no_grad():
-            return ref.decoder(ref.encode(ids, values))
+            return ref.decoder(ref.encode(ids, values.to(self.frozen_dtype))).float()
 
     def frozen_hidden(self, values: Tensor) -> Tensor:
         """h_L of the frozen backbone for control inputs (B, T) -> (B, T, D); cacheable per line."""
         ids = self.gene_ids.expand(values.shape[0], -1)
         with torch.no_grad():
-            return self.backbone.encode(ids, values)
+            return self.backbone.encode(ids, values.to(self.frozen_dtype)).float()
 
     def forward(
         self,
@@ -153,10 +158,19 @@ class ScDCANet(nn.Module):
     def _adapted_output(self, values: Tensor, cond: Tensor) -> Tensor:
         """The decoder's output (B, T) after the drug went into the backbone (adapters or input tokens)."""
         ids = self.gene_ids.expand(values.shape[0], -1)
-        h = self.backbone.embed(ids, values)  # (B, T, D)
+        h = self.backbone.embed(ids, values.to(self.frozen_dtype))  # (B, T, D)
         if self.cfg.trains_backbone:
             return self.backbone.decoder(self.backbone.transformer_encoder(h + self.mol_in(cond)[:, None, :]))
         for layer, adapter in zip(self.backbone.transformer_encoder.layers, self.adapters):
-            h = adapter(layer(h), cond)
-        out = self.head(h)  # (B, T)
+            h = adapter(self._frozen_layer(layer, h), cond)  # the adapters run in fp32
+        out = self._frozen_layer(self.head, h) if self.head is self.backbone.decoder else self.head(h)  # (B, T)
         return out + self.gene_head(h, cond) if self.cfg.gene_head else out
+
+    def _frozen_layer(self, layer: nn.Module, h: Tensor) -> Tensor:
+        """A frozen module on h in the backbone's dtype, returned as fp32. With `recompute_frozen`
+        its activations are recomputed in the backward pass instead of stored; a module whose
+        input needs no gradient (below the first adapter) stores nothing anyway."""
+        x = h.to(self.frozen_dtype)
+        if self.cfg.recompute_frozen and x.requires_grad:
+            return checkpoint(layer, x, use_reentrant=False).float()
+        return layer(x).float()

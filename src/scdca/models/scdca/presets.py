@@ -75,7 +75,7 @@ class ScDCALowRank(ScDCAModel):
         "line_offset": True,
         "dose_profile": True,
     }
-    options = ("backbone", "encoder", "device", "seed")
+    options = ("backbone", "encoder", "device", "seed", "precision", "frozen_dtype")
 
 
 class ScDCAPlus(ScDCAModel):
@@ -106,6 +106,8 @@ class FineTune(ScDCAModel):
     """Full fine-tuning with the drug added to every input token (eq. 4)."""
 
     name, variant = "finetune", "finetune"
+    # the frozen-backbone settings mean nothing here: a benchmark-wide --frozen-dtype leaves it alone
+    options = tuple(o for o in ScDCAModel.options if o not in ("frozen_dtype", "recompute_frozen"))
 
 
 class Concat(ScDCAModel):
