@@ -108,7 +108,7 @@ def main() -> None:
         "0 = train every epoch",
     )
     p.add_argument("--out-csv", default=str(RUNS / "peft_results.csv"))
-    p.add_argument("--max-genes", type=int, default=128, help="gene tokens per cell (annotate's default is 256)")
+    p.add_argument("--max-genes", type=int, default=128, help="gene tokens per cell (annotate's default)")
     p.add_argument("--steps", type=int, default=3000, help="pretraining steps of the backbone (no dropout)")
     p.add_argument("--methods", default=",".join(METHODS))
     args = p.parse_args()

@@ -57,7 +57,8 @@ class AnnotateConfig:
     patience: int | None = 5  # stop after this many epochs without a better validation loss (None: never)
     batch_size: int = 32
     lr: float | None = None  # default: 1e-4 for full fine-tuning, 1e-3 for the others
-    max_genes: int = 256  # gene tokens per cell
+    max_genes: int = 128  # gene tokens per cell; 128 rather than 256: a CPU fit in a third of the time at the
+    #                       same accuracy (DECISIONS.md D43); raise it on a GPU
     val_fraction: float = 0.1  # stratified; the epoch with the best validation loss is kept
     backbone_dropout: bool = False  # the frozen backbone's own dropout while training (`full` always keeps
     #                                 it); off, attention runs fused and an epoch costs a third (DECISIONS.md D43)
