@@ -99,8 +99,6 @@ SMALL_GRID = ["control", "ridge", "knn", "dominant"]
 
 
 def _import_grid() -> float:
-    import time
-
     t = time.perf_counter()
     import scdca.eval.grid  # noqa: F401 - what a worker imports before its first cell
 

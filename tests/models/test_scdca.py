@@ -101,9 +101,17 @@ def _trained_adapter_net(backbone: str, **cfg) -> tuple[ScDCANet, torch.Tensor, 
 def test_recomputing_frozen_activations_gives_the_same_outputs_and_gradients(tiny_backbone):
     plain, values, cond = _trained_adapter_net(tiny_backbone)
     again, _, _ = _trained_adapter_net(tiny_backbone, recompute_frozen=True)
-    for net in (plain, again):
+    calls = {}
+    for name, net in (("plain", plain), ("again", again)):
+        ref = net.reference_output(values)
+        # the top layer's input needs gradient (an adapter sits below it); count a module inside it
+        # (a checkpointed module's own hooks do not fire when it is recomputed)
+        inner = net.backbone.transformer_encoder.layers[-1].linear1
+        hook = inner.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
         net.zero_grad()
-        net(values, cond).pow(2).sum().backward()
+        net(values, cond, reference=ref).pow(2).sum().backward()
+        hook.remove()
+    assert calls == {"plain": 1, "again": 2}  # recomputed once in the backward pass, not stored
     torch.testing.assert_close(again(values, cond), plain(values, cond))
     grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
     assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("up.weight"))  # gradients reached layer 1
