@@ -188,3 +188,9 @@ def test_a_compounds_table_next_to_an_h5ad_is_refused(tiny_sim, tmp_path):
     tiny_sim.write_h5ad(tmp_path / "d.h5ad")
     with pytest.raises(ScdcaInputError, match="not a LINCS"):
         read(tmp_path / "d.h5ad", compounds=tmp_path / "c.csv")
+
+
+def test_a_plate_keeps_no_cell_sample_its_rows_are_wells():
+    if not os.path.isfile(PLATE):
+        pytest.skip("../shared/data/lincs/ not beside the project")
+    assert load(PLATE, compounds=COMPOUNDS, cells_per_condition=64).cells is None

@@ -284,3 +284,46 @@ def test_a_bad_value_in_a_streamed_file_names_its_cells(tmp_path):
         load(tmp_path / "bad.h5ad", chunk_size=10)
     with pytest.raises(ScdcaInputError, match="chunk_size: 0"):
         load(tmp_path / "bad.h5ad", chunk_size=0)
+
+
+def test_a_bounded_seeded_sample_of_cells_is_kept_per_condition_and_per_control(tiny_sim, tmp_path):
+    data = load(tiny_sim, cells_per_condition=4)
+    cells = data.cells
+    assert load(tiny_sim).cells is None  # off by default: pseudobulk models carry no cells
+    # at most 4 per condition (each has 6 cells) and per control line (30 each), never more
+    per_cond = pd.Series(cells.condition[cells.condition != ""]).value_counts()
+    assert set(per_cond.index) == set(data.ids) and (per_cond == 4).all()
+    assert all(len(cells.of_control(line)) == 4 for line in data.cell_lines)
+    assert len(cells.X) == 4 * (len(data.ids) + len(data.cell_lines))
+    more = load(tiny_sim, cells_per_condition=4, control_cells_per_line=20).cells  # controls: their own bound
+    assert all(len(more.of_control(line)) == 20 for line in data.cell_lines)
+    assert all(len(more.of_condition(i)) == 4 for i in data.ids[:3])
+    # the kept cells are the condition's own cells: with k above every group's size, their mean is
+    # the pseudobulk mean and the control cells' mean the control mean
+    every = load(tiny_sim, cells_per_condition=1000)
+    for j in (0, 7):
+        np.testing.assert_allclose(every.cells.of_condition(every.ids[j]).mean(0), every.mean[j], atol=1e-5)
+    np.testing.assert_allclose(every.cells.of_control(every.cell_lines[1]).mean(0), every.control_mean[1], atol=1e-5)
+    # seeded: the same cells again, other cells with another seed, the same when streamed in chunks
+    assert np.array_equal(load(tiny_sim, cells_per_condition=4).cells.X, cells.X)
+    assert not np.array_equal(load(tiny_sim, cells_per_condition=4, seed=1).cells.X, cells.X)
+    path = tmp_path / "sim.h5ad"
+    tiny_sim.write_h5ad(path)
+    streamed = load(path, cells_per_condition=4, chunk_size=37)
+    np.testing.assert_allclose(streamed.cells.X, cells.X, atol=1e-6)
+    assert list(streamed.cells.condition) == list(cells.condition)
+
+
+def test_a_query_keeps_every_control_cell_and_no_treated_cell(tiny_sim):
+    data = load(tiny_sim, cells_per_condition=3)
+    ids = data.ids[:5]
+    query = data.subset(ids, observed=False)
+    assert set(query.cells.condition) == {""}  # no treated cell of any condition
+    assert len(query.cells.X) == 3 * len(data.cell_lines)  # every line's control cells stay (model inputs)
+    train = data.subset(ids)
+    assert set(train.cells.condition) - {""} == set(ids)
+
+
+def test_cells_per_condition_is_validated(tiny_sim):
+    with pytest.raises(ScdcaInputError, match="cells_per_condition: -1"):
+        load(tiny_sim, cells_per_condition=-1)

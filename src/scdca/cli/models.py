@@ -133,7 +133,10 @@ def cmd_train(args) -> None:
     cls = MODELS.get(args.model)
     if not cls.savable:
         raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable_models())}")
-    data = load(args.data, keys=data_keys(args), n_top_genes=args.n_top_genes, compounds=args.compounds)
+    data = load(
+        args.data, keys=data_keys(args), n_top_genes=args.n_top_genes, compounds=args.compounds,
+        cells_per_condition=cls.cells_per_condition, control_cells_per_line=cls.control_cells_per_line,
+    )  # fmt: skip
     options = model_options(args)
     model = _build(cls, options, progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint")
     model.fit(data)
@@ -145,6 +148,7 @@ def cmd_train(args) -> None:
     write_command(args)
     c = model.cost()
     extra = f", {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}" if "epochs_run" in c else ""
+    extra += f", {c['mode']} mode" if "mode" in c else ""
     print(
         f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
         f"({c['params_trainable_pct']:.2f}%){extra}"

@@ -23,6 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scdca.chem.molecules import canonicalize
+from scdca.data.cells import CellSample, sample_cells
 from scdca.data.degs import condition_degs, deg_long_table
 from scdca.data.expression import (
     HVG_SAMPLE_CELLS,
@@ -59,6 +60,8 @@ class PerturbationData:
         half_a, half_b: (N, G) means of two random halves of each condition's cells
             (split-half noise ceiling); None when not available.
         truth: (N, G) noise-free expected means (simulated data only).
+        cells: a bounded sample of single cells per condition and per control line, for
+            set-based models (`load(cells_per_condition=k)`); None on pseudobulk or bulk input.
     """
 
     genes: np.ndarray
@@ -72,6 +75,7 @@ class PerturbationData:
     half_a: np.ndarray | None = None
     half_b: np.ndarray | None = None
     truth: np.ndarray | None = None
+    cells: CellSample | None = None
 
     @property
     def n_genes(self) -> int:
@@ -182,6 +186,7 @@ class PerturbationData:
             half_a=take(self.half_a),
             half_b=take(self.half_b),
             truth=take(self.truth),
+            cells=None if self.cells is None else self.cells.subset(ids, observed=observed),
             degs={i: self.degs[i] for i in ids if i in self.degs} if observed else {},
         )
 
@@ -236,6 +241,8 @@ def load(
     seed: int = 0,
     chunk_size: int | None = None,
     compounds: str | os.PathLike | None = None,
+    cells_per_condition: int = 0,
+    control_cells_per_line: int | None = None,
 ) -> PerturbationData:
     """Turn single-cell or pseudobulk AnnData into :class:`PerturbationData`.
 
@@ -254,6 +261,11 @@ def load(
             that 'auto' normalisation looks at the first chunk only and `n_top_genes` is
             chosen on a random sample of `HVG_SAMPLE_CELLS` cells.
         compounds: for a LINCS .gct/.gctx path, the table mapping its compounds to SMILES.
+        cells_per_condition: also keep up to this many cells of each condition (seeded by
+            `seed`) as `data.cells`, for set-based models; 0 keeps none. Ignored for LINCS
+            plates, whose rows are wells, not cells.
+        control_cells_per_line: with `cells_per_condition`, keep up to this many control cells
+            of each line (default: `cells_per_condition`).
 
     Returns:
         PerturbationData with conditions, control means, DEGs and split halves.
@@ -266,7 +278,14 @@ def load(
     obs = _validated_obs(adata, keys)
     gene_names, chunks = _expression(adata, keys, genes, n_top_genes, normalize, seed, chunk_size)
     is_ctrl, lines_all, codes, conditions = _condition_table(obs, keys)
-    parts = _aggregate(obs, is_ctrl, lines_all, codes, conditions, len(gene_names), chunks, seed)
+    k_control = cells_per_condition if control_cells_per_line is None else control_cells_per_line
+    for arg, k in (("cells_per_condition", cells_per_condition), ("control_cells_per_line", k_control)):
+        if k < 0:
+            raise ScdcaInputError(f"{arg}: {k!r}; use 0 (keep no cells) or more")
+    if "lincs" in adata.uns:  # wells of a plate: pseudobulk profiles already
+        cells_per_condition = 0
+    ks = (cells_per_condition, k_control) if cells_per_condition else None
+    parts = _aggregate(obs, is_ctrl, lines_all, codes, conditions, len(gene_names), chunks, seed, ks)
     data = PerturbationData(
         genes=np.asarray(gene_names, dtype=object),
         conditions=conditions,
@@ -336,9 +355,11 @@ def _condition_table(obs: pd.DataFrame, keys: DataKeys):
     return is_ctrl, lines_all, codes, conditions
 
 
-def _aggregate(obs, is_ctrl, lines_all, codes, conditions, n_genes: int, chunks, seed: int) -> dict:
+def _aggregate(obs, is_ctrl, lines_all, codes, conditions, n_genes: int, chunks, seed: int, ks) -> dict:
     """One streaming pass over the matrix: per condition and per control line the mean and std
-    (float64 sums), and each condition's split halves (its cells assigned by `seed`)."""
+    (float64 sums), each condition's split halves (its cells assigned by `seed`), and with
+    `ks` = (k, k_control) a `CellSample` of up to k cells per condition and k_control control
+    cells per line (None: no sample)."""
     n_cond = len(conditions)
     # per-cell group codes (-1: not in the grouping)
     cond_code = np.full(len(obs), -1, dtype=np.int64)
@@ -355,7 +376,14 @@ def _aggregate(obs, is_ctrl, lines_all, codes, conditions, n_genes: int, chunks,
         for name, n in (("cond", n_cond), ("a", n_cond), ("b", n_cond), ("ctrl", len(lines_all)))
     }
     groupings = {"cond": cond_code, "a": half_code["a"], "b": half_code["b"], "ctrl": ctrl_code}
+    group = np.where(cond_code >= 0, cond_code, np.where(ctrl_code >= 0, n_cond + ctrl_code, -1))
+    limits = np.r_[np.full(n_cond, ks[0]), np.full(len(lines_all), ks[1])] if ks else None
+    keep = sample_cells(group, limits, seed=seed) if ks else np.zeros(len(obs), dtype=bool)
+    kept = []
     for start, A in chunks:
+        picked = keep[start : start + A.shape[0]]
+        if picked.any():
+            kept.append((start + np.flatnonzero(picked), _dense(A[picked]).astype(np.float32)))
         A, A2 = _GroupSums.powers(A)
         for name, code in groupings.items():
             sums[name].add(A, A2, code[start : start + A.shape[0]])
@@ -377,7 +405,23 @@ def _aggregate(obs, is_ctrl, lines_all, codes, conditions, n_genes: int, chunks,
         "control_std": control_std,
         "half_a": half_a,
         "half_b": half_b,
+        "cells": _cell_sample(kept, group, conditions, lines_all, ks) if ks else None,
     }
+
+
+def _cell_sample(kept, group: np.ndarray, conditions: pd.DataFrame, lines_all, ks) -> CellSample:
+    """The sampled rows of every chunk as one CellSample (group code -> condition id / line)."""
+    rows = np.concatenate([r for r, _ in kept]) if kept else np.zeros(0, dtype=np.int64)
+    X = np.vstack([x for _, x in kept]) if kept else np.zeros((0, 0), np.float32)
+    g = group[rows]
+    n_cond = len(conditions)
+    ids = np.asarray(conditions.index, dtype=object)
+    lines = np.asarray(lines_all, dtype=object)
+    is_cond = g < n_cond
+    condition = np.where(is_cond, ids[np.minimum(g, n_cond - 1)], "").astype(object)
+    line = np.where(is_cond, conditions["cell_line"].to_numpy(object)[np.minimum(g, n_cond - 1)],
+                    lines[np.maximum(g - n_cond, 0)]).astype(object)  # fmt: skip
+    return CellSample(X=X, condition=condition, cell_line=line, k=ks[0], k_control=ks[1])
 
 
 # ----------------------------------------------------------------------------- validation

@@ -198,8 +198,10 @@ def _prepare(cfg: BenchmarkConfig, out: Path, data: PerturbationData | None) -> 
         log.info("benchmark: removed temporary files of an interrupted run in %s", out)
     if data is None:
         data = load(
-            cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size, compounds=cfg.compounds
-        )
+            cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size, compounds=cfg.compounds,
+            cells_per_condition=max(MODELS.get(m).cells_per_condition for m in cfg.models),
+            control_cells_per_line=max(MODELS.get(m).control_cells_per_line for m in cfg.models),
+        )  # fmt: skip
     storage.write_json(out / "config.json", written_config(cfg))
     storage.write_csv(out / "diagnostics.csv", plate_diagnostics(data))
     if cfg.model_options.get("backbone") and any("backbone" in MODELS.get(m).options for m in cfg.models):

@@ -205,20 +205,44 @@ def backbone_text(audit: dict) -> str:
     return f"{audit['backbone']}: pretrained on {seen}; {meaning}"
 
 
-def peers_text(results: pd.DataFrame) -> str:
-    """One line per published peer model: in this report, installed but not run, or not installable here."""
+def peers_text(results: pd.DataFrame, costs: pd.DataFrame | None = None) -> str:
+    """One line per published peer model: in this report (and, for a model that records its
+    `mode` in its costs, whether it trained on cell sets or pseudobulk profiles), installed but
+    not run, or not installable here. `costs` is the grid's costs.csv (one row per cell)."""
     lines = []
     for name, missing in peer_status().items():
         if name in set(results["model"]):
             lines.append(
-                f"{name}: in this report, trained on the same pseudobulk profiles and splits as every "
-                f"other model (set-up: scdca.models.peers)."
+                f"{name}: in this report, {_peer_input(name, costs)}, on the same splits as every other model."
             )
         elif missing is None:
             lines.append(f"{name}: installed but not in this run; add it to --models (e.g. make demo-peers).")
         else:
             lines.append(f"{name}: not run, its package is not installed here ({missing}).")
     return "\n".join(lines) + "\n"
+
+
+def _peer_input(name: str, costs: pd.DataFrame | None) -> str:
+    """What a peer trained on, from the modes its cells recorded (STATE: 'set' or 'pseudobulk')."""
+    rows = costs[costs["model"] == name] if costs is not None and "mode" in costs else None
+    if rows is None or rows["mode"].isna().all():
+        return "trained on the same pseudobulk profiles as every other model"
+    parts = []
+    for mode, group in rows.groupby("mode"):
+        size = int(group["set_size"].max()) if "set_size" in group else 1
+        what = (
+            f"sets of {size} sampled cells of a condition against {size} of its line's control cells (its set loss)"
+            if mode == "set"
+            else "pseudobulk profiles, one per set (its network as a regression model)"
+        )
+        parts.append(f"in {mode} mode in {len(group)} of {len(rows)} cells: {what}")
+    return "trained " + "; ".join(parts)
+
+
+def _cell_costs(folder: Path) -> pd.DataFrame | None:
+    """The grid's per-cell cost rows (costs.csv), None when absent."""
+    path = Path(folder) / "costs.csv"
+    return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else None
 
 
 def _test_phrase(results: pd.DataFrame, model: str, versus: str, task: str, metric: str) -> str:
@@ -530,7 +554,7 @@ def _run_facts(results: pd.DataFrame, splits: pd.DataFrame, folder: Path, model:
                 png(calibration_figure(results), folder / "fig_calibration.png"),
             )
         )
-    sections.append(("Published peers", peers_text(splits), None))
+    sections.append(("Published peers", peers_text(splits, _cell_costs(folder)), None))
     audit_path = folder / "backbone_audit.json"
     if audit_path.exists():
         sections.append(

@@ -3,7 +3,7 @@
 Importing this package registers every built-in model in `MODELS`.
 """
 
-from scdca.models import baselines, c3tl, peers, scdca, shrinkage  # noqa: F401  (registers the models)
+from scdca.models import arc_state, baselines, c3tl, peers, scdca, shrinkage  # noqa: F401  (registers the models)
 from scdca.models.base import MODELS, PerturbationModel, load_model, make_model
 
 RECOMMENDED = "scdca_routed"  # the model `scdca train` builds by default and the reports single out

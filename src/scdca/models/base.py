@@ -27,6 +27,10 @@ class PerturbationModel(ABC):
     # seed is passed as `seed` when listed. Closed-form baselines take none.
     options: ClassVar[tuple[str, ...]] = ()
     savable: ClassVar[bool] = False  # True where `save` and `load` are implemented (`scdca train` needs it)
+    # single cells per condition and control cells per line this model trains on
+    # (`PerturbationData.cells`); 0: pseudobulk only. The benchmark keeps the most any of its models asks.
+    cells_per_condition: ClassVar[int] = 0
+    control_cells_per_line: ClassVar[int] = 0
 
     @classmethod
     def check_available(cls) -> None:

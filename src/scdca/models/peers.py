@@ -36,16 +36,25 @@ from scdca.models.base import MODELS, PerturbationModel
 
 log = logging.getLogger(__name__)
 
-# model name -> (import name, pip requirement); the report lists any that could not run
-PEERS: dict[str, tuple[str, str]] = {"biolord": ("biolord", "biolord==0.0.3")}
+# model name -> (import name, install command); the report lists any that could not run.
+# STATE (scdca.models.arc_state) is CC BY-NC-SA 4.0, so its lock is opt-in, not in the set-up.
+PEERS: dict[str, tuple[str, str]] = {
+    "biolord": ("biolord", "pip install biolord==0.0.3"),
+    "state": ("state.tx", "pip install -r requirements-state.lock"),
+}
+
+
+def installed(module: str) -> bool:
+    """True when `module` (dotted names allowed) can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is absent
+        return False
 
 
 def peer_status() -> dict[str, str | None]:
     """Peer model name -> None when its package imports here, else how to install it."""
-    return {
-        name: None if importlib.util.find_spec(module) else f"pip install {req}"
-        for name, (module, req) in PEERS.items()
-    }
+    return {name: None if installed(module) else install for name, (module, install) in PEERS.items()}
 
 
 @contextlib.contextmanager
@@ -121,9 +130,9 @@ class BiolordPeer(PerturbationModel):
 
     @classmethod
     def check_available(cls) -> None:
-        if importlib.util.find_spec("biolord") is None:
+        if not installed("biolord"):
             raise ScdcaInputError(
-                f"model 'biolord' needs the biolord package: pip install {PEERS['biolord'][1]} "
+                f"model 'biolord' needs the biolord package: {PEERS['biolord'][1]} "
                 f"(or pip install -r requirements-peers.lock), then rerun"
             )
 
