@@ -62,6 +62,8 @@ def test_state_trains_in_both_modes_and_predicts_new_drugs_and_new_lines(cells_d
 def test_set_size_one_runs_pseudobulk_mode_even_with_cells(cells_data):
     train, _, _ = split(cells_data, "unseen_drug")
     assert make_model("state", max_steps=2, **{**TINY, "set_size": 1}).fit(train).cost()["mode"] == "pseudobulk"
+    options = {k: v for k, v in TINY.items() if k != "set_size"}
+    assert make_model("state_pseudobulk", max_steps=2, **options).fit(train).cost()["mode"] == "pseudobulk"
 
 
 @needs_state

@@ -97,7 +97,8 @@ def test_missing_peer_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ScdcaInputError, match=r"pip install biolord==0\.0\.3"):
         make_model("biolord")
-    assert peers.peer_status() == {"biolord": "pip install biolord==0.0.3"}
+    state = "pip install -r requirements-state.lock"  # the opt-in lock, not a bare package
+    assert peers.peer_status() == {"biolord": "pip install biolord==0.0.3", "state": state, "state_pseudobulk": state}
 
 
 def test_dose_scaling_is_unit_free_and_never_zero():

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 PEERS: dict[str, tuple[str, str]] = {
     "biolord": ("biolord", "pip install biolord==0.0.3"),
     "state": ("state.tx", "pip install -r requirements-state.lock"),
+    "state_pseudobulk": ("state.tx", "pip install -r requirements-state.lock"),
 }
 
 
