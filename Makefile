@@ -74,7 +74,7 @@ $(STATE_STAMP): requirements-state.lock | $(BIN)/scdca
 # tasks, 5 seeds, 2 workers, make demo's genes and encoder (wall time: RESULTS.md). Installs STATE.
 demo-peers: $(BIN)/scdca $(DEMO_DATA) $(STATE_STAMP)
 	$(BIN)/scdca benchmark --data $(DEMO_DATA) --out runs/demo_peers --tasks all --seeds 5 --workers 2 \
-		--models control,dose_mean,ridge,biolord,state,scdca_routed --n-top-genes 256 \
+		--models control,dose_mean,ridge,biolord,state,state_pseudobulk,scdca_routed --n-top-genes 256 \
 		--backbone random:4x128 --encoder chemnet
 
 # Everything CI checks: format and lint, the docs (warnings are errors), every test including

@@ -411,3 +411,16 @@ def test_the_benchmarks_precision_and_frozen_backbone_options_reach_the_scdca_mo
     assert (lowrank.cfg.frozen_dtype, lowrank.cfg.recompute_frozen) == ("bfloat16", False)
     finetune = _make("finetune", options, 0)  # trains its backbone: the frozen-backbone options are not its own
     assert (finetune.cfg.precision, finetune.cfg.frozen_dtype) == ("bf16", "float32")
+
+
+def test_peak_rss_sees_memory_that_tracemalloc_does_not():
+    import numpy as np
+
+    from scdca.eval.grid import PeakRSS
+
+    with PeakRSS() as idle:
+        pass
+    with PeakRSS(interval=0.005) as busy:
+        block = np.ones((64, 2**20), dtype=np.float32)  # 256 MB, allocated outside Python's heap tracing
+        del block
+    assert busy.added_mb > 200 and idle.added_mb < 50
