@@ -4,7 +4,7 @@
         [--intervals]
 
 Runs every baseline, `dominant`, `scaled_mean`, ridge (plain and shrunk), knn, c3tl, biolord
-(when installed) and the recommended `scdca_routed` with `scdca benchmark`'s grid (5 seeds,
+and STATE (when installed) and the recommended `scdca_routed` with `scdca benchmark`'s grid (5 seeds,
 unseen drugs), prints pearson_delta_deg, rank and mse side by side (mean ± SE over seeds),
 the paired t-tests of the recommended model against each other model on all three, the
 plate's diagnostics, and how the recommended model trades rank against error and change
@@ -91,11 +91,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     models = ["control", "train_mean", "dominant", "scaled_mean", "ridge", "ridge_shrunk", "knn", "c3tl"]
-    try:
-        MODELS.get("biolord").check_available()
-        models.append("biolord")
-    except Exception as err:  # the peer is optional; say why it is missing
-        print(f"biolord not run: {err}", file=sys.stderr)
+    for peer in ("biolord", "state"):  # STATE runs in pseudobulk mode here: a plate's rows are wells
+        try:
+            MODELS.get(peer).check_available()
+            models.append(peer)
+        except Exception as err:  # the peers are optional; say why one is missing
+            print(f"{peer} not run: {err}", file=sys.stderr)
     models.append(RECOMMENDED)
     options = {"backbone": args.backbone, "encoder": args.encoder}
     data = load(args.plate, compounds=args.compounds)

@@ -48,7 +48,7 @@ from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
-from scdca.models.peers import PEERS, _drug_features, _quiet, installed, scaled_log_dose
+from scdca.models.peers import PEERS, drug_features, quiet, installed, scaled_log_dose
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class StatePeer(PerturbationModel):
                 f"or drop these drugs"
             )
         emb = self._drugs.molecules(cond["smiles"], cond["drug"])
-        return _drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
+        return drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
     def _mode(self, train: PerturbationData) -> str:
         cells = train.cells
@@ -186,7 +186,7 @@ class StatePeer(PerturbationModel):
             vocab_size=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,  # no tokens are read: a small vocabulary
         )  # fmt: skip
         loss = "energy" if self.mode == "set" else "mse"
-        with contextlib.redirect_stdout(io.StringIO()), _quiet():  # it prints itself on construction
+        with contextlib.redirect_stdout(io.StringIO()), quiet():  # it prints itself on construction
             net = StateTransitionPerturbationModel(
                 input_dim=n_genes, hidden_dim=self.hidden, output_dim=n_genes, pert_dim=pert_dim,
                 cell_set_len=S, embed_key=None, output_space="gene", gene_decoder_bool=False,
@@ -281,7 +281,7 @@ class StatePeer(PerturbationModel):
         optim = self.net.configure_optimizers()
         batches = self._batches(train, pert, rows, rng)
         best, best_state, bad, step = float("inf"), None, 0, 0
-        with _quiet():  # STATE logs through lightning's self.log, which warns without a trainer
+        with quiet():  # STATE logs through lightning's self.log, which warns without a trainer
             for step in range(1, self.max_steps + 1):
                 self.net.train()
                 loss = self.net.training_step(next(batches), 0, padded=True)

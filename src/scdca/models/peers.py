@@ -59,7 +59,7 @@ def peer_status() -> dict[str, str | None]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Silence lightning's and scvi-tools' banners and deprecation warnings during a fit."""
     loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi")]
     levels = [lg.level for lg in loggers]
@@ -82,7 +82,7 @@ def scaled_log_dose(dose: np.ndarray, lo: float, span: float) -> np.ndarray:
     return np.clip(t, 1e-3, None)
 
 
-def _drug_features(emb: np.ndarray, dose_t: np.ndarray) -> np.ndarray:
+def drug_features(emb: np.ndarray, dose_t: np.ndarray) -> np.ndarray:
     """Standardised embedding x dose, the ordered drug attribute; all zeros means no drug."""
     return (emb * dose_t[:, None]).astype(np.float32)
 
@@ -141,7 +141,7 @@ class BiolordPeer(PerturbationModel):
     def _drug_attribute(self, data: PerturbationData) -> np.ndarray:
         cond = data.conditions
         emb = self._drugs.molecules(cond["smiles"], cond["drug"])
-        return _drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
+        return drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
     def fit(self, train: PerturbationData) -> BiolordPeer:
         import biolord
@@ -152,11 +152,11 @@ class BiolordPeer(PerturbationModel):
         logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
         self._dose_lo, self._dose_span = float(logd.min()), float(logd.max() - logd.min())
         adata, is_val, n_val = self._training_anndata(train, drugs)
-        with _quiet():
+        with quiet():
             biolord.Biolord.setup_anndata(
                 adata, ordered_attributes_keys=["drug"], categorical_attributes_keys=["cell_line"]
             )
-        with _quiet():
+        with quiet():
             self._model = biolord.Biolord(
                 adata=adata, n_latent=self.n_latent, module_params=self._module_params(),
                 split_key="split" if n_val else None,
@@ -237,7 +237,7 @@ class BiolordPeer(PerturbationModel):
             # (the line's control sample with the held-out drug) that `predict` makes.
             val = train.subset([i for i, v in zip(train.ids, is_val) if v])
             callbacks.append(_early_stopping(self, val, self.patience))
-        with tempfile.TemporaryDirectory() as tmp, _quiet():
+        with tempfile.TemporaryDirectory() as tmp, quiet():
             self._model.train(
                 max_epochs=self.epochs,
                 batch_size=self.batch_size,
