@@ -48,7 +48,7 @@ from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
-from scdca.models.peers import PEERS, drug_features, quiet, installed, scaled_log_dose
+from scdca.models.peers import PEERS, drug_features, installed, quiet, scaled_log_dose
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class StatePeer(PerturbationModel):
         set_size: cells per set in set mode (STATE's `cell_set_len`); 1 forces pseudobulk mode.
         hidden, layers, heads: the transformer (llama, bidirectional, as STATE's configs).
         batch_size: sets per step (pseudobulk mode: profiles per step, `pseudobulk_batch`).
-        lr: Adam's rate (STATE's optimiser; 1e-3, not its 1e-4, for a CPU's few thousand steps:
-            lower validation MSE than 3e-4 and 3e-3 on the demo's training drugs); gradients
-            clipped at 10, as STATE's trainer does.
+        lr: Adam's rate (STATE's optimiser; 1e-3, not its 1e-4, for a CPU's few thousand steps,
+            chosen on held-out training drugs: DECISIONS.md D44); gradients clipped at 10, as
+            STATE's trainer does.
         max_steps, eval_every, patience: at most `max_steps` steps; every `eval_every` steps the
             validation drugs' pseudobulk MSE is scored and training stops after `patience`
             scores without improvement, keeping the best weights.
@@ -103,13 +103,8 @@ class StatePeer(PerturbationModel):
                 f"state: set_size={set_size!r}, hidden={hidden!r}, heads={heads!r}; set_size must be >= 1 "
                 f"and hidden a multiple of heads"
             )
-        self.encoder_spec, self.set_size, self.hidden, self.layers, self.heads = (
-            encoder,
-            set_size,
-            hidden,
-            layers,
-            heads,
-        )
+        self.encoder_spec, self.set_size = encoder, set_size
+        self.hidden, self.layers, self.heads = hidden, layers, heads
         self.batch_size, self.pseudobulk_batch, self.lr = batch_size, pseudobulk_batch, lr
         self.max_steps, self.eval_every, self.patience = max_steps, eval_every, patience
         self.seed, self.device = seed, device
