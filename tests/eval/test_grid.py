@@ -424,3 +424,4 @@ def test_peak_rss_sees_memory_that_tracemalloc_does_not():
         block = np.ones((64, 2**20), dtype=np.float32)  # 256 MB, allocated outside Python's heap tracing
         del block
     assert busy.added_mb > 200 and idle.added_mb < 50
+    assert busy.peak_mb >= busy.added_mb + 10  # the process's own baseline (interpreter, numpy) is counted

@@ -332,12 +332,15 @@ def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
 
 
 class PeakRSS:
-    """Context manager: the most the process's resident memory rose above its level at entry
-    (`added_mb`), sampled every 20 ms by a thread. Unlike tracemalloc it sees torch's tensors,
-    which are the bulk of a neural model's memory on CPU. NaN where psutil cannot read it."""
+    """Context manager: the process's highest resident memory while inside (`peak_mb`, imports
+    and the loaded data included) and how far that is above its level at entry (`added_mb`),
+    sampled every 20 ms by a thread. Unlike tracemalloc it sees torch's tensors, the bulk of a
+    neural model's memory on CPU. `added_mb` under-counts in a process that still holds memory
+    freed by an earlier job (the allocator reuses it without growing), so the cost table shows
+    `peak_mb`. NaN where psutil cannot read it."""
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.added_mb = interval, float("nan")
+        self.interval, self.peak_mb, self.added_mb = interval, float("nan"), float("nan")
 
     def __enter__(self):
         import threading
@@ -364,7 +367,7 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._proc.memory_info().rss)
-        self.added_mb = (self._peak - self._start) / 2**20
+        self.peak_mb, self.added_mb = self._peak / 2**20, (self._peak - self._start) / 2**20
         return False
 
 
@@ -385,7 +388,7 @@ def compute_cell(
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         cost = {"model": model_name, "task": task, "seed": seed, "held_out": split.held_out}
-        memory = {"peak_python_mb": peak / 2**20, "peak_rss_added_mb": rss.added_mb}
+        memory = {"peak_python_mb": peak / 2**20, "peak_rss_mb": rss.peak_mb}
         costs.append({**cost, "seconds": time.perf_counter() - t0, **memory, **extra})
         if pred.shape != observed.shape:
             raise RuntimeError(f"{model_name} predicted shape {pred.shape}, expected {observed.shape}")

@@ -116,8 +116,8 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
         return pd.DataFrame()
     c = pd.concat(frames, ignore_index=True)
     agg = {"seconds": "mean", **{col: "mean" for col in ("shrinkage", "ridge_weight") if col in c}}
-    if "peak_rss_added_mb" in c:  # the median: a worker's first cell of a model also counts its imports
-        agg["peak_rss_added_mb"] = "median"
+    if "peak_rss_mb" in c:  # the median over a model's cells: robust to what ran before in the same worker
+        agg["peak_rss_mb"] = "median"
     for col in ("peak_python_mb", "params_trainable", "params_total", "params_trainable_pct"):
         if col in c:
             agg[col] = "max"
@@ -540,9 +540,9 @@ def _run_facts(results: pd.DataFrame, splits: pd.DataFrame, folder: Path, model:
         sections.append(
             (
                 "Cost (seconds per split for fit + predict; peak_python_mb = peak Python-heap allocation "
-                "traced by tracemalloc, which does not see torch's tensor memory; peak_rss_added_mb = the median over "
-                "cells of how far the process's resident memory rose during fit + predict, sampled every 20 ms, "
-                "tensors included; "
+                "traced by tracemalloc, which does not see torch's tensor memory; peak_rss_mb = the median over a "
+                "model's cells of the process's highest resident memory during fit + predict (sampled every "
+                "20 ms; torch's tensors, the imports and the loaded data included); "
                 "parameters, '-' = closed form)",
                 _cost_text(costs),
                 None,
