@@ -71,7 +71,8 @@ $(STATE_STAMP): requirements-state.lock | $(BIN)/scdca
 	@touch $@
 
 # The published peers biolord and STATE next to the recommended model and the baselines, all four
-# tasks, 5 seeds, 2 workers, make demo's genes and encoder (wall time: RESULTS.md). Installs STATE.
+# tasks, 5 seeds, 2 workers, make demo's genes and encoder. Installs STATE. About 2.5 h on 2 CPU cores
+# (estimated from its parts, which RESULTS.md ran as separate grids; not timed end to end).
 demo-peers: $(BIN)/scdca $(DEMO_DATA) $(STATE_STAMP)
 	$(BIN)/scdca benchmark --data $(DEMO_DATA) --out runs/demo_peers --tasks all --seeds 5 --workers 2 \
 		--models control,dose_mean,ridge,biolord,state,state_pseudobulk,scdca_routed --n-top-genes 256 \

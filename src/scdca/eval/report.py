@@ -228,7 +228,7 @@ def _peer_input(name: str, costs: pd.DataFrame | None) -> str:
     """What a peer trained on, from the modes its cells recorded (STATE: 'set' or 'pseudobulk')."""
     rows = costs[costs["model"] == name] if costs is not None and "mode" in costs else None
     if rows is None or rows["mode"].isna().all():
-        return "trained on the same pseudobulk profiles as every other model"
+        return "trained on pseudobulk profiles, as the other models"
     parts = []
     for mode, group in rows.groupby("mode"):
         size = int(group["set_size"].max()) if "set_size" in group else 1

@@ -160,9 +160,12 @@ class StatePeer(PerturbationModel):
                 out[line] = self._sets[line]
             else:
                 raise ScdcaInputError(
-                    f"state: no control cells of line {line!r} in the data; STATE in {self.mode} mode predicts "
-                    f"from a line's control " + ("cells: load the data with cells_per_condition > 0"
-                    if self.mode == "set" else "profile: add the line's controls to the data")
+                    f"state: no control cells of line {line!r} in the data; STATE in set mode predicts a line "
+                    f"from its control cells, and `scdca predict --control` gives only their mean: load the "
+                    f"data with scdca.load(..., cells_per_condition=64) and predict in Python, or train "
+                    f"state_pseudobulk"
+                    if self.mode == "set"
+                    else f"state: no control profile of line {line!r}; add the line's controls to the data"
                 )  # fmt: skip
         return out
 
