@@ -12,7 +12,8 @@ Two modes, chosen from the data (`cost()['mode']` and the report say which ran):
   `load(cells_per_condition=...)`; the benchmark keeps `cells_per_condition` when STATE runs).
   Each training set is `set_size` cells of one condition against `set_size` control cells of its
   line, both drawn at random each step, with the energy loss, as published. A prediction is the
-  mean of the predicted set for a fixed, seeded set of the line's control cells.
+  mean of STATE's predicted cells over sets that cover all of the line's kept control cells (in
+  a seeded order), so it does not carry one set's sampling noise.
 - ``pseudobulk``: bulk or pseudobulk input (a LINCS plate, one profile per condition), or
   `set_size=1`. Sets of one profile: the condition's mean against its line's control mean,
   with STATE's `mse` loss (the energy distance of two single points is their Euclidean
@@ -24,8 +25,8 @@ STATE itself has no dose input. Lines: only through their control cells, so an u
 needs nothing else. A drug whose embedding is all zeros or not finite is refused: STATE would
 silently treat it as "no drug".
 
-Sizes are scaled for a CPU and a few thousand conditions (hidden 128, 4 layers; STATE's
-published small model has 672 and 4), and training stops on the MSE of the pseudobulk
+Sizes are scaled for a CPU and a few thousand conditions (hidden 128, 4 layers; the package's
+small configuration, `state_sm`, has 672 and 4), and training stops on the MSE of the pseudobulk
 prediction of 10% of the training drugs, held out (not tuned on test data).
 Licence: `arc-state` is CC BY-NC-SA 4.0 (non-commercial), unlike scdca (MIT), so it is an opt-in
 install: `pip install -r requirements-state.lock`.
