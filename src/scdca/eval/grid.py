@@ -332,15 +332,14 @@ def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
 
 
 class PeakRSS:
-    """Context manager: the process's highest resident memory while inside (`peak_mb`, imports
-    and the loaded data included) and how far that is above its level at entry (`added_mb`),
-    sampled every 20 ms by a thread. Unlike tracemalloc it sees torch's tensors, the bulk of a
-    neural model's memory on CPU. `added_mb` under-counts in a process that still holds memory
-    freed by an earlier job (the allocator reuses it without growing), so the cost table shows
-    `peak_mb`. NaN where psutil cannot read it."""
+    """Context manager: the process's highest resident memory while inside (`peak_mb`; imports
+    and the loaded data included), sampled every 20 ms by a thread. Unlike tracemalloc it sees
+    torch's tensors, the bulk of a neural model's memory on CPU. (The rise above the level at
+    entry would under-count in a worker that still holds memory freed by an earlier cell.)
+    NaN where psutil cannot read it."""
 
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_mb, self.added_mb = interval, float("nan"), float("nan")
+        self.interval, self.peak_mb = interval, float("nan")
 
     def __enter__(self):
         import threading
@@ -351,7 +350,7 @@ class PeakRSS:
             self._proc = None
             return self
         self._proc = psutil.Process()
-        self._start = self._peak = self._proc.memory_info().rss
+        self._peak = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -367,7 +366,7 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._proc.memory_info().rss)
-        self.peak_mb, self.added_mb = self._peak / 2**20, (self._peak - self._start) / 2**20
+        self.peak_mb = self._peak / 2**20
         return False
 
 

@@ -45,10 +45,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from scdca import storage
 from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
+from scdca.models.base import MODELS, PerturbationModel, parameter_counts, read_model_json, write_model_json
 from scdca.models.peers import PEERS, drug_features, installed, quiet, scaled_log_dose
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ class StatePeer(PerturbationModel):
                 f"or drop these drugs"
             )
         emb = self._drugs.molecules(cond["smiles"], cond["drug"])
-        return drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
+        return drug_features(
+            emb, scaled_log_dose(cond["dose"].to_numpy(float), self._drugs.dose_lo, self._drugs.dose_span)
+        )
 
     def _mode(self, train: PerturbationData) -> str:
         cells = train.cells
@@ -206,8 +209,6 @@ class StatePeer(PerturbationModel):
         self.mode = self._mode(train)
         drugs = train.drug_smiles()
         self._drugs = DrugFeaturizer(self.encoder_spec).fit(drugs, train.conditions["dose"])
-        logd = np.log10(np.maximum(train.conditions["dose"].to_numpy(float), 1e-12))
-        self._dose_lo, self._dose_span = float(logd.min()), float(logd.max() - logd.min())
         self._genes = np.asarray(train.genes)
         self._controls = (list(train.cell_lines), train.control_mean)
         with_controls = (
@@ -222,13 +223,8 @@ class StatePeer(PerturbationModel):
         val_drugs = set(rng.choice(names, size=n_val, replace=False)) if n_val else set()
         is_val = train.conditions["drug"].isin(val_drugs).to_numpy()
         steps, best = self._train(train, pert, is_val, rng)
-        params = list(self.net.parameters())
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        total = sum(p.numel() for p in params)
         self._cost = {
-            "params_trainable": int(trainable),
-            "params_total": int(total),
-            "params_trainable_pct": 100.0 * trainable / max(total, 1),
+            **parameter_counts(self.net),
             "steps_run": steps,
             "val_mse": best,
             "mode": self.mode,
@@ -345,7 +341,8 @@ class StatePeer(PerturbationModel):
         lines = sorted(self._sets)
         arrays.update({f"set.{i}": self._sets[c] for i, c in enumerate(lines)})
         arrays.update(emb_mean=self._drugs.mean, emb_std=self._drugs.std, control_mean=self._controls[1])
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "state.safetensors"))
+        with storage.atomic_path(folder / "state.safetensors") as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         settings = {k: getattr(self, k) for k in ("set_size", "hidden", "layers", "heads", "batch_size",
                                                    "pseudobulk_batch", "lr", "max_steps", "eval_every",
                                                    "patience", "seed")}  # fmt: skip
@@ -358,8 +355,8 @@ class StatePeer(PerturbationModel):
                 "settings": settings,
                 "mode": self.mode,
                 "genes": [str(g) for g in self._genes],
-                "dose_lo": self._dose_lo,
-                "dose_span": self._dose_span,
+                "dose_lo": self._drugs.dose_lo,
+                "dose_span": self._drugs.dose_span,
                 "set_lines": lines,
                 "control_lines": [str(c) for c in self._controls[0]],
                 "cost": self._cost,
@@ -383,7 +380,6 @@ class StatePeer(PerturbationModel):
         model.mode = meta["mode"]
         model._genes = np.asarray(meta["genes"], dtype=object)
         model._controls = (meta["control_lines"], arrays["control_mean"])
-        model._dose_lo, model._dose_span = meta["dose_lo"], meta["dose_span"]
         model._drugs = DrugFeaturizer(meta["encoder"]).restore(
             mean=arrays["emb_mean"], std=arrays["emb_std"], dose_lo=meta["dose_lo"], dose_span=meta["dose_span"],
             identifier=meta["encoder_identifier"],

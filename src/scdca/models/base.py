@@ -102,6 +102,18 @@ def savable_models() -> list[str]:
     return [n for n in MODELS.names() if MODELS.get(n).savable]
 
 
+def parameter_counts(module) -> dict[str, Any]:
+    """A torch module's trainable and total parameters, and the trainable share in %, for `cost()`."""
+    params = list(module.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {
+        "params_trainable": int(trainable),
+        "params_total": int(total),
+        "params_trainable_pct": 100.0 * trainable / max(total, 1),
+    }
+
+
 def principal_directions(delta: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(mean change (G,), top-k principal directions of the changes around it (<= k, G)).
 

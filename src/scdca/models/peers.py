@@ -32,7 +32,7 @@ import numpy as np
 from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel
+from scdca.models.base import MODELS, PerturbationModel, parameter_counts
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +262,8 @@ class BiolordPeer(PerturbationModel):
             self._model.module.load_state_dict(stopper.best_state)
             epochs_run, val_mse = stopper.epochs_seen, stopper.best
             log.info("biolord: best validation MSE %.4f at epoch %d", stopper.best, stopper.best_epoch)
-        params = list(self._model.module.parameters())
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        total = sum(p.numel() for p in params)
         self._cost = {
-            "params_trainable": int(trainable),
-            "params_total": int(total),
-            "params_trainable_pct": 100.0 * trainable / max(total, 1),
+            **parameter_counts(self._model.module),
             "epochs_run": epochs_run,
             "val_mse": val_mse,
             "fit_seconds": seconds,
