@@ -115,3 +115,29 @@ def test_a_damaged_calibration_file_gets_a_clear_error(tmp_path):
     (tmp_path / "calibration.npz").write_bytes(b"not an npz")
     with pytest.raises(ScdcaInputError, match="calibration: .* delete it"):
         load_calibration(tmp_path)
+
+
+@pytest.mark.parametrize("task", ["unseen_cell_zeroshot", "unseen_cell_fewshot"])
+def test_a_line_task_s_splits_share_calibration_fits_with_the_same_result(tiny_data, task):
+    fits = []
+
+    def counted():
+        fits.append(1)
+        return make_model("ridge")
+
+    def calibrations(refits):
+        return [
+            calibrate(counted, tiny_data.subset(s.train), task, 0, k=5, exclude=s.held_out, refits=refits)
+            for s in make_splits(tiny_data, task, 0)
+        ]
+
+    alone = calibrations(None)
+    n_alone = len(fits)
+    fits.clear()
+    shared = calibrations({})
+    n_lines = tiny_data.conditions["cell_line"].nunique()
+    assert n_lines == 3 and n_alone == 6  # two calibration lines per split
+    assert len(fits) == 3  # one fit per pair of lines: each serves two splits
+    for a, b in zip(alone, shared):
+        np.testing.assert_array_equal(a.residuals, b.residuals)
+        np.testing.assert_array_equal(a.sigmas, b.sigmas)

@@ -376,6 +376,7 @@ def compute_cell(
     """Fit and score one grid cell -> (result rows, prediction AnnData, costs); writes nothing
     (the driver does, so it can run in a worker elsewhere)."""
     rows, preds, costs = [], [], []
+    refits: dict = {}  # calibration fits the cell's splits share (`intervals.out_of_fold`)
     for split in splits:
         test = data.subset(split.test)
         if model_name == "ceiling" and test.half_a is None:
@@ -394,7 +395,7 @@ def compute_cell(
         interval = None
         if cfg.intervals and model is not None:
             t1 = time.perf_counter()
-            interval = _intervals(data, model_name, split, test, pred, cfg, seed, model)
+            interval = _intervals(data, model_name, split, test, pred, cfg, seed, model, refits)
             costs[-1]["calibration_seconds"] = time.perf_counter() - t1
         extras = {**scoring_extras(data, split, test, cfg.metrics), **(interval.scoring() if interval else {})}
         if model_name == "ceiling":
@@ -425,7 +426,7 @@ def _fit_predict(data: PerturbationData, model_name: str, split: Split, test: Pe
     return test, pred, test.mean, model.cost(), model
 
 
-def _intervals(data, model_name: str, split: Split, test: PerturbationData, pred, cfg, seed, model) -> Intervals:
+def _intervals(data, model_name: str, split: Split, test, pred, cfg, seed, model, refits=None) -> Intervals:
     """Conformal intervals for one split's predictions, calibrated on its training conditions only."""
     cal = calibrate(
         partial(_make, model_name, cfg.model_options, seed),
@@ -435,6 +436,7 @@ def _intervals(data, model_name: str, split: Split, test: PerturbationData, pred
         k=cfg.k,
         exclude=split.held_out,
         fitted=model,
+        refits=refits,
     )
     return Intervals.of(cal, pred, test.control_for(test.conditions["cell_line"]), test.conditions["dose"].to_numpy())
 

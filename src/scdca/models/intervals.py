@@ -243,11 +243,23 @@ def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude
         ) from None
 
 
-def out_of_fold(make_model: Callable, train: PerturbationData, splits: list[Split], k: int) -> OutOfFold:
-    """Fit a fresh model on each calibration split's training part; predict its held-out part."""
+def out_of_fold(
+    make_model: Callable, train: PerturbationData, splits: list[Split], k: int, *, refits: dict | None = None
+) -> OutOfFold:
+    """Fit a fresh model on each calibration split's training part; predict its held-out part.
+
+    `refits` (training ids -> fitted model) lets calibrations of the same model share a fit whose
+    training conditions are the same: the splits of one line task do (zero-shot: the refit that
+    holds out line B for test line A trains on line C alone, as does the one that holds out A for
+    test line B), so with three lines a grid cell fits 3 calibration models instead of 6.
+    """
     parts = []
     for split in splits:
-        model = make_model().fit(train.subset(split.train))
+        model = None if refits is None else refits.get(split.train)
+        if model is None:
+            model = make_model().fit(train.subset(split.train))
+            if refits is not None:
+                refits[split.train] = model
         pred = np.asarray(model.predict(train.subset(split.test, observed=False)), float)
         parts.append(_held_out(train, split.test, pred, k, split.task))
     if not parts:
@@ -286,6 +298,7 @@ def calibrate(
     k: int = 20,
     exclude: str = "",
     fitted=None,
+    refits: dict | None = None,
 ) -> Calibration:
     """Calibrate the model that `make_model()` builds for the generalisation task `task`.
 
@@ -299,6 +312,8 @@ def calibrate(
         fitted: the model fitted on `train`, if at hand. For unseen_drug, a model that already made
             out-of-fold predictions over folds of the training drugs (`new_molecule_out_of_fold`:
             `scdca_routed`'s shrinkage folds) is calibrated on those, with no refit.
+        refits: a cache of calibration fits shared between calls for the same model and data
+            (`out_of_fold`); the harness keeps one per grid cell.
     """
     reused = (
         fitted.new_molecule_out_of_fold()
@@ -308,7 +323,8 @@ def calibrate(
     if reused is not None:
         return fit_calibration(_held_out(train, *reused, k, task), task)
     return fit_calibration(
-        out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k), task
+        out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k, refits=refits),
+        task,
     )
 
 
