@@ -1,11 +1,17 @@
-"""What an optional part of the grid costs: the demo grid run twice, without and with it.
+"""What an optional part of the grid costs: a grid run twice, without and with it.
 
-    python bench/grid_cost.py --variant intervals|metrics [--data runs/demo/data.h5ad] [--models ...]
-        [--seeds 5] [--out runs/grid_cost]
+    python bench/grid_cost.py --variant intervals|metrics [--grid demo|baselines]
+        [--data runs/demo/data.h5ad] [--models ...] [--seeds 5] [--out runs/grid_cost]
 
-Runs the demo screen's baseline grid (the baselines and C3TL on all 1,000 genes, all four tasks:
-`make demo`'s grid before it ran scDCA) twice in this process, serially, into two fresh folders,
-report included, and prints both wall times and their ratio:
+Runs a grid on the demo screen twice in this process, into two fresh folders, report included,
+and prints both wall times and their ratio. The grids (all four tasks, 5 seeds):
+
+- `demo` (default): `make demo`'s grid as that target runs it: its models, scDCA included, on
+  256 genes, the untrained `random:4x128` backbone, `chemnet` molecules and 2 Ray workers.
+- `baselines`: the baselines and C3TL on all 1,000 genes, serially (`make demo`'s grid before it
+  ran scDCA; sessions 12-13 measured the intervals on it).
+
+Variants:
 
 - `intervals`: without and with `--intervals` (conformal intervals; issue 28's bar: at most
   1.30x), then the calibration table of the run with them (coverage per level, the 90%
@@ -24,11 +30,18 @@ import shutil
 import time
 from pathlib import Path
 
-from scdca.data.screen import load
 from scdca.eval.grid import BenchmarkConfig, run
 from scdca.eval.tables import calibration_table
 
-DEMO_MODELS = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl"
+BASELINES = "control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl"
+GRIDS = {  # name -> (models, BenchmarkConfig settings, workers); `demo` is the Makefile's `make demo`
+    "demo": (
+        BASELINES + ",scdca_routed",
+        {"n_top_genes": 256, "model_options": {"backbone": "random:4x128", "encoder": "chemnet"}},
+        2,
+    ),
+    "baselines": (BASELINES, {}, 1),
+}
 PAPER_METRICS = "r2_deg,r2_delta_deg,pearson_delta_deg,pearson_delta,mse,rank"
 VARIANTS = {  # name -> (settings without it, settings with it)
     "intervals": ({"intervals": False}, {"intervals": True}),
@@ -36,35 +49,41 @@ VARIANTS = {  # name -> (settings without it, settings with it)
 }
 
 
-def timed_grid(data, path: str, out: Path, models: str, seeds: int, settings: dict) -> tuple[float, object]:
-    """(seconds, results) of one fresh grid run, report included, as `scdca benchmark` runs it."""
+def timed_grid(path: str, out: Path, models: str, seeds: int, settings: dict, workers: int) -> tuple[float, object]:
+    """(seconds, results) of one fresh grid run, data loading and report included, as `scdca
+    benchmark` runs it."""
     if out.exists():
         shutil.rmtree(out)
     cfg = BenchmarkConfig(data=path, out=str(out), models=models, tasks="all", seeds=seeds, **settings)
     t0 = time.perf_counter()
-    results = run(cfg, data=data, progress=False)
+    results = run(cfg, progress=False, workers=workers)
     return time.perf_counter() - t0, results
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+    p.add_argument("--grid", default="demo", choices=sorted(GRIDS))
     p.add_argument("--data", default="runs/demo/data.h5ad")
-    p.add_argument("--models", default=DEMO_MODELS)
+    p.add_argument("--models", default=None, help="default: the grid's models")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", default="runs/grid_cost")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    data = load(args.data)
+    models, settings, workers = GRIDS[args.grid]
+    models = args.models or models
     without, with_ = VARIANTS[args.variant]
-    out = Path(args.out) / args.variant
-    base, _ = timed_grid(data, args.data, out / "without", args.models, args.seeds, without)
+    out = Path(args.out) / args.grid / args.variant
+    base, _ = timed_grid(args.data, out / "without", models, args.seeds, {**settings, **without}, workers)
     print(f"grid without {args.variant}: {base:.0f} s", flush=True)
-    seconds, results = timed_grid(data, args.data, out / "with", args.models, args.seeds, with_)
+    seconds, results = timed_grid(args.data, out / "with", models, args.seeds, {**settings, **with_}, workers)
     print(f"grid with {args.variant}:    {seconds:.0f} s")
     if args.variant == "intervals":
         print("\n" + calibration_table(results).to_string())
-    print(f"\n{args.variant} cost {seconds / base:.2f}x the grid without them ({args.models}; {args.seeds} seeds)")
+    print(
+        f"\n{args.variant} cost {seconds / base:.2f}x the grid without them "
+        f"({args.grid} grid: {models}; {args.seeds} seeds, {workers} worker(s))"
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,16 @@ def test_pooled_drug_code_ignores_the_order_and_number_of_copies_of_observations
     torch.testing.assert_close(net.drug_code(mol, torch.zeros(2, 6), scores, t, ctx), net.psi(mol))
 
 
+def test_the_pool_averages_a_drug_s_observations_leaving_the_query_s_own_line_out():
+    obs_drugs, obs_lines = ["a", "a", "a", "b", "b"], ["L1", "L2", "L3", "L1", "L1"]
+    pool = C3TLModel._pool(["a", "b", "c"], ["L1", "L2", "L1"], obs_drugs, obs_lines, leave_line_out=True)
+    dense = pool.to_dense().numpy()
+    expected = np.array([[0, 0.5, 0.5, 0, 0], [0, 0, 0, 0.5, 0.5], [0, 0, 0, 0, 0]], np.float32)
+    np.testing.assert_array_equal(dense, expected)  # "c" has no observation: an empty row
+    kept = C3TLModel._pool(["b"], ["L1"], obs_drugs, obs_lines, leave_line_out=False).to_dense().numpy()
+    np.testing.assert_array_equal(kept, [[0, 0, 0, 0.5, 0.5]])  # at prediction the query's line counts
+
+
 def test_transfers_a_drugs_effect_to_a_line_where_it_was_never_seen():
     G = 10
     up, down = np.zeros(G), np.zeros(G)

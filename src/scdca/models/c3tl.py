@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -88,14 +89,17 @@ class C3TLNet(nn.Module):
         obs_t: Tensor,
         obs_ctx: Tensor,
         select: Tensor | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
-        """mol (B, M); pool (B, N) weights over N observations (rows sum to 1, or 0 = none);
+        """mol (B, M); pool (B, N) sparse weights over N observations (rows sum to 1, or 0 = none);
         observations: scores (N, K), t (N,), context scores (N, K) -> drug code r (B, H).
         With `select` (B, D) one-hot, mol holds D distinct molecules and psi runs once per
-        molecule (a matmul, not an index: index backward sums in a thread-dependent order)."""
+        molecule (a matmul, not an index: index backward sums in a thread-dependent order).
+        `keep` (B,) scales each row's pooled term (0 empties a pool)."""
         emb = self.phi(torch.cat([obs_scores, obs_t[:, None], self.context(obs_ctx)], -1))  # (N, H)
         m = self.psi(mol)
-        return (m if select is None else select @ m) + pool @ emb
+        pooled = pool @ emb  # (B, H); sparse: a drug's few observations, not all N
+        return (m if select is None else select @ m) + (pooled if keep is None else keep[:, None] * pooled)
 
     def forward(self, r: Tensor, t: Tensor, ctx: Tensor) -> Tensor:  # (B, H), (B,), (B, K) -> (B, K)
         c = self.context(ctx)
@@ -137,13 +141,21 @@ class C3TLModel(PerturbationModel):
         return ((control - self._ctrl_centre) @ self._basis.T).astype(np.float32)  # (L, K)
 
     @staticmethod
-    def _pool(query_drugs, query_lines, obs_drugs, obs_lines, *, leave_line_out: bool) -> np.ndarray:
-        """(B, N) mean-pooling weights over the observations of each query's drug."""
-        same = np.asarray(query_drugs)[:, None] == np.asarray(obs_drugs)[None, :]
+    def _pool(query_drugs, query_lines, obs_drugs, obs_lines, *, leave_line_out: bool) -> Tensor:
+        """(B, N) sparse (COO) mean-pooling weights over the observations of each query's drug.
+
+        Sparse because a drug has a handful of observations among N: a dense (B, N) product cost
+        half of a fit's time on the demo. Its products are deterministic at any thread count."""
+        query = pd.DataFrame({"drug": np.asarray(query_drugs), "line": np.asarray(query_lines)})
+        obs = pd.DataFrame({"drug": np.asarray(obs_drugs), "obs_line": np.asarray(obs_lines)})
+        pairs = query.reset_index(names="i").merge(obs.reset_index(names="j"), on="drug")
         if leave_line_out:
-            same &= np.asarray(query_lines)[:, None] != np.asarray(obs_lines)[None, :]
-        n = same.sum(1, keepdims=True)
-        return np.where(n > 0, same / np.maximum(n, 1), 0.0).astype(np.float32)
+            pairs = pairs[pairs["line"] != pairs["obs_line"]]
+        weight = 1.0 / pairs.groupby("i")["j"].transform("size").to_numpy(np.float64)
+        index = torch.from_numpy(np.stack([pairs["i"].to_numpy(np.int64), pairs["j"].to_numpy(np.int64)]))
+        values = torch.from_numpy(weight.astype(np.float32))
+        coo = torch.sparse_coo_tensor(index, values, (len(query), len(obs)), check_invariants=True)
+        return coo.coalesce()
 
     # -- fit / predict ---------------------------------------------------------------------
     def fit(self, train: PerturbationData) -> C3TLModel:
@@ -171,8 +183,8 @@ class C3TLModel(PerturbationModel):
         drug_pos = np.searchsorted(unique_drugs, self._obs["drug"])
         select = torch.from_numpy(np.eye(len(unique_drugs), dtype=np.float32)[drug_pos]).to(self.device)  # (N, D)
         mol = self._mol([drugs[d] for d in unique_drugs], list(unique_drugs)).to(self.device)  # (D, M)
-        pool = torch.from_numpy(
-            self._pool(self._obs["drug"], self._obs["line"], self._obs["drug"], self._obs["line"], leave_line_out=True)
+        pool = self._pool(
+            self._obs["drug"], self._obs["line"], self._obs["drug"], self._obs["line"], leave_line_out=True
         ).to(self.device)
         obs = [torch.from_numpy(self._obs[k]).to(self.device) for k in ("scores", "t", "ctx")]
         target, t, ctx = obs[0], obs[1], obs[2]
@@ -183,7 +195,7 @@ class C3TLModel(PerturbationModel):
         self.net.train()
         for _ in range(cfg.steps):
             keep = (torch.rand(len(unique_drugs), generator=gen) >= cfg.pool_dropout).float().to(self.device)
-            r = self.net.drug_code(mol, pool * (select @ keep)[:, None], *obs, select=select)
+            r = self.net.drug_code(mol, pool, *obs, select=select, keep=select @ keep)
             loss = ((self.net(r, t, ctx) - target) ** 2).mean()
             optimizer_step(loss, opt)
         self.net.eval()
@@ -217,7 +229,7 @@ class C3TLModel(PerturbationModel):
         obs = [torch.from_numpy(self._obs[k]).to(self.device) for k in ("scores", "t", "ctx")]
         with torch.no_grad():
             mol = self._mol(list(cond["smiles"]), list(cond["drug"])).to(self.device)
-            r = self.net.drug_code(mol, torch.from_numpy(pool).to(self.device), *obs)
+            r = self.net.drug_code(mol, pool.to(self.device), *obs)
             scores = (
                 self.net(
                     r,
