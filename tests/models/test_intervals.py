@@ -141,3 +141,21 @@ def test_a_line_task_s_splits_share_calibration_fits_with_the_same_result(tiny_d
     for a, b in zip(alone, shared):
         np.testing.assert_array_equal(a.residuals, b.residuals)
         np.testing.assert_array_equal(a.sigmas, b.sigmas)
+
+
+@pytest.mark.parametrize(("n_drugs", "n_folds"), [(30, 3), (60, 2), (150, 1)])
+def test_drug_folds_are_refitted_until_enough_drugs_are_held_out(n_drugs, n_folds):
+    from scdca.models.intervals import MIN_GROUPS
+
+    from ..conftest import make_pb
+
+    rng = np.random.default_rng(0)
+    delta = {("L1", f"d{i}", x): rng.normal(size=4) for i in range(n_drugs) for x in (0.1, 1.0)}
+    data = make_pb(delta, control={"L1": np.ones(4)}, smiles={f"d{i}": "C" * (i + 1) for i in range(n_drugs)})
+    splits = calibration_splits(data, "unseen_drug", 0)
+    held = [set(data.conditions.loc[list(s.test), "drug"]) for s in splits]
+    assert len(splits) == n_folds
+    assert sum(map(len, held)) >= min(MIN_GROUPS, n_drugs)  # enough held-out drugs, or every one
+    assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1 :])  # a drug is held out once
+    for s, h in zip(splits, held):
+        assert not h & set(data.conditions.loc[list(s.train), "drug"])  # never in its fold's training part

@@ -206,14 +206,17 @@ def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
     )
 
 
-FOLDS = {"unseen_drug": 3, "unseen_scaffold": 3, "unseen_pair": 2}  # calibration refits per split; line tasks: 2
+FOLDS = {"unseen_drug": 3, "unseen_scaffold": 3, "unseen_pair": 2}  # calibration folds per split; line tasks: 2
+MIN_GROUPS = 40  # held-out drugs (scaffolds, pairs) that are enough: folds beyond them are not refitted
 
 
 def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude: str = "", max_lines: int = 2):
     """Splits of the training conditions that hold out what `task` holds out.
 
     Drug, scaffold and pair tasks: the training drugs (scaffolds, drug-line pairs) in `FOLDS[task]`
-    folds, each held out once, so every training condition is calibrated on. Line tasks: the task's
+    folds, each held out once, until at least `MIN_GROUPS` of them have been held out (all folds on
+    a small screen, so every training condition is calibrated on; fewer refits on a large one,
+    where more held-out groups would cost fits without steadying the calibration). Line tasks: the task's
     own split rule for at most `max_lines` training lines, chosen at random, never `exclude` (a
     few-shot split's own line, which has too few conditions to hold out). unseen_dose: its own rule
     (each pair's top training dose held out).
@@ -229,6 +232,8 @@ def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude
             )
         ids = np.asarray(train.ids)
         folds = np.array_split(rng.permutation(names), FOLDS[task])
+        enough = np.cumsum([len(f) for f in folds]) >= MIN_GROUPS
+        folds = folds[: int(np.argmax(enough)) + 1] if enough.any() else folds
         return [Split(task, seed, "", tuple(ids[~np.isin(units, f)]), tuple(ids[np.isin(units, f)])) for f in folds]
     lines = None  # unseen_dose: the rule itself (each pair's top remaining dose)
     if task in LINE_TASKS:
