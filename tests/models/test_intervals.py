@@ -12,6 +12,7 @@ from scdca.models.intervals import (
     OutOfFold,
     calibrate,
     calibration_splits,
+    difficulty_features,
     fit_calibration,
     load_calibration,
 )
@@ -159,3 +160,49 @@ def test_drug_folds_are_refitted_until_enough_drugs_are_held_out(n_drugs, n_fold
     assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1 :])  # a drug is held out once
     for s, h in zip(splits, held):
         assert not h & set(data.conditions.loc[list(s.train), "drug"])  # never in its fold's training part
+
+
+def test_the_interval_scale_ignores_a_shift_in_predicted_change_between_refits_and_the_final_model():
+    rng = np.random.default_rng(3)
+    oof = _noisy(rng, 300)
+    oof.pred = oof.control + 1.5 * (oof.pred - oof.control)  # refits predicting larger changes
+    cal = fit_calibration(oof)
+    test = _noisy(rng, 300)  # the final model: the same noise, smaller predicted changes
+    rows = np.arange(len(test.pred))[:, None]
+    y = test.observed[rows, test.top]
+    for smaller in (1.0, 0.5):  # how the final model's changes differ does not move its intervals
+        pred = test.control + smaller * (test.pred - test.control)
+        lower, upper = Intervals.of(cal, pred, test.control, test.dose).bounds(pred)
+        np.testing.assert_allclose(
+            upper - pred, Intervals.of(cal, test.pred, test.control, test.dose).sigma * cal.alpha(0.9), rtol=1e-5
+        )
+    lower, upper = Intervals.of(cal, test.pred, test.control, test.dose).bounds(test.pred)
+    inside = (y >= lower[rows, test.top]) & (y <= upper[rows, test.top])
+    assert abs(inside.mean() - 0.9) < 0.03, inside.mean()  # and they still cover at their level
+    # the expected error still reads the predicted change, which sorts the errors within a model
+    assert not np.allclose(
+        cal.expected_mse(test.pred, test.control, test.dose), cal.expected_mse(pred, test.control, test.dose)
+    )
+
+
+def test_a_calibration_file_without_a_scale_fit_keeps_its_old_scale(tmp_path):
+    rng = np.random.default_rng(4)
+    cal = fit_calibration(_noisy(rng, 60))
+    old = Calibration(
+        **{
+            k: getattr(cal, k)
+            for k in ("gene_scale", "coef", "smear", "mean_expected", "residuals", "sigmas", "calibration_mse", "task")
+        }
+    )
+    test = _noisy(rng, 10)
+    X = np.exp(difficulty_features(test.pred, test.control, test.dose) @ cal.coef) * cal.smear
+    np.testing.assert_allclose(
+        old.scale(test.pred, test.control, test.dose),
+        cal.gene_scale * np.sqrt(X / cal.mean_expected)[:, None],
+        rtol=1e-5,
+    )
+    old.save(tmp_path / "calibration.npz")
+    np.testing.assert_array_equal(
+        load_calibration(tmp_path).scale(test.pred, test.control, test.dose),
+        old.scale(test.pred, test.control, test.dose),
+    )

@@ -70,11 +70,13 @@ class Calibration:
     gene_scale: np.ndarray  # (G,) out-of-fold RMS residual per gene
     coef: np.ndarray  # (3,) log expected mse ~ difficulty_features
     smear: float  # Duan's smearing factor: exp(fit) * smear is the expected mse, not its geometric mean
-    mean_expected: float  # mean expected mse over the calibration conditions (sigma's normaliser)
+    mean_expected: float  # mean of the scale's expected mse over the calibration conditions (its normaliser)
     residuals: np.ndarray  # (n,) observed - predicted on calibration DEG entries
     sigmas: np.ndarray  # (n,) their scales
     calibration_mse: np.ndarray  # (M,) realised mse of each calibration condition (for `confidence`)
     task: str = ""
+    scale_coef: np.ndarray | None = None  # (S,) the scale's log-mse fit on the first S features (None: coef)
+    scale_smear: float | None = None
     _regressor: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -88,8 +90,16 @@ class Calibration:
 
     def scale(self, pred, control, dose) -> np.ndarray:
         """(N, G) sigma: each entry's scale; the interval half-width is alpha(level) * sigma."""
-        X = difficulty_features(pred, control, dose)
-        return _sigma(self.gene_scale, self.coef, self.smear, X, self.mean_expected).astype(np.float32)
+        coef, smear = self._scale_fit()
+        X = difficulty_features(pred, control, dose)[:, : len(coef)]
+        return _sigma(self.gene_scale, coef, smear, X, self.mean_expected).astype(np.float32)
+
+    def _scale_fit(self) -> tuple[np.ndarray, float]:
+        """The scale's log-mse coefficients and smearing factor (a file from before D36's dose-only
+        scale has none: its scale used the expected-mse fit)."""
+        if self.scale_coef is None:
+            return np.asarray(self.coef), float(self.smear)
+        return np.asarray(self.scale_coef), float(self.scale_smear)
 
     def alpha(self, level: float = LEVEL) -> float:
         """The conformal multiplier of sigma at this level (inf when calibration is too small for it)."""
@@ -107,14 +117,17 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the calibration as one .npz (atomically); `Calibration.load` reads it."""
+        coef, smear = self._scale_fit()
         arrays = {k: np.asarray(getattr(self, k)) for k in _SAVED}
-        storage.write_npz(Path(path), **arrays)
+        storage.write_npz(Path(path), **arrays, scale_coef=coef, scale_smear=np.asarray(smear))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
         try:
             with np.load(path, allow_pickle=False) as f:
                 values = {k: f[k] for k in _SAVED}
+                if "scale_coef" in f:
+                    values["scale_coef"], values["scale_smear"] = f["scale_coef"], float(f["scale_smear"])
         except (OSError, ValueError, KeyError) as err:
             raise ScdcaInputError(
                 f"calibration: {str(path)!r} is not a calibration written by `scdca train` ({type(err).__name__}); "
@@ -175,23 +188,34 @@ def _sigma(gene_scale, coef, smear, X, mean_expected) -> np.ndarray:
     return gene_scale[None, :] * np.sqrt(expected / mean_expected)[:, None]
 
 
-def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
-    """Fit the difficulty model and the conformal regressor on out-of-fold predictions.
+SCALE_FEATURES = 2  # the interval scale reads 1 and log dose only (DECISIONS.md D36)
 
-    The scales of a group's own conformal scores come from a difficulty model fitted without that
-    group (cross-fitting): scales fitted on the very residuals they divide would shrink the largest
+
+def fit_calibration(oof: OutOfFold, task: str = "", *, scale_features: int = SCALE_FEATURES) -> Calibration:
+    """Fit the difficulty models and the conformal regressor on out-of-fold predictions.
+
+    Two log-linear fits of a condition's out-of-fold mse: on every difficulty feature for the
+    expected mse, and on the first `scale_features` (1, log dose) for the interval scale. The
+    scale leaves out the size of the predicted change because the refits that calibrate predict
+    changes of another size than the model fitted on all training data (c3tl's refits on half the
+    pairs predict 40% larger ones), which would shift every test scale; the dose is the query's.
+
+    The scales of a group's own conformal scores come from a fit made without that group
+    (cross-fitting): scales fitted on the very residuals they divide would shrink the largest
     scores and make the intervals too narrow on new groups. The stored model uses every group.
     """
     res = np.asarray(oof.observed, float) - oof.pred
     X = difficulty_features(oof.pred, oof.control, oof.dose)
-    gene_scale, coef, smear = _difficulty(res, X)
-    mean_expected = float((np.exp(X @ coef) * smear).mean())
+    _, coef, smear = _difficulty(res, X)
+    Xs = X[:, :scale_features]
+    gene_scale, scale_coef, scale_smear = _difficulty(res, Xs)
+    mean_expected = float((np.exp(Xs @ scale_coef) * scale_smear).mean())
     groups = np.zeros(len(res)) if oof.group is None else np.asarray(oof.group)
     sigma = np.empty_like(res)
     for g in np.unique(groups):
         own = groups == g
-        fit = _difficulty(res[~own], X[~own]) if (~own).sum() >= 3 else (gene_scale, coef, smear)
-        sigma[own] = _sigma(*fit, X[own], mean_expected)
+        fit = _difficulty(res[~own], Xs[~own]) if (~own).sum() >= 3 else (gene_scale, scale_coef, scale_smear)
+        sigma[own] = _sigma(*fit, Xs[own], mean_expected)
     rows = np.repeat(np.arange(len(res)), oof.top.shape[1])
     cols = oof.top.ravel()
     return Calibration(
@@ -203,6 +227,8 @@ def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
         sigmas=sigma[rows, cols],
         calibration_mse=(res**2).mean(1),
         task=task,
+        scale_coef=scale_coef,
+        scale_smear=scale_smear,
     )
 
 
