@@ -15,7 +15,9 @@ Variants:
 
 - `intervals`: without and with `--intervals` (conformal intervals; issue 28's bar: at most
   1.30x), then the calibration table of the run with them (coverage per level, the 90%
-  interval's width, Spearman of expected against realised error).
+  interval's width, Spearman of expected against realised error), and the calibration's time
+  as a share of the cells' own time within that run (the two wall times are minutes apart, and
+  this machine's speed drifts by 10-20% between them).
 - `metrics`: the six metrics of the paper's harness, then every metric (the `*_vs_mean_*`,
   DEG and `rank_dose` metrics added; issue 26's bar: at most 1.10x).
 
@@ -29,6 +31,8 @@ import logging
 import shutil
 import time
 from pathlib import Path
+
+import pandas as pd
 
 from scdca.eval.grid import BenchmarkConfig, run
 from scdca.eval.tables import calibration_table
@@ -80,6 +84,12 @@ def main(argv=None) -> None:
     print(f"grid with {args.variant}:    {seconds:.0f} s")
     if args.variant == "intervals":
         print("\n" + calibration_table(results).to_string())
+        costs = pd.read_csv(out / "with" / "costs.csv")
+        work = costs["calibration_seconds"].sum() / costs["seconds"].sum()
+        print(
+            f"\nwithin the run with them, calibration took {work:.0%} of the cells' fit-and-predict time "
+            f"(both measured in the same run, so steadier than the wall-time ratio when the machine's speed drifts)"
+        )
     print(
         f"\n{args.variant} cost {seconds / base:.2f}x the grid without them "
         f"({args.grid} grid: {models}; {args.seeds} seeds, {workers} worker(s))"

@@ -1,7 +1,7 @@
 """The unseen-drug grid on a real LINCS L1000 plate, judged by change, rank and error together.
 
     python bench/lincs_plate.py PLATE.gct|gctx COMPOUNDS.csv [--seeds 5] [--out DIR] [--backbone random:4x128]
-        [--intervals]
+        [--intervals] [--skip MODEL,...]
 
 Runs every baseline, `dominant`, `scaled_mean`, ridge (plain and shrunk), knn, c3tl, biolord
 and STATE (when installed) and the recommended `scdca_routed` with `scdca benchmark`'s grid (5 seeds,
@@ -88,16 +88,20 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default="random:4x128", help="backbone of the scDCA models")
     p.add_argument("--encoder", default="chemnet")
     p.add_argument("--intervals", action="store_true", help="also calibrate 90%% intervals and print their coverage")
+    p.add_argument("--skip", default="", help="models to leave out, comma-separated (e.g. state: 3-4 min a fit)")
     args = p.parse_args(argv)
+    skip = {m.strip() for m in args.skip.split(",") if m.strip()}
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     models = ["control", "train_mean", "dominant", "scaled_mean", "ridge", "ridge_shrunk", "knn", "c3tl"]
     for peer in ("biolord", "state"):  # STATE runs in pseudobulk mode here: a plate's rows are wells
+        if peer in skip:
+            continue
         try:
             MODELS.get(peer).check_available()
             models.append(peer)
         except Exception as err:  # the peers are optional; say why one is missing
             print(f"{peer} not run: {err}", file=sys.stderr)
-    models.append(RECOMMENDED)
+    models = [m for m in models if m not in skip] + [RECOMMENDED]
     options = {"backbone": args.backbone, "encoder": args.encoder}
     data = load(args.plate, compounds=args.compounds)
     t0 = time.perf_counter()

@@ -10,7 +10,8 @@ How a model is calibrated (`calibrate`):
    calibration.
 2. **Difficulty.** Each condition gets an expected mse `E[c]`, a log-linear fit of the realised
    out-of-fold mse on the log dose and the log size of the predicted change; each gene a scale
-   `s[g]`, its out-of-fold RMS residual. An entry's scale is `sigma[c, g] = s[g] * sqrt(E[c] / mean E)`.
+   `s[g]`, its out-of-fold RMS residual. An entry's scale is `sigma[c, g] = s[g] * sqrt(E_d[c] / mean E_d)`,
+   with `E_d` the same fit on the dose alone (`fit_calibration` says why).
 3. **Normalised split-conformal** (crepes' `ConformalRegressor`) on the calibration conditions'
    top-k DEG entries: the interval is `prediction +- alpha(level) * sigma`, lower bound clipped at 0.
    Calibrating on DEG entries makes the intervals hold where `coverage_90` measures them (the
