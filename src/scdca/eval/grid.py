@@ -426,7 +426,9 @@ def _fit_predict(data: PerturbationData, model_name: str, split: Split, test: Pe
     return test, pred, test.mean, model.cost(), model
 
 
-def _intervals(data, model_name: str, split: Split, test, pred, cfg, seed, model, refits=None) -> Intervals:
+def _intervals(
+    data, model_name: str, split: Split, test: PerturbationData, pred, cfg, seed, model, refits: dict | None = None
+) -> Intervals:
     """Conformal intervals for one split's predictions, calibrated on its training conditions only."""
     cal = calibrate(
         partial(_make, model_name, cfg.model_options, seed),
