@@ -10,6 +10,7 @@ from scdca.models.intervals import (
     Calibration,
     Intervals,
     OutOfFold,
+    SharedFits,
     calibrate,
     calibration_splits,
     difficulty_features,
@@ -126,22 +127,35 @@ def test_a_line_task_s_splits_share_calibration_fits_with_the_same_result(tiny_d
         fits.append(1)
         return make_model("ridge")
 
-    def calibrations(refits):
+    splits = make_splits(tiny_data, task, 0)
+
+    def calibrations(shared):
         return [
-            calibrate(counted, tiny_data.subset(s.train), task, 0, k=5, exclude=s.held_out, refits=refits)
-            for s in make_splits(tiny_data, task, 0)
+            calibrate(counted, tiny_data.subset(s.train), task, 0, k=5, exclude=s.held_out, shared=shared)
+            for s in splits
         ]
 
     alone = calibrations(None)
     n_alone = len(fits)
     fits.clear()
-    shared = calibrations({})
+    shared = SharedFits.for_splits(tiny_data, splits, 0)
+    together = calibrations(shared)
     n_lines = tiny_data.conditions["cell_line"].nunique()
     assert n_lines == 3 and n_alone == 6  # two calibration lines per split
     assert len(fits) == 3  # one fit per pair of lines: each serves two splits
-    for a, b in zip(alone, shared):
+    assert len(shared) == 0  # and none is held once its last calibration took it
+    for a, b in zip(alone, together):
         np.testing.assert_array_equal(a.residuals, b.residuals)
         np.testing.assert_array_equal(a.sigmas, b.sigmas)
+
+
+def test_shared_fits_hold_only_a_fit_that_will_be_asked_for_again():
+    shared = SharedFits([("a",), ("b",), ("b",)])
+    made = []
+    assert shared.fit(("a",), lambda: made.append("a") or "A") == "A" and len(shared) == 0  # asked once: not held
+    assert shared.fit(("b",), lambda: made.append("b") or "B") == "B" and len(shared) == 1
+    assert shared.fit(("b",), lambda: made.append("b") or "B2") == "B" and len(shared) == 0  # reused, then dropped
+    assert made == ["a", "b"]
 
 
 @pytest.mark.parametrize(("n_drugs", "n_folds"), [(30, 3), (60, 2), (150, 1)])

@@ -52,7 +52,7 @@ from scdca.eval.runs import (
 from scdca.eval.tables import summarize
 from scdca.models import MODELS
 from scdca.models.baselines import DoseMeanBaseline
-from scdca.models.intervals import Intervals, calibrate
+from scdca.models.intervals import Intervals, SharedFits, calibrate
 from scdca.nn.backbone import is_random
 from scdca.nn.backbone import reference as backbone_reference
 
@@ -376,7 +376,7 @@ def compute_cell(
     """Fit and score one grid cell -> (result rows, prediction AnnData, costs); writes nothing
     (the driver does, so it can run in a worker elsewhere)."""
     rows, preds, costs = [], [], []
-    refits: dict = {}  # calibration fits the cell's splits share (`intervals.out_of_fold`)
+    shared = SharedFits.for_splits(data, splits, seed) if cfg.intervals else None  # calibration fits splits share
     for split in splits:
         test = data.subset(split.test)
         if model_name == "ceiling" and test.half_a is None:
@@ -395,7 +395,7 @@ def compute_cell(
         interval = None
         if cfg.intervals and model is not None:
             t1 = time.perf_counter()
-            interval = _intervals(data, model_name, split, test, pred, cfg, seed, model, refits)
+            interval = _intervals(data, model_name, split, test, pred, cfg, seed, model, shared)
             costs[-1]["calibration_seconds"] = time.perf_counter() - t1
         extras = {**scoring_extras(data, split, test, cfg.metrics), **(interval.scoring() if interval else {})}
         if model_name == "ceiling":
@@ -427,7 +427,15 @@ def _fit_predict(data: PerturbationData, model_name: str, split: Split, test: Pe
 
 
 def _intervals(
-    data, model_name: str, split: Split, test: PerturbationData, pred, cfg, seed, model, refits: dict | None = None
+    data,
+    model_name: str,
+    split: Split,
+    test: PerturbationData,
+    pred,
+    cfg,
+    seed,
+    model,
+    shared: SharedFits | None = None,
 ) -> Intervals:
     """Conformal intervals for one split's predictions, calibrated on its training conditions only."""
     cal = calibrate(
@@ -438,7 +446,7 @@ def _intervals(
         k=cfg.k,
         exclude=split.held_out,
         fitted=model,
-        refits=refits,
+        shared=shared,
     )
     return Intervals.of(cal, pred, test.control_for(test.conditions["cell_line"]), test.conditions["dose"].to_numpy())
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -275,23 +276,59 @@ def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude
         ) from None
 
 
-def out_of_fold(
-    make_model: Callable, train: PerturbationData, splits: list[Split], k: int, *, refits: dict | None = None
-) -> OutOfFold:
-    """Fit a fresh model on each calibration split's training part; predict its held-out part.
+class SharedFits:
+    """Calibration fits that several calibrations of one model on the same data ask for.
 
-    `refits` (training ids -> fitted model) lets calibrations of the same model share a fit whose
-    training conditions are the same: the splits of one line task do (zero-shot: the refit that
-    holds out line B for test line A trains on line C alone, as does the one that holds out A for
-    test line B), so with three lines a grid cell fits 3 calibration models instead of 6.
+    The splits of one line task repeat their calibration splits: with three lines, the zero-shot
+    refit that holds out line B for test line A trains on line C alone, as does the one that holds
+    out A for test line B. Built from every training-id tuple the calibrations will fit (with
+    repeats), it keeps a fit only while another calibration will still ask for it, so it holds no
+    model that will not be reused (a screen of many lines shares few).
     """
+
+    def __init__(self, planned):
+        self._left = Counter(planned)  # training ids -> calibrations still to ask for them
+        self._fits: dict = {}
+
+    @classmethod
+    def for_splits(cls, data: PerturbationData, splits: list[Split], seed: int) -> SharedFits:
+        """The fits that calibrating each of `splits` (on its own training conditions) will ask for."""
+        planned = []
+        for split in splits:
+            try:
+                cals = calibration_splits(data.subset(split.train), split.task, seed, exclude=split.held_out)
+            except ScdcaInputError:  # `calibrate` raises it again, with the same message
+                continue
+            planned += [c.train for c in cals]
+        return cls(planned)
+
+    def __len__(self) -> int:
+        """The number of fits held now."""
+        return len(self._fits)
+
+    def fit(self, key: tuple, fit: Callable):
+        """The model fitted on the training ids `key`: kept from an earlier call, or `fit()`."""
+        model = self._fits.pop(key, None)
+        if model is None:
+            model = fit()
+        self._left[key] -= 1
+        if self._left[key] > 0:
+            self._fits[key] = model
+        return model
+
+
+def out_of_fold(
+    make_model: Callable, train: PerturbationData, splits: list[Split], k: int, *, shared: SharedFits | None = None
+) -> OutOfFold:
+    """Fit a fresh model on each calibration split's training part (or take it from `shared`);
+    predict its held-out part."""
     parts = []
     for split in splits:
-        model = None if refits is None else refits.get(split.train)
-        if model is None:
-            model = make_model().fit(train.subset(split.train))
-            if refits is not None:
-                refits[split.train] = model
+
+        def fit(split=split):
+            return make_model().fit(train.subset(split.train))
+
+        model = fit() if shared is None else shared.fit(split.train, fit)
         pred = np.asarray(model.predict(train.subset(split.test, observed=False)), float)
         parts.append(_held_out(train, split.test, pred, k, split.task))
     if not parts:
@@ -330,7 +367,7 @@ def calibrate(
     k: int = 20,
     exclude: str = "",
     fitted=None,
-    refits: dict | None = None,
+    shared: SharedFits | None = None,
 ) -> Calibration:
     """Calibrate the model that `make_model()` builds for the generalisation task `task`.
 
@@ -344,8 +381,8 @@ def calibrate(
         fitted: the model fitted on `train`, if at hand. For unseen_drug, a model that already made
             out-of-fold predictions over folds of the training drugs (`new_molecule_out_of_fold`:
             `scdca_routed`'s shrinkage folds) is calibrated on those, with no refit.
-        refits: a cache of calibration fits shared between calls for the same model and data
-            (`out_of_fold`); the harness keeps one per grid cell.
+        shared: calibration fits shared between calls for the same model and data (`SharedFits`);
+            the harness keeps one per grid cell.
     """
     reused = (
         fitted.new_molecule_out_of_fold()
@@ -355,7 +392,7 @@ def calibrate(
     if reused is not None:
         return fit_calibration(_held_out(train, *reused, k, task), task)
     return fit_calibration(
-        out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k, refits=refits),
+        out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k, shared=shared),
         task,
     )
 
