@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         costs = pd.read_csv(out / "with" / "costs.csv")
         work = costs["calibration_seconds"].sum() / costs["seconds"].sum()
         print(
-            f"\nwithin the run with them, calibration took {work:.0%} of the cells' fit-and-predict time "
+            f"\nwithin the run with them, calibration took {work:.0%} of the models' own fit-and-predict time "
             f"(both measured in the same run, so steadier than the wall-time ratio when the machine's speed drifts)"
         )
     print(
