@@ -16,7 +16,7 @@ Variants:
 - `intervals`: without and with `--intervals` (conformal intervals; issue 28's bar: at most
   1.30x), then the calibration table of the run with them (coverage per level, the 90%
   interval's width, Spearman of expected against realised error), and the calibration's time
-  as a share of the cells' own time within that run (the two wall times are minutes apart, and
+  as a share of the models' own fit-and-predict time within that run (the two wall times are minutes apart, and
   this machine's speed drifts by 10-20% between them).
 - `metrics`: the six metrics of the paper's harness, then every metric (the `*_vs_mean_*`,
   DEG and `rank_dose` metrics added; issue 26's bar: at most 1.10x).
