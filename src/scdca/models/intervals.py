@@ -193,11 +193,11 @@ def _sigma(gene_scale, coef, smear, X, mean_expected) -> np.ndarray:
 SCALE_FEATURES = 2  # the interval scale reads 1 and log dose only (DECISIONS.md D36)
 
 
-def fit_calibration(oof: OutOfFold, task: str = "", *, scale_features: int = SCALE_FEATURES) -> Calibration:
+def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
     """Fit the difficulty models and the conformal regressor on out-of-fold predictions.
 
     Two log-linear fits of a condition's out-of-fold mse: on every difficulty feature for the
-    expected mse, and on the first `scale_features` (1, log dose) for the interval scale. The
+    expected mse, and on the first `SCALE_FEATURES` (1, log dose) for the interval scale. The
     scale leaves out the size of the predicted change because the refits that calibrate predict
     changes of another size than the model fitted on all training data (c3tl's refits on half the
     pairs predict 40% larger ones), which would shift every test scale; the dose is the query's.
@@ -209,7 +209,7 @@ def fit_calibration(oof: OutOfFold, task: str = "", *, scale_features: int = SCA
     res = np.asarray(oof.observed, float) - oof.pred
     X = difficulty_features(oof.pred, oof.control, oof.dose)
     _, coef, smear = _difficulty(res, X)
-    Xs = X[:, :scale_features]
+    Xs = X[:, :SCALE_FEATURES]
     gene_scale, scale_coef, scale_smear = _difficulty(res, Xs)
     mean_expected = float((np.exp(Xs @ scale_coef) * scale_smear).mean())
     groups = np.zeros(len(res)) if oof.group is None else np.asarray(oof.group)
