@@ -132,7 +132,10 @@ def predict(
     out.layers["control"] = query.control_for(query.conditions["cell_line"])
     cal = getattr(model, "calibration", None)
     if cal is not None:
-        interval = Intervals.of(cal, pred, out.layers["control"], query.conditions["dose"].to_numpy(), levels=(level,))
+        cond = query.conditions
+        interval = Intervals.of(
+            cal, pred, out.layers["control"], cond["dose"].to_numpy(), cond["smiles"], levels=(level,)
+        )
         out.layers["lower"], out.layers["upper"] = interval.bounds(pred, level)
         out.obs["expected_mse"], out.obs["confidence"] = interval.expected_mse, interval.confidence
         out.uns["intervals"] = {"level": level, "calibrated_for": cal.task}
@@ -261,7 +264,9 @@ def _screen_batch(model, chunk, line: str, ctrl: np.ndarray, dose: float, sig, s
     near = similarity.columns(list(good.values())) if similarity.available else {}
     cal, level = calibration
     if cal is not None:
-        interval = Intervals.of(cal, pred, ctrl[None, :], np.full(len(pred), dose), levels=(level,))
+        interval = Intervals.of(
+            cal, pred, ctrl[None, :], np.full(len(pred), dose), list(good.values()), levels=(level,)
+        )
         shrunk = np.maximum(np.abs(delta) - interval.alphas[level] * interval.sigma, 0)  # change nearest 0
         near = {
             **near,

@@ -16,6 +16,7 @@ from scdca.models.intervals import (
     difficulty_features,
     fit_calibration,
     load_calibration,
+    out_of_fold,
 )
 
 
@@ -220,3 +221,62 @@ def test_a_calibration_file_without_a_scale_fit_keeps_its_old_scale(tmp_path):
         load_calibration(tmp_path).scale(test.pred, test.control, test.dose),
         old.scale(test.pred, test.control, test.dose),
     )
+
+
+def test_expected_error_grows_as_the_molecule_moves_away_from_the_training_molecules(tmp_path):
+    rng = np.random.default_rng(5)
+    oof = _noisy(rng, 300)
+    oof.similarity = rng.uniform(0, 1, 300)  # the predicting model's nearest training molecule
+    oof.observed = oof.pred + (oof.observed - oof.pred) * (1 + 3 * (1 - oof.similarity))[:, None]
+    training = ["CCO", "CCCO", "CCCCO"]
+    cal = fit_calibration(oof, training_smiles=training)
+    assert cal.coef[3] < 0  # less similar, larger error
+    test = _noisy(rng, 2)
+    seen, far = ["CCO", "CCCO"], ["c1ccc2ccccc2c1", "c1ccc2ccccc2c1"]  # in training, and nothing like it
+    near_mse = cal.expected_mse(test.pred, test.control, test.dose, seen)
+    far_mse = cal.expected_mse(test.pred, test.control, test.dose, far)
+    assert (far_mse > 3 * near_mse).all()
+    with pytest.raises(ScdcaInputError, match="smiles"):
+        cal.expected_mse(test.pred, test.control, test.dose)
+    cal.save(tmp_path / "calibration.npz")
+    back = load_calibration(tmp_path)
+    assert list(back.training_smiles) == training
+    np.testing.assert_array_equal(back.expected_mse(test.pred, test.control, test.dose, far), far_mse)
+    # the interval scale does not read the similarity (refits know fewer molecules than the final model)
+    np.testing.assert_array_equal(
+        Intervals.of(cal, test.pred, test.control, test.dose, seen).sigma,
+        Intervals.of(cal, test.pred, test.control, test.dose, far).sigma,
+    )
+
+
+def test_a_calibration_file_from_before_the_similarity_feature_needs_no_smiles(tmp_path):
+    rng = np.random.default_rng(6)
+    cal = fit_calibration(_noisy(rng, 60))
+    cal.coef, cal.training_smiles = cal.coef[:3], None  # as such files were written: 3 coefficients
+    cal.save(tmp_path / "calibration.npz")
+    test = _noisy(rng, 10)
+    X = difficulty_features(test.pred, test.control, test.dose)[:, :3]
+    np.testing.assert_allclose(
+        load_calibration(tmp_path).expected_mse(test.pred, test.control, test.dose),
+        np.exp(X @ cal.coef) * cal.smear,
+        rtol=1e-6,
+    )
+
+
+def test_out_of_fold_similarity_is_to_the_molecules_of_each_fold_s_training_part(tiny_data):
+    from scdca.chem.molecules import NearestTraining
+
+    split = make_splits(tiny_data, "unseen_drug", 0)[0]
+    train = tiny_data.subset(split.train)
+    cals = calibration_splits(train, "unseen_drug", 0)
+    oof = out_of_fold(lambda: make_model("train_mean"), train, cals, 5)
+    expected = np.concatenate(
+        [
+            NearestTraining(train.subset(c.train).drug_smiles()).query(
+                train.conditions.loc[list(c.test), "smiles"].tolist()
+            )[0]
+            for c in cals
+        ]
+    )
+    np.testing.assert_allclose(oof.similarity, expected)
+    assert (oof.similarity < 1).any()  # held-out drugs are new to their fold's model

@@ -448,7 +448,8 @@ def _intervals(
         fitted=model,
         shared=shared,
     )
-    return Intervals.of(cal, pred, test.control_for(test.conditions["cell_line"]), test.conditions["dose"].to_numpy())
+    cond = test.conditions
+    return Intervals.of(cal, pred, test.control_for(cond["cell_line"]), cond["dose"].to_numpy(), cond["smiles"])
 
 
 def spearman_brown(half: pd.DataFrame) -> pd.DataFrame:

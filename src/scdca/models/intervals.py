@@ -9,7 +9,8 @@ How a model is calibrated (`calibrate`):
    predicts its held-out part. Test drugs and lines are not in `train`, so they never reach
    calibration.
 2. **Difficulty.** Each condition gets an expected mse `E[c]`, a log-linear fit of the realised
-   out-of-fold mse on the log dose and the log size of the predicted change; each gene a scale
+   out-of-fold mse on the log dose, the log size of the predicted change and the molecule's
+   max Tanimoto similarity to the molecules its model trained on; each gene a scale
    `s[g]`, its out-of-fold RMS residual. An entry's scale is `sigma[c, g] = s[g] * sqrt(E_d[c] / mean E_d)`,
    with `E_d` the same fit on the dose alone (`fit_calibration` says why).
 3. **Normalised split-conformal** (crepes' `ConformalRegressor`) on the calibration conditions'
@@ -42,11 +43,22 @@ LEVEL = 0.9  # the default interval level
 FILE = "calibration.npz"  # its name in a saved model folder
 
 
-def difficulty_features(pred: np.ndarray, control: np.ndarray, dose: np.ndarray) -> np.ndarray:
-    """(N, 3) per-condition features of how hard a prediction is: 1, log10 dose, log RMS predicted change."""
+def difficulty_features(pred: np.ndarray, control: np.ndarray, dose: np.ndarray, similarity=None) -> np.ndarray:
+    """(N, 4) per-condition features of how hard a prediction is: 1, log10 dose, log RMS predicted
+    change, and the molecule's max Tanimoto similarity to the training molecules (`similarity`,
+    (N,); None: 1, every molecule seen)."""
     change = np.sqrt(((np.asarray(pred, float) - control) ** 2).mean(1))
     logd = np.log10(np.maximum(np.asarray(dose, float), 1e-12))
-    return np.column_stack([np.ones(len(change)), logd, np.log(change + 1e-3)])
+    sim = np.ones(len(change)) if similarity is None else np.asarray(similarity, float)
+    return np.column_stack([np.ones(len(change)), logd, np.log(change + 1e-3), sim])
+
+
+def training_similarity(smiles, training_smiles) -> np.ndarray:
+    """(N,) each molecule's max Tanimoto similarity (Morgan r=2, 2048 bits) to `training_smiles`."""
+    from scdca.chem.molecules import NearestTraining
+
+    train = {str(i): str(s) for i, s in enumerate(training_smiles)}
+    return np.asarray(NearestTraining(train).query([str(s) for s in smiles])[0], float)
 
 
 @dataclass
@@ -54,7 +66,9 @@ class OutOfFold:
     """Predictions for training conditions made by models that did not see them.
 
     Attributes: pred, observed, control (N, G); dose (N,); top (N, k) the top-k DEG indices;
-    group (N,) the unit held out together (a drug, a line or a drug-line pair), or None.
+    group (N,) the unit held out together (a drug, a line or a drug-line pair), or None;
+    similarity (N,) each molecule's max Tanimoto similarity to the molecules its predicting
+    model trained on, or None (1: every molecule seen).
     """
 
     pred: np.ndarray
@@ -63,6 +77,7 @@ class OutOfFold:
     dose: np.ndarray
     top: np.ndarray
     group: np.ndarray | None = None
+    similarity: np.ndarray | None = None
 
 
 @dataclass
@@ -70,7 +85,7 @@ class Calibration:
     """A fitted calibration: turns a model's predictions into intervals and expected errors."""
 
     gene_scale: np.ndarray  # (G,) out-of-fold RMS residual per gene
-    coef: np.ndarray  # (3,) log expected mse ~ difficulty_features
+    coef: np.ndarray  # (4,) log expected mse ~ difficulty_features ((3,) in files from before the similarity)
     smear: float  # Duan's smearing factor: exp(fit) * smear is the expected mse, not its geometric mean
     mean_expected: float  # mean of the scale's expected mse over the calibration conditions (its normaliser)
     residuals: np.ndarray  # (n,) observed - predicted on calibration DEG entries
@@ -79,6 +94,7 @@ class Calibration:
     task: str = ""
     scale_coef: np.ndarray | None = None  # (S,) the scale's log-mse fit on the first S features (None: coef)
     scale_smear: float | None = None
+    training_smiles: np.ndarray | None = None  # (T,) the molecules the calibrated model trained on
     _regressor: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -86,9 +102,19 @@ class Calibration:
 
         self._regressor = ConformalRegressor().fit(residuals=self.residuals, sigmas=self.sigmas)
 
-    def expected_mse(self, pred, control, dose) -> np.ndarray:
-        """(N,) the expected mse over genes of each predicted condition."""
-        return np.exp(difficulty_features(pred, control, dose) @ self.coef) * self.smear
+    def expected_mse(self, pred, control, dose, smiles=None) -> np.ndarray:
+        """(N,) the expected mse over genes of each predicted condition (`smiles` (N,): its molecules,
+        needed by a calibration that knows its model's training molecules)."""
+        coef = np.asarray(self.coef)
+        similarity = None  # a calibration without training molecules reads every molecule as seen
+        if len(coef) > 3 and self.training_smiles is not None:
+            if smiles is None:
+                raise ScdcaInputError(
+                    "smiles: None; this calibration's expected error reads each molecule's similarity "
+                    "to the training molecules: pass the predicted conditions' SMILES"
+                )
+            similarity = training_similarity(smiles, self.training_smiles)
+        return np.exp(difficulty_features(pred, control, dose, similarity)[:, : len(coef)] @ coef) * self.smear
 
     def scale(self, pred, control, dose) -> np.ndarray:
         """(N, G) sigma: each entry's scale; the interval half-width is alpha(level) * sigma."""
@@ -121,6 +147,8 @@ class Calibration:
         """Write the calibration as one .npz (atomically); `Calibration.load` reads it."""
         coef, smear = self._scale_fit()
         arrays = {k: np.asarray(getattr(self, k)) for k in _SAVED}
+        if self.training_smiles is not None:
+            arrays["training_smiles"] = np.asarray(self.training_smiles, dtype=str)
         storage.write_npz(Path(path), **arrays, scale_coef=coef, scale_smear=np.asarray(smear))
 
     @classmethod
@@ -130,6 +158,8 @@ class Calibration:
                 values = {k: f[k] for k in _SAVED}
                 if "scale_coef" in f:
                     values["scale_coef"], values["scale_smear"] = f["scale_coef"], float(f["scale_smear"])
+                if "training_smiles" in f:  # files from before the similarity feature have none
+                    values["training_smiles"] = f["training_smiles"]
         except (OSError, ValueError, KeyError) as err:
             raise ScdcaInputError(
                 f"calibration: {str(path)!r} is not a calibration written by `scdca train` ({type(err).__name__}); "
@@ -155,8 +185,10 @@ class Intervals:
     alphas: dict[float, float]
 
     @classmethod
-    def of(cls, cal: Calibration, pred, control, dose, levels=(*LEVELS, LEVEL)) -> Intervals:
-        expected = cal.expected_mse(pred, control, dose)
+    def of(cls, cal: Calibration, pred, control, dose, smiles=None, levels=(*LEVELS, LEVEL)) -> Intervals:
+        """The intervals of predictions `pred` (N, G) of conditions with these controls (N, G), doses
+        and molecules' SMILES (N,) (`Calibration.expected_mse` says when SMILES are needed)."""
+        expected = cal.expected_mse(pred, control, dose, smiles)
         sigma = cal.scale(pred, control, dose)
         return cls(sigma, expected, cal.confidence(expected), {lv: cal.alpha(lv) for lv in levels})
 
@@ -176,7 +208,7 @@ _SAVED = ("gene_scale", "coef", "smear", "mean_expected", "residuals", "sigmas",
 
 
 def _difficulty(res: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(gene scale (G,), log-mse coefficients (3,), smearing factor) fitted on residuals res (N, G)."""
+    """(gene scale (G,), log-mse coefficients (one per column of X), smearing factor) fitted on residuals res (N, G)."""
     gene_scale = np.sqrt((res**2).mean(0))
     gene_scale = np.maximum(gene_scale, 1e-3 * np.median(gene_scale) + 1e-8)  # no zero scale
     y = np.log(np.maximum((res**2).mean(1), 1e-12))
@@ -185,7 +217,7 @@ def _difficulty(res: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def _sigma(gene_scale, coef, smear, X, mean_expected) -> np.ndarray:
-    """(N, G) entry scales from a difficulty model and the features X (N, 3)."""
+    """(N, G) entry scales from a difficulty model and the features X (N, len(coef))."""
     expected = np.exp(X @ coef) * smear
     return gene_scale[None, :] * np.sqrt(expected / mean_expected)[:, None]
 
@@ -193,7 +225,7 @@ def _sigma(gene_scale, coef, smear, X, mean_expected) -> np.ndarray:
 SCALE_FEATURES = 2  # the interval scale reads 1 and log dose only (DECISIONS.md D36)
 
 
-def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
+def fit_calibration(oof: OutOfFold, task: str = "", training_smiles=None) -> Calibration:
     """Fit the difficulty models and the conformal regressor on out-of-fold predictions.
 
     Two log-linear fits of a condition's out-of-fold mse: on every difficulty feature for the
@@ -201,13 +233,16 @@ def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
     scale leaves out the size of the predicted change because the refits that calibrate predict
     changes of another size than the model fitted on all training data (c3tl's refits on half the
     pairs predict 40% larger ones), which would shift every test scale; the dose is the query's.
+    The similarity to the training molecules is left out of the scale for the same reason (a
+    refit knows fewer molecules than the final model). `training_smiles`: the molecules of the
+    model to calibrate, against which its queries' similarity is read.
 
     The scales of a group's own conformal scores come from a fit made without that group
     (cross-fitting): scales fitted on the very residuals they divide would shrink the largest
     scores and make the intervals too narrow on new groups. The stored model uses every group.
     """
     res = np.asarray(oof.observed, float) - oof.pred
-    X = difficulty_features(oof.pred, oof.control, oof.dose)
+    X = difficulty_features(oof.pred, oof.control, oof.dose, oof.similarity)
     _, coef, smear = _difficulty(res, X)
     Xs = X[:, :SCALE_FEATURES]
     gene_scale, scale_coef, scale_smear = _difficulty(res, Xs)
@@ -231,6 +266,7 @@ def fit_calibration(oof: OutOfFold, task: str = "") -> Calibration:
         task=task,
         scale_coef=scale_coef,
         scale_smear=scale_smear,
+        training_smiles=None if training_smiles is None else np.asarray(list(training_smiles), dtype=str),
     )
 
 
@@ -330,19 +366,26 @@ def out_of_fold(
 
         model = fit() if shared is None else shared.fit(split.train, fit)
         pred = np.asarray(model.predict(train.subset(split.test, observed=False)), float)
-        parts.append(_held_out(train, split.test, pred, k, split.task))
+        seen = train.subset(split.train).drug_smiles().values()
+        parts.append(_held_out(train, split.test, pred, k, split.task, seen))
     if not parts:
         raise ScdcaInputError("intervals: no calibration split could be made from the training conditions")
+    return _concatenated(parts)
+
+
+def _concatenated(parts: list[OutOfFold]) -> OutOfFold:
     return OutOfFold(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(OutOfFold)})
 
 
-def _held_out(train: PerturbationData, ids, pred, k: int, task: str) -> OutOfFold:
-    """The OutOfFold of the training conditions `ids`, predicted as `pred` by a model that did not see them."""
+def _held_out(train: PerturbationData, ids, pred, k: int, task: str, seen) -> OutOfFold:
+    """The OutOfFold of the training conditions `ids`, predicted as `pred` by a model that did not
+    see them and was trained on the molecules `seen` (SMILES)."""
     held = train.subset(list(ids))
     cond = held.conditions
     top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
     control = held.control_for(cond["cell_line"])
-    return OutOfFold(pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, task))
+    similarity = training_similarity(cond["smiles"], list(seen))
+    return OutOfFold(pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, task), similarity)
 
 
 def _groups(cond, task: str) -> np.ndarray:
@@ -389,12 +432,26 @@ def calibrate(
         if task == "unseen_drug" and hasattr(fitted, "new_molecule_out_of_fold")
         else None
     )
+    molecules = train.drug_smiles().values()
     if reused is not None:
-        return fit_calibration(_held_out(train, *reused, k, task), task)
+        return fit_calibration(_reused_out_of_fold(train, *reused, k, task), task, molecules)
     return fit_calibration(
         out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k, shared=shared),
         task,
+        molecules,
     )
+
+
+def _reused_out_of_fold(train: PerturbationData, ids, pred, fold, k: int, task: str) -> OutOfFold:
+    """The OutOfFold of a model's own folds of training drugs: condition ids (N,), their
+    predictions (N, G) and the fold (N,) whose model predicted each (trained on the other folds)."""
+    ids, fold = np.asarray(ids), np.asarray(fold)
+    parts = []
+    for f in np.unique(fold):
+        own = fold == f
+        seen = train.subset(list(ids[~own])).drug_smiles().values()
+        parts.append(_held_out(train, ids[own], pred[own], k, task, seen))
+    return _concatenated(parts)
 
 
 def load_calibration(folder: str | os.PathLike) -> Calibration | None:

@@ -121,8 +121,9 @@ def cv_weights(
         train: the training conditions (never the test ones).
         n_folds: folds of training drugs (each refits every model once).
         seed: which drugs go to which fold.
-        keep: if given, receives the out-of-fold arrays: 'ids' (N,), 'base' (N, G) control + anchor,
-            'deviation' {name: (N, G)} (each model's deviation from the base).
+        keep: if given, receives the out-of-fold arrays: 'ids' (N,), 'fold' (N,) the fold each
+            condition was held out in, 'base' (N, G) control + anchor, 'deviation' {name: (N, G)}
+            (each model's deviation from the base).
     Returns:
         (name -> weight in [0, 1], details: folds and the out-of-fold squared error of the
         anchor alone, of the weighted blend, and of each model alone).
@@ -143,7 +144,11 @@ def cv_weights(
     w = best_weights(dev, target)
     blend = np.tensordot(w, dev, axes=1)
     if keep is not None:
-        keep.update(ids=ids, base=train.subset(ids).delta() - target + train.control_for(train.conditions["cell_line"]))
+        keep.update(
+            ids=ids,
+            fold=fold,
+            base=train.subset(ids).delta() - target + train.control_for(train.conditions["cell_line"]),
+        )
         keep["deviation"] = {name: dev[j] for j, name in enumerate(names)}
     details = {
         "folds": n_folds,

@@ -142,9 +142,10 @@ class ScDCARouted(PerturbationModel):
         self._shrinkage_seconds = time.perf_counter() - t0
         return weights
 
-    def new_molecule_out_of_fold(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(condition ids, (N, G) predictions) of the training conditions made by the shrinkage folds'
-        models, which did not see those drugs, combined with the chosen weights: what this model
+    def new_molecule_out_of_fold(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(condition ids (N,), (N, G) predictions, (N,) fold) of the training conditions made by the
+        shrinkage folds' models (fold f's trained on the other folds' drugs), combined with the
+        chosen weights: what this model
         predicts for a new molecule, at no extra fit (`scdca.models.intervals` calibrates on it).
         None when no folds ran (too few drugs, a fixed `new_shrinkage`, or a loaded model)."""
         weights = self.weights_
@@ -152,7 +153,7 @@ class ScDCARouted(PerturbationModel):
         if not oof:
             return None
         pred = oof["base"] + sum(w * oof["deviation"][name] for name, w in weights.items())
-        return oof["ids"], np.maximum(pred, 0)
+        return oof["ids"], np.maximum(pred, 0), oof["fold"]
 
     @property
     def shrinkage_(self) -> float:
