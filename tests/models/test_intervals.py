@@ -280,3 +280,27 @@ def test_out_of_fold_similarity_is_to_the_molecules_of_each_fold_s_training_part
     )
     np.testing.assert_allclose(oof.similarity, expected)
     assert (oof.similarity < 1).any()  # held-out drugs are new to their fold's model
+
+
+def test_the_expected_error_reads_the_predicted_change_only_where_held_out_groups_support_it():
+    from scdca.models.intervals import _chosen_columns
+
+    rng = np.random.default_rng(7)
+    n = 600
+    logd = rng.choice([-1.0, 0.0, 1.0], n)
+    X = np.column_stack([np.ones(n), logd, rng.normal(size=n), rng.uniform(size=n), logd**2])
+    groups = np.repeat(np.arange(60), 10)
+    noise = rng.normal(0, 0.5, n)
+    assert 2 not in _chosen_columns(X, 1 + 0.5 * logd + noise, groups)  # the change is noise here: left out
+    assert 2 in _chosen_columns(X, 1 + 0.5 * logd + X[:, 2] + noise, groups)  # here it sorts the errors
+    assert _chosen_columns(X, logd, np.zeros(n)) == [0, 1, 2, 3, 4]  # one group: nothing to hold out, all read
+
+
+def test_a_feature_that_never_varied_in_calibration_is_not_extrapolated():
+    from scdca.models.intervals import _least_squares
+
+    rng = np.random.default_rng(8)
+    X = np.column_stack([np.ones(50), rng.normal(size=50), np.ones(50)])  # the last: every molecule seen
+    y = 2 + X[:, 1] + rng.normal(0, 0.1, 50)
+    coef = _least_squares(X, y)
+    assert coef[2] == 0 and abs(coef[0] - 2) < 0.1  # the intercept carries the level; a new molecule reads it

@@ -9,8 +9,9 @@ How a model is calibrated (`calibrate`):
    predicts its held-out part. Test drugs and lines are not in `train`, so they never reach
    calibration.
 2. **Difficulty.** Each condition gets an expected mse `E[c]`, a log-linear fit of the realised
-   out-of-fold mse on the log dose, the log size of the predicted change and the molecule's
-   max Tanimoto similarity to the molecules its model trained on; each gene a scale
+   out-of-fold mse on the log dose and the molecule's max Tanimoto similarity to the molecules
+   its model trained on, plus the log size of the predicted change and the squared log dose
+   where held-out groups show they help (`_chosen_columns`); each gene a scale
    `s[g]`, its out-of-fold RMS residual. An entry's scale is `sigma[c, g] = s[g] * sqrt(E_d[c] / mean E_d)`,
    with `E_d` the same fit on the dose alone (`fit_calibration` says why).
 3. **Normalised split-conformal** (crepes' `ConformalRegressor`) on the calibration conditions'
@@ -44,13 +45,19 @@ FILE = "calibration.npz"  # its name in a saved model folder
 
 
 def difficulty_features(pred: np.ndarray, control: np.ndarray, dose: np.ndarray, similarity=None) -> np.ndarray:
-    """(N, 4) per-condition features of how hard a prediction is: 1, log10 dose, log RMS predicted
-    change, and the molecule's max Tanimoto similarity to the training molecules (`similarity`,
-    (N,); None: 1, every molecule seen)."""
+    """(N, 5) per-condition features of how hard a prediction is: 1, log10 dose, log RMS predicted
+    change, the molecule's max Tanimoto similarity to the training molecules (`similarity`, (N,);
+    None: 1, every molecule seen), and log10 dose squared (a dose response's curvature)."""
     change = np.sqrt(((np.asarray(pred, float) - control) ** 2).mean(1))
     logd = np.log10(np.maximum(np.asarray(dose, float), 1e-12))
     sim = np.ones(len(change)) if similarity is None else np.asarray(similarity, float)
-    return np.column_stack([np.ones(len(change)), logd, np.log(change + 1e-3), sim])
+    return np.column_stack([np.ones(len(change)), logd, np.log(change + 1e-3), sim, logd**2])
+
+
+# the expected mse's candidate feature sets (columns of `difficulty_features`), one chosen per
+# calibration by cross-validation over its held-out groups (`_chosen_columns`)
+OPTIONAL_FEATURES = (2, 4)  # the predicted change and the dose's curvature
+BASE_FEATURES = (0, 1, 3)  # 1, log dose, similarity: always read
 
 
 def training_similarity(smiles, training_smiles) -> np.ndarray:
@@ -85,7 +92,7 @@ class Calibration:
     """A fitted calibration: turns a model's predictions into intervals and expected errors."""
 
     gene_scale: np.ndarray  # (G,) out-of-fold RMS residual per gene
-    coef: np.ndarray  # (4,) log expected mse ~ difficulty_features ((3,) in files from before the similarity)
+    coef: np.ndarray  # (5,) log expected mse ~ difficulty_features, 0 for unchosen ones ((3,) in older files)
     smear: float  # Duan's smearing factor: exp(fit) * smear is the expected mse, not its geometric mean
     mean_expected: float  # mean of the scale's expected mse over the calibration conditions (its normaliser)
     residuals: np.ndarray  # (n,) observed - predicted on calibration DEG entries
@@ -107,7 +114,7 @@ class Calibration:
         needed by a calibration that knows its model's training molecules)."""
         coef = np.asarray(self.coef)
         similarity = None  # a calibration without training molecules reads every molecule as seen
-        if len(coef) > 3 and self.training_smiles is not None:
+        if len(coef) > 3 and coef[3] != 0 and self.training_smiles is not None:
             if smiles is None:
                 raise ScdcaInputError(
                     "smiles: None; this calibration's expected error reads each molecule's similarity "
@@ -212,8 +219,42 @@ def _difficulty(res: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     gene_scale = np.sqrt((res**2).mean(0))
     gene_scale = np.maximum(gene_scale, 1e-3 * np.median(gene_scale) + 1e-8)  # no zero scale
     y = np.log(np.maximum((res**2).mean(1), 1e-12))
-    coef = np.linalg.lstsq(X, y, rcond=None)[0]  # min-norm where a feature is constant (one dose)
+    coef = _least_squares(X, y)
     return gene_scale, coef, float(np.exp(y - X @ coef).mean())
+
+
+def _least_squares(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of y on X's columns (column 0: the intercept). A column that does
+    not vary (one dose, or every molecule seen) gets 0: the data say nothing of it, so a query
+    where it differs is read like the calibration conditions, not extrapolated."""
+    varies = np.ptp(X, axis=0) > 0
+    varies[0] = True
+    coef = np.zeros(X.shape[1])
+    coef[varies] = np.linalg.lstsq(X[:, varies], y, rcond=None)[0]
+    return coef
+
+
+def _chosen_columns(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_folds: int = 5) -> list[int]:
+    """The columns of X (`BASE_FEATURES` plus a subset of `OPTIONAL_FEATURES`) whose least-squares
+    fit of y predicts y best on held-out groups (up to `n_folds` folds of the groups; every column
+    with fewer than 2 groups)."""
+    names = np.unique(groups)
+    candidates = [
+        sorted(BASE_FEATURES + extra) for extra in ((), *((f,) for f in OPTIONAL_FEATURES), OPTIONAL_FEATURES)
+    ]
+    if len(names) < 2:
+        return candidates[-1]
+    deal = dict(zip(np.random.default_rng(36).permutation(names), np.arange(len(names)) % min(n_folds, len(names))))
+    fold = np.array([deal[g] for g in groups])
+    errors = []
+    for cols in candidates:
+        sse = 0.0
+        for f in np.unique(fold):
+            inner = fold != f
+            coef = _least_squares(X[inner][:, cols], y[inner])
+            sse += float(((X[~inner][:, cols] @ coef - y[~inner]) ** 2).sum())
+        errors.append(sse)
+    return candidates[int(np.argmin(errors))]
 
 
 def _sigma(gene_scale, coef, smear, X, mean_expected) -> np.ndarray:
@@ -243,11 +284,14 @@ def fit_calibration(oof: OutOfFold, task: str = "", training_smiles=None) -> Cal
     """
     res = np.asarray(oof.observed, float) - oof.pred
     X = difficulty_features(oof.pred, oof.control, oof.dose, oof.similarity)
-    _, coef, smear = _difficulty(res, X)
+    groups = np.zeros(len(res)) if oof.group is None else np.asarray(oof.group)
+    cols = _chosen_columns(X, np.log(np.maximum((res**2).mean(1), 1e-12)), groups)
+    _, chosen, smear = _difficulty(res, X[:, cols])
+    coef = np.zeros(X.shape[1])
+    coef[cols] = chosen
     Xs = X[:, :SCALE_FEATURES]
     gene_scale, scale_coef, scale_smear = _difficulty(res, Xs)
     mean_expected = float((np.exp(Xs @ scale_coef) * scale_smear).mean())
-    groups = np.zeros(len(res)) if oof.group is None else np.asarray(oof.group)
     sigma = np.empty_like(res)
     for g in np.unique(groups):
         own = groups == g
