@@ -304,3 +304,16 @@ def test_a_feature_that_never_varied_in_calibration_is_not_extrapolated():
     y = 2 + X[:, 1] + rng.normal(0, 0.1, 50)
     coef = _least_squares(X, y)
     assert coef[2] == 0 and abs(coef[0] - 2) < 0.1  # the intercept carries the level; a new molecule reads it
+
+
+def test_the_expected_error_never_falls_as_the_predicted_change_grows():
+    from scdca.models.intervals import SIGNS, _least_squares
+
+    rng = np.random.default_rng(9)
+    n = 200
+    X = np.column_stack([np.ones(n), rng.normal(size=n), rng.normal(size=n), rng.uniform(size=n), rng.normal(size=n)])
+    y = 1 + 0.5 * X[:, 1] - 0.3 * X[:, 2] + 0.4 * X[:, 3] + rng.normal(0, 0.1, n)  # a fluke of one small screen
+    free = _least_squares(X, y)
+    bound = _least_squares(X, y, SIGNS)
+    assert free[2] < -0.2 and free[3] > 0.2  # unconstrained, the fit follows the fluke
+    assert abs(bound[2]) < 1e-12 and abs(bound[3]) < 1e-12 and abs(bound[1] - 0.5) < 0.05  # priors hold; dose read

@@ -58,6 +58,9 @@ def difficulty_features(pred: np.ndarray, control: np.ndarray, dose: np.ndarray,
 # calibration by cross-validation over its held-out groups (`_chosen_columns`)
 OPTIONAL_FEATURES = (2, 4)  # the predicted change and the dose's curvature
 BASE_FEATURES = (0, 1, 3)  # 1, log dose, similarity: always read
+# the sign each feature's coefficient in the expected mse may take (0: free): the error does not
+# fall as the dose or the predicted change grows, nor rise as the molecule nears the training ones
+SIGNS = np.array([0, 1, 1, -1, 0])
 
 
 def training_similarity(smiles, training_smiles) -> np.ndarray:
@@ -214,23 +217,32 @@ class Intervals:
 _SAVED = ("gene_scale", "coef", "smear", "mean_expected", "residuals", "sigmas", "calibration_mse", "task")
 
 
-def _difficulty(res: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def _difficulty(res: np.ndarray, X: np.ndarray, signs=None) -> tuple[np.ndarray, np.ndarray, float]:
     """(gene scale (G,), log-mse coefficients (one per column of X), smearing factor) fitted on residuals res (N, G)."""
     gene_scale = np.sqrt((res**2).mean(0))
     gene_scale = np.maximum(gene_scale, 1e-3 * np.median(gene_scale) + 1e-8)  # no zero scale
     y = np.log(np.maximum((res**2).mean(1), 1e-12))
-    coef = _least_squares(X, y)
+    coef = _least_squares(X, y, signs)
     return gene_scale, coef, float(np.exp(y - X @ coef).mean())
 
 
-def _least_squares(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients of y on X's columns (column 0: the intercept). A column that does
-    not vary (one dose, or every molecule seen) gets 0: the data say nothing of it, so a query
-    where it differs is read like the calibration conditions, not extrapolated."""
+def _least_squares(X: np.ndarray, y: np.ndarray, signs=None) -> np.ndarray:
+    """Least-squares coefficients of y on X's columns (column 0: the intercept), each of sign
+    `signs[j]` (+1 >= 0, -1 <= 0, 0 free; default all free). A column that does not vary (one
+    dose, or every molecule seen) gets 0: the data say nothing of it, so a query where it differs
+    is read like the calibration conditions, not extrapolated."""
+    from scipy.optimize import lsq_linear
+
     varies = np.ptp(X, axis=0) > 0
     varies[0] = True
+    signs = np.zeros(X.shape[1]) if signs is None else np.asarray(signs)[varies]
     coef = np.zeros(X.shape[1])
-    coef[varies] = np.linalg.lstsq(X[:, varies], y, rcond=None)[0]
+    if not signs.any():
+        coef[varies] = np.linalg.lstsq(X[:, varies], y, rcond=None)[0]
+        return coef
+    lower = np.where(signs > 0, 0.0, -np.inf)
+    upper = np.where(signs < 0, 0.0, np.inf)
+    coef[varies] = lsq_linear(X[:, varies], y, bounds=(lower, upper)).x
     return coef
 
 
@@ -251,7 +263,7 @@ def _chosen_columns(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_folds: i
         sse = 0.0
         for f in np.unique(fold):
             inner = fold != f
-            coef = _least_squares(X[inner][:, cols], y[inner])
+            coef = _least_squares(X[inner][:, cols], y[inner], SIGNS[cols])
             sse += float(((X[~inner][:, cols] @ coef - y[~inner]) ** 2).sum())
         errors.append(sse)
     return candidates[int(np.argmin(errors))]
@@ -286,7 +298,7 @@ def fit_calibration(oof: OutOfFold, task: str = "", training_smiles=None) -> Cal
     X = difficulty_features(oof.pred, oof.control, oof.dose, oof.similarity)
     groups = np.zeros(len(res)) if oof.group is None else np.asarray(oof.group)
     cols = _chosen_columns(X, np.log(np.maximum((res**2).mean(1), 1e-12)), groups)
-    _, chosen, smear = _difficulty(res, X[:, cols])
+    _, chosen, smear = _difficulty(res, X[:, cols], SIGNS[cols])
     coef = np.zeros(X.shape[1])
     coef[cols] = chosen
     Xs = X[:, :SCALE_FEATURES]
