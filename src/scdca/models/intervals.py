@@ -248,15 +248,19 @@ def _least_squares(X: np.ndarray, y: np.ndarray, signs=None) -> np.ndarray:
 
 def _chosen_columns(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_folds: int = 5) -> list[int]:
     """The columns of X (`BASE_FEATURES` plus a subset of `OPTIONAL_FEATURES`) whose least-squares
-    fit of y predicts y best on held-out groups (up to `n_folds` folds of the groups; every column
-    with fewer than 2 groups)."""
+    fit of y predicts y best on held-out groups (`n_folds` folds of the groups).
+
+    With fewer groups than folds (a line task's two calibration lines) every column is read: a
+    fold would then hold out a whole line, and a feature that differs between lines but not within
+    one (`train_mean`'s predicted change) would never be chosen, though it is what says which
+    line is hard."""
     names = np.unique(groups)
     candidates = [
         sorted(BASE_FEATURES + extra) for extra in ((), *((f,) for f in OPTIONAL_FEATURES), OPTIONAL_FEATURES)
     ]
-    if len(names) < 2:
+    if len(names) < n_folds:
         return candidates[-1]
-    deal = dict(zip(np.random.default_rng(36).permutation(names), np.arange(len(names)) % min(n_folds, len(names))))
+    deal = dict(zip(np.random.default_rng(36).permutation(names), np.arange(len(names)) % n_folds))
     fold = np.array([deal[g] for g in groups])
     errors = []
     for cols in candidates:
