@@ -255,9 +255,8 @@ def _chosen_columns(X: np.ndarray, y: np.ndarray, groups: np.ndarray, n_folds: i
     one (`train_mean`'s predicted change) would never be chosen, though it is what says which
     line is hard."""
     names = np.unique(groups)
-    candidates = [
-        sorted(BASE_FEATURES + extra) for extra in ((), *((f,) for f in OPTIONAL_FEATURES), OPTIONAL_FEATURES)
-    ]
+    change, curvature = OPTIONAL_FEATURES
+    candidates = [sorted(BASE_FEATURES + extra) for extra in ((), (change,), (curvature,), (change, curvature))]
     if len(names) < n_folds:
         return candidates[-1]
     deal = dict(zip(np.random.default_rng(36).permutation(names), np.arange(len(names)) % n_folds))
@@ -285,8 +284,9 @@ SCALE_FEATURES = 2  # the interval scale reads 1 and log dose only (DECISIONS.md
 def fit_calibration(oof: OutOfFold, task: str = "", training_smiles=None) -> Calibration:
     """Fit the difficulty models and the conformal regressor on out-of-fold predictions.
 
-    Two log-linear fits of a condition's out-of-fold mse: on every difficulty feature for the
-    expected mse, and on the first `SCALE_FEATURES` (1, log dose) for the interval scale. The
+    Two log-linear fits of a condition's out-of-fold mse: on the difficulty features that
+    `_chosen_columns` picks for the expected mse (their coefficients of sign `SIGNS`), and on
+    the first `SCALE_FEATURES` (1, log dose) for the interval scale. The
     scale leaves out the size of the predicted change because the refits that calibrate predict
     changes of another size than the model fitted on all training data (c3tl's refits on half the
     pairs predict 40% larger ones), which would shift every test scale; the dose is the query's.

@@ -145,8 +145,8 @@ class ScDCARouted(PerturbationModel):
     def new_molecule_out_of_fold(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """(condition ids (N,), (N, G) predictions, (N,) fold) of the training conditions made by the
         shrinkage folds' models (fold f's trained on the other folds' drugs), combined with the
-        chosen weights: what this model
-        predicts for a new molecule, at no extra fit (`scdca.models.intervals` calibrates on it).
+        chosen weights: what this model predicts for a new molecule, at no extra fit
+        (`scdca.models.intervals` calibrates on it).
         None when no folds ran (too few drugs, a fixed `new_shrinkage`, or a loaded model)."""
         weights = self.weights_
         oof = getattr(self, "_oof", None)
