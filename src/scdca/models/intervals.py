@@ -63,12 +63,13 @@ BASE_FEATURES = (0, 1, 3)  # 1, log dose, similarity: always read
 SIGNS = np.array([0, 1, 1, -1, 0])
 
 
-def training_similarity(smiles, training_smiles) -> np.ndarray:
-    """(N,) each molecule's max Tanimoto similarity (Morgan r=2, 2048 bits) to `training_smiles`."""
+def nearest_training(training_smiles) -> Callable:
+    """smiles (N,) -> (N,) each molecule's max Tanimoto similarity (Morgan r=2, 2048 bits) to
+    `training_smiles`, whose fingerprints are computed once (`NearestTraining`)."""
     from scdca.chem.molecules import NearestTraining
 
-    train = {str(i): str(s) for i, s in enumerate(training_smiles)}
-    return np.asarray(NearestTraining(train).query([str(s) for s in smiles])[0], float)
+    nearest = NearestTraining({str(i): str(s) for i, s in enumerate(training_smiles)})
+    return lambda smiles: np.asarray(nearest.query([str(s) for s in smiles])[0], float)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Calibration:
     scale_smear: float | None = None
     training_smiles: np.ndarray | None = None  # (T,) the molecules the calibrated model trained on
     _regressor: object = field(default=None, repr=False, compare=False)
+    _similarity: Callable | None = field(default=None, repr=False, compare=False)  # built on first use
 
     def __post_init__(self):
         from crepes import ConformalRegressor
@@ -123,7 +125,9 @@ class Calibration:
                     "smiles: None; this calibration's expected error reads each molecule's similarity "
                     "to the training molecules: pass the predicted conditions' SMILES"
                 )
-            similarity = training_similarity(smiles, self.training_smiles)
+            if self._similarity is None:  # the training fingerprints once, not per screen batch
+                self._similarity = nearest_training(self.training_smiles)
+            similarity = self._similarity(smiles)
         return np.exp(difficulty_features(pred, control, dose, similarity)[:, : len(coef)] @ coef) * self.smear
 
     def scale(self, pred, control, dose) -> np.ndarray:
@@ -444,7 +448,7 @@ def _held_out(train: PerturbationData, ids, pred, k: int, task: str, seen) -> Ou
     cond = held.conditions
     top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
     control = held.control_for(cond["cell_line"])
-    similarity = training_similarity(cond["smiles"], list(seen))
+    similarity = nearest_training(seen)(cond["smiles"])
     return OutOfFold(pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, task), similarity)
 
 
