@@ -38,6 +38,7 @@ PRETRAIN = {
 
 def add_commands(sub) -> None:
     from scdca.data.splits import ALL_TASKS
+    from scdca.models import RECOMMENDED
     from scdca.models.base import savable_models
     from scdca.nn.pretrain import PretrainConfig
 
@@ -51,8 +52,8 @@ def add_commands(sub) -> None:
     tr = Command(sub, "train", cmd_train, help="train scDCA (or another savable model) on every condition and save it")
     tr.add("--data", required=True)
     tr.add("--out", required=True, help="model folder (resumes from out/checkpoint)")
-    tr.add("--model", default="scdca_routed", help=f"one of {', '.join(savable_models())}; scdca_routed (default) "
-           "is the recommended model, scdca the paper's adapter")  # fmt: skip
+    tr.add("--model", default=RECOMMENDED, help=f"one of {', '.join(savable_models())}; {RECOMMENDED} (default) "
+           "is the recommended model (experts chosen out of fold), scdca the paper's adapter")  # fmt: skip
     tr.add("--n-top-genes", type=int, default=None)
     tr.add("--intervals", default="unseen_drug", choices=[*ALL_TASKS, "none"],
            help="calibrate prediction intervals for this kind of new prediction (refits the model on the "
@@ -138,6 +139,8 @@ def cmd_train(args) -> None:
         cells_per_condition=cls.cells_per_condition, control_cells_per_line=cls.control_cells_per_line,
     )  # fmt: skip
     options = model_options(args)
+    if "task" in cls.options and args.intervals != "none":  # scdca_stack: its folds mimic the calibrated task
+        options["task"] = args.intervals
     model = _build(cls, options, progress=not args.quiet, checkpoint_dir=f"{args.out}/checkpoint")
     model.fit(data)
     if not _main_process():  # one of several torchrun processes: rank 0 calibrates, writes and reports
@@ -147,6 +150,8 @@ def cmd_train(args) -> None:
     _save_calibration(args.out, calibration)
     write_command(args)
     c = model.cost()
+    if hasattr(model, "describe"):
+        print(f"{args.model}: {model.describe()}")
     extra = f", {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}" if "epochs_run" in c else ""
     extra += f", {c['mode']} mode" if "mode" in c else ""
     print(
@@ -173,8 +178,9 @@ def _build(cls, options: dict, *, progress: bool, checkpoint_dir):
     also takes progress and a checkpoint folder), the ones it declares for the others."""
     from scdca.models.scdca.model import ScDCAModel
     from scdca.models.scdca.routed import ScDCARouted
+    from scdca.models.stack import ScDCAStack
 
-    if issubclass(cls, (ScDCAModel, ScDCARouted)):
+    if issubclass(cls, (ScDCAModel, ScDCARouted, ScDCAStack)):
         return cls(progress=progress, checkpoint_dir=checkpoint_dir, **options)
     return cls(**{k: v for k, v in options.items() if k in cls.options})
 

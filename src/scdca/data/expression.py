@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scdca.data.keys import SCALE_KEY, DataKeys
+from scdca.data.keys import CHANGE_SCALE, SCALE_KEY, DataKeys
 from scdca.errors import ScdcaInputError
 
 
@@ -46,8 +46,8 @@ def matrix_of(adata: ad.AnnData, keys: DataKeys):
     return X
 
 
-def checked_values(X, keys: DataKeys, rows: slice | None = None):
-    """X as float32 (CSR if sparse), refusing NaN/inf and negative values."""
+def checked_values(X, keys: DataKeys, rows: slice | None = None, *, changes: bool = False):
+    """X as float32 (CSR if sparse), refusing NaN/inf and (unless the values are `changes`) negative values."""
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     values = X.data if sp.issparse(X) else X
     where = ("X" if keys.layer is None else f"layers[{keys.layer!r}]") + (
@@ -58,7 +58,7 @@ def checked_values(X, keys: DataKeys, rows: slice | None = None):
         raise ScdcaInputError(
             f"{where}: expression contains {n} NaN or infinite value(s); remove or impute them before loading."
         )
-    if (values < 0).any():
+    if not changes and (values < 0).any():
         raise ScdcaInputError(
             f"{where}: expression contains {int((values < 0).sum())} negative values (min "
             f"{float(values.min()):.3g}); scdca needs raw "
@@ -73,7 +73,7 @@ def validated_matrix(adata: ad.AnnData, keys: DataKeys):
     X = matrix_of(adata, keys)
     if hasattr(X, "to_memory"):
         X = X.to_memory()
-    return checked_values(X, keys)
+    return checked_values(X, keys, changes=holds_changes(adata))
 
 
 def matrix_chunks(adata: ad.AnnData, keys: DataKeys, chunk_size: int):
@@ -82,7 +82,7 @@ def matrix_chunks(adata: ad.AnnData, keys: DataKeys, chunk_size: int):
     X = matrix_of(adata, keys)
     for start in range(0, adata.n_obs, chunk_size):
         rows = slice(start, min(start + chunk_size, adata.n_obs))
-        yield start, checked_values(X[rows], keys, rows)
+        yield start, checked_values(X[rows], keys, rows, changes=holds_changes(adata))
 
 
 HVG_SAMPLE_CELLS = 50_000  # cells that choose the highly variable genes when a file is streamed in chunks
@@ -91,12 +91,17 @@ HVG_SAMPLE_CELLS = 50_000  # cells that choose the highly variable genes when a 
 def sample_rows(adata: ad.AnnData, keys: DataKeys, n: int, seed: int):
     """A seeded random sample of up to n rows of the matrix (sorted, read in one pass)."""
     rows = np.sort(np.random.default_rng([seed, 7]).choice(adata.n_obs, min(n, adata.n_obs), replace=False))
-    return checked_values(matrix_of(adata, keys)[rows], keys)
+    return checked_values(matrix_of(adata, keys)[rows], keys, changes=holds_changes(adata))
 
 
 def says_log_scale(adata: ad.AnnData) -> bool:
-    """True when the file records that its values are already log-scale (uns[SCALE_KEY])."""
-    return str(adata.uns.get(SCALE_KEY, "")).startswith("log")
+    """True when the file records that its values are already log-scale or changes (uns[SCALE_KEY])."""
+    return str(adata.uns.get(SCALE_KEY, "")).startswith("log") or holds_changes(adata)
+
+
+def holds_changes(adata: ad.AnnData) -> bool:
+    """True when every profile is a change already (LINCS levels 4-5: the reference is zero)."""
+    return str(adata.uns.get(SCALE_KEY, "")) == CHANGE_SCALE
 
 
 def looks_like_counts(X) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 CONTROL_NAMES = ("control", "dmso", "vehicle", "ctrl")
 SCALE_KEY = "expression_scale"  # uns key a reader sets when values are already log-scale ('log2' for LINCS)
+CHANGE_SCALE = "change"  # SCALE_KEY value of data whose profiles are changes already (LINCS levels 4-5): reference 0
 TRUTH_KEY = "scdca_truth"
 
 

@@ -1,156 +1,71 @@
-"""LINCS L1000 files (GCT v1.2/v1.3 text, GCTX HDF5) as AnnData in the project's conventions.
+"""LINCS L1000 files as AnnData in the project's conventions: every schema, levels 3-5, many plates.
 
-Level 3 files hold one column per well (quantile-normalised log2 expression, landmark genes
-as rows) and per-well metadata (`pert_id`, `pert_type`, `pert_dose`, ...). `read_lincs` turns
-one into wells x genes AnnData with obs under `DataKeys` names, so `scdca.data.load` treats a
-plate like any pseudobulk file: each well is one "cell" of its condition.
+Level 3 files hold one column per well (quantile-normalised log2 expression, landmark genes as
+rows) and per-well metadata (`pert_id`, `pert_type`, `pert_dose`, ...). `read_lincs` turns them
+into wells x genes AnnData with obs under `DataKeys` names, so `scdca.data.load` treats a plate
+like any pseudobulk file: each well is one "cell" of its condition. With several plates of one
+line, each well's change is taken against its own plate's vehicle wells.
 
-Why not cmapPy (checked with the pinned numpy 2.4 / pandas 2.3): its GCT parser works but
-relies on `pd.to_numeric(errors="ignore")`, deprecated and due to raise in pandas 3; its GCTX
-writer fails on numpy 2 (`np.string_`) and, patched, on a real plate whose column metadata
-has an `id` field. The formats are small, so we read them here (DECISIONS.md D29).
+Levels 4 (z-scores of each well against its plate) and 5 (consensus signatures) are changes
+already: they load as change-space data, with a zero reference per line and no vehicle wells.
+
+The older CMap field names (`exp_pert_dose`, `pert_desc`, ...) and the CMap 2020 ones
+(`cell_iname`, `cmap_name`) are read as the LINCS 2017 names (`FIELDS`). The file formats
+themselves are read by `scdca.data.gct`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scdca import storage
-from scdca.data.keys import SCALE_KEY, DataKeys
+from scdca.data.gct import (  # noqa: F401  (read_gct_table, write_gctx: public here as before)
+    MISSING,
+    gctx_metadata,
+    missing_as_na,
+    read_gct_table,
+    read_gctx_matrix,
+    write_gctx,
+)
+from scdca.data.keys import CHANGE_SCALE, SCALE_KEY, DataKeys
 from scdca.errors import ScdcaInputError, reason
 
 log = logging.getLogger(__name__)
 
 LINCS_SUFFIXES = (".gct", ".gctx")
-MISSING = ("-666", "-666.0", "nan", "na", "")  # the LINCS pipeline writes -666 for "not applicable"
+# canonical (LINCS 2017) field <- the names other schemas give it, first found wins
+FIELDS = {
+    "pert_id": ("pert_id",),
+    "pert_iname": ("pert_iname", "cmap_name", "pert_desc"),
+    "pert_type": ("pert_type",),
+    "pert_dose": ("pert_dose", "exp_pert_dose"),
+    "pert_dose_unit": ("pert_dose_unit", "exp_pert_dose_unit"),
+    "pert_idose": ("pert_idose",),
+    "pert_time": ("pert_time", "exp_pert_time"),
+    "pert_time_unit": ("pert_time_unit", "exp_pert_time_unit"),
+    "pert_itime": ("pert_itime",),
+    "cell_id": ("cell_id", "cell_iname", "cell_mfc_name"),
+    "plate": ("rna_plate", "det_plate", "plate"),
+}
+COLUMN_IDS = ("inst_id", "sig_id", "distil_id", "cid", "id")  # a companion table's column-id field
+LEVELS = ("auto", "3", "4", "5")
 COMPOUND_ID_LEN = 13  # 'BRD-K05870596-001-01-5' -> 'BRD-K05870596': the compound, without batch/salt
 DOSE_TO_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micromolar": 1.0, "nm": 1e-3, "pm": 1e-6, "mm": 1e3, "m": 1e6}
 
 
-def is_lincs(path: str | os.PathLike) -> bool:
-    """True for a .gct or .gctx path (the format is chosen by extension)."""
+def is_lincs(path) -> bool:
+    """True for a .gct or .gctx path, a list of them, or a folder holding them (chosen by extension)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return bool(path) and all(is_lincs(p) for p in path)
+    if Path(path).is_dir():
+        return any(str(f).lower().endswith(LINCS_SUFFIXES) for f in Path(path).iterdir())
     return str(path).lower().endswith(LINCS_SUFFIXES)
-
-
-def read_gct_table(path: str | os.PathLike) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
-    """The matrix (genes, wells), row metadata (genes) and column metadata (wells) of a GCT or GCTX file.
-
-    Metadata values stay strings; '-666' and 'na' become missing.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ScdcaInputError(f"data: LINCS file {str(path)!r} does not exist; pass the path of a .gct or .gctx file")
-    if path.suffix.lower() == ".gctx":
-        return _read_gctx(path)
-    return _read_gct(path)
-
-
-def _bad(path, problem: str) -> ScdcaInputError:
-    return ScdcaInputError(
-        f"data: {str(path)!r} is not a readable GCT file ({problem}); pass a level 3 .gct (v1.2 or "
-        f"v1.3) or .gctx file as the LINCS pipeline writes it"
-    )
-
-
-def _read_gct(path: Path):
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        version = fh.readline().strip()
-        if version not in ("#1.2", "#1.3"):
-            raise _bad(path, f"first line is {version[:20]!r}, expected '#1.3' or '#1.2'")
-        dims = fh.readline().split()
-        try:
-            dims = [int(x) for x in dims]
-        except ValueError:
-            raise _bad(path, f"second line {' '.join(dims)[:40]!r} does not hold the table's sizes") from None
-        if version == "#1.2":
-            if len(dims) < 2:
-                raise _bad(path, "second line needs the numbers of rows and columns")
-            n_rows, n_cols, n_rmeta, n_cmeta = dims[0], dims[1], 1, 0  # 'Name', 'Description', samples...
-        else:
-            if len(dims) != 4:
-                raise _bad(
-                    path,
-                    f"second line has {len(dims)} numbers, v1.3 needs 4 (rows, columns, row and "
-                    f"column metadata fields)",
-                )
-            n_rows, n_cols, n_rmeta, n_cmeta = dims
-        header = fh.readline().rstrip("\n\r").split("\t")
-        if len(header) != 1 + n_rmeta + n_cols:
-            raise _bad(path, f"header has {len(header)} fields, expected 1 + {n_rmeta} + {n_cols} from its second line")
-        col_ids = header[1 + n_rmeta :]
-        col_meta = {}
-        for i in range(n_cmeta):
-            fields = fh.readline().rstrip("\n\r").split("\t")
-            if len(fields) != len(header):
-                raise _bad(
-                    path,
-                    f"column metadata row {i + 1} of {n_cmeta} has {len(fields)} fields, expected "
-                    f"{len(header)} (metadata rows missing?)",
-                )
-            col_meta[fields[0]] = fields[1 + n_rmeta :]
-        body = pd.read_csv(
-            fh, sep="\t", header=None, dtype=str, keep_default_na=False, na_filter=False, quoting=3, engine="c"
-        )
-    if body.shape != (n_rows, len(header)):
-        raise _bad(path, f"data block is {body.shape[0]} x {body.shape[1]}, expected {n_rows} x {len(header)}")
-    try:
-        X = body.iloc[:, 1 + n_rmeta :].to_numpy().astype(np.float32)
-    except ValueError as err:
-        raise _bad(path, f"non-numeric expression value ({reason(err, 80)})") from None
-    rows = pd.DataFrame(
-        {h: body.iloc[:, 1 + j].to_numpy() for j, h in enumerate(header[1 : 1 + n_rmeta])},
-        index=pd.Index(body.iloc[:, 0].to_numpy(), name="id"),
-    )
-    cols = pd.DataFrame(col_meta, index=pd.Index(col_ids, name="id"))
-    return X, _missing(rows), _missing(cols.drop(columns=["id"], errors="ignore"))
-
-
-def _read_gctx(path: Path):
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            try:
-                matrix = f["0/DATA/0/matrix"]
-                row_ids, col_ids = _strings(f["0/META/ROW/id"][()]), _strings(f["0/META/COL/id"][()])
-                rows = {k: _strings(v[()]) for k, v in f["0/META/ROW"].items() if k != "id"}
-                cols = {k: _strings(v[()]) for k, v in f["0/META/COL"].items() if k != "id"}
-            except KeyError as err:
-                raise _bad(
-                    path,
-                    f"missing HDF5 node ({reason(err, 80)}); a GCTX holds /0/DATA/0/matrix and "
-                    f"/0/META/ROW, /0/META/COL",
-                ) from None
-            if matrix.shape != (len(col_ids), len(row_ids)):
-                raise _bad(
-                    path, f"matrix is {matrix.shape}, expected (columns, rows) = ({len(col_ids)}, {len(row_ids)})"
-                )
-            X = np.asarray(matrix[()], dtype=np.float32).T  # stored wells x genes; (genes, wells) like GCT
-    except OSError as err:
-        raise _bad(path, f"HDF5: {reason(err, 80)}") from None
-    return (
-        X,
-        _missing(pd.DataFrame(rows, index=pd.Index(row_ids, name="id"))),
-        _missing(pd.DataFrame(cols, index=pd.Index(col_ids, name="id"))),
-    )
-
-
-def _strings(values) -> np.ndarray:
-    values = np.asarray(values).ravel()
-    if values.dtype.kind in ("S", "O"):
-        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
-    return values.astype(str).astype(object)
-
-
-def _missing(df: pd.DataFrame) -> pd.DataFrame:
-    """'-666' and 'na' as missing values (strings otherwise)."""
-    return df.astype(str).apply(lambda col: col.where(~col.str.strip().str.lower().isin(MISSING)))
 
 
 def read_compounds(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
@@ -178,8 +93,8 @@ def read_compounds(path: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     ids = [lower[c] for c in ("pert_id", "pert_iname", "name", "drug") if c in lower]
     if smi is None or not ids:
         raise ScdcaInputError(
-            f"compounds: the table has columns {list(table.columns)!r}; it needs a 'smiles' "
-            f"column and a 'pert_id' or 'pert_iname' column"
+            f"compounds: the table has columns {list(table.columns)[:12]!r}; it needs a 'smiles' (or "
+            f"'canonical_smiles') column and a 'pert_id' or 'pert_iname' column"
         )
     keys = []
     for col in ids:
@@ -196,7 +111,8 @@ def dose_in_um(dose: pd.Series, unit: pd.Series | None) -> np.ndarray:
 
     Also reads doses written with their unit, as `pert_idose` holds them ('10 uM', '500 nM').
     """
-    text = dose.astype(str).str.strip()
+    # the micro sign as files write it: 'µ' (latin-1 or utf-8), 'μ' (Greek mu), or the text '<b5>'
+    text = dose.astype(str).str.strip().str.replace("<b5>", "µ", regex=False)
     parts = text.str.extract(r"^\s*([-+0-9.eE]+)\s*([A-Za-zµμ]*)\s*$")
     value = pd.to_numeric(parts[0], errors="coerce")
     own = parts[1].fillna("").str.lower()
@@ -208,90 +124,339 @@ def dose_in_um(dose: pd.Series, unit: pd.Series | None) -> np.ndarray:
 
 
 def read_lincs(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     compounds: str | os.PathLike | pd.DataFrame | None = None,
     keys: DataKeys = DataKeys(),
+    level: str | int = "auto",
+    col_meta: str | os.PathLike | None = None,
+    cell_id: str | Sequence[str] | None = None,
+    pert_time: str | float | Sequence | None = None,
+    pert_id: str | Sequence[str] | None = None,
+    plates: str | Sequence[str] | None = None,
+    genes: str | Sequence[str] | None = None,
 ) -> ad.AnnData:
-    """Read a LINCS L1000 level 3 plate (GCT or GCTX) as wells x genes AnnData.
+    """Read LINCS L1000 files (GCT or GCTX; one, a list, or a folder of them) as wells x genes AnnData.
 
-    Vehicle wells (`pert_type == 'ctl_vehicle'`) become controls; compound wells (`trt_cp`)
-    are kept when their compound has a structure; positive controls and every other well
-    type are dropped. A compound is the first 13 characters of `pert_id`; it is named by
-    `pert_iname` where that is unique to it. Doses are converted to uM; cell lines come from
-    `cell_id` (with the time appended, e.g. 'A375_24h', when a file holds several times).
+    Level 3: vehicle wells (`pert_type` 'ctl_vehicle') become controls; compound wells (`trt_cp`)
+    are kept when their compound has a structure; other well types are dropped. Where a line has
+    several plates, each well is re-referenced to its own plate's vehicle wells (its change from
+    them is kept; the line's control is the mean over its plates' vehicle means), so a plate
+    effect does not read as a drug effect; a plate without vehicle wells is refused.
+    Levels 4 and 5: every profile is a change; they load as change-space data
+    (uns['expression_scale'] = 'change', one zero reference row per line, vehicle wells dropped).
+    A compound is the first 13 characters of `pert_id`, named by `pert_iname` where that is
+    unique to it, one drug across plates; doses in uM; cell lines from `cell_id` (with the time
+    appended, e.g. 'A375_24h', when the wells have several times).
 
     Args:
-        path: a .gct (v1.2/v1.3) or .gctx file.
-        compounds: CSV/TSV path (or DataFrame) mapping `pert_id` or `pert_iname` to `smiles`;
-            None takes SMILES from a `canonical_smiles`/`smiles` column metadata field.
+        path: a .gct (v1.2/v1.3) or .gctx file, a list of them, or a folder holding them.
+        compounds: CSV/TSV (gzipped or not; the LINCS perturbagen table as it ships) or DataFrame
+            mapping `pert_id` or `pert_iname` to `smiles` or `canonical_smiles`; None takes SMILES
+            from the files' metadata.
         keys: obs names to write (the defaults are what `scdca.data.load` reads).
+        level: 3, 4, 5 or 'auto' (from the values and metadata: negative values mean changes, and
+            consensus fields such as `distil_nsample` or signature ids 'PLATE:PERT:DOSE' mean 5).
+        col_meta: a companion table (`inst_info`, `siginfo_beta`, ...) joined on the column id,
+            for files whose matrix carries no well metadata; its fields fill the missing ones.
+        cell_id, pert_time, pert_id, plates: keep only these lines, times (24, '24h'), compounds
+            (full or 13-character ids) and plates; from a GCTX only their columns are read.
+        genes: 'landmark' (rows with `pr_is_lm`/`is_lm` 1) or a list of row ids or symbols.
 
     Returns:
-        AnnData: X = the file's log2 values (float32), var_names = gene symbols (`pr_gene_symbol`
-        where unique, else row ids) with the row metadata in var, obs = the wells' metadata plus
-        keys.cell_line, keys.drug, keys.smiles, keys.dose (uM), keys.control;
-        uns['expression_scale'] = 'log2' (so `load` never treats the values as counts).
+        AnnData: X = the files' values (float32), var_names = gene symbols (`pr_gene_symbol`
+        where unique, else row ids), obs = the wells' metadata plus keys.cell_line, keys.drug,
+        keys.smiles, keys.dose (uM), keys.control and `plate`; uns['lincs'] records the level,
+        the files, the wells read and kept and which field names were read (`fields`).
 
     Example:
         >>> a = scdca.read_lincs("LJP009.gct", compounds="LJP009_compounds.csv")
     """
-    X, rows, cols = read_gct_table(path)
-    where = f"data: {str(path)!r}"
-    is_ctrl, is_cpd = _well_types(cols, where)
-    compound_id = cols["pert_id"].fillna("").str.strip().str[:COMPOUND_ID_LEN]
-    iname = cols["pert_iname"].fillna("").str.strip() if "pert_iname" in cols else pd.Series("", index=cols.index)
-    smiles = _well_smiles(cols, compound_id, iname, compounds, where)
+    files = lincs_files(path)
+    select = {"cell_id": cell_id, "pert_time": pert_time, "pert_id": pert_id, "plates": plates}
+    parts = [_read_one(f, col_meta, select, genes) for f in files]
+    X, rows, cols, fields = _joined(parts, files)
+    level = _level(X, cols, level, files)
+    table = read_compounds(compounds) if compounds is not None else None
+    adata = _wells(X, rows, cols, level, table, keys, where=_where(files))
+    adata.uns["lincs"].update(
+        {"files": [os.path.basename(str(f)) for f in files], "level": int(level), "fields": fields}
+    )
+    return adata
+
+
+def lincs_files(path) -> list[Path]:
+    """The LINCS files `path` names: one file, a list of files, or the .gct/.gctx files of a folder."""
+    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if is_lincs(f))
+            if not found:
+                raise ScdcaInputError(f"data: folder {str(p)!r} holds no .gct or .gctx file; pass a folder of plates")
+            files += found
+        elif not p.is_file():
+            raise ScdcaInputError(f"data: LINCS file {str(p)!r} does not exist; pass the path of a .gct or .gctx file")
+        else:
+            files.append(p)
+    return files
+
+
+def _where(files: list[Path]) -> str:
+    return f"data: {str(files[0])!r}" if len(files) == 1 else f"data: {len(files)} files ({files[0].name}, ...)"
+
+
+def _read_one(path: Path, col_meta, select: dict, genes):
+    """(wells x genes X, row metadata, canonical column metadata, fields read) of one file, selected."""
+    if path.suffix.lower() == ".gctx":
+        cols = gctx_metadata(path, "COL")
+        rows = gctx_metadata(path, "ROW")
+        X = None
+    else:
+        X, rows, cols = read_gct_table(path)
+        X = X.T
+    cols = _with_companion(cols, col_meta, path)
+    cols, fields = canonical_fields(cols)
+    if "plate" not in cols or cols["plate"].isna().all():
+        ids = cols.index.to_series().astype(str)
+        cols["plate"] = ids.str.split(":").str[0].where(ids.str.contains(":"), path.stem)
+    keep_cols = np.flatnonzero(_selected(cols, select, path))
+    keep_rows = _gene_rows(rows, genes, path)
+    if X is None:
+        X = read_gctx_matrix(path, keep_cols, keep_rows)
+    else:
+        X = X[keep_cols][:, keep_rows]
+    cols = cols.iloc[keep_cols].astype(object)
+    return X, rows.iloc[keep_rows], cols, fields
+
+
+def canonical_fields(cols: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Column metadata with the LINCS 2017 field names (`FIELDS`) and lower-case `pert_type`;
+    returns it and {canonical name: the file's name it was read from}."""
+    cols = cols.copy()
+    fields = {}
+    for name, aliases in FIELDS.items():
+        source = next((a for a in aliases if a in cols.columns and cols[a].notna().any()), None)
+        if source is not None:
+            fields[name] = source
+            cols[name] = cols[source]
+    if "pert_type" in cols:
+        cols["pert_type"] = cols["pert_type"].astype(object).str.strip().str.lower()
+    return cols, fields
+
+
+def _with_companion(cols: pd.DataFrame, col_meta, path: Path) -> pd.DataFrame:
+    """The matrix's column metadata, its missing fields filled from the companion table `col_meta`."""
+    if col_meta is None:
+        return cols
+    try:
+        table = pd.read_csv(col_meta, sep=None, engine="python", dtype=str, keep_default_na=False)
+    except Exception as err:
+        raise ScdcaInputError(f"col_meta: {str(col_meta)!r} is not a readable CSV/TSV ({reason(err, 120)})") from None
+    key = next((c for c in COLUMN_IDS if c in table.columns), None)
+    if key is None:
+        raise ScdcaInputError(
+            f"col_meta: {str(col_meta)!r} has no column-id field (one of {', '.join(COLUMN_IDS)}; it has "
+            f"{list(table.columns)[:8]!r}); pass the inst_info or sig_info table that came with the matrix"
+        )
+    table = missing_as_na(table.drop_duplicates(key).set_index(key))
+    found = cols.index.isin(table.index)
+    if not found.any():
+        raise ScdcaInputError(
+            f"col_meta: none of {str(path)!r}'s column ids (e.g. {list(cols.index[:2])!r}) is in its {key!r} "
+            f"field; pass the table that describes this matrix's columns"
+        )
+    extra = table.reindex(cols.index)
+    merged = cols.copy()
+    for field in extra.columns:
+        merged[field] = merged[field].where(merged[field].notna(), extra[field]) if field in merged else extra[field]
+    return merged
+
+
+def _selected(cols: pd.DataFrame, select: dict, path: Path) -> np.ndarray:
+    """(n_columns,) True for the columns the selection keeps."""
+    keep = np.ones(len(cols), dtype=bool)
+    tests = {
+        "cell_id": lambda v: cols.get("cell_id", pd.Series(index=cols.index, dtype=object)).astype(str),
+        "pert_time": lambda v: _times(cols).astype(str),
+        "plates": lambda v: cols["plate"].astype(str),
+    }
+    for name, value in select.items():
+        if value is None:
+            continue
+        wanted = [value] if isinstance(value, (str, int, float)) else list(value)
+        if name == "pert_time":
+            wanted = [f"{float(str(w).lower().rstrip('h ')):g}h" for w in wanted]
+        if name == "pert_id":
+            pid = cols.get("pert_id", pd.Series(index=cols.index, dtype=object)).astype(str)
+            keep &= pid.isin(wanted) | pid.str[:COMPOUND_ID_LEN].isin(wanted) | (cols["pert_type"] == "ctl_vehicle")
+            continue
+        keep &= tests[name](value).isin([str(w) for w in wanted]).to_numpy()
+    if not keep.any():
+        log.info("lincs: %s: no column matches the selection %s", path.name, {k: v for k, v in select.items() if v})
+    return keep
+
+
+def _gene_rows(rows: pd.DataFrame, genes, path: Path) -> np.ndarray:
+    if genes is None:
+        return np.arange(len(rows))
+    if isinstance(genes, str) and genes == "landmark":
+        field = next((f for f in ("pr_is_lm", "is_lm") if f in rows), None)
+        if field is None:
+            raise ScdcaInputError(
+                f"genes: 'landmark' needs a pr_is_lm (or is_lm) row field, which {str(path)!r} lacks; pass the "
+                f"landmark genes' row ids as a list instead"
+            )
+        return np.flatnonzero(rows[field].astype(str).str.strip().isin(["1", "1.0", "True", "true"]).to_numpy())
+    wanted = [genes] if isinstance(genes, str) else list(genes)
+    symbols = rows.get("pr_gene_symbol", pd.Series(index=rows.index, dtype=object)).astype(str)
+    hit = rows.index.isin(wanted) | symbols.isin(wanted).to_numpy()
+    if not hit.any():
+        raise ScdcaInputError(f"genes: none of {wanted[:5]!r} is a row id or pr_gene_symbol of {str(path)!r}")
+    return np.flatnonzero(hit)
+
+
+def _joined(parts, files: list[Path]):
+    """One (X, rows, cols, fields) from several files; their genes must be the same."""
+    X0, rows0, _, fields = parts[0]
+    for (_, rows, _, _), f in zip(parts[1:], files[1:]):
+        if not rows.index.equals(rows0.index):
+            differ = len(set(rows.index) ^ set(rows0.index))
+            raise ScdcaInputError(
+                f"data: {f.name!r} has other genes than {files[0].name!r} ({differ} row ids differ, or their order); "
+                f"plates read together must share their rows: pass genes='landmark' (--lincs-genes landmark) or "
+                f"read them apart"
+            )
+    X = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else X0
+    cols = pd.concat([p[2] for p in parts])
+    if cols.index.duplicated().any():
+        raise ScdcaInputError(
+            f"data: column id {cols.index[cols.index.duplicated()][0]!r} is in more than one file; pass each plate once"
+        )
+    for p in parts[1:]:
+        fields = {**p[3], **fields}
+    return X, rows0, cols, fields
+
+
+def _level(X: np.ndarray, cols: pd.DataFrame, level, files) -> int:
+    """3 (expression), 4 (z-scores per well) or 5 (consensus signatures): given, or read from the files."""
+    if str(level) not in LEVELS:
+        raise ScdcaInputError(f"level: {level!r} is not one of {', '.join(LEVELS)} (LINCS data levels 3, 4, 5)")
+    if str(level) != "auto":
+        return int(level)
+    if X.size and float(np.nanmin(X)) >= 0:  # expression (log2); a plate without vehicle wells is then refused
+        return 3
+    signature = "distil_nsample" in cols or bool((cols.index.astype(str).str.count(":") >= 2).all())
+    return 5 if signature else 4
+
+
+def _wells(X, rows, cols, level: int, table, keys: DataKeys, where: str) -> ad.AnnData:
+    """The kept wells as AnnData: controls and compounds, re-referenced per plate (level 3) or
+    with a zero reference per line (levels 4-5)."""
+    is_ctrl, is_cpd = _well_types(cols, where, level)
+    compound_id = cols["pert_id"].fillna("").astype(str).str.strip().str[:COMPOUND_ID_LEN]
+    iname = cols["pert_iname"].fillna("").astype(str).str.strip() if "pert_iname" in cols else compound_id * 0
+    smiles = _well_smiles(cols, compound_id, iname, table, where)
     dose = _well_doses(cols, where)
-    keep, no_structure = _kept_wells(cols, is_ctrl, is_cpd, smiles, dose, compound_id, iname, compounds, where)
-    cell, time = _cell_lines(cols, keep)
+    keep, no_structure = _kept_wells(cols, is_ctrl, is_cpd, smiles, dose, compound_id, iname, table, where)
+    cell, time = _cell_lines(cols, keep, where)
     drug = _drug_names(compound_id, iname, keep & is_cpd)
     obs = cols.copy()
     obs[keys.cell_line] = cell.to_numpy()
     obs[keys.drug] = np.where(is_ctrl, "control", drug)
-    obs[keys.smiles] = np.where(is_ctrl, "", smiles.fillna("").to_numpy())
+    obs[keys.smiles] = np.where(is_ctrl, "", _one_structure(drug, smiles, keep & is_cpd))
     obs[keys.dose] = np.where(is_ctrl, 0.0, np.nan_to_num(dose))
     obs[keys.control] = is_ctrl
     obs["pert_time_h"] = time.to_numpy()
-    obs = obs.loc[keep]
-    var = _var(rows)
-    adata = ad.AnnData(X=np.ascontiguousarray(X[:, keep].T), obs=obs, var=var)
+    obs, X = obs.loc[keep], np.ascontiguousarray(X[keep], dtype=np.float32)
+    n_plates = 0
+    if level == 3:
+        X, n_plates = per_plate_reference(X, obs, keys, where)
+    else:
+        obs, X = _zero_reference(obs, X, keys)
+    adata = ad.AnnData(X=X, obs=obs, var=_var(rows))
     adata.obs_names = obs.index.astype(str)
-    adata.uns[SCALE_KEY] = "log2"
+    adata.uns[SCALE_KEY] = "log2" if level == 3 else CHANGE_SCALE
     adata.uns["lincs"] = {
-        "file": os.path.basename(str(path)),
         "n_wells_read": int(len(cols)),
         "n_wells_kept": int(keep.sum()),
         "n_vehicle": int(is_ctrl.sum()),
         "n_no_structure": int(no_structure.sum()),
+        "n_plates_rereferenced": int(n_plates),
     }
     log.info(
-        "lincs: %s: %d compound wells of %d compounds and %d vehicle wells x %d genes",
-        os.path.basename(str(path)),
+        "lincs: %s: level %d, %d compound wells of %d compounds and %d vehicle wells x %d genes",
+        where,
+        level,
         int((keep & is_cpd).sum()),
         len(set(drug[keep & is_cpd])),
-        int(is_ctrl.sum()),
+        int((keep & is_ctrl).sum()),
         adata.n_vars,
     )
     return adata
 
 
-def _well_types(cols: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]:
+def per_plate_reference(X: np.ndarray, obs: pd.DataFrame, keys: DataKeys, where: str) -> tuple[np.ndarray, int]:
+    """Wells of a line measured on several plates, each moved by (line reference - own plate's vehicle
+    mean), the line reference being the mean of its plates' vehicle means: a well's change from its
+    line's control is then its change from its own plate's vehicle wells. Lines on one plate are left
+    as read. Returns (X, plates re-referenced)."""
+    line, plate = obs[keys.cell_line].astype(str).to_numpy(), obs["plate"].astype(str).to_numpy()
+    ctrl = obs[keys.control].to_numpy(bool)
+    X = X.copy()
+    moved = 0
+    for name in np.unique(line):
+        in_line = line == name
+        plates = np.unique(plate[in_line])
+        if len(plates) < 2:
+            continue
+        empty = [p for p in plates if not (ctrl & in_line & (plate == p)).any()]
+        if empty:
+            raise ScdcaInputError(
+                f"{where}: plate(s) {empty[:3]!r} of line {name!r} have no vehicle wells (pert_type 'ctl_vehicle'); "
+                f"a level 3 plate's changes need its own DMSO wells: leave those plates out (plates=...)"
+            )
+        means = {p: X[ctrl & in_line & (plate == p)].astype(np.float64).mean(0) for p in plates}
+        reference = np.mean(list(means.values()), axis=0)
+        for p in plates:
+            rows = in_line & (plate == p)
+            X[rows] = (X[rows] + (reference - means[p])).astype(np.float32)
+        moved += len(plates)
+    return X, moved
+
+
+def _zero_reference(obs: pd.DataFrame, X: np.ndarray, keys: DataKeys) -> tuple[pd.DataFrame, np.ndarray]:
+    """Changes already (levels 4-5): drop vehicle wells, add one all-zero reference row per line."""
+    treated = ~obs[keys.control].to_numpy(bool)
+    obs, X = obs.loc[treated], X[treated]
+    lines = sorted(obs[keys.cell_line].astype(str).unique())
+    ref = pd.DataFrame(index=pd.Index([f"{line}:zero_reference" for line in lines]), columns=obs.columns, dtype=object)
+    ref[keys.cell_line], ref[keys.drug], ref[keys.smiles] = lines, "control", ""
+    ref[keys.dose], ref[keys.control] = 0.0, True
+    out = pd.concat([obs, ref])
+    out[keys.control] = out[keys.control].astype(bool)
+    out[keys.dose] = out[keys.dose].astype(float)
+    return out, np.vstack([X, np.zeros((len(lines), X.shape[1]), np.float32)])
+
+
+def _well_types(cols: pd.DataFrame, where: str, level: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Which wells are vehicle controls and which are compounds; the others are dropped (logged)."""
     need = [c for c in ("pert_id", "pert_type") if c not in cols.columns]
     if need:
         raise ScdcaInputError(
             f"{where} has no column metadata field(s) {need!r} (fields: {list(cols.columns)[:12]!r}); "
-            f"pass a level 3 LINCS file with its well annotations (pert_id, pert_type, pert_dose, "
-            f"cell_id)"
+            f"pass a LINCS file with its well annotations (pert_id, pert_type, pert_dose, cell_id), or its "
+            f"inst_info/sig_info table (--col-meta FILE)"
         )
-    ptype = cols["pert_type"].fillna("").str.strip().str.lower()
+    ptype = cols["pert_type"].fillna("").astype(str).str.strip().str.lower()
     is_ctrl = (ptype == "ctl_vehicle").to_numpy()
     is_cpd = (ptype == "trt_cp").to_numpy()
-    if not is_ctrl.any():
+    if level == 3 and not is_ctrl.any():
         raise ScdcaInputError(
             f"{where} has no vehicle wells (pert_type 'ctl_vehicle'; types present: "
-            f"{sorted(set(ptype))[:8]!r}); a plate needs its DMSO wells as the control"
+            f"{sorted(set(ptype))[:8]!r}); a level 3 plate needs its DMSO wells as the control (levels 4-5 "
+            f"need none: --lincs-level 4)"
         )
     dropped = ptype[~(is_ctrl | is_cpd)].value_counts()
     if len(dropped):
@@ -300,17 +465,21 @@ def _well_types(cols: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray]
             int(dropped.sum()),
             ", ".join(f"{n} {t or 'untyped'}" for t, n in dropped.items()),
         )
-
     return is_ctrl, is_cpd
 
 
 def _well_doses(cols: pd.DataFrame, where: str) -> np.ndarray:
-    """Each well's dose in uM (from pert_dose and its unit, or the pert_idose text)."""
+    """Each well's dose in uM: from pert_dose and its unit, else from the pert_idose text ('10 uM')."""
+    if "pert_dose" not in cols and "pert_idose" not in cols:
+        raise ScdcaInputError(
+            f"{where} has no pert_dose (or exp_pert_dose, pert_idose) metadata field; every compound well needs a dose"
+        )
+    dose = np.full(len(cols), np.nan)
     if "pert_dose" in cols:
-        return dose_in_um(cols["pert_dose"], cols.get("pert_dose_unit"))
-    elif "pert_idose" in cols:
-        return dose_in_um(cols["pert_idose"], None)
-    raise ScdcaInputError(f"{where} has no pert_dose (or pert_idose) metadata field; every compound well needs a dose")
+        dose = dose_in_um(cols["pert_dose"].astype(object), cols.get("pert_dose_unit"))
+    if "pert_idose" in cols:
+        dose = np.where(np.isnan(dose), dose_in_um(cols["pert_idose"].astype(object), None), dose)
+    return dose
 
 
 def _kept_wells(cols, is_ctrl, is_cpd, smiles, dose, compound_id, iname, compounds, where):
@@ -345,10 +514,19 @@ def _kept_wells(cols, is_ctrl, is_cpd, smiles, dose, compound_id, iname, compoun
     return keep, no_structure
 
 
-def _cell_lines(cols: pd.DataFrame, keep: np.ndarray) -> tuple[pd.Series, pd.Series]:
+def _cell_lines(cols: pd.DataFrame, keep: np.ndarray, where: str = "") -> tuple[pd.Series, pd.Series]:
     """Each well's cell line (split by treatment time when the kept wells have several) and time."""
+    known = cols["cell_id"].notna().to_numpy() if "cell_id" in cols else np.zeros(len(cols), bool)
+    if known.any() and not known[keep].all():
+        raise ScdcaInputError(
+            f"{where}: {int((keep & ~known).sum())} kept profile(s) have no cell_id (e.g. "
+            f"{list(cols.index[keep & ~known][:2])!r}); give every column its cell line (cell_id or cell_iname), "
+            f"or its sig_info table (--col-meta FILE)"
+        )
     cell = (
-        cols["cell_id"].fillna("unknown").str.strip() if "cell_id" in cols else pd.Series("unknown", index=cols.index)
+        cols["cell_id"].fillna("unknown").astype(str).str.strip()
+        if "cell_id" in cols
+        else pd.Series("unknown", index=cols.index)
     )
     time = _times(cols)
     if time[keep].nunique() > 1:
@@ -360,9 +538,9 @@ def _cell_lines(cols: pd.DataFrame, keep: np.ndarray) -> tuple[pd.Series, pd.Ser
     return cell, time
 
 
-def _well_smiles(cols, compound_id, iname, compounds, where) -> pd.Series:
+def _well_smiles(cols, compound_id, iname, table: pd.DataFrame | None, where) -> pd.Series:
     """Each well's SMILES from the compounds table (by compound id, then name), or from the file."""
-    if compounds is None:
+    if table is None:
         field = next((c for c in ("canonical_smiles", "smiles", "SMILES") if c in cols), None)
         if field is None:
             raise ScdcaInputError(
@@ -370,7 +548,6 @@ def _well_smiles(cols, compound_id, iname, compounds, where) -> pd.Series:
                 f"FILE.csv, or compounds= in Python) mapping pert_id or pert_iname to smiles"
             )
         return cols[field]
-    table = read_compounds(compounds)
     lookup = dict(zip(table["key"], table["smiles"]))
     by_id = compound_id.map(lookup)
     by_name = iname.str.lower().map(lookup)
@@ -378,23 +555,37 @@ def _well_smiles(cols, compound_id, iname, compounds, where) -> pd.Series:
 
 
 def _drug_names(compound_id: pd.Series, iname: pd.Series, treated: np.ndarray) -> np.ndarray:
-    """pert_iname where it names exactly one compound id (and the reverse), else the compound id."""
+    """pert_iname where each compound id that carries it has that name only, else the compound id.
+
+    A name may cover several compound ids (Broad ids of one compound's batches, salts or stereo
+    forms; the level 5 file's vemurafenib has two): they are one drug, across plates too."""
     pairs = pd.DataFrame({"cid": compound_id[treated].to_numpy(), "name": iname[treated].to_numpy()}).drop_duplicates()
-    unique = (
-        pairs.groupby("name")["cid"].transform("nunique").eq(1)
-        & pairs.groupby("cid")["name"].transform("nunique").eq(1)
-        & (pairs["name"] != "")
-    )
-    good = dict(zip(pairs.loc[unique, "cid"], pairs.loc[unique, "name"]))
+    one_name = pairs.groupby("cid")["name"].transform("nunique").eq(1) & (pairs["name"] != "")
+    clean = pairs.groupby("name")["cid"].transform(lambda c: bool(one_name[c.index].all()))
+    good = dict(zip(pairs.loc[one_name & clean.astype(bool), "cid"], pairs.loc[one_name & clean.astype(bool), "name"]))
     return np.array([good.get(c, c) for c in compound_id], dtype=object)
+
+
+def _one_structure(drug: np.ndarray, smiles: pd.Series, rows: np.ndarray) -> np.ndarray:
+    """Each drug's most common SMILES over its wells `rows` (a name over several ids may differ by stereo)."""
+    out = smiles.fillna("").to_numpy(dtype=object).copy()
+    table = pd.DataFrame({"drug": drug[rows], "smiles": out[rows]})
+    common = table.groupby("drug")["smiles"].agg(lambda s: s.value_counts().index[0])
+    out[rows] = common.loc[table["drug"]].to_numpy()
+    return out
 
 
 def _times(cols: pd.DataFrame) -> pd.Series:
     """Treatment time per well as text in hours ('24h'); missing when the file has none."""
-    if "pert_time" not in cols:
+    if "pert_time" in cols:
+        value = pd.to_numeric(cols["pert_time"].astype(object), errors="coerce")
+        unit = cols.get("pert_time_unit", pd.Series("h", index=cols.index)).astype(object).fillna("h")
+    elif "pert_itime" in cols:  # '24 h'
+        parts = cols["pert_itime"].astype(str).str.extract(r"^\s*([0-9.]+)\s*([A-Za-z]*)")
+        value, unit = pd.to_numeric(parts[0], errors="coerce"), parts[1].fillna("h").replace("", "h")
+    else:
         return pd.Series(np.nan, index=cols.index, dtype=object)
-    value = pd.to_numeric(cols["pert_time"], errors="coerce")
-    unit = cols.get("pert_time_unit", pd.Series("h", index=cols.index)).fillna("h").str.lower().str.strip()
+    unit = unit.astype(str).str.lower().str.strip()
     hours = value * unit.map(
         {
             "h": 1.0,
@@ -422,20 +613,3 @@ def _var(rows: pd.DataFrame) -> pd.DataFrame:
     else:
         var.index = pd.Index(var.index.astype(str))
     return var
-
-
-def write_gctx(path: str | os.PathLike, X: np.ndarray, rows: pd.DataFrame, cols: pd.DataFrame) -> None:
-    """Write a GCTX file (X as genes x wells; metadata as strings), atomically. For tests and conversions."""
-    import h5py
-
-    def strings(values) -> np.ndarray:
-        return np.array([str(v).encode() for v in values], dtype="S")
-
-    with storage.atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["version"] = np.bytes_(b"GCTX1.0")
-            f.create_dataset("0/DATA/0/matrix", data=np.asarray(X, dtype=np.float32).T)
-            for name, meta in (("ROW", rows), ("COL", cols)):
-                f.create_dataset(f"0/META/{name}/id", data=strings(meta.index))
-                for field in meta.columns:
-                    f.create_dataset(f"0/META/{name}/{field}", data=strings(meta[field].fillna("-666")))

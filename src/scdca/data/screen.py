@@ -27,6 +27,7 @@ from scdca.data.cells import CellSample, sample_cells
 from scdca.data.degs import condition_degs, deg_long_table
 from scdca.data.expression import (
     HVG_SAMPLE_CELLS,
+    holds_changes,
     looks_like_counts,
     matrix_chunks,
     normalize_log1p,
@@ -36,7 +37,7 @@ from scdca.data.expression import (
     validated_genes,
     validated_matrix,
 )
-from scdca.data.keys import CONTROL_NAMES, TRUTH_KEY, DataKeys, condition_id
+from scdca.data.keys import CHANGE_SCALE, CONTROL_NAMES, SCALE_KEY, TRUTH_KEY, DataKeys, condition_id
 from scdca.data.lincs import is_lincs, read_lincs
 from scdca.errors import ScdcaInputError, reason
 
@@ -62,6 +63,8 @@ class PerturbationData:
         truth: (N, G) noise-free expected means (simulated data only).
         cells: a bounded sample of single cells per condition and per control line, for
             set-based models (`load(cells_per_condition=k)`); None on pseudobulk or bulk input.
+        space: 'expression' (log-scale expression; controls measured), or 'change' (every profile
+            is a change already, as LINCS levels 4-5: each line's control is a zero reference).
     """
 
     genes: np.ndarray
@@ -76,6 +79,7 @@ class PerturbationData:
     half_b: np.ndarray | None = None
     truth: np.ndarray | None = None
     cells: CellSample | None = None
+    space: Literal["expression", "change"] = "expression"
 
     @property
     def n_genes(self) -> int:
@@ -162,6 +166,8 @@ class PerturbationData:
         adata = ad.AnnData(X=mean.copy(), obs=obs, var=pd.DataFrame(index=[str(g) for g in self.genes]))
         adata.layers["mean"], adata.layers["std"] = mean, std
         adata.uns["rank_genes_groups_df"] = deg_long_table(self, n_degs=n_degs)
+        if self.space == "change":
+            adata.uns[SCALE_KEY] = CHANGE_SCALE
         return adata
 
     def subset(self, ids: Sequence[str], *, observed: bool = True) -> PerturbationData:
@@ -201,17 +207,26 @@ def read(
     backed: str | None = None,
     compounds: str | os.PathLike | None = None,
     keys: DataKeys | None = None,
+    lincs: dict | None = None,
 ) -> ad.AnnData:
-    """Read an .h5ad file, or a LINCS .gct/.gctx plate (`scdca.data.lincs.read_lincs`, with the
-    `compounds` table giving its SMILES), with a clear error when it is missing, empty,
-    truncated or not AnnData. `what` names the argument in the error message.
+    """Read an .h5ad file, or LINCS .gct/.gctx plates (`scdca.data.lincs.read_lincs`, with the
+    `compounds` table giving their SMILES; one file, several joined by commas, or a folder; `lincs`:
+    read_lincs's other keyword arguments), with a clear error when it is missing, empty, truncated
+    or not AnnData. `what` names the argument in the error message.
     """
+    if not isinstance(path, (str, os.PathLike)) or "," in os.fspath(path) or os.path.isdir(path):
+        paths = [p.strip() for p in path.split(",")] if isinstance(path, str) else path
+        if not is_lincs(paths if len(paths) > 1 else paths[0]):
+            raise ScdcaInputError(
+                f"{what}: {path!r} names several files or a folder; only LINCS .gct/.gctx plates are read together"
+            )
+        return read_lincs(paths, compounds=compounds, keys=keys or DataKeys(), **(lincs or {}))
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ScdcaInputError(f"{what}: file {path!r} does not exist; pass the path of an .h5ad, .gct or .gctx file")
 
     if is_lincs(path):
-        return read_lincs(path, compounds=compounds, keys=keys or DataKeys())
+        return read_lincs(path, compounds=compounds, keys=keys or DataKeys(), **(lincs or {}))
     if compounds is not None:
         raise ScdcaInputError(
             f"compounds: {os.fspath(compounds)!r} is given, but {what} {path!r} is not a LINCS "
@@ -243,6 +258,7 @@ def load(
     compounds: str | os.PathLike | None = None,
     cells_per_condition: int = 0,
     control_cells_per_line: int | None = None,
+    lincs: dict | None = None,
 ) -> PerturbationData:
     """Turn single-cell or pseudobulk AnnData into :class:`PerturbationData`.
 
@@ -266,6 +282,8 @@ def load(
             plates, whose rows are wells, not cells.
         control_cells_per_line: with `cells_per_condition`, keep up to this many control cells
             of each line (default: `cells_per_condition`).
+        lincs: for LINCS files, `read_lincs`'s selection and schema arguments (level, col_meta,
+            cell_id, pert_time, pert_id, plates, genes).
 
     Returns:
         PerturbationData with conditions, control means, DEGs and split halves.
@@ -274,7 +292,7 @@ def load(
         >>> data = scdca.data.load("sciplex3.h5ad", n_top_genes=2000)
     """
     if not isinstance(adata, ad.AnnData):
-        adata = read(adata, backed="r" if chunk_size else None, compounds=compounds, keys=keys)
+        adata = read(adata, backed="r" if chunk_size else None, compounds=compounds, keys=keys, lincs=lincs)
     obs = _validated_obs(adata, keys)
     gene_names, chunks = _expression(adata, keys, genes, n_top_genes, normalize, seed, chunk_size)
     is_ctrl, lines_all, codes, conditions = _condition_table(obs, keys)
@@ -290,6 +308,7 @@ def load(
         genes=np.asarray(gene_names, dtype=object),
         conditions=conditions,
         **parts,
+        space="change" if holds_changes(adata) else "expression",
     )
     data.degs = condition_degs(data, adata.uns.get(keys.degs_uns), n_degs=n_degs)
     data.truth = _truth(adata.uns.get(TRUTH_KEY), data)

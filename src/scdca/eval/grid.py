@@ -313,10 +313,12 @@ def backbone_audit(backbone: str, data_path: str) -> dict:
     return {**audit, "verdict": "controls of this file" if same else "other data"}
 
 
-def _make(name: str, options: dict, seed: int):
-    """Build a model with the benchmark-wide options it accepts (and the grid seed)."""
+def _make(name: str, options: dict, seed: int, split: Split | None = None):
+    """Build a model with the benchmark-wide options it accepts (and the grid seed; the split's task
+    and held-out line for a model whose own folds mimic the task, `scdca_stack`)."""
     cls = MODELS.get(name)
-    return cls(**{k: v for k, v in {**options, "seed": seed}.items() if k in cls.options})
+    where = {"task": split.task, "held_out": split.held_out} if split is not None else {}
+    return cls(**{k: v for k, v in {**options, "seed": seed, **where}.items() if k in cls.options})
 
 
 def _check_resume(cfg: BenchmarkConfig, out: Path) -> None:
@@ -420,7 +422,7 @@ def _fit_predict(data: PerturbationData, model_name: str, split: Split, test: Pe
         return test, test.half_a, test.half_b, {}, None
     if model_name == "oracle":
         return test, test.truth, test.mean, {}, None
-    model = _make(model_name, cfg.model_options, seed)
+    model = _make(model_name, cfg.model_options, seed, split)
     model.fit(data.subset(split.train))
     pred = np.asarray(model.predict(data.subset(test.ids, observed=False)), dtype=np.float32)
     return test, pred, test.mean, model.cost(), model
@@ -439,7 +441,7 @@ def _intervals(
 ) -> Intervals:
     """Conformal intervals for one split's predictions, calibrated on its training conditions only."""
     cal = calibrate(
-        partial(_make, model_name, cfg.model_options, seed),
+        partial(_make, model_name, cfg.model_options, seed, split),
         data.subset(split.train),
         split.task,
         seed,

@@ -124,6 +124,21 @@ def cost_table(folder: str | os.PathLike) -> pd.DataFrame:
     return c.groupby("model").agg(agg).round(3).sort_values("seconds")
 
 
+def stack_table(costs: pd.DataFrame | None, model: str = RECOMMENDED) -> pd.DataFrame:
+    """What the recommended model was made of, per task and held-out line: the mean weight of each
+    expert over seeds, the share of splits where the stack beat the anchor out of fold (`used`; else
+    the prediction is the anchor), and the out-of-fold mse and rank that chose them. Empty when
+    the model did not run or recorded no weights."""
+    if costs is None or "model" not in costs:
+        return pd.DataFrame()
+    rows = costs[costs["model"] == model]
+    cols = [c for c in rows.columns if c.startswith(("w_", "oof_mse_", "oof_rank_"))]
+    if rows.empty or not cols:
+        return pd.DataFrame()
+    rows = rows.assign(used=rows["used"].astype(float), held_out=rows["held_out"].fillna(""))
+    return rows.groupby(["task", "held_out"])[["used", *cols]].mean().round(3)
+
+
 def _cost_text(table: pd.DataFrame) -> str:
     """Parameter counts as whole numbers with separators; '-' where a model has none (closed form)."""
     shown = table.copy()
@@ -545,6 +560,18 @@ def _run_facts(results: pd.DataFrame, splits: pd.DataFrame, folder: Path, model:
                 "20 ms; torch's tensors, the imports and the loaded data included); "
                 "parameters, '-' = closed form)",
                 _cost_text(costs),
+                None,
+            )
+        )
+    made = stack_table(_cell_costs(folder))
+    if not made.empty:
+        sections.append(
+            (
+                f"What the recommended model ({RECOMMENDED}) was made of: per task, the mean weight (w_) of each "
+                "expert's deviation from the drug-blind anchor (scaled_mean), the share of splits where the stack "
+                "beat the anchor out of fold (used; elsewhere it predicts the anchor), and the out-of-fold mse and "
+                "rank on the training data that chose them (held_out: the line, on line tasks)",
+                made.T.to_string(),
                 None,
             )
         )

@@ -44,15 +44,19 @@ class PerturbationModel(ABC):
     def predict(self, query: PerturbationData) -> np.ndarray:
         """Predicted mean log1p expression, shape (len(query.ids), n_genes), never below 0.
 
-        The one place where predictions are made valid expression: models predict changes
-        on top of a control, and a large predicted decrease can cross zero, which no log1p
-        value can. Such values are clipped to 0 here for every model (`n_clipped_` counts
-        them for the last call), so metrics and exported files see what a user would.
+        The one place where predictions are made valid expression (change-space data, LINCS
+        levels 4-5, is left as predicted): models predict changes on top of a control, and a
+        large predicted decrease can cross zero, which no log1p value can. Such values are
+        clipped to 0 here for every model (`n_clipped_` counts them for the last call), so
+        metrics and exported files see what a user would.
         """
         pred = np.asarray(self._predict(query))
         expected = (len(query.ids), query.n_genes)
         if pred.shape != expected:
             raise RuntimeError(f"{self.name}: predicted shape {pred.shape}, expected {expected}")
+        if query.space == "change":  # changes (LINCS levels 4-5) are signed: nothing to clip
+            self.n_clipped_ = 0
+            return pred
         negative = pred < 0
         self.n_clipped_ = int(negative.sum())
         return np.where(negative, np.zeros((), pred.dtype), pred) if self.n_clipped_ else pred

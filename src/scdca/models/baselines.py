@@ -15,6 +15,7 @@ from scdca.chem.featurizer import dose_range, scaled_dose
 from scdca.chem.molecules import morgan_fingerprints, tanimoto
 from scdca.data.screen import PerturbationData
 from scdca.models.base import MODELS, PerturbationModel, per_line_fits, principal_directions
+from scdca.models.shrinkage import drug_folds
 
 
 class _Changes:
@@ -97,7 +98,11 @@ class RidgeBaseline(PerturbationModel):
 
     The change is first reduced to its top `n_components` principal components (drug
     effects are low-rank; this is 20x faster than one ridge per gene and discards noise);
-    the penalty is chosen on the training conditions by efficient leave-one-out (RidgeCV).
+    the penalty is chosen on the training conditions by efficient leave-one-out (RidgeCV), or,
+    with `penalty_folds` > 1, by that many folds of training drugs (every dose and line of a
+    drug held out together, as the unseen-drug task holds it out): leave-one-condition-out
+    keeps the held-out drug's other doses in training and so picks too weak a penalty for new
+    drugs (DECISIONS.md D17).
     """
 
     name = "ridge"
@@ -109,9 +114,11 @@ class RidgeBaseline(PerturbationModel):
         n_bits: int = 2048,
         n_components: int = 64,
         alphas=tuple(np.logspace(-1, 4, 11)),  # noqa: B008  (a tuple, evaluated once)
+        penalty_folds: int = 0,
+        seed: int = 0,
     ):
         self.radius, self.n_bits, self.alphas = radius, n_bits, alphas
-        self.n_components = n_components
+        self.n_components, self.penalty_folds, self.seed = n_components, penalty_folds, seed
 
     def _features(self, data: PerturbationData) -> np.ndarray:
         cond = data.conditions
@@ -128,7 +135,16 @@ class RidgeBaseline(PerturbationModel):
         Y = train.delta().astype(np.float64)
         self._y_mean, self._basis = principal_directions(Y, self.n_components)  # (G,), (C, G)
         scores = (Y - self._y_mean) @ self._basis.T
-        self._model = RidgeCV(alphas=np.asarray(self.alphas, dtype=float)).fit(self._features(train), scores)
+        alphas = np.asarray(self.alphas, dtype=float)
+        drugs = train.conditions["drug"].astype(str).to_numpy()
+        if self.penalty_folds > 1 and len(np.unique(drugs)) >= self.penalty_folds:
+            fold = drug_folds(drugs, self.penalty_folds, self.seed)
+            cv = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in range(self.penalty_folds)]
+            ridge = RidgeCV(alphas=alphas, cv=cv, scoring="neg_mean_squared_error")
+        else:
+            ridge = RidgeCV(alphas=alphas)
+        self._model = ridge.fit(self._features(train), scores)
+        self.alpha_ = float(self._model.alpha_)
         return self
 
     def _predict(self, query):

@@ -497,6 +497,12 @@ def calibrate(
         else None
     )
     molecules = train.drug_smiles().values()
+    parts = fitted.out_of_fold_parts(task) if hasattr(fitted, "out_of_fold_parts") else None
+    if parts:  # a model whose own folds mimic the task (scdca_stack): its out-of-fold predictions
+        held = [
+            _held_out(train, s.test, pred, k, task, train.subset(s.train).drug_smiles().values()) for s, pred in parts
+        ]
+        return fit_calibration(_concatenated(held), task, molecules)
     if reused is not None:
         return fit_calibration(_reused_out_of_fold(train, *reused, k, task), task, molecules)
     return fit_calibration(
