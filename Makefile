@@ -26,12 +26,13 @@ DEMO_DATA := runs/demo/data.h5ad
 DEMO_ATLAS := runs/demo/atlas.h5ad
 DEMO_BACKBONE_DIR := runs/demo/backbone_atlas
 DEMO_BACKBONE := $(DEMO_BACKBONE_DIR)/best_model.pt
-DEMO_MODELS := control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl,scdca_routed
+DEMO_MODELS := control,train_mean,dose_mean,pooled_mean,additive,ridge,knn,dominant,c3tl,scdca_stack
 
-# The main job: the recommended scdca_routed next to the baselines and C3TL, all four tasks,
+# The main job: the recommended scdca_stack next to the baselines and C3TL, all four tasks,
 # 5 seeds, 2 workers, on the simulated screen's 256 most variable genes. Its backbone is
 # untrained (random:4x128): on this screen pretraining changes scdca_routed's scores little and
-# raises its error on new lines (RESULTS.md, "Does the demo need a pretrained backbone?");
+# raises its error on new lines (RESULTS.md, "Does the demo need a pretrained backbone?", measured
+# with scdca_routed, the stack's scDCA expert);
 # `make demo-scdca` runs the pretrained one. Wall time on this machine: README.md.
 demo: $(BIN)/scdca $(DEMO_DATA)
 	$(BIN)/scdca benchmark --data $(DEMO_DATA) --out runs/demo --tasks all --seeds 5 --workers 2 \

@@ -1,16 +1,15 @@
 """The unseen-drug grid on a real LINCS L1000 plate, judged by change, rank and error together.
 
     python bench/lincs_plate.py PLATE.gct|gctx COMPOUNDS.csv [--seeds 5] [--out DIR] [--backbone random:4x128]
-        [--intervals] [--skip MODEL,...]
+        [--intervals] [--skip MODEL,...] [--tradeoff]
 
 Runs every baseline, `dominant`, `scaled_mean`, ridge (plain and shrunk), knn, c3tl, biolord
-and STATE (when installed) and the recommended `scdca_routed` with `scdca benchmark`'s grid (5 seeds,
-unseen drugs), prints pearson_delta_deg, rank and mse side by side (mean ± SE over seeds),
-the paired t-tests of the recommended model against each other model on all three, the
-plate's diagnostics, and how the recommended model trades rank against error and change
-score as the shrinkage of new molecules varies (its new head, and ridge, refitted once per
-seed with no shrinkage, then blended toward `scaled_mean` at fixed weights; the weights the
-model chose per seed are in the grid's costs/).
+and STATE (when installed), `scdca_routed` and the recommended `scdca_stack` with `scdca
+benchmark`'s grid (5 seeds, unseen drugs), prints pearson_delta_deg, rank, mse and
+pearson_vs_mean_deg side by side (mean ± SE over seeds), the paired t-tests of the recommended
+model against each other model, the committee it chose per seed with the out-of-fold scores,
+and the plate's diagnostics. `--tradeoff` adds how scdca_routed's new head and ridge trade rank
+against error as they are blended toward `scaled_mean` at fixed weights (one refit per seed).
 """
 
 from __future__ import annotations
@@ -35,8 +34,8 @@ from scdca.models import MODELS
 from scdca.models.scdca.routed import ScDCARouted
 from scdca.models.shrinkage import ScaledMeanBaseline
 
-RECOMMENDED = "scdca_routed"
-JUDGED = ("pearson_delta_deg", "rank", "mse")
+RECOMMENDED = "scdca_stack"
+JUDGED = ("pearson_delta_deg", "rank", "mse", "pearson_vs_mean_deg")
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -73,10 +72,10 @@ def tradeoff(data, seeds, model_options) -> pd.DataFrame:
                 )
                 rows += [
                     {"model": name, "w": w, "seed": seed, "metric": m, "value": float(np.nanmean(v))}
-                    for m, v in score(inp, JUDGED).items()
+                    for m, v in score(inp, JUDGED[:3]).items()
                 ]
     t = pd.DataFrame(rows).groupby(["model", "w", "metric"])["value"].mean().unstack("metric")
-    return t[list(JUDGED)]
+    return t[list(JUDGED[:3])]
 
 
 def main(argv=None) -> None:
@@ -89,6 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--encoder", default="chemnet")
     p.add_argument("--intervals", action="store_true", help="also calibrate 90%% intervals and print their coverage")
     p.add_argument("--skip", default="", help="models to leave out, comma-separated (e.g. state: 3-4 min a fit)")
+    p.add_argument("--tradeoff", action="store_true", help="also the fixed-weight blends of scdca_routed and ridge")
     args = p.parse_args(argv)
     skip = {m.strip() for m in args.skip.split(",") if m.strip()}
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
             models.append(peer)
         except Exception as err:  # the peers are optional; say why one is missing
             print(f"{peer} not run: {err}", file=sys.stderr)
-    models = [m for m in models if m not in skip] + [RECOMMENDED]
+    models = [m for m in models if m not in skip] + ["scdca_routed", RECOMMENDED]
     options = {"backbone": args.backbone, "encoder": args.encoder}
     data = load(args.plate, compounds=args.compounds)
     t0 = time.perf_counter()
@@ -122,18 +122,17 @@ def main(argv=None) -> None:
     tests = pd.concat([paired_tests(results, RECOMMENDED, m) for m in JUDGED])
     print(tests[["metric", "versus", "mean_difference", "p", "p_holm"]].round(4).to_string(index=False))
     costs = pd.concat(pd.read_csv(f) for f in sorted((Path(args.out) / "costs").glob(f"{RECOMMENDED}__*.csv")))
-    print(
-        f"\n{RECOMMENDED}: weights of new molecules' deviations from scaled_mean, chosen on the training drugs, "
-        f"per seed: new head {', '.join(f'{x:.2f}' for x in costs['shrinkage'])}; ridge "
-        f"{', '.join(f'{x:.2f}' for x in costs['ridge_weight'])}"
-    )
+    shown = ["seed", "committee", "used", "p_worse", *(c for c in costs.columns if c.startswith("oof_"))]
+    print(f"\n{RECOMMENDED}: the committee chosen per seed on the training drugs, and its out-of-fold evidence:")
+    print(costs[shown].round(4).T.to_string())
     if args.intervals:
         print("\nprediction intervals (conformal, calibrated on folds of the training drugs):")
         print(calibration_table(results).to_string())
     diag = plate_diagnostics(data)
     print("\nplate diagnostics:\n" + diag.round(3).to_string(index=False) + "\n" + describe(diag))
-    print("\ntrade-off: anchor (scaled_mean) + w x (model without shrinkage - anchor), mean over seeds:")
-    print(tradeoff(data, list(range(args.seeds)), options).round(3).to_string())
+    if args.tradeoff:
+        print("\ntrade-off: anchor (scaled_mean) + w x (model without shrinkage - anchor), mean over seeds:")
+        print(tradeoff(data, list(range(args.seeds)), options).round(3).to_string())
 
 
 if __name__ == "__main__":

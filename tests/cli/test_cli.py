@@ -351,4 +351,41 @@ def test_annotate_real_pbmc_cells_from_the_command_line(tmp_path, capsys):
 def test_train_defaults_to_the_recommended_model():
     from scdca.cli import build_parser
 
-    assert build_parser().parse_args(["train", "--data", "d.h5ad", "--out", "m"]).model == "scdca_routed"
+    assert build_parser().parse_args(["train", "--data", "d.h5ad", "--out", "m"]).model == "scdca_stack"
+
+
+def test_every_annotate_flag_reaches_its_config():
+    from scdca.cli import build_parser
+    from scdca.cli.annotate import PEFT, TRAINING, annotate_config
+
+    given = {
+        "epochs": "7", "patience": "3", "batch_size": "9", "lr": "0.01", "max_genes": "64",
+        "backbone_dropout": None, "seed": "4", "method": "prefix", "r": "2", "prefix_tokens": "5",
+    }  # fmt: skip
+    assert set(given) == set(TRAINING) | set(PEFT)  # a new flag must be added here, and so checked
+    argv = ["annotate", "--reference", "r.h5ad", "--query", "q.h5ad", "--label-key", "t", "--backbone", "b"]
+    argv += ["--out", "o.h5ad"]
+    for name, value in given.items():
+        flag = {**TRAINING, **PEFT}[name][0]
+        argv += [flag] if value is None else [flag, value]
+    cfg = annotate_config(build_parser().parse_args(argv))
+    assert (cfg.epochs, cfg.patience, cfg.batch_size, cfg.lr, cfg.max_genes, cfg.seed) == (7, 3, 9, 0.01, 64, 4)
+    assert cfg.backbone_dropout is True  # registered and documented, and before this test never passed on
+    assert (cfg.peft.method, cfg.peft.r, cfg.peft.prefix_tokens) == ("prefix", 2, 5)
+
+
+def test_every_lincs_flag_reaches_read_lincs():
+    from scdca.cli import build_parser
+    from scdca.cli.options import LINCS_FLAGS, lincs_options
+    from scdca.errors import ScdcaInputError
+
+    given = {"level": "4", "col_meta": "inst.txt", "cell_id": "A375,MCF7", "pert_time": "24", "pert_id": "BRD-K1",
+             "plates": "P1,P2", "genes": "landmark"}  # fmt: skip
+    assert set(given) == set(LINCS_FLAGS)
+    argv = ["benchmark", "--data", "d.gctx", "--out", "o"]
+    for name, value in given.items():
+        argv += [LINCS_FLAGS[name][0], value]
+    assert lincs_options(build_parser().parse_args(argv)) == given
+    assert lincs_options(build_parser().parse_args(["benchmark", "--data", "d.gctx", "--out", "o"])) == {}
+    with pytest.raises(ScdcaInputError, match="level: '6'"):
+        lincs_options(build_parser().parse_args(["benchmark", "--data", "d", "--out", "o", "--lincs-level", "6"]))

@@ -194,3 +194,213 @@ def test_a_plate_keeps_no_cell_sample_its_rows_are_wells():
     if not os.path.isfile(PLATE):
         pytest.skip("../shared/data/lincs/ not beside the project")
     assert load(PLATE, compounds=COMPOUNDS, cells_per_condition=64).cells is None
+
+
+LEVEL4 = os.path.join(LINCS, "LJP009_A375_24H_X1_B20_ZSPCQNORM_n371x978.gct")
+LEVEL5 = os.path.join(LINCS, "modzs_n272x978.gct")
+PERTINFO = os.path.join(LINCS, "pertinfo.tsv.gz")
+
+
+def _shared(*paths):
+    if not all(os.path.isfile(p) for p in paths):
+        pytest.skip("../shared/data/lincs/ not beside the project")
+
+
+def test_level_4_is_the_level_3_plate_as_changes(plate):
+    _shared(LEVEL4)
+    z = read_lincs(LEVEL4, compounds=COMPOUNDS)
+    assert z.uns["lincs"]["level"] == 4 and z.uns["expression_scale"] == "change"
+    treated3 = plate.obs.index[~plate.obs["control"]]
+    treated4 = z.obs.index[~z.obs["control"]]
+    assert list(treated4) == list(treated3)  # the same wells, vehicle wells dropped
+    assert (z.obs.loc[treated4, "condition"] == plate.obs.loc[treated3, "condition"]).all()
+    assert list(z.obs.index[z.obs["control"]]) == ["A375:zero_reference"]
+    data3, data4 = load(plate), load(z)
+    assert data4.space == "change" and not data4.control_mean.any()
+    d3, d4 = data3.delta(), data4.subset(data3.ids).delta()
+    agree = []
+    for i in range(len(d3)):  # the strongest genes of each well move the same way at both levels
+        top = np.argsort(-np.abs(d4[i]))[:10]
+        agree.append(np.mean(np.sign(d3[i, top]) == np.sign(d4[i, top])))
+    assert np.mean(agree) > 0.9
+
+
+def test_level_5_signatures_load_as_changes_in_their_65_lines():
+    _shared(LEVEL5, PERTINFO)
+    sig = read_lincs(LEVEL5, compounds=PERTINFO)
+    treated = sig.obs[~sig.obs["control"]]
+    assert sig.uns["lincs"]["level"] == 5 and len(treated) == 272
+    assert treated["cell_id"].nunique() == 65
+    assert set(treated["condition"]) == {"vemurafenib", "atorvastatin", "venlafaxine"}
+    assert set(treated["dose_val"]) >= {10.0, 0.5}  # '10 <b5>M' and '500 nM'
+    data = load(sig)
+    assert data.space == "change" and float(sig.X.min()) < 0
+    query = data.subset(data.ids[:3], observed=False)
+    from scdca.models import make_model
+
+    pred = make_model("train_mean").fit(data).predict(query)
+    assert (pred < 0).any()  # signed changes are not clipped as log1p expression would be
+
+
+def test_the_perturbagen_table_is_read_as_it_ships():
+    _shared(PERTINFO)
+    from scdca.data.lincs import read_compounds
+
+    table = read_compounds(PERTINFO)
+    assert len(table) > 10_000 and table["smiles"].str.len().gt(0).all()
+    lookup = dict(zip(table["key"], table["smiles"]))
+    assert "vemurafenib" in lookup and "BRD-K56343971" in lookup  # by name and by 13-character id
+
+
+def test_half_plates_give_the_whole_plates_conditions_within_their_references_precision(plate, tmp_path):
+    X, rows, cols = read_gct_table(PLATE)
+    halves = np.arange(len(cols)) % 2
+    files = []
+    for h in (0, 1):
+        part = cols.iloc[halves == h].copy()
+        part["rna_plate"] = f"LJP009_half{h}"
+        shift = 1.0 if h else 0.0  # a plate effect the second half carries in every well
+        write_gctx(tmp_path / f"half{h}.gctx", X[:, halves == h] + shift, rows, part)
+        files.append(tmp_path / f"half{h}.gctx")
+    both = read_lincs(files, compounds=COMPOUNDS)
+    assert both.uns["lincs"]["n_plates_rereferenced"] == 2
+    assert set(both.obs["plate"]) == {"LJP009_half0", "LJP009_half1"}
+    whole, split = load(plate), load(both)
+    assert sorted(split.ids) == sorted(whole.ids)  # one compound across plates is one drug
+    diff = split.subset(whole.ids).delta() - whole.delta()
+    vehicle = plate.X[plate.obs["control"].to_numpy()]
+    n_half, n_whole = len(vehicle) / 2, len(vehicle)
+    precision = vehicle.std(0, ddof=1) * np.sqrt(1 / n_half - 1 / n_whole)  # (G,) the references' difference
+    assert np.mean(np.abs(diff) <= 4 * precision) > 0.99
+    assert np.abs(diff).mean() < 0.2  # the plate effect of 1.0 is gone
+
+
+def test_old_cmap_and_cmap_2020_field_names_read_as_the_lincs_2017_ones(tmp_path):
+    X, rows, cols = _tiny_tables()
+    old = cols.rename(
+        columns={
+            "pert_dose": "exp_pert_dose",
+            "pert_dose_unit": "exp_pert_dose_unit",
+            "pert_time": "exp_pert_time",
+            "pert_time_unit": "exp_pert_time_unit",
+            "pert_iname": "pert_desc",
+        }
+    )
+    old["pert_type"] = old["pert_type"].str.upper()
+    new = cols.rename(columns={"cell_id": "cell_iname", "pert_iname": "cmap_name"})
+    new["pert_idose"] = ["-666", "-666", "500 nM", "10 uM", "1 uM"]
+    new = new.drop(columns=["pert_dose", "pert_dose_unit"])
+    compounds = pd.DataFrame({"pert_id": ["BRD-K00000001"], "smiles": [SMILES[0]]})
+    reference = read_lincs(_written(tmp_path / "ref.gct", X, rows, cols), compounds=compounds)
+    for name, table in (("old", old), ("new", new)):
+        a = read_lincs(_written(tmp_path / f"{name}.gct", X, rows, table), compounds=compounds)
+        for key in ("cell_type", "condition", "dose_val", "control", "pert_time_h"):
+            assert list(a.obs[key]) == list(reference.obs[key]), (name, key)
+    fields = read_lincs(tmp_path / "old.gct", compounds=compounds).uns["lincs"]["fields"]
+    assert fields["pert_dose"] == "exp_pert_dose" and fields["pert_iname"] == "pert_desc"
+
+
+def _written(path, X, rows, cols):
+    _write_gct(path, X, rows, cols)
+    return path
+
+
+def test_a_companion_table_gives_a_bare_matrix_its_well_metadata(tmp_path):
+    X, rows, cols = _tiny_tables()
+    write_gctx(tmp_path / "bare.gctx", X, rows, cols[[]])
+    cols.rename_axis("inst_id").reset_index().to_csv(tmp_path / "inst_info.txt", sep="\t", index=False)
+    compounds = pd.DataFrame({"pert_id": ["BRD-K00000001"], "smiles": [SMILES[0]]})
+    with pytest.raises(ScdcaInputError, match="--col-meta"):
+        read_lincs(tmp_path / "bare.gctx", compounds=compounds)
+    a = read_lincs(tmp_path / "bare.gctx", compounds=compounds, col_meta=tmp_path / "inst_info.txt")
+    assert list(a.obs["condition"]) == ["control", "control", "aspirin", "aspirin"]
+
+
+def test_a_selection_reads_only_its_columns_and_rows_and_equals_the_filtered_whole(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 300
+    cols = pd.DataFrame(
+        {
+            "pert_id": np.where(np.arange(n) % 5 == 0, "DMSO", [f"BRD-K0000000{i % 3}-001" for i in range(n)]),
+            "pert_type": np.where(np.arange(n) % 5 == 0, "ctl_vehicle", "trt_cp"),
+            "pert_dose": "10",
+            "pert_dose_unit": "uM",
+            "pert_time": np.where(np.arange(n) < 150, "24", "6"),
+            "cell_id": np.where(np.arange(n) % 2 == 0, "A375", "MCF7"),
+            "rna_plate": [f"P{i // 60}" for i in range(n)],
+        },
+        index=pd.Index([f"P{i // 60}:W{i}" for i in range(n)], name="id"),
+    )
+    rows = pd.DataFrame({"pr_is_lm": ["1", "0"] * 5}, index=pd.Index([f"g{i}" for i in range(10)], name="id"))
+    X = rng.uniform(4, 12, (10, n)).astype(np.float32)
+    write_gctx(tmp_path / "r.gctx", X, rows, cols, chunk_columns=16)
+    compounds = pd.DataFrame({"pert_id": [f"BRD-K0000000{i}" for i in range(3)], "smiles": SMILES[:3]})
+    part = read_lincs(tmp_path / "r.gctx", compounds=compounds, cell_id="A375", pert_time=24, genes="landmark")
+    whole = read_lincs(tmp_path / "r.gctx", compounds=compounds)
+    keep = (whole.obs["cell_id"] == "A375") & (whole.obs["pert_time_h"] == "24h")
+    assert list(part.obs_names) == list(whole.obs_names[keep]) and part.n_vars == 5
+    np.testing.assert_array_equal(part.X, whole[keep.to_numpy()].X[:, ::2])
+    plates = read_lincs(tmp_path / "r.gctx", compounds=compounds, plates=["P1", "P3"], pert_id="BRD-K00000001")
+    assert set(plates.obs["plate"]) == {"P1", "P3"} and set(plates.obs["condition"]) <= {"control", "BRD-K00000001"}
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("level5_no_cell", "have no cell_id"),
+        ("genes_differ", "other genes than"),
+        ("no_smiles_column", "'canonical_smiles'"),
+        ("level3_plate_without_vehicle", "have no vehicle wells"),
+    ],
+)
+def test_bad_input_of_each_new_form_gets_a_one_line_error(tmp_path, case, match):
+    X, rows, cols = _tiny_tables()
+    compounds = pd.DataFrame({"pert_id": ["BRD-K00000001"], "smiles": [SMILES[0]]})
+    if case == "level5_no_cell":
+        cols.loc["P:A03", "cell_id"] = "-666"
+        paths, kw = _written(tmp_path / "s.gct", X - 8, rows, cols), {"level": 5}
+    elif case == "genes_differ":
+        paths = [_written(tmp_path / "a.gct", X, rows, cols)]
+        paths.append(_written(tmp_path / "b.gct", X[:3], rows.iloc[:3], cols.rename(index=lambda i: "Q" + i)))
+        kw = {}
+    elif case == "no_smiles_column":
+        paths, kw = _written(tmp_path / "p.gct", X, rows, cols), {}
+        compounds = pd.DataFrame({"pert_id": ["BRD-K00000001"], "structure": ["C"]})
+    else:
+        other = cols.rename(index=lambda i: "Q" + i).assign(rna_plate="Q", pert_type="trt_cp")
+        paths = [_written(tmp_path / "a.gct", X, rows, cols.assign(rna_plate="P"))]
+        paths.append(_written(tmp_path / "b.gct", X, rows, other))
+        kw = {}
+    with pytest.raises(ScdcaInputError, match=match) as err:
+        read_lincs(paths, compounds=compounds, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_a_release_streams_into_changes_each_well_against_its_own_plates_vehicle(tmp_path):
+    from scdca.data.lincs import aggregate_lincs
+
+    rng = np.random.default_rng(2)
+    n = 120
+    plate = np.repeat(["P0", "P1", "P2"], 40)
+    vehicle = np.arange(n) % 8 == 0
+    cols = pd.DataFrame(
+        {
+            "pert_id": np.where(vehicle, "DMSO", [f"BRD-K0000000{i % 4}-001" for i in range(n)]),
+            "pert_type": np.where(vehicle, "ctl_vehicle", "trt_cp"),
+            "pert_dose": "10",
+            "pert_dose_unit": "uM",
+            "pert_time": "24",
+            "cell_id": "A375",
+            "rna_plate": plate,
+        },
+        index=pd.Index([f"W{i}" for i in range(n)], name="id"),
+    )
+    rows = pd.DataFrame({"pr_is_lm": "1"}, index=pd.Index([f"g{i}" for i in range(6)], name="id"))
+    X = rng.normal(8, 1, (6, n)).astype(np.float32) + np.array([0.0, 2.0, -1.0])[np.repeat([0, 1, 2], 40)]
+    write_gctx(tmp_path / "release.gctx", X, rows, cols, chunk_columns=7)
+    out = aggregate_lincs(tmp_path / "release.gctx")
+    assert len(out) == 4 and (out.obs["n_plates"] == 3).all() and out.obs["n_wells"].sum() == (~vehicle).sum()
+    for i, pid in enumerate(out.obs["pert_id"]):
+        wells = np.flatnonzero(cols["pert_id"].str[:13] == pid)
+        own = np.stack([X[:, vehicle & (plate == plate[w])].mean(1) for w in wells])  # each well's own plate
+        np.testing.assert_allclose(out.X[i], (X[:, wells].T - own).mean(0), atol=1e-5)

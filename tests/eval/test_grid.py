@@ -428,3 +428,37 @@ def test_peak_rss_sees_memory_that_tracemalloc_does_not():
     assert busy.peak_mb - idle.peak_mb > 200  # the block was seen while it lived
     assert after.peak_mb < busy.peak_mb - 200  # and the peak is this block's, not the process's lifetime maximum
     assert idle.peak_mb > 10  # the process's own baseline (interpreter, numpy) is counted
+
+
+def test_a_run_in_a_git_checkout_records_its_commit():
+    import subprocess
+    from pathlib import Path
+
+    from scdca.eval.runs import git_commit
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True)
+    expected = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    assert git_commit() == expected
+
+
+def test_a_line_task_can_hold_out_a_few_lines_per_seed(tiny_data, tmp_path):
+    cfg = BenchmarkConfig(
+        data="tiny.h5ad",
+        out=str(tmp_path / "run"),
+        models=["control"],
+        tasks=["unseen_cell_zeroshot"],
+        seeds=3,
+        k=5,
+        report=False,
+        references=False,
+        held_out_lines=1,
+    )
+    results = run(cfg, data=tiny_data, progress=False)
+    per_seed = results.groupby("seed")["held_out"].nunique()
+    assert (per_seed == 1).all() and len(tiny_data.cell_lines) == 3  # one of three lines per seed
+    assert results["held_out"].nunique() > 1  # drawn with the seed, not always the same line

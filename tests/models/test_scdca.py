@@ -729,3 +729,11 @@ def test_routed_is_calibrated_for_new_molecules_on_its_own_shrinkage_folds_witho
     # the residuals are those of the out-of-fold stack, the prediction the model makes for new molecules
     realised = ((train.subset(list(ids)).mean - oof) ** 2).mean(1)
     np.testing.assert_allclose(np.sort(cal.calibration_mse), np.sort(realised), rtol=1e-5)
+
+
+def test_a_model_without_a_validation_set_reports_no_validation_loss(tiny_data, tiny_backbone):
+    train = tiny_data.subset(make_splits(tiny_data, "unseen_drug", 0)[0].train)
+    lowrank = make_model("scdca_lowrank", backbone=tiny_backbone, encoder="morgan:bits=128", epochs=2).fit(train)
+    assert "best_val_mse" not in lowrank.cost() and lowrank.cost()["final_train_mse"] > 0  # val_fraction 0
+    held = make_model("scdca", backbone=tiny_backbone, **FAST).fit(train)
+    assert "best_val_mse" in held.cost() and "final_train_mse" not in held.cost()

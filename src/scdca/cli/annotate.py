@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from scdca.cli.options import Command, add_fields
+from typing import TYPE_CHECKING
+
+from scdca.cli.options import Command, add_fields, settings
 from scdca.errors import ScdcaInputError
+
+if TYPE_CHECKING:
+    from scdca.annotate import AnnotateConfig
 
 TRAINING = {
     "epochs": ("--epochs", "at most this many epochs"),
@@ -43,25 +48,27 @@ def add_commands(sub) -> None:
     an.add("--quiet", action="store_true")
 
 
+def annotate_config(args) -> AnnotateConfig:
+    """Every registered training and PEFT flag, through `settings` (patience 0: train every epoch)."""
+    from dataclasses import replace
+
+    from scdca.annotate import AnnotateConfig
+    from scdca.nn.peft import PeftConfig
+
+    cfg = settings(args, AnnotateConfig, TRAINING, peft=settings(args, PeftConfig, PEFT))
+    return replace(cfg, patience=cfg.patience or None)
+
+
 def cmd_annotate(args) -> None:
     from scdca import storage
-    from scdca.annotate import AnnotateConfig, Annotator, write_explanation
+    from scdca.annotate import Annotator, write_explanation
     from scdca.data.screen import read
-    from scdca.nn.peft import PeftConfig
 
     reference = read(args.reference, what="reference")
     query = read(args.query, what="query")
     if not args.out.endswith(".h5ad"):
         raise ScdcaInputError(f"out: {args.out!r} must be an .h5ad path (the annotated query)")
-    cfg = AnnotateConfig(
-        peft=PeftConfig(method=args.method, r=args.r, prefix_tokens=args.prefix_tokens),
-        epochs=args.epochs,
-        patience=args.patience or None,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_genes=args.max_genes,
-        seed=args.seed,
-    )
+    cfg = annotate_config(args)
     ann = Annotator(args.backbone, cfg, device=args.device, progress=not args.quiet).fit(
         reference, args.label_key, layer=args.layer
     )

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from scdca.cli.options import (
     KEY_FLAGS,
+    LINCS_FLAGS,
     MODEL_OPTIONS,
     Command,
     add_fields,
@@ -16,6 +17,7 @@ from scdca.cli.options import (
     data_keys,
     encoder_help,
     field_default,
+    lincs_options,
     model_options,
     require,
 )
@@ -27,6 +29,11 @@ GRID = {
     "metrics": ("--metrics", None),
     "k": ("--k", "top-k DEGs for the *_deg metrics"),
     "n_top_genes": ("--n-top-genes", "keep the top-N highly variable genes"),
+    "held_out_lines": (
+        "--held-out-lines",
+        "line tasks: hold out this many lines per seed, drawn at random "
+        "(default: every line in turn; a LINCS file has dozens)",
+    ),
     "chunk_size": ("--chunk-size", "read --data backed, this many cells at a time (files larger than memory)"),
     "intervals": (
         "--intervals",
@@ -85,7 +92,9 @@ def add_commands(sub) -> None:
 def _flat(raw: dict) -> dict:
     """A run's config.json (BenchmarkConfig's fields, nested) as this command's options."""
     raw = {k: v for k, v in raw.items() if k not in ("identity", "provenance", "report")}
-    flat = {k: v for k, v in raw.items() if k not in ("keys", "model_options")}
+    flat = {k: v for k, v in raw.items() if k not in ("keys", "model_options", "lincs")}
+    for field, value in (raw.get("lincs") or {}).items():  # read_lincs's arguments: their flags
+        flat[LINCS_FLAGS[field][0].lstrip("-") if field in LINCS_FLAGS else f"lincs.{field}"] = value
     for key in ("models", "tasks", "metrics"):
         if isinstance(flat.get(key), list):
             flat[key] = ",".join(flat[key])
@@ -107,7 +116,8 @@ def cmd_benchmark(args) -> None:
     require(args, "data", "out")
     grid = {k: getattr(args, k) for k in GRID}
     cfg = BenchmarkConfig(data=args.data, out=args.out, **grid, keys=data_keys(args), references=args.references,
-                          model_options=model_options(args), compounds=args.compounds)  # fmt: skip
+                          model_options=model_options(args), compounds=args.compounds,
+                          lincs=lincs_options(args))  # fmt: skip
     t0 = time.perf_counter()
     results = run(
         replace(cfg, report=False),

@@ -12,6 +12,7 @@ from scdca.cli.options import (
     add_training_options,
     data_keys,
     encoder_help,
+    lincs_options,
     model_options,
     settings,
     write_command,
@@ -136,6 +137,7 @@ def cmd_train(args) -> None:
         raise ScdcaInputError(f"model: {args.model!r} cannot be saved; train one of {', '.join(savable_models())}")
     data = load(
         args.data, keys=data_keys(args), n_top_genes=args.n_top_genes, compounds=args.compounds,
+        lincs=lincs_options(args),
         cells_per_condition=cls.cells_per_condition, control_cells_per_line=cls.control_cells_per_line,
     )  # fmt: skip
     options = model_options(args)
@@ -152,7 +154,9 @@ def cmd_train(args) -> None:
     c = model.cost()
     if hasattr(model, "describe"):
         print(f"{args.model}: {model.describe()}")
-    extra = f", {c['epochs_run']} epochs, best validation MSE {c['best_val_mse']:.4f}" if "epochs_run" in c else ""
+    extra = f", {c['epochs_run']} epochs" if "epochs_run" in c else ""
+    if "best_val_mse" in c:  # only a model that held out a validation set has one
+        extra += f", best validation MSE {c['best_val_mse']:.4f}"
     extra += f", {c['mode']} mode" if "mode" in c else ""
     print(
         f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "

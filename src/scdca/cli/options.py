@@ -167,9 +167,31 @@ def add_keys(cmd: Command) -> None:
         "--compounds",
         default=None,
         group=group,
-        help="for a LINCS .gct/.gctx --data: CSV mapping pert_id or pert_iname to smiles (wells of compounds "
-        "without a structure are skipped)",
+        help="for LINCS .gct/.gctx --data: CSV/TSV (gzipped or not; the LINCS perturbagen table as it ships) "
+        "mapping pert_id or pert_iname to smiles or canonical_smiles (wells without a structure are skipped)",
     )
+    from scdca.data.lincs import LincsOptions
+
+    lincs = cmd.group("LINCS files (--data: one .gct/.gctx, several joined by commas, or a folder)")
+    add_fields(cmd, LincsOptions, LINCS_FLAGS, group=lincs)
+
+
+LINCS_FLAGS = {
+    "level": ("--lincs-level", "LINCS data level (auto: from the values and metadata)"),
+    "col_meta": ("--col-meta", "the inst_info / sig_info table beside a matrix without well metadata"),
+    "cell_id": ("--cell-id", "keep only these cell lines (comma-separated)"),
+    "pert_time": ("--pert-time", "keep only these treatment times in hours (comma-separated)"),
+    "pert_id": ("--pert-id", "keep only these compounds (Broad ids, comma-separated; vehicle wells stay)"),
+    "plates": ("--plates", "keep only these plates (comma-separated)"),
+    "genes": ("--lincs-genes", "landmark (rows with pr_is_lm 1), or row ids / symbols (comma-separated)"),
+}
+
+
+def lincs_options(args: argparse.Namespace) -> dict:
+    """`read_lincs`'s keyword arguments set on the command line."""
+    from scdca.data.lincs import LincsOptions
+
+    return settings(args, LincsOptions, LINCS_FLAGS).as_kwargs()
 
 
 def data_keys(args: argparse.Namespace):

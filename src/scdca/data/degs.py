@@ -43,7 +43,8 @@ def deg_statistics(data: PerturbationData) -> dict[str, np.ndarray]:
     """scanpy's t-test statistics of every condition against its line's control, (N, G) each.
 
     scores = Welch t; logfoldchanges = log2 of the ratio of mean expression on the count
-    scale (expm1 of the log1p means, + 1e-9), as scanpy reports them; pvals two-sided from
+    scale (expm1 of the log1p means, + 1e-9), as scanpy reports them (on change-space data, LINCS
+    levels 4-5, the change itself); pvals two-sided from
     the Welch-Satterthwaite degrees of freedom; pvals_adj by Benjamini-Hochberg within each
     condition. NaN where a group has a single row (bulk input: no variance).
     """
@@ -56,7 +57,10 @@ def deg_statistics(data: PerturbationData) -> dict[str, np.ndarray]:
         t = (m1 - m0) / np.sqrt(v1 + v0)
         dof = (v1 + v0) ** 2 / (v1**2 / (n1 - 1) + v0**2 / (n0 - 1))
         pvals = 2 * stats.t.sf(np.abs(t), dof)
-    lfc = np.log2((np.expm1(m1) + 1e-9) / (np.expm1(m0) + 1e-9))
+    if data.space == "change":  # signed changes (LINCS levels 4-5): the change itself, in the file's units
+        lfc = m1 - m0
+    else:
+        lfc = np.log2((np.expm1(m1) + 1e-9) / (np.expm1(m0) + 1e-9))
     return {"scores": t, "logfoldchanges": lfc, "pvals": pvals, "pvals_adj": _bh(pvals)}
 
 

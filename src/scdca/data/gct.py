@@ -141,8 +141,15 @@ def gctx_metadata(path: str | os.PathLike, axis: str, fields: Sequence[str] | No
         meta = _node(f, f"0/META/{axis}", path)
         ids = _strings(_node(f, f"0/META/{axis}/id", path)[()])
         names = [k for k in meta.keys() if k != "id" and (fields is None or k in fields)]
-        table = pd.DataFrame({k: _strings(meta[k][()]) for k in names}, index=pd.Index(ids, name="id"))
+        # categorical: a release's 1.3 million columns repeat a few thousand values per field
+        table = pd.DataFrame({k: _categorical(meta[k][()]) for k in names}, index=pd.Index(ids, name="id"))
     return missing_as_na(table)
+
+
+def _categorical(values) -> pd.Categorical:
+    """Stored strings (or numbers) as a categorical of str, decoding each distinct value once."""
+    codes, uniques = pd.factorize(np.asarray(values).ravel())
+    return pd.Categorical.from_codes(codes, categories=pd.Index(_strings(uniques)).astype(str), validate=False)
 
 
 def read_gctx_matrix(
@@ -182,10 +189,11 @@ def _blocks(sorted_columns: np.ndarray, chunks, n_cols: int) -> Iterator[tuple[i
 
 
 def gctx_group_sums(
-    path: str | os.PathLike, group: np.ndarray, n_groups: int, rows: np.ndarray | None = None
+    path: str | os.PathLike, group: np.ndarray, n_groups: int, rows: np.ndarray | None = None, dtype=np.float64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stream a whole GCTX: (n_groups, rows) float64 sums of the columns of each group and the (n_groups,)
-    counts; `group` (n_columns,) is each column's group, -1 for columns left out."""
+    """Stream a whole GCTX: (n_groups, rows) sums of the columns of each group (in `dtype`; float32 halves
+    the memory of many groups) and the (n_groups,) counts; `group` (n_columns,) is each column's group,
+    -1 for columns left out."""
     import scipy.sparse as sp
 
     group = np.asarray(group, dtype=np.int64)
@@ -193,15 +201,15 @@ def gctx_group_sums(
         matrix = _node(f, "0/DATA/0/matrix", path)
         n_cols, n_rows = matrix.shape
         cols = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
-        sums = np.zeros((n_groups, n_rows if rows is None else len(rows)))
+        sums = np.zeros((n_groups, n_rows if rows is None else len(rows)), dtype=dtype)
         for start, stop, _ in _blocks(np.flatnonzero(group >= 0), matrix.chunks, n_cols):
             g = group[start:stop]
             keep = np.flatnonzero(g >= 0)
-            block = matrix[start:stop][:, cols][keep].astype(np.float64)  # (kept, rows)
-            indicator = sp.csr_matrix(
-                (np.ones(len(keep)), (g[keep], np.arange(len(keep)))), shape=(n_groups, len(keep))
-            )
-            sums += indicator @ block
+            block = matrix[start:stop][:, cols][keep].astype(dtype)  # (kept, rows)
+            ones = np.ones(len(keep), dtype=dtype)
+            indicator = sp.csr_matrix((ones, (g[keep], np.arange(len(keep)))), shape=(n_groups, len(keep)))
+            touched = np.unique(g[keep])  # only the groups this block holds: the rest of `sums` is not rewritten
+            sums[touched] += (indicator[touched] @ block).astype(dtype)
     counts = np.bincount(group[group >= 0], minlength=n_groups)
     return sums, counts
 
@@ -214,8 +222,16 @@ def _strings(values) -> np.ndarray:
 
 
 def missing_as_na(df: pd.DataFrame) -> pd.DataFrame:
-    """'-666', 'na' and empty fields as missing values (strings otherwise)."""
-    return df.astype(str).apply(lambda col: col.where(~col.str.strip().str.lower().isin(MISSING)))
+    """'-666', 'na' and empty fields as missing values (strings otherwise; categoricals stay categorical)."""
+
+    def one(col: pd.Series) -> pd.Series:
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            cats = col.cat.categories
+            return col.cat.remove_categories(cats[cats.str.strip().str.lower().isin(MISSING)])
+        col = col.astype(str)
+        return col.where(~col.str.strip().str.lower().isin(MISSING))
+
+    return df.apply(one) if len(df.columns) else df
 
 
 def write_gctx(

@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -57,6 +59,27 @@ COLUMN_IDS = ("inst_id", "sig_id", "distil_id", "cid", "id")  # a companion tabl
 LEVELS = ("auto", "3", "4", "5")
 COMPOUND_ID_LEN = 13  # 'BRD-K05870596-001-01-5' -> 'BRD-K05870596': the compound, without batch/salt
 DOSE_TO_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micromolar": 1.0, "nm": 1e-3, "pm": 1e-6, "mm": 1e3, "m": 1e6}
+
+
+@dataclass(frozen=True)
+class LincsOptions:
+    """How `read_lincs` reads and selects LINCS files (the CLI's --lincs-level, --col-meta, ...):
+    its keyword arguments, with comma-separated text for lists. `as_kwargs()` gives the set ones."""
+
+    level: Literal["auto", "3", "4", "5"] = "auto"
+    col_meta: str | None = None
+    cell_id: str | None = None
+    pert_time: str | None = None
+    pert_id: str | None = None
+    plates: str | None = None
+    genes: str | None = None
+
+    def __post_init__(self):
+        if str(self.level) not in LEVELS:
+            raise ScdcaInputError(f"level: {self.level!r} is not one of {', '.join(LEVELS)} (LINCS data levels)")
+
+    def as_kwargs(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and (k != "level" or v != "auto")}
 
 
 def is_lincs(path) -> bool:
@@ -285,7 +308,8 @@ def _selected(cols: pd.DataFrame, select: dict, path: Path) -> np.ndarray:
     for name, value in select.items():
         if value is None:
             continue
-        wanted = [value] if isinstance(value, (str, int, float)) else list(value)
+        wanted = value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else value
+        wanted = [w.strip() if isinstance(w, str) else w for w in wanted]
         if name == "pert_time":
             wanted = [f"{float(str(w).lower().rstrip('h ')):g}h" for w in wanted]
         if name == "pert_id":
@@ -309,7 +333,7 @@ def _gene_rows(rows: pd.DataFrame, genes, path: Path) -> np.ndarray:
                 f"landmark genes' row ids as a list instead"
             )
         return np.flatnonzero(rows[field].astype(str).str.strip().isin(["1", "1.0", "True", "true"]).to_numpy())
-    wanted = [genes] if isinstance(genes, str) else list(genes)
+    wanted = [g.strip() for g in genes.split(",")] if isinstance(genes, str) else list(genes)
     symbols = rows.get("pr_gene_symbol", pd.Series(index=rows.index, dtype=object)).astype(str)
     hit = rows.index.isin(wanted) | symbols.isin(wanted).to_numpy()
     if not hit.any():
@@ -318,17 +342,18 @@ def _gene_rows(rows: pd.DataFrame, genes, path: Path) -> np.ndarray:
 
 
 def _joined(parts, files: list[Path]):
-    """One (X, rows, cols, fields) from several files; their genes must be the same."""
+    """One (X, rows, cols, fields) from several files; their genes must be the same (in any order)."""
     X0, rows0, _, fields = parts[0]
-    for (_, rows, _, _), f in zip(parts[1:], files[1:]):
-        if not rows.index.equals(rows0.index):
+    matrices = [X0]
+    for (X, rows, _, _), f in zip(parts[1:], files[1:]):
+        if set(rows.index) != set(rows0.index) or rows.index.duplicated().any():
             differ = len(set(rows.index) ^ set(rows0.index))
             raise ScdcaInputError(
-                f"data: {f.name!r} has other genes than {files[0].name!r} ({differ} row ids differ, or their order); "
-                f"plates read together must share their rows: pass genes='landmark' (--lincs-genes landmark) or "
-                f"read them apart"
+                f"data: {f.name!r} has other genes than {files[0].name!r} ({differ} row ids differ); plates read "
+                f"together must share their rows: pass genes='landmark' (--lincs-genes landmark) or read them apart"
             )
-    X = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else X0
+        matrices.append(X[:, rows.index.get_indexer(rows0.index)])  # the first file's gene order
+    X = np.concatenate(matrices) if len(parts) > 1 else X0
     cols = pd.concat([p[2] for p in parts])
     if cols.index.duplicated().any():
         raise ScdcaInputError(
@@ -613,3 +638,68 @@ def _var(rows: pd.DataFrame) -> pd.DataFrame:
     else:
         var.index = pd.Index(var.index.astype(str))
     return var
+
+
+def aggregate_lincs(path: str | os.PathLike, *, genes: str | Sequence[str] | None = None) -> ad.AnnData:
+    """Stream a level 3 GCTX (a whole release) into per-condition changes, each well against its own
+    plate's vehicle wells, without loading the matrix.
+
+    Two passes over the file by chunk blocks: each plate's vehicle mean, then each condition's sum of
+    wells, from which its wells' own plates' vehicle means are taken. A condition is (cell_id, time,
+    13-character compound id, dose); its wells may lie on several plates. No compounds table is
+    needed (nothing is dropped for want of a structure).
+
+    Returns:
+        AnnData (conditions x genes): X = the mean change (float32); obs = cell_id, pert_time_h,
+        pert_id, dose_um, n_wells, n_plates; uns['expression_scale'] = 'change'.
+    """
+    from scipy import sparse
+
+    from scdca.data.gct import gctx_group_sums
+
+    path = Path(path)
+    cols, _ = canonical_fields(gctx_metadata(path, "COL", fields=[a for v in FIELDS.values() for a in v]))
+    rows = gctx_metadata(path, "ROW")
+    keep_rows = _gene_rows(rows, genes, path)
+    where = f"data: {str(path)!r}"
+    is_ctrl, is_cpd = _well_types(cols, where, 3)
+    plate, plates = pd.factorize(cols["plate"].astype(object).fillna("").to_numpy())
+    vehicle_sums, vehicle_n = gctx_group_sums(path, np.where(is_ctrl, plate, -1), len(plates), keep_rows)
+    treated_plates = np.unique(plate[is_cpd])
+    if (vehicle_n[treated_plates] == 0).any():
+        empty = list(plates[treated_plates[vehicle_n[treated_plates] == 0]][:3])
+        raise ScdcaInputError(f"{where}: plate(s) {empty!r} have no vehicle wells; a level 3 change needs its own")
+    vehicle = (vehicle_sums / np.maximum(vehicle_n, 1)[:, None]).astype(np.float32)  # (plates, genes)
+    code, conditions = _condition_codes(cols, is_cpd, where)
+    group = np.full(len(cols), -1)
+    group[is_cpd] = code
+    sums, n = gctx_group_sums(path, group, len(conditions), keep_rows, dtype=np.float32)
+    per_plate = sparse.csr_matrix(
+        (np.ones(len(code), np.float32), (code, plate[is_cpd])), (len(conditions), len(plates))
+    )
+    per_plate.sum_duplicates()  # (conditions, plates): each condition's wells per plate
+    for start in range(0, len(sums), 65536):  # each well's own plate's vehicle mean out, in slices
+        part = slice(start, start + 65536)
+        sums[part] -= per_plate[part] @ vehicle
+        sums[part] /= n[part, None]
+    obs = conditions.to_frame(index=False)
+    obs["n_wells"] = n
+    obs["n_plates"] = np.diff(per_plate.indptr)
+    obs.index = pd.Index([f"c{i}" for i in range(len(obs))])
+    adata = ad.AnnData(X=sums, obs=obs, var=_var(rows.iloc[keep_rows]))
+    adata.uns[SCALE_KEY] = CHANGE_SCALE
+    return adata
+
+
+def _condition_codes(cols: pd.DataFrame, treated: np.ndarray, where: str) -> tuple[np.ndarray, pd.MultiIndex]:
+    """(code of each treated well's condition, the conditions (cell_id, pert_time_h, pert_id, dose_um))."""
+    key = pd.DataFrame(
+        {
+            "cell_id": cols["cell_id"].astype(object).fillna("unknown").to_numpy(),
+            "pert_time_h": _times(cols).fillna("na").to_numpy(),
+            "pert_id": cols["pert_id"].astype(object).fillna("").str[:COMPOUND_ID_LEN].to_numpy(),
+            "dose_um": _well_doses(cols, where),
+        }
+    )[treated]
+    code, conditions = pd.MultiIndex.from_frame(key).factorize()
+    return code, conditions.set_names(list(key.columns))

@@ -31,7 +31,7 @@ from scdca import storage
 from scdca.data.degs import rank_degs
 from scdca.data.keys import DataKeys
 from scdca.data.screen import PerturbationData, load
-from scdca.data.splits import ALL_TASKS, TASKS, Split, make_splits
+from scdca.data.splits import ALL_TASKS, LINE_TASKS, TASKS, Split, make_splits
 from scdca.errors import GridError, ScdcaInputError
 from scdca.eval.diagnostics import plate_diagnostics
 from scdca.eval.metrics import METRICS, ScoringInput, score
@@ -83,6 +83,8 @@ class BenchmarkConfig:
     chunk_size: int | None = None  # stream the data file in chunks of this many cells (atlas-scale input)
     compounds: str | None = None  # a LINCS .gct/.gctx `data` file's compounds table (pert_id/pert_iname -> smiles)
     intervals: bool = False  # conformal prediction intervals for every model (refits each on calibration splits)
+    lincs: dict = field(default_factory=dict)  # read_lincs's selection and schema arguments for LINCS `data`
+    held_out_lines: int | None = None  # line tasks hold out this many lines per seed, drawn at random (None: all)
 
     def __post_init__(self):
         self.models = MODELS.parse_list(self.models, arg="models")
@@ -125,6 +127,10 @@ class BenchmarkConfig:
         }
         if self.compounds:
             identity["compounds"] = os.path.abspath(self.compounds)
+        if self.lincs:
+            identity["lincs"] = dict(self.lincs)
+        if self.held_out_lines:
+            identity["held_out_lines"] = self.held_out_lines
         if self.intervals:
             identity["intervals"] = True
         if self.chunk_size and self.n_top_genes:  # streamed files choose HVGs on a sample: other genes possible
@@ -160,7 +166,9 @@ def run(
     t_start = time.perf_counter()
     out = Path(cfg.out)
     data = _prepare(cfg, out, data)
-    splits = {(task, seed): _splits(data, task, seed, out) for task in cfg.tasks for seed in cfg.seeds}
+    splits = {
+        (task, seed): _splits(data, task, seed, out, cfg.held_out_lines) for task in cfg.tasks for seed in cfg.seeds
+    }
     names = list(cfg.models) + (
         [r for r in _REFERENCE_CELLS if r != "oracle" or data.truth is not None] if cfg.references else []
     )
@@ -199,6 +207,7 @@ def _prepare(cfg: BenchmarkConfig, out: Path, data: PerturbationData | None) -> 
     if data is None:
         data = load(
             cfg.data, keys=cfg.keys, n_top_genes=cfg.n_top_genes, chunk_size=cfg.chunk_size, compounds=cfg.compounds,
+            lincs=cfg.lincs,
             cells_per_condition=max(MODELS.get(m).cells_per_condition for m in cfg.models),
             control_cells_per_line=max(MODELS.get(m).control_cells_per_line for m in cfg.models),
         )  # fmt: skip
@@ -209,9 +218,17 @@ def _prepare(cfg: BenchmarkConfig, out: Path, data: PerturbationData | None) -> 
     return data
 
 
-def _splits(data: PerturbationData, task: str, seed: int, out: Path) -> list[Split]:
-    """The task's splits for this seed, each also written to `out/splits/`."""
-    splits = make_splits(data, task, seed)
+def _splits(data: PerturbationData, task: str, seed: int, out: Path, held_out_lines: int | None = None) -> list[Split]:
+    """The task's splits for this seed, each also written to `out/splits/`; a line task holds out
+    `held_out_lines` lines drawn with the seed among those with two drugs or more, which a few-shot
+    split and a rank need (every line when None: a LINCS file has dozens)."""
+    lines = None
+    if held_out_lines and task in LINE_TASKS:
+        per_line = data.conditions.groupby("cell_line", observed=True)["drug"].nunique()
+        eligible = sorted(per_line.index[per_line >= 2])
+        rng = np.random.default_rng([seed, 41])
+        lines = sorted(rng.choice(eligible, size=min(held_out_lines, len(eligible)), replace=False))
+    splits = make_splits(data, task, seed, lines=lines)
     for s in splits:
         s.save(out / "splits" / f"{s.name}.json")
     return splits
@@ -381,7 +398,7 @@ def compute_cell(
     shared = SharedFits.for_splits(data, splits, seed) if cfg.intervals else None  # calibration fits splits share
     for split in splits:
         test = data.subset(split.test)
-        if model_name == "ceiling" and test.half_a is None:
+        if model_name == "ceiling" and (test.half_a is None or np.isnan(test.half_a).any(1).all()):
             return pd.DataFrame(columns=RESULT_COLUMNS), None, []
         t0 = time.perf_counter()
         tracemalloc.start()

@@ -19,6 +19,7 @@ import numpy as np
 
 from scdca.errors import ScdcaInputError
 from scdca.models.intervals import LEVELS
+from scdca.models.stack import distance_ranks
 from scdca.registry import Registry
 
 
@@ -194,20 +195,7 @@ def _rank(inp: ScoringInput) -> np.ndarray:
     return _ranks(inp.pred, inp.observed, inp.groups)
 
 
-def _ranks(pred: np.ndarray, observed: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Within each group: the normalised rank of each prediction's own observation by distance."""
-    out = np.full(pred.shape[0], np.nan)
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        if idx.size < 2:
-            continue
-        P, O = pred[idx].astype(np.float64), observed[idx].astype(np.float64)
-        d = (P**2).sum(1)[:, None] + (O**2).sum(1)[None, :] - 2 * P @ O.T  # (n, n) squared distances
-        own = np.diag(d)[:, None]
-        closer = (d < own - 1e-9).sum(1)
-        ties = (np.abs(d - own) <= 1e-9).sum(1) - 1  # minus itself
-        out[idx] = (closer + 0.5 * ties) / (idx.size - 1)
-    return out
+_ranks = distance_ranks  # one definition: scdca_stack scores its committees by the same rank
 
 
 def _versus_mean(score_fn):

@@ -293,17 +293,21 @@ def _package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The commit of the scdca source tree when it is a git checkout (editable install)."""
+    """The commit of the scdca source tree when it is a git checkout (editable install), with
+    '-dirty' appended when the tree has uncommitted changes; None elsewhere."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # src/scdca
     try:
         res = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True, text=True, timeout=5
+        )
+        lines = res.stdout.split()
+        if res.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "scdca" != package:
+            return None  # not our checkout (e.g. installed inside someone else's repository)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=lines[0], capture_output=True, text=True
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    lines = res.stdout.split()
-    if res.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() / "src" / "scdca" != here:
-        return None  # not our checkout (e.g. installed inside someone else's repository)
-    return lines[1]
+    return lines[1] + ("-dirty" if status.stdout.strip() else "")

@@ -128,12 +128,9 @@ class ScDCAModel(PerturbationModel):
 
         epoch, steps, best = self._train(train, rows, cache, tr_idx, va_idx, ctx, _stop_after_epochs)
         self._controls = (list(train.controls.index), train.control_mean.copy())
-        self._cost.update(
-            epochs_run=epoch + 1,
-            steps=steps,
-            best_val_mse=best,
-            train_seconds=time.perf_counter() - t_start,
-        )
+        # without a validation set (val_fraction 0, as scdca_lowrank) `best` is a training loss
+        loss = {"best_val_mse": best} if len(va_idx) else {"final_train_mse": best}
+        self._cost.update(epochs_run=epoch + 1, steps=steps, train_seconds=time.perf_counter() - t_start, **loss)
         return self
 
     def _train(self, train, rows: _TrainingRows, cache, tr_idx, va_idx, ctx, stop_after) -> tuple[int, int, float]:
