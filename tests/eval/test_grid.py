@@ -452,7 +452,7 @@ def test_a_line_task_can_hold_out_a_few_lines_per_seed(tiny_data, tmp_path):
         out=str(tmp_path / "run"),
         models=["control"],
         tasks=["unseen_cell_zeroshot"],
-        seeds=3,
+        seeds=6,
         k=5,
         report=False,
         references=False,

@@ -304,7 +304,7 @@ def test_the_summary_names_the_recommended_model_next_to_the_best_baseline_on_ea
 
     rows = []
     means = {  # model -> (change score, rank, mse): ridge best on rank, dominant on change and mse
-        "scdca_routed": (0.30, 0.46, 0.040),
+        "scdca_stack": (0.30, 0.46, 0.040),
         "ridge": (0.25, 0.47, 0.045),
         "dominant": (0.28, 0.50, 0.044),
     }
@@ -319,9 +319,9 @@ def test_the_summary_names_the_recommended_model_next_to_the_best_baseline_on_ea
     line = "- unseen_drug: change score 0.300 (dominant 0.280), rank 0.460 (ridge 0.470), mse 0.040 (dominant 0.044)"
     assert line in text
     assert recommended_text(split_means(results)) == text  # the report passes split means
-    assert recommended_text(results[results["model"] != "scdca_routed"]) == ""
+    assert recommended_text(results[results["model"] != "scdca_stack"]) == ""
     results.to_csv(tmp_path / "results.csv", index=False)
-    assert "The recommended model, scdca_routed" in build(tmp_path).read_text()
+    assert "The recommended model, scdca_stack" in build(tmp_path).read_text()
 
 
 def test_split_means_equal_pandas_groupby_with_nan_skipped_for_text_or_categorical_columns():

@@ -158,6 +158,9 @@ def cmd_train(args) -> None:
     if "best_val_mse" in c:  # only a model that held out a validation set has one
         extra += f", best validation MSE {c['best_val_mse']:.4f}"
     extra += f", {c['mode']} mode" if "mode" in c else ""
+    if "params_trainable" not in c:  # a stack of closed-form experts, or the anchor alone: nothing trained
+        print(f"wrote {args.out}{extra}")
+        return
     print(
         f"wrote {args.out}: {c['params_trainable']:,} of {c['params_total']:,} parameters trained "
         f"({c['params_trainable_pct']:.2f}%){extra}"

@@ -15,7 +15,6 @@ from scdca.chem.featurizer import dose_range, scaled_dose
 from scdca.chem.molecules import morgan_fingerprints, tanimoto
 from scdca.data.screen import PerturbationData
 from scdca.models.base import MODELS, PerturbationModel, per_line_fits, principal_directions
-from scdca.models.shrinkage import drug_folds
 
 
 class _Changes:
@@ -138,6 +137,8 @@ class RidgeBaseline(PerturbationModel):
         alphas = np.asarray(self.alphas, dtype=float)
         drugs = train.conditions["drug"].astype(str).to_numpy()
         if self.penalty_folds > 1 and len(np.unique(drugs)) >= self.penalty_folds:
+            from scdca.models.shrinkage import drug_folds  # here: the registry lists the baselines first
+
             fold = drug_folds(drugs, self.penalty_folds, self.seed)
             cv = [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in range(self.penalty_folds)]
             ridge = RidgeCV(alphas=alphas, cv=cv, scoring="neg_mean_squared_error")
