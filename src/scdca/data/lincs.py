@@ -199,7 +199,7 @@ def read_lincs(
     select = {"cell_id": cell_id, "pert_time": pert_time, "pert_id": pert_id, "plates": plates}
     parts = [_read_one(f, col_meta, select, genes) for f in files]
     X, rows, cols, fields = _joined(parts, files)
-    level = _level(X, cols, level, files)
+    level = _level(X, cols, level)
     table = read_compounds(compounds) if compounds is not None else None
     adata = _wells(X, rows, cols, level, table, keys, where=_where(files))
     adata.uns["lincs"].update(
@@ -364,7 +364,7 @@ def _joined(parts, files: list[Path]):
     return X, rows0, cols, fields
 
 
-def _level(X: np.ndarray, cols: pd.DataFrame, level, files) -> int:
+def _level(X: np.ndarray, cols: pd.DataFrame, level) -> int:
     """3 (expression), 4 (z-scores per well) or 5 (consensus signatures): given, or read from the files."""
     if str(level) not in LEVELS:
         raise ScdcaInputError(f"level: {level!r} is not one of {', '.join(LEVELS)} (LINCS data levels 3, 4, 5)")
@@ -381,7 +381,11 @@ def _wells(X, rows, cols, level: int, table, keys: DataKeys, where: str) -> ad.A
     with a zero reference per line (levels 4-5)."""
     is_ctrl, is_cpd = _well_types(cols, where, level)
     compound_id = cols["pert_id"].fillna("").astype(str).str.strip().str[:COMPOUND_ID_LEN]
-    iname = cols["pert_iname"].fillna("").astype(str).str.strip() if "pert_iname" in cols else compound_id * 0
+    iname = (
+        cols["pert_iname"].fillna("").astype(str).str.strip()
+        if "pert_iname" in cols
+        else pd.Series("", index=cols.index)
+    )
     smiles = _well_smiles(cols, compound_id, iname, table, where)
     dose = _well_doses(cols, where)
     keep, no_structure = _kept_wells(cols, is_ctrl, is_cpd, smiles, dose, compound_id, iname, table, where)

@@ -289,9 +289,9 @@ class ScDCAStack(PerturbationModel):
     def cost(self) -> dict[str, Any]:
         """The weights and the out-of-fold scores that chose them (one row per split in costs.csv)."""
         cost = dict(self.evidence_)
-        head = self._fitted.get("scdca_head")
-        if head is not None and head.cost():
-            cost.update({k: head.cost()[k] for k in ("params_trainable", "params_total", "params_trainable_pct")})
+        head = self._fitted["scdca_head"].cost() if "scdca_head" in self._fitted else {}
+        if head:
+            cost.update({k: head[k] for k in ("params_trainable", "params_total", "params_trainable_pct")})
         return cost
 
     def describe(self) -> str:
