@@ -467,6 +467,32 @@ def test_drug_gene_head_starts_at_zero_and_gives_each_drug_its_own_gene_pattern(
     assert out.shape == (2, 5) and abs(float(torch.corrcoef(out)[0, 1])) < 0.999  # not one shared direction
 
 
+
+def test_drug_gene_head_per_line_states_match_per_row_states_forward_and_backward():
+    """h given once per line with `rows` (unsorted, one line unused) gives the same output and
+    gradients as each row's own copy of its line's states; an in-place change to h is seen."""
+    from scdca.nn.adapters import DrugGeneConfig, DrugGeneHead
+
+    torch.manual_seed(0)
+    head = DrugGeneHead(DrugGeneConfig(d_model=6, cond_dim=4, n_genes=5, rank=3, hidden=8))
+    with torch.no_grad():
+        head.drug_proj[-1].weight.normal_()
+    h, cond, rows = torch.randn(4, 5, 6), torch.randn(7, 4), torch.tensor([2, 0, 2, 3, 0, 0, 2])  # line 1 unused
+    grads = []
+    for out in (lambda: head(h, cond, rows), lambda: head(h[rows], cond)):
+        head.zero_grad()
+        value = out()
+        (value * torch.arange(35.0).reshape(7, 5)).sum().backward()
+        grads.append((value.detach(), [p.grad.clone() for p in head.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+    before = head(h, cond, rows).detach()
+    h.add_(torch.randn_like(h))  # the same tensor, changed in place: the kept LN(h) must not be reused
+    torch.testing.assert_close(head(h, cond, rows), head(h.clone(), cond, rows))
+    assert not torch.allclose(head(h, cond, rows), before)
+
+
 def _two_program_screen(tmp_path):
     """Two drugs move one gene set up, two others another set down (dose-proportional), and a
     tiny random backbone over those genes: a drug-blind model cannot fit both."""
