@@ -34,7 +34,6 @@ from scdca import storage
 from scdca.data.expression import looks_like_counts, normalize_log1p, validated_matrix
 from scdca.data.keys import DataKeys
 from scdca.errors import ScdcaInputError
-from scdca.models.base import read_model_json, write_model_json
 from scdca.nn.adapters import count_parameters
 from scdca.nn.backbone import Backbone, GeneVocab, SelfAttention, is_random, weights_hash
 from scdca.nn.backbone import reference as backbone_reference
@@ -380,14 +379,14 @@ class Annotator:
             "classes": self.classes,
             "cost": self.cost,
         }
-        write_model_json(folder, meta, files=["trained.safetensors"])
+        storage.write_model_json(folder, meta, files=["trained.safetensors"])
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, device: str | None = None, backbone: str | None = None) -> Annotator:
         """Rebuild a saved annotator on its backbone (refused if the backbone's weights changed)."""
         from safetensors.torch import load_file
 
-        meta = read_model_json(folder)
+        meta = storage.read_model_json(folder)
         if meta.get("model") != "annotator":
             raise ScdcaInputError(f"model: {str(folder)!r} holds a {meta.get('model')!r} model, not an annotator")
         self = cls(backbone or meta["backbone"], AnnotateConfig(**meta["config"]), device=device, progress=False)

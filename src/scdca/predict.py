@@ -21,9 +21,19 @@ from scdca.data.expression import looks_like_counts, normalize_log1p, validated_
 from scdca.data.keys import DataKeys, condition_id
 from scdca.data.screen import PerturbationData, read
 from scdca.errors import ScdcaInputError
-from scdca.models.intervals import LEVEL, Intervals
+from scdca.intervals import LEVEL, Intervals, load_calibration
+from scdca.models.base import PerturbationModel, load_model
 
 log = logging.getLogger(__name__)
+
+
+def load(path: str | os.PathLike, **kwargs) -> PerturbationModel:
+    """A model folder written by `scdca train`, with its calibration (`calibration.npz`) as
+    `model.calibration` (None without one): `predict` and `screen` then add prediction intervals.
+    Keyword arguments (`backbone`, `device`) go to `scdca.models.load_model`."""
+    model = load_model(path, **kwargs)
+    model.calibration = load_calibration(path)
+    return model
 
 
 def control_from_anndata(
@@ -130,7 +140,7 @@ def predict(
         for col in per_drug:
             out.obs[col] = out.obs["drug"].map(per_drug[col]).to_numpy()
     out.layers["control"] = query.control_for(query.conditions["cell_line"])
-    cal = getattr(model, "calibration", None)
+    cal = model.calibration
     if cal is not None:
         cond = query.conditions
         interval = Intervals.of(
@@ -149,7 +159,7 @@ class TrainingSimilarity:
     report's score-by-similarity figure shows how much on a benchmark)."""
 
     def __init__(self, model):
-        train = getattr(model, "training_molecules", None)
+        train = model.training_molecules
         self.available = bool(train)
         if not self.available:
             log.info(
@@ -200,7 +210,7 @@ def screen(
         `rank_by`: 'auto' (signature cosine if a signature is given, else effect size), 'effect',
         'effect_lower' (needs a calibrated model) or 'signature'.
     """
-    cal = getattr(model, "calibration", None)
+    cal = model.calibration
     column = _rank_column(rank_by, signature is not None, cal is not None)
     controls = resolve_controls(model, [cell_line] if cell_line else None, control)
     if len(controls) != 1:

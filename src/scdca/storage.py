@@ -150,3 +150,36 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# -- model folders (`scdca train` writes them, every savable model reads them) ----------------
+
+
+def write_model_json(folder, meta: dict, files: list[str]) -> None:
+    """Write model.json last, with the SHA-256 of each saved file, so a folder whose files
+    were changed or damaged after saving is refused on load (`read_model_json`)."""
+    folder = Path(folder)
+    write_json(folder / "model.json", {**meta, "files": {f: file_sha256(folder / f) for f in files}})
+
+
+def read_model_json(folder) -> dict:
+    """model.json of a saved model folder, after checking every file it lists is unchanged."""
+    folder = Path(folder)
+    path = folder / "model.json"
+    try:
+        meta = json.loads(path.read_text())
+        name = meta["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ScdcaInputError(
+            f"model: {str(folder)!r} has no readable model.json naming its model; pass a folder "
+            f"written by `scdca train`"
+        ) from None
+    for file, digest in (meta.get("files") or {}).items():
+        target = folder / file
+        if not target.is_file() or file_sha256(target) != digest:
+            raise ScdcaInputError(
+                f"model: {str(target)!r} is missing or differs from what `scdca train` saved "
+                f"(checksum mismatch); the {name!r} model folder was changed or damaged: "
+                f"retrain it or restore the folder"
+            )
+    return meta

@@ -467,7 +467,6 @@ def test_drug_gene_head_starts_at_zero_and_gives_each_drug_its_own_gene_pattern(
     assert out.shape == (2, 5) and abs(float(torch.corrcoef(out)[0, 1])) < 0.999  # not one shared direction
 
 
-
 def test_drug_gene_head_per_line_states_match_per_row_states_forward_and_backward():
     """h given once per line with `rows` (unsorted, one line unused) gives the same output and
     gradients as each row's own copy of its line's states; an in-place change to h is seen."""
@@ -611,7 +610,8 @@ def test_routed_training_killed_in_its_second_head_resumes_to_the_same_result(ti
     ).exists()
     resumed = make_model("scdca_routed", checkpoint_dir=tmp_path / "b", **opts).fit(tiny_data)
     for kind in ("seen", "new"):  # the killed head resumed, the finished one reloaded
-        np.testing.assert_allclose(resumed._head(kind).predict(q), full._head(kind).predict(q), rtol=1e-5, atol=1e-6)
+        head, reference = getattr(resumed, kind), getattr(full, kind)
+        np.testing.assert_allclose(head.predict(q), reference.predict(q), rtol=1e-5, atol=1e-6)
 
 
 def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_head(tiny_data, tiny_backbone, tmp_path):
@@ -636,10 +636,14 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
     assert model.is_seen([smiles, other_spelling, "C1CCCCC1CCCCCCCCCCCCN"]).tolist() == [True, True, False]
     c = model.cost()
     assert c["params_trainable"] == plain.cost()["params_trainable"] * 2 and c["steps"] == 60
-    # a query of seen molecules alone never trains the new head (each head trains when first needed)
-    only_seen = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, **opts).fit(train)
-    np.testing.assert_allclose(only_seen.predict(tiny_data.subset(seen_ids, observed=False)), pred[:6], atol=1e-6)
-    assert only_seen.cost()["steps"] == 30 and only_seen.cost()["params_trainable"] == c["params_trainable"]
+    # one head only (what scdca_stack asks for): every molecule goes to it, and only it trains
+    only_seen = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, heads=("seen",), **opts).fit(train)
+    np.testing.assert_allclose(only_seen.predict(q), plain.predict(q), atol=1e-6)
+    assert only_seen.cost()["steps"] == 30 and only_seen.cost()["params_trainable"] == c["params_trainable"] // 2
+    only_new = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, heads=["new"], **opts).fit(train)
+    np.testing.assert_allclose(only_new.predict(q), dropped.predict(q), atol=1e-6)
+    with pytest.raises(ScdcaInputError, match="heads"):
+        make_model("scdca_routed", heads=("old",), **opts)
 
     model.save(tmp_path / "routed")
     from scdca.models import load_model
@@ -686,8 +690,6 @@ def test_routed_pulls_new_molecules_toward_the_drug_blind_answer_by_a_weight_fro
     train = tiny_data.subset(split.train)
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=6, seed=0)
     model = make_model("scdca_routed", **opts).fit(train)
-    model.predict(tiny_data.subset(list(split.train[:3]), observed=False))  # seen molecules only: no weights needed
-    assert model._weights is None and np.isnan(model.cost()["shrinkage"])
     w, w_ridge = model.weights_["scdca"], model.weights_.get("ridge", 0.0)
     assert 0.0 <= w <= 1.0 and 0.0 <= w_ridge <= 1.0 and model.cost()["shrinkage"] == w
     cv = model.shrinkage_cv_
@@ -735,17 +737,20 @@ def test_a_config_that_means_nothing_is_refused_naming_the_setting(settings, mes
 
 
 def test_routed_is_calibrated_for_new_molecules_on_its_own_shrinkage_folds_without_a_refit(tiny_data, tiny_backbone):
-    from scdca.models.intervals import calibrate
+    from scdca.intervals import calibrate
 
     split = make_splits(tiny_data, "unseen_drug", 0)[0]
     train = tiny_data.subset(split.train)
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=4, seed=0)
     model = make_model("scdca_routed", **opts).fit(train)
-    ids, oof, fold = model.new_molecule_out_of_fold()
+    parts = model.out_of_fold("unseen_drug")
+    assert model.out_of_fold("unseen_pair") is None  # its folds hold out drugs, not pairs
+    ids = [i for s, _ in parts for i in s.test]
+    oof = np.concatenate([pred for _, pred in parts])
     assert sorted(ids) == sorted(train.ids) and oof.shape == (len(train.ids), train.n_genes) and (oof >= 0).all()
-    drugs = train.conditions.loc[list(ids), "drug"].to_numpy()
-    for f in np.unique(fold):  # a fold holds out whole drugs (its model never saw them)
-        assert not set(drugs[fold == f]) & set(drugs[fold != f])
+    drug = train.conditions["drug"].astype(str)
+    for s, _ in parts:  # a fold holds out whole drugs (its model never saw them)
+        assert not set(drug[list(s.test)]) & set(drug[list(s.train)])
 
     def refit():
         raise AssertionError("calibration refitted the model although its folds were at hand")

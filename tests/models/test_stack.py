@@ -97,7 +97,7 @@ def test_permuting_the_test_conditions_observations_leaves_the_weights_unchanged
 
 
 def test_the_intervals_calibrate_on_the_stacks_own_folds_without_a_refit():
-    from scdca.models.intervals import calibrate
+    from scdca.intervals import calibrate
 
     data = screen("drug")
     model, split = fit(data, "unseen_pair")
@@ -107,9 +107,9 @@ def test_the_intervals_calibrate_on_the_stacks_own_folds_without_a_refit():
         raise AssertionError("calibration refitted although the stack's folds were at hand")
 
     cal = calibrate(refit, train, "unseen_pair", 0, k=5, fitted=model)
-    held = sum(len(s.test) for s, _ in model.out_of_fold_parts("unseen_pair"))
+    held = sum(len(s.test) for s, _ in model.out_of_fold("unseen_pair"))
     assert len(cal.calibration_mse) == held == model.evidence_["n_conditions"]
-    assert model.out_of_fold_parts("unseen_drug") is None  # folds of another task calibrate nothing
+    assert model.out_of_fold("unseen_drug") is None  # folds of another task calibrate nothing
 
 
 def test_a_saved_stack_loads_and_predicts_the_same(tmp_path):

@@ -173,7 +173,7 @@ def _calibration(args, cls, options, data, fitted):
     splits of the training data."""
     if args.intervals == "none":
         return None
-    from scdca.models.intervals import calibrate
+    from scdca.intervals import calibrate
 
     print(f"calibrating prediction intervals for {args.intervals} (refits on splits of the training data) ...")
     fresh = lambda: _build(cls, options, progress=False, checkpoint_dir=None)  # noqa: E731
@@ -195,7 +195,7 @@ def _build(cls, options: dict, *, progress: bool, checkpoint_dir):
 def _save_calibration(folder, calibration) -> None:
     from pathlib import Path
 
-    from scdca.models.intervals import FILE
+    from scdca.intervals import FILE
 
     if calibration is None:
         (Path(folder) / FILE).unlink(missing_ok=True)  # a stale one from an earlier training would lie
@@ -206,9 +206,9 @@ def _save_calibration(folder, calibration) -> None:
 
 
 def _load_model(args):
-    from scdca.models import load_model
+    from scdca.predict import load
 
-    return load_model(args.model, backbone=args.backbone, device=args.device)
+    return load(args.model, backbone=args.backbone, device=args.device)
 
 
 def _controls_arg(args, model) -> dict | None:

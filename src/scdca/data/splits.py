@@ -277,3 +277,57 @@ def audit(split: Split, data: PerturbationData, *, fewshot_fraction: float = 0.1
                 )
     else:
         raise ScdcaInputError(f"task: unknown task {split.task!r}; choose from {', '.join(ALL_TASKS)}")
+
+
+FOLDS = {"unseen_drug": 3, "unseen_scaffold": 3, "unseen_pair": 2}  # calibration folds per split; line tasks: 2
+MIN_GROUPS = 40  # held-out drugs (scaffolds, pairs) that are enough: folds beyond them are not refitted
+
+
+def fold_splits(train: PerturbationData, task: str, seed: int, *, exclude: str = "", max_lines: int = 2):
+    """Splits of the training conditions that hold out what `task` holds out (the folds on which
+    `scdca.intervals` calibrates and `scdca_stack` chooses its experts).
+
+    Drug, scaffold and pair tasks: the training drugs (scaffolds, drug-line pairs) in `FOLDS[task]`
+    folds, each held out once, until at least `MIN_GROUPS` of them have been held out (all folds on
+    a small screen, so every training condition is calibrated on; fewer refits on a large one,
+    where more held-out groups would cost fits without steadying the calibration). Line tasks: the task's
+    own split rule for at most `max_lines` training lines, chosen at random, never `exclude` (a
+    few-shot split's own line, which has too few conditions to hold out). unseen_dose: its own rule
+    (each pair's top training dose held out).
+    """
+    rng = np.random.default_rng([seed, 36])
+    if task in FOLDS:
+        units = held_out_units(train.conditions, task)
+        names = np.unique(units)
+        if len(names) < FOLDS[task]:
+            raise ScdcaInputError(
+                f"folds: cannot make {task!r} folds of the training data: it has {len(names)} held-out "
+                f"unit(s), {FOLDS[task]} folds need at least that many; add training data"
+            )
+        ids = np.asarray(train.ids)
+        folds = np.array_split(rng.permutation(names), FOLDS[task])
+        enough = np.cumsum([len(f) for f in folds]) >= MIN_GROUPS
+        folds = folds[: int(np.argmax(enough)) + 1] if enough.any() else folds
+        return [Split(task, seed, "", tuple(ids[~np.isin(units, f)]), tuple(ids[np.isin(units, f)])) for f in folds]
+    lines = None  # unseen_dose: the rule itself (each pair's top remaining dose)
+    if task in LINE_TASKS:
+        candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
+        lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
+    try:
+        return make_splits(train, task, seed, lines=lines)
+    except ScdcaInputError as err:
+        raise ScdcaInputError(
+            f"folds: cannot make {task!r} folds of the training conditions alone ({err}); "
+            f"add training data (or turn intervals off for this task)"
+        ) from None
+
+
+def held_out_units(cond, task: str) -> np.ndarray:
+    """The unit a task holds out together: a line (line tasks), a drug-line pair, a scaffold or a drug."""
+    if task in LINE_TASKS:
+        return cond["cell_line"].astype(str).to_numpy()
+    if task in ("unseen_pair", "unseen_dose"):
+        return (cond["drug"].astype(str) + "|" + cond["cell_line"].astype(str)).to_numpy()
+    if task == "unseen_scaffold":
+        return np.array([scaffold(s) or d for d, s in zip(cond["drug"].astype(str), cond["smiles"].astype(str))])
+    return cond["drug"].astype(str).to_numpy()

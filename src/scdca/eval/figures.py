@@ -186,7 +186,7 @@ def png(fig, path: Path) -> str:
 
 def calibration_figure(results: pd.DataFrame, *, axes=None):
     """Nominal against realised coverage of the prediction intervals, one panel per task, one line per model."""
-    from scdca.models.intervals import LEVELS
+    from scdca.intervals import LEVELS
 
     names = {f"coverage_{round(100 * lv)}": lv for lv in LEVELS}
     r = results[results["metric"].isin(names)].astype({"model": object, "task": object, "metric": object})

@@ -50,9 +50,9 @@ from scdca.eval.runs import (
     write_results,
 )
 from scdca.eval.tables import summarize
+from scdca.intervals import Intervals, SharedFits, calibrate
 from scdca.models import MODELS
 from scdca.models.baselines import DoseMeanBaseline
-from scdca.models.intervals import Intervals, SharedFits, calibrate
 from scdca.nn.backbone import is_random
 from scdca.nn.backbone import reference as backbone_reference
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scdca.errors import ScdcaInputError
-from scdca.models.intervals import LEVELS
+from scdca.intervals import LEVELS
 from scdca.models.stack import distance_ranks
 from scdca.registry import Registry
 
@@ -34,7 +34,7 @@ class ScoringInput:
         degs: N arrays of gene indices, ranked (most differential first).
         groups: (N,) group label per condition (cell line) for set-level metrics.
         k: number of top DEGs used by the `*_deg` metrics.
-        sigma: (N, G) the interval scale of each prediction (`scdca.models.intervals`), or None.
+        sigma: (N, G) the interval scale of each prediction (`scdca.intervals`), or None.
         alphas: level -> the conformal multiplier of sigma at that level (with sigma).
         expected_mse: (N,) each prediction's expected mse (with sigma).
         reference: (N, G) the average perturbed response's change from control for each condition

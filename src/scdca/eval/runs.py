@@ -17,7 +17,7 @@ from scdca.data.degs import deg_long_table
 from scdca.data.keys import DataKeys
 from scdca.data.screen import PerturbationData, read
 from scdca.errors import ScdcaInputError
-from scdca.models.intervals import LEVEL, Intervals
+from scdca.intervals import LEVEL, Intervals
 
 CONTROL = "control"
 

@@ -12,6 +12,7 @@ from scdca.chem.molecules import novelty_table
 from scdca.eval.metrics import METRICS
 from scdca.eval.runs import REFERENCES
 from scdca.eval.stats import DRUG_BLIND_NOTE, drug_blind, per_seed
+from scdca.models import MODELS
 
 
 def _plain(rows: pd.DataFrame) -> pd.DataFrame:
@@ -56,19 +57,15 @@ MAIN_METRICS = (
     "rank",
     "mse",
 )
-MEAN_BASELINES = ("dose_mean", "pooled_mean", "train_mean", "scaled_mean")  # what a drug-blind model predicts
-BASELINES = (
-    "control",
-    "train_mean",
-    "dose_mean",
-    "pooled_mean",
-    "additive",
-    "ridge",
-    "knn",
-    "dominant",
-    "scaled_mean",
-    "ridge_shrunk",
-)
+
+
+def _flagged(flag: str) -> tuple[str, ...]:
+    """The registered models whose class sets `flag` (a `PerturbationModel` class flag)."""
+    return tuple(n for n in MODELS.names() if getattr(MODELS.get(n), flag))
+
+
+MEAN_BASELINES = _flagged("mean_change")  # what a drug-blind model predicts: dose_mean, train_mean, ...
+BASELINES = _flagged("baseline")  # control, the means, additive, ridge, knn, dominant, ...
 
 
 def main_table(results: pd.DataFrame, metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:

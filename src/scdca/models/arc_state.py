@@ -49,7 +49,7 @@ from scdca import storage
 from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel, parameter_counts, read_model_json, write_model_json
+from scdca.models.base import MODELS, PerturbationModel, parameter_counts
 from scdca.models.peers import PEERS, drug_features, installed, quiet, scaled_log_dose
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,11 @@ class StatePeer(PerturbationModel):
 
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def fit(self, train: PerturbationData) -> StatePeer:
+    def _fit(self, train: PerturbationData) -> None:
         t0 = time.perf_counter()
         self.mode = self._mode(train)
         drugs = train.drug_smiles()
         self._drugs = DrugFeaturizer(self.encoder_spec).fit(drugs, train.conditions["dose"])
-        self._genes = np.asarray(train.genes)
-        self._controls = (list(train.cell_lines), train.control_mean)
         with_controls = (
             train.cell_lines if self.mode == "pseudobulk" else train.cells.cell_line[train.cells.condition == ""]
         )
@@ -232,7 +230,6 @@ class StatePeer(PerturbationModel):
             "fit_seconds": time.perf_counter() - t0,
         }
         log.info("state: %s mode, %d steps, best validation mse %s", self.mode, steps, best)
-        return self
 
     def _batches(self, train: PerturbationData, pert: np.ndarray, rows: np.ndarray, rng):
         """An endless stream of training batches in STATE's layout: flat (B*S, dim) tensors."""
@@ -346,19 +343,17 @@ class StatePeer(PerturbationModel):
         settings = {k: getattr(self, k) for k in ("set_size", "hidden", "layers", "heads", "batch_size",
                                                    "pseudobulk_batch", "lr", "max_steps", "eval_every",
                                                    "patience", "seed")}  # fmt: skip
-        write_model_json(
+        storage.write_model_json(
             folder,
             {
-                "model": self.name,
+                **self._fitted_meta(),
                 "encoder": self.encoder_spec,
                 "encoder_identifier": self._drugs.encoder.identifier,
                 "settings": settings,
                 "mode": self.mode,
-                "genes": [str(g) for g in self._genes],
                 "dose_lo": self._drugs.dose_lo,
                 "dose_span": self._drugs.dose_span,
                 "set_lines": lines,
-                "control_lines": [str(c) for c in self._controls[0]],
                 "cost": self._cost,
             },  # fmt: skip
             ["state.safetensors"],
@@ -374,12 +369,11 @@ class StatePeer(PerturbationModel):
             raise ScdcaInputError(
                 f"model: {str(folder)!r} lacks state.safetensors; is it a folder written by StatePeer.save?"
             )
-        meta = read_model_json(folder)
+        meta = storage.read_model_json(folder)
         arrays = load_file(str(folder / "state.safetensors"))
         model = cls(encoder=meta["encoder"], device=device, **meta["settings"])
         model.mode = meta["mode"]
-        model._genes = np.asarray(meta["genes"], dtype=object)
-        model._controls = (meta["control_lines"], arrays["control_mean"])
+        model._restore_fitted(meta, arrays["control_mean"])
         model._drugs = DrugFeaturizer(meta["encoder"]).restore(
             mean=arrays["emb_mean"], std=arrays["emb_std"], dose_lo=meta["dose_lo"], dose_span=meta["dose_span"],
             identifier=meta["encoder_identifier"],

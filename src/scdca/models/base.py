@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
 from scdca import storage
 from scdca.data.screen import PerturbationData
+from scdca.data.splits import Split
 from scdca.errors import ScdcaInputError, reason
-from scdca.models.intervals import load_calibration
 from scdca.registry import Registry
 
 
@@ -20,6 +20,16 @@ class PerturbationModel(ABC):
     `fit` sees only training conditions (with observations) and every line's control.
     `predict` sees the requested conditions without observations, so a model cannot
     read test data even by mistake.
+
+    The contract every model keeps, with defaults true for all of them:
+    - `fit(train)` fits (subclasses implement `_fit`), and records what every fitted model
+      knows: `genes`, `control_lines` and `training_molecules`.
+    - class flags: `drug_blind` (the same change for every drug: a reference that the report
+      and `scdca_stack` treat as such), `mean_change` (a drug-blind mean of training changes),
+      `baseline` (listed among the report's baselines), `savable` (`save` and `load` are implemented).
+    - `calibration`: None, or the `scdca.intervals.Calibration` that `scdca.predict.load` attached.
+    - `out_of_fold(task)`: None, or the predictions the model made on folds of its own training
+      data while fitting (calibration then needs no refit).
     """
 
     name: ClassVar[str] = "model"
@@ -27,19 +37,39 @@ class PerturbationModel(ABC):
     # seed is passed as `seed` when listed. Closed-form baselines take none.
     options: ClassVar[tuple[str, ...]] = ()
     savable: ClassVar[bool] = False  # True where `save` and `load` are implemented (`scdca train` needs it)
+    drug_blind: ClassVar[bool] = False  # True: predicts the same change for every drug of a line and dose
+    baseline: ClassVar[bool] = False  # True: one of the report's reference baselines
+    # True: predicts a mean of training changes (drug-blind), the reference of the *_vs_mean metrics
+    mean_change: ClassVar[bool] = False
     # single cells per condition and control cells per line this model trains on
     # (`PerturbationData.cells`); 0: pseudobulk only. The benchmark keeps the most any of its models asks.
     cells_per_condition: ClassVar[int] = 0
     control_cells_per_line: ClassVar[int] = 0
+    # a scdca.intervals.Calibration (typed loosely: calibration is a layer above models)
+    calibration: Any = None
+    training_molecules: dict[str, str] | None = None  # drug -> SMILES of the training data, set by `fit`
 
     @classmethod
     def check_available(cls) -> None:
         """Raise ScdcaInputError (saying how to fix it) if this model cannot run here."""
         return None
 
-    @abstractmethod
-    def fit(self, train: PerturbationData) -> PerturbationModel:
+    def fit(self, train: PerturbationData, **kwargs) -> Self:
         """Learn from the training conditions; returns self."""
+        self._genes = np.asarray(train.genes)
+        self._controls = (list(train.controls.index), train.control_mean.copy())
+        self.training_molecules = {str(d): str(smi) for d, smi in train.drug_smiles().items()}
+        self._fit(train, **kwargs)
+        return self
+
+    @abstractmethod
+    def _fit(self, train: PerturbationData) -> None:
+        """The model's own fitting (`fit` has recorded genes, control lines and molecules)."""
+
+    def out_of_fold(self, task: str) -> list[tuple[Split, np.ndarray]] | None:
+        """(split, predictions of its held-out conditions) for folds of the training data that
+        hold out what `task` holds out, made while fitting; None where the model made none."""
+        return None
 
     def predict(self, query: PerturbationData) -> np.ndarray:
         """Predicted mean log1p expression, shape (len(query.ids), n_genes), never below 0.
@@ -79,6 +109,29 @@ class PerturbationModel(ABC):
         """Each training line's control pseudobulk, (G,) per line name: what `scdca predict` starts from."""
         lines, mean = self._after_fit("_controls")
         return dict(zip(lines, mean))
+
+    def _fitted_meta(self) -> dict[str, Any]:
+        """What `fit` recorded, as a saved model's model.json keeps it (the control means are arrays:
+        each model stores `control_lines[...]` with its own)."""
+        lines, _ = self._after_fit("_controls")
+        return {
+            "model": self.name,
+            "genes": [str(g) for g in self.genes],
+            "control_lines": [str(c) for c in lines],
+            "training_molecules": self.training_molecules,
+        }
+
+    def _restore_fitted(self, meta: dict, control_mean: np.ndarray) -> None:
+        """Put back what `fit` recorded, from `_fitted_meta`'s fields and the (L, G) control means
+        (folders saved before training molecules were kept have none: None)."""
+        self._genes = np.asarray(meta["genes"], dtype=object)
+        self._controls = (list(meta["control_lines"]), np.asarray(control_mean))
+        self.training_molecules = meta.get("training_molecules")
+
+    def _restore_fitted_from(self, other: PerturbationModel) -> None:
+        """Take what `fit` recorded from a fitted part of this model trained on the same data."""
+        self._genes, self._controls = other._genes, other._controls
+        self.training_molecules = other.training_molecules
 
     def save(self, path) -> None:
         """Write the fitted model to the folder `path` (`load_model` reads it back)."""
@@ -146,61 +199,24 @@ def per_line_fits(train: PerturbationData, fit) -> dict:
     return fits
 
 
-def write_model_json(folder, meta: dict, files: list[str]) -> None:
-    """Write model.json last, with the SHA-256 of each saved file, so a folder whose files
-    were changed or damaged after saving is refused on load (`read_model_json`)."""
-    from pathlib import Path
-
-    folder = Path(folder)
-    storage.write_json(folder / "model.json", {**meta, "files": {f: storage.file_sha256(folder / f) for f in files}})
-
-
-def read_model_json(folder) -> dict:
-    """model.json of a saved model folder, after checking every file it lists is unchanged."""
-    import json
-    from pathlib import Path
-
-    folder = Path(folder)
-    path = folder / "model.json"
-    try:
-        meta = json.loads(path.read_text())
-        name = meta["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ScdcaInputError(
-            f"model: {str(folder)!r} has no readable model.json naming its model; pass a folder "
-            f"written by `scdca train`"
-        ) from None
-    for file, digest in (meta.get("files") or {}).items():
-        target = folder / file
-        if not target.is_file() or storage.file_sha256(target) != digest:
-            raise ScdcaInputError(
-                f"model: {str(target)!r} is missing or differs from what `scdca train` saved "
-                f"(checksum mismatch); the {name!r} model folder was changed or damaged: "
-                f"retrain it or restore the folder"
-            )
-    return meta
-
-
 def load_model(path, **kwargs) -> PerturbationModel:
     """Load a model folder written by a model's `save` (the model name is in model.json).
 
-    The folder's calibration (`calibration.npz`, written by `scdca train`) becomes `model.calibration`
-    (None without one): `predict` and `screen` then add prediction intervals.
+    The model comes without its calibration (`model.calibration` is None); `scdca.predict.load`
+    reads both, so that `predict` and `screen` add prediction intervals.
     Keyword arguments the model's `load` does not take (e.g. `backbone` for C3TL) or that
     are None are dropped. A folder whose files fail their checksums, or whose model.json
     was edited so the weights no longer fit, gives a ScdcaInputError, not a traceback.
     """
     import inspect
 
-    meta = read_model_json(path)
+    meta = storage.read_model_json(path)
     cls = MODELS.get(meta["model"])
     if not cls.savable:
         raise ScdcaInputError(f"model: {meta['model']!r} models cannot be loaded from a folder")
     accepted = inspect.signature(cls.load).parameters
     try:
-        model = cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
-        model.calibration = load_calibration(path)
-        return model
+        return cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
     except ScdcaInputError:
         raise
     except Exception as err:  # an edited model.json: missing keys, wrong sizes, wrong types

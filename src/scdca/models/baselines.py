@@ -46,9 +46,11 @@ class ControlBaseline(PerturbationModel):
     """Predicts no change: the cell line's control expression."""
 
     name = "control"
+    baseline = True
+    drug_blind = True
 
-    def fit(self, train):
-        return self
+    def _fit(self, train) -> None:
+        """Nothing to learn: the prediction is the line's control."""
 
     def _predict(self, query):
         return query.control_for(query.conditions["cell_line"]).copy()
@@ -59,10 +61,12 @@ class TrainMeanBaseline(PerturbationModel):
     """Control + the mean change over the line's training perturbations (global mean for unseen lines)."""
 
     name = "train_mean"
+    baseline = True
+    drug_blind = True
+    mean_change = True
 
-    def fit(self, train):
+    def _fit(self, train) -> None:
         self._changes = _Changes(train)
-        return self
 
     def _predict(self, query):
         lines = query.conditions["cell_line"]
@@ -75,10 +79,10 @@ class AdditiveBaseline(PerturbationModel):
     """Control + the drug's mean change at that dose in other lines; else the line's mean change."""
 
     name = "additive"
+    baseline = True
 
-    def fit(self, train):
+    def _fit(self, train) -> None:
         self._changes = _Changes(train)
-        return self
 
     def _predict(self, query):
         cond = query.conditions
@@ -105,6 +109,7 @@ class RidgeBaseline(PerturbationModel):
     """
 
     name = "ridge"
+    baseline = True
 
     def __init__(
         self,
@@ -126,7 +131,7 @@ class RidgeBaseline(PerturbationModel):
         onehot = (cond["cell_line"].to_numpy()[:, None] == np.array(self._lines)[None, :]).astype(np.float32)
         return np.hstack([fp, fp * t, onehot, t])
 
-    def fit(self, train):
+    def _fit(self, train) -> None:
         from sklearn.linear_model import RidgeCV
 
         self._dose_lo, self._dose_span = dose_range(train.conditions["dose"].to_numpy(float))
@@ -146,7 +151,6 @@ class RidgeBaseline(PerturbationModel):
             ridge = RidgeCV(alphas=alphas)
         self._model = ridge.fit(self._features(train), scores)
         self.alpha_ = float(self._model.alpha_)
-        return self
 
     def _predict(self, query):
         scores = self._model.predict(self._features(query)).reshape(len(query.ids), -1)  # (N, C)
@@ -188,16 +192,16 @@ class KnnBaseline(PerturbationModel):
     """
 
     name = "knn"
+    baseline = True
 
     def __init__(self, *, k: int = 5):
         self.k = k
 
-    def fit(self, train):
+    def _fit(self, train) -> None:
         self._changes = _Changes(train)
         smiles = train.drug_smiles()
         self._drugs = self._changes.drugs
         self._fps = morgan_fingerprints([smiles[d] for d in self._drugs])
-        return self
 
     def _neighbour_change(self, drug, line, dose):
         for key in ((drug, line, dose), (drug, None, dose), (drug, None, None)):
@@ -235,10 +239,11 @@ class DominantDirectionBaseline(PerturbationModel):
     """
 
     name = "dominant"
+    baseline = True
+    drug_blind = True
 
-    def fit(self, train):
+    def _fit(self, train) -> None:
         self._fits = per_line_fits(train, self._direction)
-        return self
 
     @staticmethod
     def _direction(delta: np.ndarray, logd: np.ndarray):
@@ -295,11 +300,13 @@ class DoseMeanBaseline(PerturbationModel):
     """
 
     name = "dose_mean"
+    baseline = True
+    drug_blind = True
+    mean_change = True
     pooled = False
 
-    def fit(self, train):
+    def _fit(self, train) -> None:
         self._means = _DoseMeans(train)
-        return self
 
     def change(self, query: PerturbationData) -> np.ndarray:
         """(N, G) the predicted change from control."""
@@ -320,4 +327,7 @@ class PooledMeanBaseline(DoseMeanBaseline):
     """Drug- and line-blind: control + the mean change over all training lines at that dose."""
 
     name = "pooled_mean"
+    baseline = True
+    drug_blind = True
+    mean_change = True
     pooled = True

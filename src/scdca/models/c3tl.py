@@ -46,8 +46,6 @@ from scdca.models.base import (
     MODELS,
     PerturbationModel,
     principal_directions,
-    read_model_json,
-    write_model_json,
 )
 from scdca.nn.train import optimizer_step
 
@@ -125,7 +123,6 @@ class C3TLModel(PerturbationModel):
         self.device = torch.device(device or "cpu")
         self.cfg = C3TLConfig(**config)
         self._cost: dict[str, Any] = {}
-        self.training_molecules: dict[str, str] | None = None  # drug -> SMILES, set by fit
 
     # -- features ------------------------------------------------------------------------
     def _mol(self, smiles: list[str], names: list[str]) -> Tensor:
@@ -158,11 +155,10 @@ class C3TLModel(PerturbationModel):
         return coo.coalesce()
 
     # -- fit / predict ---------------------------------------------------------------------
-    def fit(self, train: PerturbationData) -> C3TLModel:
+    def _fit(self, train: PerturbationData) -> None:
         t0 = time.perf_counter()
         cfg, cond = self.cfg, train.conditions
         drugs = train.drug_smiles()
-        self.training_molecules = {str(d): str(smi) for d, smi in drugs.items()}
         self._drugs = DrugFeaturizer(self.encoder_spec).fit(drugs, cond["dose"].to_numpy(float))
         delta = train.delta().astype(np.float64)
         self._mean_change, self._basis = principal_directions(delta, cfg.n_components)  # (G,), (K, G)
@@ -208,9 +204,6 @@ class C3TLModel(PerturbationModel):
             "final_train_mse_scores": float(loss.item()),
             "train_seconds": time.perf_counter() - t0,
         }
-        self._genes = np.asarray(train.genes)
-        self._controls = (list(train.controls.index), train.control_mean.copy())  # for `scdca predict`
-        return self
 
     def _predict(self, query: PerturbationData) -> np.ndarray:
         if not hasattr(self, "net"):
@@ -263,21 +256,18 @@ class C3TLModel(PerturbationModel):
         )
         with storage.atomic_path(folder / "c3tl.safetensors") as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        write_model_json(
+        storage.write_model_json(
             folder,
             {
-                "model": self.name,
+                **self._fitted_meta(),
                 "config": asdict(self.cfg),
                 "encoder": self.encoder_spec,
                 "encoder_identifier": self._drugs.encoder.identifier,
-                "genes": [str(g) for g in self._genes],
                 "dose_lo": self._drugs.dose_lo,
                 "dose_span": self._drugs.dose_span,
                 "obs_drug": self._obs["drug"].tolist(),
                 "obs_line": self._obs["line"].tolist(),
-                "control_lines": [str(c) for c in self._controls[0]],
                 "cost": self._cost,
-                "training_molecules": self.training_molecules,
             },
             files=["c3tl.safetensors"],
         )
@@ -291,7 +281,7 @@ class C3TLModel(PerturbationModel):
             raise ScdcaInputError(
                 f"model: {str(folder)!r} lacks c3tl.safetensors; is it a folder written by C3TLModel.save?"
             )
-        meta = read_model_json(folder)
+        meta = storage.read_model_json(folder)
         arrays = load_file(str(folder / "c3tl.safetensors"))
         model = cls(encoder=meta["encoder"], device=device, **meta["config"])
         model._basis, model._mean_change = arrays["basis"], arrays["mean_change"]
@@ -303,7 +293,7 @@ class C3TLModel(PerturbationModel):
             dose_span=meta["dose_span"],
             identifier=meta["encoder_identifier"],
         )
-        model._genes = np.array(meta["genes"], dtype=object)
+        model._restore_fitted(meta, arrays["control_mean"])
         model._obs = {
             "drug": np.array(meta["obs_drug"]),
             "line": np.array(meta["obs_line"]),
@@ -312,7 +302,5 @@ class C3TLModel(PerturbationModel):
         model.net = C3TLNet(model.cfg, model._drugs.dim).to(model.device)
         model.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")})
         model.net.eval()
-        model._controls = (meta["control_lines"], arrays["control_mean"])
         model._cost = meta.get("cost", {})
-        model.training_molecules = meta.get("training_molecules")  # None in models saved before it was kept
         return model

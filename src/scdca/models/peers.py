@@ -143,7 +143,7 @@ class BiolordPeer(PerturbationModel):
         emb = self._drugs.molecules(cond["smiles"], cond["drug"])
         return drug_features(emb, scaled_log_dose(cond["dose"].to_numpy(float), self._dose_lo, self._dose_span))
 
-    def fit(self, train: PerturbationData) -> BiolordPeer:
+    def _fit(self, train: PerturbationData) -> None:
         import biolord
 
         t0 = time.perf_counter()
@@ -165,7 +165,6 @@ class BiolordPeer(PerturbationModel):
         self._adata = adata
         stopper = self._train(train, is_val, n_val)
         self._record_cost(stopper, time.perf_counter() - t0)
-        return self
 
     def _training_anndata(self, train: PerturbationData, drugs: dict[str, str]):
         """Conditions and line controls as biolord's samples, with a validation split of drugs;

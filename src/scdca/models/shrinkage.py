@@ -40,10 +40,12 @@ class ScaledMeanBaseline(PerturbationModel):
     """
 
     name = "scaled_mean"
+    baseline = True
+    drug_blind = True
+    mean_change = True
 
-    def fit(self, train: PerturbationData) -> ScaledMeanBaseline:
+    def _fit(self, train: PerturbationData) -> None:
         self._fits = per_line_fits(train, self._scales)
-        return self
 
     @staticmethod
     def _scales(delta: np.ndarray, logd: np.ndarray):
@@ -204,12 +206,13 @@ class ShrunkRidge(PerturbationModel):
     """`ridge`, its drug-specific deviation from `scaled_mean` shrunk by a weight from `cv_weights`."""
 
     name = "ridge_shrunk"
+    baseline = True
     options = ("seed",)
 
     def __init__(self, *, n_folds: int = 3, seed: int = 0):
         self.n_folds, self.seed = n_folds, seed
 
-    def fit(self, train):
+    def _fit(self, train) -> None:
         weights, self.shrinkage_cv_ = cv_weights(
             {"ridge": lambda inner, held: MODELS.get("ridge")().fit(inner).predict(held)},
             train,
@@ -219,7 +222,6 @@ class ShrunkRidge(PerturbationModel):
         self.shrinkage_ = weights["ridge"]
         self._ridge = MODELS.get("ridge")().fit(train)
         self._anchor = ScaledMeanBaseline().fit(train)
-        return self
 
     def _predict(self, query):
         anchor = self._anchor.predict(query)

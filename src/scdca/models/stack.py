@@ -3,7 +3,7 @@ their out-of-fold predictions on the training data show (DECISIONS.md D45).
 
 How it decides, from the training conditions alone:
 
-1. **Folds that hold out what the task holds out** (`intervals.calibration_splits`: folds of the
+1. **Folds that hold out what the task holds out** (`data.splits.fold_splits`: folds of the
    training drugs for unseen_drug, of the training pairs for unseen_pair, the task's own rule on
    training lines for the line tasks). Each expert is refitted on each fold's training part and
    predicts its held-out part.
@@ -38,17 +38,16 @@ import pandas as pd
 
 from scdca import storage
 from scdca.data.screen import PerturbationData
-from scdca.data.splits import Split
+from scdca.data.splits import Split, fold_splits
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
-from scdca.models.intervals import calibration_splits
-from scdca.models.scdca.routed import ScDCARouted
+from scdca.models.base import MODELS, PerturbationModel
+from scdca.models.scdca.routed import HEADS, ScDCARouted
 from scdca.models.shrinkage import ScaledMeanBaseline, worse_than_anchor
 
 log = logging.getLogger(__name__)
 
 EXPERTS = ("scdca_head", "ridge", "c3tl", "knn", "additive")
-DRUG_BLIND = frozenset({"control", "train_mean", "dose_mean", "pooled_mean", "scaled_mean", "dominant"})
+NEW_DRUG_TASKS = ("unseen_drug", "unseen_scaffold")  # tasks whose test molecules are not in training
 MAX_COMMITTEE = 3  # committees of 1 to 3 experts are compared
 ALPHA = 0.05  # a committee shown worse than the anchor at this one-sided level is not used (the convention, not tuned)
 
@@ -80,12 +79,13 @@ def units(cond: pd.DataFrame, task: str) -> np.ndarray:
 
 
 def expert(name: str, options: dict, seed: int, **head) -> PerturbationModel:
-    """A fresh expert: `scdca_head` is `scdca_routed` unshrunk (its two low-rank heads; the stack
-    does the shrinking; `head` may add progress and checkpoint_dir), `ridge` chooses its penalty by
+    """A fresh expert: `scdca_head` is `scdca_routed` unshrunk (the low-rank heads named by
+    `options['scdca_heads']`, both by default; the stack does the shrinking; `head` may add
+    progress and checkpoint_dir), `ridge` chooses its penalty by
     3 folds of training drugs; any other registered model takes the options it declares."""
     if name == "scdca_head":
         scdca = {k: v for k, v in {**options, "seed": seed}.items() if k in ScDCARouted.options}
-        return ScDCARouted(new_shrinkage=1.0, **scdca, **head)
+        return ScDCARouted(new_shrinkage=1.0, heads=options.get("scdca_heads", HEADS), **scdca, **head)
     if name == "ridge":
         return MODELS.get("ridge")(penalty_folds=3, seed=seed)
     cls = MODELS.get(name)
@@ -165,19 +165,18 @@ class ScDCAStack(PerturbationModel):
                 f"e.g. {','.join(EXPERTS)}"
             )
         self.experts, self.task, self.held_out, self.seed = names, task, held_out, seed
-        self._options = {**options, "seed": seed}
+        # the scDCA head a task's test molecules need: the new-molecule head where they are new
+        heads = ("new",) if task in NEW_DRUG_TASKS else ("seen",)
+        self._options = {**options, "seed": seed, "scdca_heads": heads}
         self._progress, self._checkpoint = progress, checkpoint_dir
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, train: PerturbationData) -> ScDCAStack:
+    def _fit(self, train: PerturbationData) -> None:
         t0 = time.perf_counter()
-        self._genes = np.asarray(train.genes)
-        self._controls = (list(train.controls.index), train.control_mean)
-        self.training_molecules = {str(d): str(s) for d, s in train.drug_smiles().items()}
         self._anchor = ScaledMeanBaseline().fit(train)
         self._parts: list[tuple[Split, np.ndarray]] = []
         try:
-            splits = calibration_splits(train, self.task, self.seed, exclude=self.held_out)
+            splits = fold_splits(train, self.task, self.seed, exclude=self.held_out)
         except ScdcaInputError as err:
             splits = []
             log.warning("scdca_stack: no out-of-fold evidence (%s); it predicts the drug-blind anchor", err)
@@ -186,7 +185,6 @@ class ScDCAStack(PerturbationModel):
         self._fitted = {name: self._final(name, train) for name, w in self.weights_.items() if w > 0}
         self._train = train  # what `save` keeps for the closed-form experts
         self.evidence_["seconds"] = time.perf_counter() - t0
-        return self
 
     def _final(self, name: str, train: PerturbationData) -> PerturbationModel:
         """The expert fitted on all training data; the scDCA heads keep progress and checkpoints."""
@@ -233,7 +231,7 @@ class ScDCAStack(PerturbationModel):
         groups = np.array([f"{line}|{k}" for line, k in zip(ev["lines"], ev["fold"])])  # ranked within these
         scores = {"anchor": _scores(ev["base"], ev["observed"], groups)}
         scores.update({e: _scores(ev["pred"][e], ev["observed"], groups) for e in self.experts})
-        aware = [e for e in self.experts if e not in DRUG_BLIND]
+        aware = [e for e in self.experts if e == "scdca_head" or not MODELS.get(e).drug_blind]
         best, best_score = (), 2.0  # the anchor's own score: mse ratio 1 + rank 0.5 / 0.5
         for size in range(1, min(MAX_COMMITTEE, len(aware)) + 1):
             for members in combinations(aware, size):
@@ -281,7 +279,7 @@ class ScDCAStack(PerturbationModel):
             out += self.weights_[name] * (np.asarray(model.predict(query), np.float64) - base)
         return out.astype(np.float32)
 
-    def out_of_fold_parts(self, task: str) -> list[tuple[Split, np.ndarray]] | None:
+    def out_of_fold(self, task: str) -> list[tuple[Split, np.ndarray]] | None:
         """[(fold split, (n, G) what this model predicted for its held-out conditions)] when the
         folds mimic `task`: the intervals calibrate on these and refit nothing. None otherwise."""
         return self._parts if task == self.task and self._parts else None
@@ -330,7 +328,7 @@ class ScDCAStack(PerturbationModel):
             for k, (m, lv, sc) in self._anchor._fits.items()
         }
         meta = {
-            "model": self.name,
+            **self._fitted_meta(),
             "experts": list(self.experts),
             "task": self.task,
             "seed": self.seed,
@@ -338,17 +336,14 @@ class ScDCAStack(PerturbationModel):
             "weights": self.weights_,
             "evidence": self.evidence_,
             "anchor": anchor,
-            "genes": [str(g) for g in self._genes],
-            "control_lines": list(self._controls[0]),
             "control_mean": np.asarray(self._controls[1]).tolist(),
-            "training_molecules": self.training_molecules,
         }
-        write_model_json(folder, meta, files=files)
+        storage.write_model_json(folder, meta, files=files)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCAStack:
         folder = Path(path)
-        meta = read_model_json(folder)
+        meta = storage.read_model_json(folder)
         options = {k: v for k, v in meta["options"].items() if k != "seed"}
         options.update({k: v for k, v in (("backbone", backbone), ("device", device)) if v})
         seed = int(meta["seed"])
@@ -356,9 +351,7 @@ class ScDCAStack(PerturbationModel):
         model.weights_ = {k: float(v) for k, v in meta["weights"].items()}
         model.evidence_, model._parts = dict(meta["evidence"]), []
         model._anchor = ScaledMeanBaseline.from_fits(meta["anchor"])
-        model._genes = np.asarray(meta["genes"])
-        model._controls = (list(meta["control_lines"]), np.asarray(meta["control_mean"], np.float32))
-        model.training_molecules = meta["training_molecules"]
+        model._restore_fitted(meta, np.asarray(meta["control_mean"], np.float32))
         train = _load_training(folder / "train.npz") if (folder / "train.npz").is_file() else None
         model._fitted = {}
         for name, w in model.weights_.items():

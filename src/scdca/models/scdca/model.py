@@ -18,7 +18,7 @@ from scdca import storage
 from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
+from scdca.models.base import MODELS, PerturbationModel
 from scdca.models.scdca.config import ScDCAConfig
 from scdca.models.scdca.net import ScDCANet
 from scdca.nn import distributed
@@ -82,7 +82,6 @@ class ScDCAModel(PerturbationModel):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = ScDCAConfig(**{"variant": self.variant, **self.defaults, **config})
         self._cost: dict[str, Any] = {}
-        self.training_molecules: dict[str, str] | None = None  # drug -> SMILES, set by fit
 
     # -- inputs ------------------------------------------------------------------------
     def _conditions(self, data: PerturbationData) -> np.ndarray:
@@ -104,7 +103,7 @@ class ScDCAModel(PerturbationModel):
         self.net = ScDCANet(backbone, torch.from_numpy(mapping.ids), cond_dim, self.cfg).to(self.device)
 
     # -- training ----------------------------------------------------------------------
-    def fit(self, train: PerturbationData, *, _stop_after_epochs: int | None = None) -> ScDCAModel:
+    def _fit(self, train: PerturbationData, *, _stop_after_epochs: int | None = None) -> None:
         """Train on `train`. With `checkpoint_dir`, every epoch is saved atomically and a rerun
         on the same data and settings resumes from the last finished epoch to the same result.
         `_stop_after_epochs` (tests only) stops abruptly after that many epochs of this run."""
@@ -113,7 +112,6 @@ class ScDCAModel(PerturbationModel):
         self.device = ctx.device
         distributed.check_precision(self.cfg.precision)
         self._setup(train)
-        self.training_molecules = {str(d): str(smi) for d, smi in train.drug_smiles().items()}
         cfg = self.cfg
         rows = _TrainingRows(
             cond=torch.from_numpy(self._conditions(train)),
@@ -127,11 +125,9 @@ class ScDCAModel(PerturbationModel):
         tr_idx, va_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
         epoch, steps, best = self._train(train, rows, cache, tr_idx, va_idx, ctx, _stop_after_epochs)
-        self._controls = (list(train.controls.index), train.control_mean.copy())
         # without a validation set (val_fraction 0, as scdca_lowrank) `best` is a training loss
         loss = {"best_val_mse": best} if len(va_idx) else {"final_train_mse": best}
         self._cost.update(epochs_run=epoch + 1, steps=steps, train_seconds=time.perf_counter() - t_start, **loss)
-        return self
 
     def _train(self, train, rows: _TrainingRows, cache, tr_idx, va_idx, ctx, stop_after) -> tuple[int, int, float]:
         """The training loop (resumable, early-stopped); returns (last epoch, steps, best value)."""
@@ -415,20 +411,18 @@ class ScDCAModel(PerturbationModel):
         with storage.atomic_path(folder / "trained.safetensors") as tmp:
             save_file(state, str(tmp))
         meta = {
-            "model": self.name,
+            **self._fitted_meta(),
             "config": asdict(self.cfg),
             "backbone": backbone_reference(self.backbone_path),
             "backbone_sha256": self._backbone_hash,
             "encoder": self.encoder_spec,
             "encoder_identifier": self._drugs.encoder.identifier,
-            "genes": [str(g) for g in self._genes],
             "kept": self._kept.tolist(),
             "emb_mean": self._drugs.mean.tolist(),
             "emb_std": self._drugs.std.tolist(),
             "dose_lo": self._drugs.dose_lo,
             "dose_span": self._drugs.dose_span,
             "cost": self._cost,
-            "training_molecules": self.training_molecules,
         }
         lines, ctrl = self._controls
         with storage.atomic_path(folder / "controls.npz") as tmp:
@@ -443,7 +437,7 @@ class ScDCAModel(PerturbationModel):
                     dose_grid=self._dose_grid,
                     dose_profile=self._dose_profile,
                 )
-        write_model_json(folder, meta, files=["trained.safetensors", "controls.npz"])  # last: marks it complete
+        storage.write_model_json(folder, meta, files=["trained.safetensors", "controls.npz"])  # last: marks it complete
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCAModel:
@@ -451,7 +445,7 @@ class ScDCAModel(PerturbationModel):
         from safetensors.torch import load_file
 
         folder = Path(path)
-        meta = read_model_json(folder)
+        meta = storage.read_model_json(folder)
         klass = MODELS.get(meta["model"])
         model = klass(
             backbone=backbone or meta["backbone"],
@@ -466,7 +460,7 @@ class ScDCAModel(PerturbationModel):
                 f"(weights hash mismatch); pass the original backbone folder"
             )
         model._backbone_hash = meta["backbone_sha256"]
-        model._genes, model._kept = np.array(meta["genes"], dtype=object), np.array(meta["kept"], dtype=bool)
+        model._kept = np.array(meta["kept"], dtype=bool)
         model._drugs = DrugFeaturizer(model.encoder_spec).restore(
             mean=meta["emb_mean"],
             std=meta["emb_std"],
@@ -474,15 +468,14 @@ class ScDCAModel(PerturbationModel):
             dose_span=meta["dose_span"],
             identifier=meta["encoder_identifier"],
         )
-        mapping = bb.vocab.map_genes(model._genes)
+        mapping = bb.vocab.map_genes(np.array(meta["genes"], dtype=object))
         model.net = ScDCANet(bb, torch.from_numpy(mapping.ids), model._drugs.dim + 1, model.cfg).to(model.device)
         missing = model.net.load_state_dict(load_file(str(folder / "trained.safetensors")), strict=False)
         if missing.unexpected_keys:
             raise ScdcaInputError(f"saved weights do not fit this model: {missing.unexpected_keys[:5]}")
         model._cost = meta.get("cost", {})
-        model.training_molecules = meta.get("training_molecules")  # None in models saved before it was kept
         with np.load(folder / "controls.npz") as z:
-            model._controls = (z["cell_lines"].tolist(), z["control_mean"])
+            model._restore_fitted({**meta, "control_lines": z["cell_lines"].tolist()}, z["control_mean"])
             model._offsets = dict(zip(z["offset_lines"].tolist(), z["offsets"]))
             model._global_offset = z["global_offset"]
             # models saved before the dose profile existed have none (and dose_profile=False)

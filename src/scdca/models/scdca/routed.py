@@ -14,12 +14,15 @@ import numpy as np
 from scdca import storage
 from scdca.chem.molecules import canonical_smiles
 from scdca.data.screen import PerturbationData
+from scdca.data.splits import Split
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel, read_model_json, write_model_json
+from scdca.models.base import MODELS, PerturbationModel
 from scdca.models.scdca.presets import ScDCALowRank
 from scdca.models.shrinkage import ScaledMeanBaseline, cv_weights, trust_or_stack
 
 log = logging.getLogger(__name__)
+
+HEADS = ("seen", "new")  # the head for molecules seen in training, the one for new molecules
 
 
 @MODELS.register("scdca_routed")
@@ -42,12 +45,12 @@ class ScDCARouted(PerturbationModel):
     held-out drugs show the head doing worse than the anchor (one-sided paired t-test over
     drugs, p < 0.05; `trust_or_stack`); otherwise the head is kept as trained. Where
     structure predicts little (real L1000 plates) the model so falls back to the common
-    response; where the head generalises (the simulated demo) it is left alone. The weights
-    are chosen on first use (a new molecule to predict, or `save`). `stack_ridge=False`
-    stacks the head alone; `new_shrinkage` fixes the head's weight instead (1.0: unshrunk).
-    Each head loads its own copy of the backbone (cost() counts it once) and trains when a
-    molecule first needs it, so a screen of seen (or of new) molecules trains one head. With
-    `checkpoint_dir`, each head keeps its own checkpoints (`seen/`, `new/`), so a killed run
+    response; where the head generalises (the simulated demo) it is left alone.
+    `stack_ridge=False` stacks the head alone; `new_shrinkage` fixes the head's weight instead
+    (1.0: unshrunk). `fit` trains both heads and chooses the weights; `heads=("new",)` (or
+    `("seen",)`) trains one head only, and every molecule then goes to it (`scdca_stack` asks for
+    the one its task needs). Each head loads its own copy of the backbone (cost() counts it once).
+    With `checkpoint_dir`, each head keeps its own checkpoints (`seen/`, `new/`), so a killed run
     resumes where it stopped.
     """
 
@@ -62,6 +65,7 @@ class ScDCARouted(PerturbationModel):
         new_shrinkage: float | None = None,
         shrinkage_folds: int = 3,
         stack_ridge: bool = True,
+        heads: tuple[str, ...] | list[str] = HEADS,
         checkpoint_dir: str | os.PathLike | None = None,
         **kwargs,
     ):
@@ -72,49 +76,25 @@ class ScDCARouted(PerturbationModel):
             )
         if shrinkage_folds < 2:
             raise ScdcaInputError(f"shrinkage_folds: {shrinkage_folds!r}; use at least 2 folds of training drugs")
+        if not heads or any(h not in HEADS for h in heads):
+            raise ScdcaInputError(f"heads: {heads!r}; name one or both of {', '.join(HEADS)}")
         self.new_dropout, self.new_shrinkage, self.shrinkage_folds = new_dropout, new_shrinkage, shrinkage_folds
         self.stack_ridge = stack_ridge and new_shrinkage is None
+        self.heads = tuple(h for h in HEADS if h in heads)
         folder = Path(checkpoint_dir) if checkpoint_dir else None
         self._new_kwargs = {**kwargs, "gene_head_dropout": new_dropout}
         self.seen = ScDCALowRank(**kwargs, checkpoint_dir=folder / "seen" if folder else None)
         self.new = ScDCALowRank(**self._new_kwargs, checkpoint_dir=folder / "new" if folder else None)
 
-    def fit(self, train: PerturbationData) -> ScDCARouted:
-        # each head trains when first needed (`_head`): a grid cell whose test molecules were all
-        # seen in training (pairs, few-shot and zero-shot lines) never trains the new head, one whose
-        # molecules are all new (unseen drugs) never trains the seen head; `save` trains both
-        self._unfitted = {"seen": self.seen, "new": self.new}
-        self._head_train = train
+    def _fit(self, train: PerturbationData) -> None:
         self._molecules = sorted({canonical_smiles(s) or s for s in train.drug_smiles().values()})
         self._anchor = ScaledMeanBaseline().fit(train)
         self.shrinkage_cv_: dict = {}
-        self._ridge, self._shrinkage_seconds = None, 0.0
-        # the weights are chosen when first needed too (a new molecule to predict, save)
-        self._weights = {"scdca": float(self.new_shrinkage)} if self.new_shrinkage is not None else None
-        self._train = train if self._weights is None else None
-        return self
-
-    def _head(self, kind: str) -> ScDCALowRank:
-        """The `seen` or `new` head, trained on the training data the first time it is asked for."""
-        head = self._unfitted.pop(kind, None)
-        if head is not None:
-            head.fit(self._head_train)
-            if not self._unfitted:
-                self._head_train = None
-        return getattr(self, kind)
-
-    def _any_head(self) -> ScDCALowRank:
-        """A trained head (both share genes, lines and molecules); the seen head if neither is yet."""
-        unfitted = getattr(self, "_unfitted", {})
-        return self.new if "new" not in unfitted and "seen" in unfitted else self._head("seen")
-
-    @property
-    def weights_(self) -> dict[str, float]:
-        """Weights of the new molecules' deviations from `scaled_mean` (chosen on first use)."""
-        if self._weights is None:
-            self._weights = self._choose_weights(self._train)
-            self._train = None
-        return self._weights
+        self._ridge, self._shrinkage_seconds, self._oof = None, 0.0, {}
+        for kind in self.heads:
+            getattr(self, kind).fit(train)
+        fixed = {"scdca": float(self.new_shrinkage)} if self.new_shrinkage is not None else None
+        self.weights_ = fixed or (self._choose_weights(train) if "new" in self.heads else {"scdca": 1.0})
 
     def _choose_weights(self, train: PerturbationData) -> dict[str, float]:
 
@@ -142,35 +122,24 @@ class ScDCARouted(PerturbationModel):
         self._shrinkage_seconds = time.perf_counter() - t0
         return weights
 
-    def new_molecule_out_of_fold(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(condition ids (N,), (N, G) predictions, (N,) fold) of the training conditions made by the
-        shrinkage folds' models (fold f's trained on the other folds' drugs), combined with the
-        chosen weights: what this model predicts for a new molecule, at no extra fit
-        (`scdca.models.intervals` calibrates on it).
-        None when no folds ran (too few drugs, a fixed `new_shrinkage`, or a loaded model)."""
-        weights = self.weights_
-        oof = getattr(self, "_oof", None)
-        if not oof:
+    def out_of_fold(self, task: str) -> list[tuple[Split, np.ndarray]] | None:
+        """For unseen_drug: the shrinkage folds' predictions of the training conditions (fold f's
+        model trained on the other folds' drugs), combined with the chosen weights: what this model
+        predicts for a new molecule, at no extra fit (`scdca.intervals` calibrates on them).
+        None for other tasks, or when no folds ran (too few drugs, a fixed `new_shrinkage`, a loaded model)."""
+        oof = self._oof
+        if task != "unseen_drug" or not oof:
             return None
-        pred = oof["base"] + sum(w * oof["deviation"][name] for name, w in weights.items())
-        return oof["ids"], np.maximum(pred, 0), oof["fold"]
+        pred = np.maximum(oof["base"] + sum(w * oof["deviation"][name] for name, w in self.weights_.items()), 0)
+        ids, fold = np.asarray(oof["ids"]), np.asarray(oof["fold"])
+        return [
+            (Split(task, 0, "", tuple(ids[fold != f]), tuple(ids[fold == f])), pred[fold == f]) for f in np.unique(fold)
+        ]
 
     @property
     def shrinkage_(self) -> float:
         """The new head's weight (1: unshrunk)."""
         return self.weights_["scdca"]
-
-    @property
-    def genes(self) -> np.ndarray:
-        return self._any_head().genes
-
-    @property
-    def control_lines(self) -> dict[str, np.ndarray]:
-        return self._any_head().control_lines
-
-    @property
-    def training_molecules(self) -> dict[str, str] | None:
-        return self._any_head().training_molecules
 
     def is_seen(self, smiles) -> np.ndarray:
         """(N,) True where the molecule was in the training data."""
@@ -183,63 +152,70 @@ class ScDCARouted(PerturbationModel):
         if not hasattr(self, "_molecules"):
             raise RuntimeError("call fit() (or ScDCARouted.load) before predict()")
         seen = self.is_seen(query.conditions["smiles"])
+        to_new = ~seen if self.heads == HEADS else np.full(len(seen), self.heads == ("new",))
         out = np.empty((len(query.ids), query.n_genes), dtype=np.float32)
-        for mask, kind in ((seen, "seen"), (~seen, "new")):
+        for mask, kind in ((~to_new, "seen"), (to_new, "new")):
             if mask.any():
-                out[mask] = self._head(kind).predict(query.subset(np.asarray(query.ids)[mask], observed=False))
-        if (~seen).any() and self.weights_ != {"scdca": 1.0}:  # new molecules: the stack on the drug-blind answer
-            new = query.subset(np.asarray(query.ids)[~seen], observed=False)
+                out[mask] = getattr(self, kind).predict(query.subset(np.asarray(query.ids)[mask], observed=False))
+        shrunk = to_new & ~seen  # new molecules on the new head: the stack on the drug-blind answer
+        if shrunk.any() and self.weights_ != {"scdca": 1.0}:
+            new = query.subset(np.asarray(query.ids)[shrunk], observed=False)
             anchor = new.control_for(new.conditions["cell_line"]) + self._anchor.change(new)
-            blend = anchor + self.weights_["scdca"] * (out[~seen] - anchor)
+            blend = anchor + self.weights_["scdca"] * (out[shrunk] - anchor)
             if self.weights_.get("ridge", 0.0) > 0:
                 blend += self.weights_["ridge"] * (self._ridge.predict(new) - anchor)
-            out[~seen] = blend
+            out[shrunk] = blend
         return out
 
     def cost(self) -> dict[str, Any]:
-        """Parameters of both heads (one frozen backbone); steps and training time of the heads
-        trained so far (a head no test molecule needed is never trained)."""
-        unfitted = getattr(self, "_unfitted", {})
-        trained = [h.cost() for kind, h in (("seen", self.seen), ("new", self.new)) if kind not in unfitted]
+        """Parameters of its heads (one frozen backbone); their steps and training time."""
+        trained = [getattr(self, kind).cost() for kind in self.heads]
         if not trained or not all(trained):
             return {}
         head = trained[0]["params_trainable"]  # the two heads are the same network
-        trainable = 2 * head
-        total = trained[0]["params_total"] + head  # one frozen backbone, two heads
+        trainable = len(trained) * head
+        total = trained[0]["params_total"] + (len(trained) - 1) * head  # one frozen backbone
         return {
             "params_trainable": trainable,
             "params_total": total,
             "params_trainable_pct": 100.0 * trainable / total,
             "steps": sum(c["steps"] for c in trained),
             "train_seconds": sum(c["train_seconds"] for c in trained),
-            "shrinkage": self._weights["scdca"] if self._weights else float("nan"),  # NaN: never needed
-            "ridge_weight": self._weights.get("ridge", 0.0) if self._weights else float("nan"),
+            "shrinkage": self.weights_["scdca"],
+            "ridge_weight": self.weights_.get("ridge", 0.0),
             "shrinkage_seconds": self._shrinkage_seconds,
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Both heads in subfolders `seen/` and `new/`, then model.json (written last)."""
+        """Its heads in subfolders `seen/` and `new/`, then model.json (written last)."""
         folder = Path(path)
-        weights = self.weights_  # a saved model predicts any molecule: choose the weights and train both heads now
-        for kind in ("seen", "new"):
-            self._head(kind).save(folder / kind)
+        for kind in self.heads:
+            getattr(self, kind).save(folder / kind)
         anchor = {
             str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
             for k, (m, lv, sc) in self._anchor._fits.items()
         }
-        files = ["seen/model.json", "new/model.json"]
+        files = [f"{kind}/model.json" for kind in self.heads]
         if self._ridge is not None:
             with storage.atomic_path(folder / "ridge.npz") as tmp:
                 with open(tmp, "wb") as fh:
                     np.savez(fh, **self._ridge.to_arrays())
             files.append("ridge.npz")
-        write_model_json(
+        settings = {
+            "new_dropout": self.new_dropout,
+            "new_shrinkage": self.new_shrinkage,
+            "shrinkage_folds": self.shrinkage_folds,
+            "stack_ridge": self.stack_ridge,
+            "heads": list(self.heads),
+        }
+        storage.write_model_json(
             folder,
             {
                 "model": self.name,
-                "new_dropout": self.new_dropout,
+                **settings,
+                "settings": settings,
                 "molecules": self._molecules,
-                "weights": weights,
+                "weights": self.weights_,
                 "shrinkage_cv": self.shrinkage_cv_,
                 "anchor": anchor,
             },
@@ -249,18 +225,19 @@ class ScDCARouted(PerturbationModel):
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCARouted:
         folder = Path(path)
-        meta = read_model_json(folder)
-        model = cls.__new__(cls)
-        model.new_dropout = meta["new_dropout"]
-        model.seen = ScDCALowRank.load(folder / "seen", backbone=backbone, device=device)
-        model.new = ScDCALowRank.load(folder / "new", backbone=backbone, device=device)
+        meta = storage.read_model_json(folder)
+        # folders saved before settings were kept hold both heads and their new_dropout only
+        settings = meta.get("settings") or {"new_dropout": meta["new_dropout"]}
+        first = Path(folder) / settings.get("heads", HEADS)[0]
+        model = cls(**settings, backbone=backbone or storage.read_model_json(first)["backbone"], device=device)
+        for kind in model.heads:
+            setattr(model, kind, ScDCALowRank.load(folder / kind, backbone=backbone, device=device))
+        model._restore_fitted_from(getattr(model, model.heads[0]))
         model._molecules = list(meta["molecules"])
         # models saved before the stack existed have no weights: their new head, unshrunk
-        model._weights = {k: float(v) for k, v in (meta.get("weights") or {"scdca": 1.0}).items()}
-        model._train, model._shrinkage_seconds = None, 0.0
-        model._unfitted, model._head_train = {}, None
+        model.weights_ = {k: float(v) for k, v in (meta.get("weights") or {"scdca": 1.0}).items()}
+        model._shrinkage_seconds, model._oof = 0.0, {}
         model.shrinkage_cv_ = meta.get("shrinkage_cv", {})
-        model.new_shrinkage, model.shrinkage_folds, model.stack_ridge = None, 3, "ridge" in model.weights_
         model._anchor = ScaledMeanBaseline.from_fits(meta.get("anchor") or {})
         model._ridge = None
         if (folder / "ridge.npz").exists():

@@ -3,21 +3,20 @@
 import numpy as np
 import pytest
 
-from scdca.data.splits import make_splits
+from scdca.data.splits import MIN_GROUPS, fold_splits, make_splits
 from scdca.errors import ScdcaInputError
-from scdca.models import make_model
-from scdca.models.intervals import (
+from scdca.intervals import (
     Calibration,
     Intervals,
     OutOfFold,
     SharedFits,
     calibrate,
-    calibration_splits,
     difficulty_features,
     fit_calibration,
     load_calibration,
     out_of_fold,
 )
+from scdca.models import make_model
 
 
 def _noisy(rng, n, G=40, k=10):
@@ -83,7 +82,7 @@ def test_calibration_never_sees_a_test_drug_or_line(tiny_data):
         split = make_splits(tiny_data, task, 0)[0]
         train = tiny_data.subset(split.train)
         test = tiny_data.conditions.loc[list(split.test)]
-        for cal in calibration_splits(train, task, 0, exclude=split.held_out):
+        for cal in fold_splits(train, task, 0, exclude=split.held_out):
             used = set(cal.train) | set(cal.test)
             assert used <= set(split.train)  # only training conditions
             drugs = set(tiny_data.conditions.loc[list(used), "drug"])
@@ -110,8 +109,8 @@ def test_calibrate_a_registered_model_end_to_end(tiny_data):
 def test_a_task_the_training_data_cannot_mimic_is_refused(tiny_data):
     first = tiny_data.conditions["cell_line"].iloc[0]
     one_line = tiny_data.subset([i for i in tiny_data.ids if tiny_data.conditions.loc[i, "cell_line"] == first])
-    with pytest.raises(ScdcaInputError, match="intervals: cannot calibrate"):
-        calibration_splits(one_line, "unseen_cell_zeroshot", 0)
+    with pytest.raises(ScdcaInputError, match="folds: cannot make"):
+        fold_splits(one_line, "unseen_cell_zeroshot", 0)
 
 
 def test_a_damaged_calibration_file_gets_a_clear_error(tmp_path):
@@ -161,14 +160,13 @@ def test_shared_fits_hold_only_a_fit_that_will_be_asked_for_again():
 
 @pytest.mark.parametrize(("n_drugs", "n_folds"), [(30, 3), (60, 2), (150, 1)])
 def test_drug_folds_are_refitted_until_enough_drugs_are_held_out(n_drugs, n_folds):
-    from scdca.models.intervals import MIN_GROUPS
 
-    from ..conftest import make_pb
+    from .conftest import make_pb
 
     rng = np.random.default_rng(0)
     delta = {("L1", f"d{i}", x): rng.normal(size=4) for i in range(n_drugs) for x in (0.1, 1.0)}
     data = make_pb(delta, control={"L1": np.ones(4)}, smiles={f"d{i}": "C" * (i + 1) for i in range(n_drugs)})
-    splits = calibration_splits(data, "unseen_drug", 0)
+    splits = fold_splits(data, "unseen_drug", 0)
     held = [set(data.conditions.loc[list(s.test), "drug"]) for s in splits]
     assert len(splits) == n_folds
     assert sum(map(len, held)) >= min(MIN_GROUPS, n_drugs)  # enough held-out drugs, or every one
@@ -268,7 +266,7 @@ def test_out_of_fold_similarity_is_to_the_molecules_of_each_fold_s_training_part
 
     split = make_splits(tiny_data, "unseen_drug", 0)[0]
     train = tiny_data.subset(split.train)
-    cals = calibration_splits(train, "unseen_drug", 0)
+    cals = fold_splits(train, "unseen_drug", 0)
     oof = out_of_fold(lambda: make_model("train_mean"), train, cals, 5)
     expected = np.concatenate(
         [
@@ -283,7 +281,7 @@ def test_out_of_fold_similarity_is_to_the_molecules_of_each_fold_s_training_part
 
 
 def test_the_expected_error_reads_the_predicted_change_only_where_held_out_groups_support_it():
-    from scdca.models.intervals import _chosen_columns
+    from scdca.intervals import _chosen_columns
 
     rng = np.random.default_rng(7)
     n = 600
@@ -297,7 +295,7 @@ def test_the_expected_error_reads_the_predicted_change_only_where_held_out_group
 
 
 def test_a_feature_that_never_varied_in_calibration_is_not_extrapolated():
-    from scdca.models.intervals import _least_squares
+    from scdca.intervals import _least_squares
 
     rng = np.random.default_rng(8)
     X = np.column_stack([np.ones(50), rng.normal(size=50), np.ones(50)])  # the last: every molecule seen
@@ -307,7 +305,7 @@ def test_a_feature_that_never_varied_in_calibration_is_not_extrapolated():
 
 
 def test_the_expected_error_never_falls_as_the_predicted_change_grows():
-    from scdca.models.intervals import SIGNS, _least_squares
+    from scdca.intervals import SIGNS, _least_squares
 
     rng = np.random.default_rng(9)
     n = 200

@@ -36,7 +36,7 @@ import numpy as np
 
 from scdca import storage
 from scdca.data.screen import PerturbationData
-from scdca.data.splits import LINE_TASKS, Split, make_splits
+from scdca.data.splits import Split, fold_splits, held_out_units
 from scdca.errors import ScdcaInputError
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)  # the levels the harness measures coverage at
@@ -334,48 +334,6 @@ def fit_calibration(oof: OutOfFold, task: str = "", training_smiles=None) -> Cal
     )
 
 
-FOLDS = {"unseen_drug": 3, "unseen_scaffold": 3, "unseen_pair": 2}  # calibration folds per split; line tasks: 2
-MIN_GROUPS = 40  # held-out drugs (scaffolds, pairs) that are enough: folds beyond them are not refitted
-
-
-def calibration_splits(train: PerturbationData, task: str, seed: int, *, exclude: str = "", max_lines: int = 2):
-    """Splits of the training conditions that hold out what `task` holds out.
-
-    Drug, scaffold and pair tasks: the training drugs (scaffolds, drug-line pairs) in `FOLDS[task]`
-    folds, each held out once, until at least `MIN_GROUPS` of them have been held out (all folds on
-    a small screen, so every training condition is calibrated on; fewer refits on a large one,
-    where more held-out groups would cost fits without steadying the calibration). Line tasks: the task's
-    own split rule for at most `max_lines` training lines, chosen at random, never `exclude` (a
-    few-shot split's own line, which has too few conditions to hold out). unseen_dose: its own rule
-    (each pair's top training dose held out).
-    """
-    rng = np.random.default_rng([seed, 36])
-    if task in FOLDS:
-        units = _groups(train.conditions, task)
-        names = np.unique(units)
-        if len(names) < FOLDS[task]:
-            raise ScdcaInputError(
-                f"intervals: cannot calibrate for {task!r}: the training data has {len(names)} held-out "
-                f"unit(s), {FOLDS[task]} calibration folds need at least that many; add training data"
-            )
-        ids = np.asarray(train.ids)
-        folds = np.array_split(rng.permutation(names), FOLDS[task])
-        enough = np.cumsum([len(f) for f in folds]) >= MIN_GROUPS
-        folds = folds[: int(np.argmax(enough)) + 1] if enough.any() else folds
-        return [Split(task, seed, "", tuple(ids[~np.isin(units, f)]), tuple(ids[np.isin(units, f)])) for f in folds]
-    lines = None  # unseen_dose: the rule itself (each pair's top remaining dose)
-    if task in LINE_TASKS:
-        candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
-        lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
-    try:
-        return make_splits(train, task, seed, lines=lines)
-    except ScdcaInputError as err:
-        raise ScdcaInputError(
-            f"intervals: cannot calibrate for {task!r} on the training conditions alone ({err}); "
-            f"turn intervals off for this task or add training data"
-        ) from None
-
-
 class SharedFits:
     """Calibration fits that several calibrations of one model on the same data ask for.
 
@@ -396,7 +354,7 @@ class SharedFits:
         planned = []
         for split in splits:
             try:
-                cals = calibration_splits(data.subset(split.train), split.task, seed, exclude=split.held_out)
+                cals = fold_splits(data.subset(split.train), split.task, seed, exclude=split.held_out)
             except ScdcaInputError:  # `calibrate` raises it again, with the same message
                 continue
             planned += [c.train for c in cals]
@@ -449,20 +407,9 @@ def _held_out(train: PerturbationData, ids, pred, k: int, task: str, seen) -> Ou
     top = np.stack([np.asarray(held.degs[i][:k]) for i in held.ids])
     control = held.control_for(cond["cell_line"])
     similarity = nearest_training(seen)(cond["smiles"])
-    return OutOfFold(pred, held.mean, control, cond["dose"].to_numpy(float), top, _groups(cond, task), similarity)
-
-
-def _groups(cond, task: str) -> np.ndarray:
-    """The unit a task holds out together: a line (line tasks), a drug-line pair, a scaffold or a drug."""
-    if task in LINE_TASKS:
-        return cond["cell_line"].astype(str).to_numpy()
-    if task in ("unseen_pair", "unseen_dose"):
-        return (cond["drug"].astype(str) + "|" + cond["cell_line"].astype(str)).to_numpy()
-    if task == "unseen_scaffold":
-        from scdca.chem.molecules import scaffold
-
-        return np.array([scaffold(s) or d for d, s in zip(cond["drug"].astype(str), cond["smiles"].astype(str))])
-    return cond["drug"].astype(str).to_numpy()
+    return OutOfFold(
+        pred, held.mean, control, cond["dose"].to_numpy(float), top, held_out_units(cond, task), similarity
+    )
 
 
 def calibrate(
@@ -485,43 +432,24 @@ def calibrate(
         seed: seed of the calibration splits.
         k: the number of top DEGs per condition the conformal scores are taken on.
         exclude: a line that must not be a calibration line (a few-shot split's own line).
-        fitted: the model fitted on `train`, if at hand. For unseen_drug, a model that already made
-            out-of-fold predictions over folds of the training drugs (`new_molecule_out_of_fold`:
-            `scdca_routed`'s shrinkage folds) is calibrated on those, with no refit.
+        fitted: the model fitted on `train`, if at hand. A model that made out-of-fold predictions
+            for this task while fitting (`out_of_fold(task)`: `scdca_stack`'s folds, `scdca_routed`'s
+            shrinkage folds) is calibrated on those, with no refit.
         shared: calibration fits shared between calls for the same model and data (`SharedFits`);
             the harness keeps one per grid cell.
     """
-    reused = (
-        fitted.new_molecule_out_of_fold()
-        if task == "unseen_drug" and hasattr(fitted, "new_molecule_out_of_fold")
-        else None
-    )
     molecules = train.drug_smiles().values()
-    parts = fitted.out_of_fold_parts(task) if hasattr(fitted, "out_of_fold_parts") else None
-    if parts:  # a model whose own folds mimic the task (scdca_stack): its out-of-fold predictions
+    parts = fitted.out_of_fold(task) if fitted is not None else None
+    if parts:  # a model whose own folds mimic the task (scdca_stack, scdca_routed): no refit
         held = [
             _held_out(train, s.test, pred, k, task, train.subset(s.train).drug_smiles().values()) for s, pred in parts
         ]
         return fit_calibration(_concatenated(held), task, molecules)
-    if reused is not None:
-        return fit_calibration(_reused_out_of_fold(train, *reused, k, task), task, molecules)
     return fit_calibration(
-        out_of_fold(make_model, train, calibration_splits(train, task, seed, exclude=exclude), k, shared=shared),
+        out_of_fold(make_model, train, fold_splits(train, task, seed, exclude=exclude), k, shared=shared),
         task,
         molecules,
     )
-
-
-def _reused_out_of_fold(train: PerturbationData, ids, pred, fold, k: int, task: str) -> OutOfFold:
-    """The OutOfFold of a model's own folds of training drugs: condition ids (N,), their
-    predictions (N, G) and the fold (N,) whose model predicted each (trained on the other folds)."""
-    ids, fold = np.asarray(ids), np.asarray(fold)
-    parts = []
-    for f in np.unique(fold):
-        own = fold == f
-        seen = train.subset(list(ids[~own])).drug_smiles().values()
-        parts.append(_held_out(train, ids[own], pred[own], k, task, seen))
-    return _concatenated(parts)
 
 
 def load_calibration(folder: str | os.PathLike) -> Calibration | None:
