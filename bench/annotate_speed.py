@@ -36,7 +36,7 @@ SETTINGS = {"dropout on": ("on", 256), "dropout off": ("off", 256), "128 genes":
 CHILD = r"""
 import json, sys
 from sklearn.metrics import f1_score
-from scdca.annotate import AnnotateConfig, Annotator
+from scdca.annotation import AnnotateConfig, Annotator
 from scdca.data import read
 from scdca.nn.peft import PeftConfig
 folder, backbone, seed, dropout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "on"

@@ -35,7 +35,7 @@ CHILD = r"""
 import json, resource, sys
 import numpy as np
 from sklearn.metrics import f1_score
-from scdca.annotate import AnnotateConfig, Annotator
+from scdca.annotation import AnnotateConfig, Annotator
 from scdca.data import read
 from scdca.nn.peft import PeftConfig
 method, seed, epochs, backbone, folder, max_genes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
@@ -66,7 +66,7 @@ def logreg(seeds: int, max_genes: int) -> list[dict]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    from scdca.annotate import expression
+    from scdca.annotation import expression
     from scdca.data.screen import read
 
     ref, query = read(RUNS / "reference.h5ad"), read(RUNS / "query.h5ad")

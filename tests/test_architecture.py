@@ -26,6 +26,35 @@ def _modules() -> dict[str, tuple[Path, ast.Module]]:
 MODULES = _modules()
 
 
+# The declared layers, lowest first (DECISIONS.md D47). A module may import its own wing and the
+# wings of lower layers only; two wings of one layer (models, annotation) never import each other.
+LAYERS = (
+    ("scdca.errors",),
+    ("scdca.registry", "scdca.storage"),
+    ("scdca.chem",),
+    ("scdca.data",),
+    ("scdca.nn",),
+    ("scdca.models", "scdca.annotation"),
+    ("scdca.intervals",),
+    ("scdca.predict",),
+    ("scdca.eval",),
+    ("scdca.cli",),
+    ("scdca",),  # the package's face: it hands on names from below
+)
+
+
+def _imports(tree: ast.Module):
+    """Every import of a scdca module, wherever it stands (inside functions and under
+    `if TYPE_CHECKING:` too: a type-only import ties the layers as much as any other)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("scdca"):
+            yield node.module, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("scdca"):
+                    yield alias.name, []
+
+
 def _runtime_imports(tree: ast.Module):
     """ImportFrom nodes that run (not those under `if TYPE_CHECKING:`)."""
     skip = set()
@@ -39,13 +68,43 @@ def _graph() -> dict[str, set[str]]:
     graph = {}
     for name, (_, tree) in MODULES.items():
         deps = set()
-        for node in _runtime_imports(tree):
-            if node.module and node.module.startswith("scdca"):
-                for alias in node.names:
-                    full = f"{node.module}.{alias.name}"
-                    deps.add(full if full in MODULES else node.module)
+        for module, names in _imports(tree):
+            deps |= {f"{module}.{n}" if f"{module}.{n}" in MODULES else module for n in names} or {module}
         graph[name] = {d for d in deps if d != name and not d.startswith(name + ".")}
     return graph
+
+
+def _wing(module: str) -> tuple[int, str]:
+    """(layer, wing) of a module: the longest wing name it is, or lies inside."""
+    found = [
+        (layer, w) for layer, wings in enumerate(LAYERS) for w in wings if module == w or module.startswith(w + ".")
+    ]
+    assert found, f"{module} is in no declared layer: add it to LAYERS (and to DECISIONS.md D47)"
+    return max(found, key=lambda lw: len(lw[1]))
+
+
+def against_the_layers(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a module to another wing at its own layer or above, as 'a -> b'."""
+    bad = []
+    for name, deps in sorted(graph.items()):
+        layer, wing = _wing(name)
+        for dep in sorted(deps):
+            dep_layer, dep_wing = _wing(dep)
+            if dep_wing != wing and dep_layer >= layer:
+                bad.append(f"{name} -> {dep} ({wing} is layer {layer}, {dep_wing} layer {dep_layer})")
+    return bad
+
+
+def test_every_import_follows_the_declared_layers():
+    bad = against_the_layers(_graph())
+    assert not bad, f"imports against the layer order (tests/test_architecture.py LAYERS): {bad}"
+
+
+def test_the_layer_check_catches_an_import_upward_or_across():
+    # the check itself: a data module importing models, and models importing annotation, are refused
+    graph = {"scdca.data.screen": {"scdca.models.base"}, "scdca.models.base": {"scdca.annotation.config"}}
+    assert len(against_the_layers(graph)) == 2
+    assert not against_the_layers({"scdca.models.base": {"scdca.data.screen", "scdca.models.stack"}})
 
 
 def test_no_import_circle():

@@ -8,7 +8,7 @@ from scdca.cli.options import Command, add_fields, settings
 from scdca.errors import ScdcaInputError
 
 if TYPE_CHECKING:
-    from scdca.annotate import AnnotateConfig
+    from scdca.annotation import AnnotateConfig
 
 TRAINING = {
     "epochs": ("--epochs", "at most this many epochs"),
@@ -29,7 +29,7 @@ PEFT = {
 
 
 def add_commands(sub) -> None:
-    from scdca.annotate import AnnotateConfig
+    from scdca.annotation import AnnotateConfig
     from scdca.nn.peft import PeftConfig
 
     an = Command(sub, "annotate", cmd_annotate, help="cell-type annotation: a PEFT-tuned backbone and a reference")
@@ -52,7 +52,7 @@ def annotate_config(args) -> AnnotateConfig:
     """Every registered training and PEFT flag, through `settings` (patience 0: train every epoch)."""
     from dataclasses import replace
 
-    from scdca.annotate import AnnotateConfig
+    from scdca.annotation import AnnotateConfig
     from scdca.nn.peft import PeftConfig
 
     cfg = settings(args, AnnotateConfig, TRAINING, peft=settings(args, PeftConfig, PEFT))
@@ -61,7 +61,7 @@ def annotate_config(args) -> AnnotateConfig:
 
 def cmd_annotate(args) -> None:
     from scdca import storage
-    from scdca.annotate import Annotator, write_explanation
+    from scdca.annotation import Annotator, write_explanation
     from scdca.data.screen import read
 
     reference = read(args.reference, what="reference")

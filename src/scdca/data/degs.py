@@ -4,13 +4,28 @@ computed from pseudobulk summary statistics."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from scdca.data.screen import PerturbationData
+
+class Screen(Protocol):
+    """What these functions read of a `scdca.data.screen.PerturbationData` (a protocol, so that
+    the screen may import this module without this module importing the screen)."""
+
+    ids: Sequence[str]
+    genes: Sequence[str]
+    degs: dict[str, np.ndarray]
+    mean: np.ndarray  # (N, G)
+    std: np.ndarray  # (N, G)
+    space: str
+    conditions: pd.DataFrame
+    controls: pd.DataFrame
+    control_mean: np.ndarray  # (L, G)
+    control_std: np.ndarray  # (L, G)
+
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +38,7 @@ def welch_t(mean1, std1, n1, mean0, std0, n0) -> np.ndarray:
     return np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def rank_degs(data: PerturbationData) -> dict[str, np.ndarray]:
+def rank_degs(data: Screen) -> dict[str, np.ndarray]:
     """Rank every gene per condition by |Welch t| against the same line's control.
 
     Matches scanpy `rank_genes_groups(method='t-test', rankby_abs=True, reference=control)`
@@ -39,7 +54,7 @@ def rank_degs(data: PerturbationData) -> dict[str, np.ndarray]:
     return dict(zip(data.ids, order))
 
 
-def deg_statistics(data: PerturbationData) -> dict[str, np.ndarray]:
+def deg_statistics(data: Screen) -> dict[str, np.ndarray]:
     """scanpy's t-test statistics of every condition against its line's control, (N, G) each.
 
     scores = Welch t; logfoldchanges = log2 of the ratio of mean expression on the count
@@ -79,7 +94,7 @@ def _bh(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _versus_control(data: PerturbationData):
+def _versus_control(data: Screen):
     """Per condition: its cell count n1 (N, 1) and its line's control count n0 (N, 1), mean and std (N, G)."""
     ctrl_pos = data.controls.index.get_indexer(data.conditions["cell_line"])
     n1 = data.conditions["n_cells"].to_numpy()[:, None].astype(float)
@@ -90,7 +105,7 @@ def _versus_control(data: PerturbationData):
 DEG_COLUMNS = ("names", "scores", "logfoldchanges", "pvals", "pvals_adj")  # scanpy's, in its order
 
 
-def deg_long_table(data: PerturbationData, *, n_degs: int = 100) -> pd.DataFrame:
+def deg_long_table(data: Screen, *, n_degs: int = 100) -> pd.DataFrame:
     """Each condition's top DEGs (`data.degs` order) with scanpy's t-test statistics, one row
     per (condition, rank): columns group (condition id) and `DEG_COLUMNS`, as
     `sc.get.rank_genes_groups_df` returns them. At most n_degs per condition (fewer when the
@@ -139,7 +154,7 @@ def rank_genes_groups_uns(table: pd.DataFrame) -> dict:
     return out
 
 
-def condition_degs(data: PerturbationData, given, *, n_degs: int | None) -> dict[str, np.ndarray]:
+def condition_degs(data: Screen, given, *, n_degs: int | None) -> dict[str, np.ndarray]:
     computed = rank_degs(data)
     if isinstance(given, dict) and given:
         gene_pos = pd.Index(data.genes)

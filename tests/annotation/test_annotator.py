@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from scdca.annotate import AnnotateConfig, Annotator, write_explanation
+from scdca.annotation import AnnotateConfig, Annotator, write_explanation
 from scdca.errors import ScdcaInputError
 from scdca.nn.backbone import resolve
 from scdca.nn.peft import PeftConfig
