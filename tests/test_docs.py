@@ -47,3 +47,19 @@ def test_the_readmes_make_targets_exist():
     for target in targets:
         dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
         assert dry.returncode == 0, f"make {target}: {dry.stderr}"
+
+
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d{2,}(?![\w.])")  # a figure: two decimals or more
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))])
+def test_every_figure_on_a_page_comes_from_results_or_the_code(page):
+    """A figure in the README or the docs is one RESULTS.md reports (where it was measured, with
+    its command) or a constant of the code: a number typed into a page by hand drifts."""
+    sources = (ROOT / "RESULTS.md").read_text() + "".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    stray = [
+        x
+        for x in NUMBER.findall((ROOT / page).read_text())
+        if not re.search(rf"(?<![\w.]){re.escape(x)}(?!\d)", sources)
+    ]
+    assert not stray, f"{page}: figures found neither in RESULTS.md nor in src/: {stray}"

@@ -101,6 +101,22 @@ def write_npz(path: str | os.PathLike, **arrays) -> None:
             np.savez(f, **arrays)
 
 
+def write_safetensors(path: str | os.PathLike, arrays: dict) -> None:
+    """numpy arrays as one safetensors file (no pickle), written atomically."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """The arrays of a file written by `write_safetensors`."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
 def save_state(path: str | os.PathLike, state: dict) -> None:
     """Write a resume file (tensors and plain Python values only) atomically."""
     import torch

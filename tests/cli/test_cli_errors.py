@@ -215,18 +215,18 @@ def _predict(folder):
 
 def test_a_model_folder_with_corrupted_weights_is_refused(c3tl_folder, tmp_path, capsys):
     m = _copy(c3tl_folder, tmp_path)
-    raw = bytearray((m / "c3tl.safetensors").read_bytes())
+    raw = bytearray((m / "arrays.safetensors").read_bytes())
     raw[-5] ^= 0xFF  # one flipped byte inside a tensor: safetensors itself would not notice
-    (m / "c3tl.safetensors").write_bytes(bytes(raw))
+    (m / "arrays.safetensors").write_bytes(bytes(raw))
     err = _run(capsys, _predict(m))
-    assert "c3tl.safetensors" in err and "checksum mismatch" in err and "retrain" in err
+    assert "arrays.safetensors" in err and "checksum mismatch" in err and "retrain" in err
     assert not (tmp_path / "p.h5ad").exists()
 
 
 @pytest.mark.parametrize(
     "edit,pattern",
     [
-        (lambda meta: meta["config"].update(hidden=meta["config"]["hidden"] * 2), r"does not load \(RuntimeError"),
+        (lambda meta: meta["settings"].update(hidden=meta["settings"]["hidden"] * 2), r"does not load \(RuntimeError"),
         (lambda meta: meta.pop("genes"), r"does not load \(KeyError"),
         (lambda meta: meta.update(model="nope"), r"unknown model 'nope'"),
     ],

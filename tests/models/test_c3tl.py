@@ -77,8 +77,16 @@ def test_unseen_drug_and_unseen_line_get_predictions_and_save_load_round_trips(t
     again = C3TLModel.load(tmp_path / "m")
     np.testing.assert_array_equal(again.predict(query), pred)
     assert model.cost()["params_trainable"] > 0 and model.cost()["train_seconds"] > 0
-    with pytest.raises(ScdcaInputError, match="c3tl.safetensors"):
+    with pytest.raises(ScdcaInputError, match="no readable model.json"):
         C3TLModel.load(tmp_path)
+    import json
+
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["format"] == 2 and meta["settings"]["encoder"] == FAST.get("encoder", "morgan")
+    del meta["format"]  # a folder of the first format: refused with what to do, not a KeyError
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ScdcaInputError, match="older scdca.*retrain"):
+        C3TLModel.load(tmp_path / "m")
 
 
 def test_same_seed_gives_the_same_model(tiny_data):

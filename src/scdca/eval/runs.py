@@ -53,8 +53,8 @@ def cell_stem(model: str, task: str, seed: int) -> str:
 
 
 def cell_path(out: Path, model: str, task: str, seed: int) -> Path:
-    """A grid cell's result rows, whose existence marks the cell done: parquet (a run folder from
-    before session 13 has CSV cells, which are still read)."""
+    """A grid cell's result rows, whose existence marks the cell done: parquet, or a CSV cell where
+    the run folder holds one (older run folders), which is read the same way."""
     folder, stem = Path(out) / "cells", cell_stem(model, task, seed)
     old = folder / f"{stem}.csv"
     return old if old.exists() else folder / f"{stem}.parquet"
@@ -201,9 +201,8 @@ def deg_table(test: PerturbationData, n_degs: int) -> pd.DataFrame:
 
 def predictions_file(model, task, seed, preds, *, k: int = 20, keys: DataKeys | None = None) -> ad.AnnData | None:
     """One grid cell's prediction AnnData (its splits' `predictions_anndata`, concatenated), with
-    each condition's top-k DEGs, the genes its `*_deg` metrics were scored on. (The DEG-size
-    sweep is scored with the other metrics, so the files need no longer DEG lists, which made
-    writing them 10x slower.)"""
+    each condition's top-k DEGs, the genes its `*_deg` metrics were scored on (the top-k only:
+    the DEG-size sweep is scored with the other metrics and needs no DEG lists in the files)."""
     if not preds:
         return None
     adatas = [

@@ -123,7 +123,7 @@ def dose_table(results: pd.DataFrame, metric: str = "pearson_delta_deg") -> pd.D
     """Score per dose: rows (task, dose), columns models; conditions pooled over seeds.
 
     Dose-dependent failures hide in the averages: a model that hedges for new molecules
-    predicts too small a change at high doses, where effects are largest (docs/archive/journal.md, session 7).
+    predicts too small a change at high doses, where effects are largest.
     """
     r = _plain(results[results["metric"] == metric])
     if r.empty:

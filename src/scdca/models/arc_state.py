@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import time
 import zlib
 from pathlib import Path
@@ -45,11 +44,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scdca import storage
 from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel, parameter_counts
+from scdca.models.base import MODELS, PerturbationModel, Saved, parameter_counts
 from scdca.models.peers import PEERS, drug_features, installed, quiet, scaled_log_dose
 
 log = logging.getLogger(__name__)
@@ -327,63 +325,27 @@ class StatePeer(PerturbationModel):
     def cost(self) -> dict[str, Any]:
         return dict(self._cost)
 
-    # -- save / load -------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Weights, the featurizer's state and each line's control set as safetensors; settings as JSON."""
-        from safetensors.numpy import save_file
+    # -- save / load (`models.base.save_folder`): weights, featurizer and each line's control set --
+    def settings(self) -> dict[str, Any]:
+        names = ("set_size", "hidden", "layers", "heads", "batch_size", "pseudobulk_batch", "lr", "max_steps",
+                 "eval_every", "patience", "seed")  # fmt: skip
+        return {"encoder": self.encoder_spec, "device": None, **{k: getattr(self, k) for k in names}}
 
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+    def _saved(self, folder: Path) -> Saved:
         arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
         lines = sorted(self._sets)
         arrays.update({f"set.{i}": self._sets[c] for i, c in enumerate(lines)})
-        arrays.update(emb_mean=self._drugs.mean, emb_std=self._drugs.std, control_mean=self._controls[1])
-        with storage.atomic_path(folder / "state.safetensors") as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        settings = {k: getattr(self, k) for k in ("set_size", "hidden", "layers", "heads", "batch_size",
-                                                   "pseudobulk_batch", "lr", "max_steps", "eval_every",
-                                                   "patience", "seed")}  # fmt: skip
-        storage.write_model_json(
-            folder,
-            {
-                **self._fitted_meta(),
-                "encoder": self.encoder_spec,
-                "encoder_identifier": self._drugs.encoder.identifier,
-                "settings": settings,
-                "mode": self.mode,
-                "dose_lo": self._drugs.dose_lo,
-                "dose_span": self._drugs.dose_span,
-                "set_lines": lines,
-                "cost": self._cost,
-            },  # fmt: skip
-            ["state.safetensors"],
-        )
+        meta = {"mode": self.mode, "set_lines": lines, "cost": self._cost}
+        return Saved(meta, arrays, featurizer=self._drugs, encoder=self.encoder_spec)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> StatePeer:
+    def _restored(self, saved: Saved, folder: Path, overrides: dict[str, Any]) -> None:
         import torch
-        from safetensors.numpy import load_file
 
-        folder = Path(path)
-        if not (folder / "state.safetensors").exists():
-            raise ScdcaInputError(
-                f"model: {str(folder)!r} lacks state.safetensors; is it a folder written by StatePeer.save?"
-            )
-        meta = storage.read_model_json(folder)
-        arrays = load_file(str(folder / "state.safetensors"))
-        model = cls(encoder=meta["encoder"], device=device, **meta["settings"])
-        model.mode = meta["mode"]
-        model._restore_fitted(meta, arrays["control_mean"])
-        model._drugs = DrugFeaturizer(meta["encoder"]).restore(
-            mean=arrays["emb_mean"], std=arrays["emb_std"], dose_lo=meta["dose_lo"], dose_span=meta["dose_span"],
-            identifier=meta["encoder_identifier"],
-        )  # fmt: skip
-        model._sets = {c: arrays[f"set.{i}"] for i, c in enumerate(meta["set_lines"])}
-        model.net = model._network(len(model._genes), len(arrays["emb_mean"]))
-        state = {k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")}
-        model.net.load_state_dict(state)
-        model._cost = meta.get("cost", {})
-        return model
+        a, meta = saved.arrays, saved.meta
+        self.mode, self._drugs, self._cost = meta["mode"], saved.featurizer, meta["cost"]
+        self._sets = {c: a[f"set.{i}"] for i, c in enumerate(meta["set_lines"])}
+        self.net = self._network(len(self.genes), self._drugs.dim)
+        self.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in a.items() if k.startswith("net.")})
 
 
 @MODELS.register("state_pseudobulk")

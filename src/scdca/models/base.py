@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
 
 from scdca import storage
+from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.data.splits import Split
 from scdca.errors import ScdcaInputError, reason
@@ -133,14 +137,34 @@ class PerturbationModel(ABC):
         self._genes, self._controls = other._genes, other._controls
         self.training_molecules = other.training_molecules
 
-    def save(self, path) -> None:
+    # -- saving: savable models say what they keep (`settings`, `_saved`, `_restored`); the helper
+    # -- `save_folder`/`load_folder` owns model.json, the arrays file and the featurizer
+    def settings(self) -> dict[str, Any]:
+        """JSON-able keyword arguments that rebuild this model unfitted: `load` calls cls(**settings)."""
+        raise NotImplementedError(f"{self.name}: a savable model says how to rebuild itself")
+
+    def _saved(self, folder: Path) -> Saved:
+        """What this model learned beyond what `fit` records for every model; it may write parts
+        (other models' folders) under `folder` and name their model.json in `Saved.files`."""
+        raise NotImplementedError(f"{self.name}: a savable model says what it keeps")
+
+    def _restored(self, saved: Saved, folder: Path, overrides: dict[str, Any]) -> None:
+        """Put back what `_saved` kept; `overrides` are `load`'s backbone and device, for parts."""
+        raise NotImplementedError(f"{self.name}: a savable model says how to restore itself")
+
+    def save(self, path: str | os.PathLike) -> None:
         """Write the fitted model to the folder `path` (`load_model` reads it back)."""
-        raise ScdcaInputError(f"model: {self.name!r} cannot be saved; train one of {', '.join(savable_models())}")
+        if not self.savable:
+            raise ScdcaInputError(f"model: {self.name!r} cannot be saved; train one of {', '.join(savable_models())}")
+        save_folder(self, Path(path))
 
     @classmethod
-    def load(cls, path, **kwargs) -> PerturbationModel:
-        """Read a folder written by `save`; use `load_model(path)`, which finds the class from model.json."""
-        raise ScdcaInputError(f"model: {cls.name!r} models cannot be loaded from a folder")
+    def load(cls, path: str | os.PathLike, **overrides) -> Self:
+        """Read a folder written by `save`; `load_model(path)` finds the class from model.json.
+        `overrides` (backbone, device) replace the saved settings of the same name."""
+        if not cls.savable:
+            raise ScdcaInputError(f"model: {cls.name!r} models cannot be loaded from a folder")
+        return load_folder(cls, Path(path), **overrides)
 
     def _after_fit(self, attribute: str):
         if not hasattr(self, attribute):
@@ -157,6 +181,70 @@ MODELS: Registry[type[PerturbationModel]] = Registry("model")
 def savable_models() -> list[str]:
     """Names of the registered models that can be saved and loaded."""
     return [n for n in MODELS.names() if MODELS.get(n).savable]
+
+
+FORMAT = 2  # model folders: model.json (settings, fitted record, the model's own fields) + arrays
+ARRAYS = "arrays.safetensors"  # every numpy array of a saved model, the featurizer's included
+RUNTIME = ("backbone", "device")  # `load` overrides that are where to run, not what was learned
+
+
+@dataclass
+class Saved:
+    """What a savable model keeps beyond `fit`'s record (genes, control lines, molecules)."""
+
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able fields
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # into arrays.safetensors
+    files: list[str] = field(default_factory=list)  # files the model wrote itself (its parts' model.json)
+    featurizer: DrugFeaturizer | None = None  # its molecule featurizer, kept (and restored) whole
+    encoder: str | None = None  # the featurizer's encoder spec
+
+
+def save_folder(model: PerturbationModel, folder: Path) -> None:
+    """model.json (written last, with each file's hash), arrays.safetensors and the model's parts."""
+    saved = model._saved(folder)
+    arrays = {**saved.arrays, "control_mean": np.asarray(model._after_fit("_controls")[1], np.float32)}
+    meta: dict[str, Any] = {**model._fitted_meta(), "format": FORMAT, "settings": model.settings()}
+    if saved.featurizer is not None:
+        f = saved.featurizer
+        meta["featurizer"] = {
+            "encoder": saved.encoder,
+            "identifier": f.encoder.identifier,
+            "dose_lo": f.dose_lo,
+            "dose_span": f.dose_span,
+        }
+        arrays.update({"featurizer.mean": f.mean, "featurizer.std": f.std})
+    storage.write_safetensors(folder / ARRAYS, arrays)
+    storage.write_model_json(folder, {**meta, "own": saved.meta}, [ARRAYS, *saved.files])
+
+
+def load_folder(cls: type[PerturbationModel], folder: Path, **overrides) -> PerturbationModel:
+    """The model `save_folder` wrote, rebuilt from its settings (overridden by `overrides` where
+    given), with `fit`'s record, its featurizer and its own fields restored."""
+    meta = storage.read_model_json(folder)
+    if meta.get("format") != FORMAT:
+        raise ScdcaInputError(
+            f"model: {str(folder)!r} was saved by an older scdca (model folder format "
+            f"{meta.get('format', 1)}; this version reads {FORMAT}): retrain it with `scdca train`"
+        )
+    named = MODELS.get(meta["model"])
+    cls = named if issubclass(named, cls) else cls  # ScDCAModel.load of a preset's folder builds the preset
+    arrays = storage.read_safetensors(folder / ARRAYS)
+    runtime = {k: v for k, v in overrides.items() if k in RUNTIME and v is not None}
+    settings = {**meta["settings"], **{k: v for k, v in runtime.items() if k in meta["settings"]}}
+    model = cls(**settings)
+    model._restore_fitted(meta, arrays.pop("control_mean"))
+    featurizer = None
+    if "featurizer" in meta:
+        f = meta["featurizer"]
+        featurizer = DrugFeaturizer(f["encoder"]).restore(
+            mean=arrays.pop("featurizer.mean"),
+            std=arrays.pop("featurizer.std"),
+            dose_lo=f["dose_lo"],
+            dose_span=f["dose_span"],
+            identifier=f["identifier"],
+        )
+    model._restored(Saved(meta["own"], arrays, featurizer=featurizer), folder, runtime)
+    return model
 
 
 def parameter_counts(module) -> dict[str, Any]:
@@ -204,19 +292,17 @@ def load_model(path, **kwargs) -> PerturbationModel:
 
     The model comes without its calibration (`model.calibration` is None); `scdca.predict.load`
     reads both, so that `predict` and `screen` add prediction intervals.
-    Keyword arguments the model's `load` does not take (e.g. `backbone` for C3TL) or that
-    are None are dropped. A folder whose files fail their checksums, or whose model.json
-    was edited so the weights no longer fit, gives a ScdcaInputError, not a traceback.
+    Keyword arguments (`backbone`, `device`) replace the saved settings of that name; those the
+    model has no setting for (`backbone` for C3TL) or that are None are dropped. A folder whose
+    files fail their checksums, or whose model.json was edited so the weights no longer fit,
+    gives a ScdcaInputError, not a traceback.
     """
-    import inspect
-
     meta = storage.read_model_json(path)
     cls = MODELS.get(meta["model"])
     if not cls.savable:
         raise ScdcaInputError(f"model: {meta['model']!r} models cannot be loaded from a folder")
-    accepted = inspect.signature(cls.load).parameters
     try:
-        return cls.load(path, **{k: v for k, v in kwargs.items() if v is not None and k in accepted})
+        return cls.load(path, **kwargs)
     except ScdcaInputError:
         raise
     except Exception as err:  # an edited model.json: missing keys, wrong sizes, wrong types

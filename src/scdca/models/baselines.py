@@ -1,4 +1,5 @@
-"""Simple baselines that an honest benchmark must include (see docs/evaluation notes).
+"""Simple baselines that an honest benchmark must include (docs/concepts.md says what each one
+tells a reader of the results).
 
 All predict a change from the cell line's control and add it back, so they share
 one helper that indexes the training changes by drug, line and dose.

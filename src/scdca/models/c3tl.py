@@ -27,7 +27,6 @@ Training: full batch, AdamW, MSE on the change scores, a fixed number of steps.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,13 +37,13 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from scdca import storage
 from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 from scdca.models.base import (
     MODELS,
     PerturbationModel,
+    Saved,
     principal_directions,
 )
 from scdca.nn.train import optimizer_step
@@ -237,70 +236,31 @@ class C3TLModel(PerturbationModel):
     def cost(self) -> dict[str, Any]:
         return dict(self._cost)
 
-    # -- save / load -----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Weights and arrays as safetensors, everything else as JSON (no pickle)."""
-        from safetensors.numpy import save_file
+    # -- save / load (`models.base.save_folder`: arrays as safetensors, the rest as JSON, no pickle) --
+    def settings(self) -> dict[str, Any]:
+        return {"encoder": self.encoder_spec, "device": None, **asdict(self.cfg)}
 
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+    def _saved(self, folder: Path) -> Saved:
         arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
         arrays.update(
             basis=self._basis,
             mean_change=self._mean_change,
             ctrl_centre=self._ctrl_centre,
-            emb_mean=self._drugs.mean,
-            emb_std=self._drugs.std,
-            control_mean=self._controls[1],
             **{f"obs.{k}": self._obs[k] for k in ("scores", "t", "ctx")},
         )
-        with storage.atomic_path(folder / "c3tl.safetensors") as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        storage.write_model_json(
-            folder,
-            {
-                **self._fitted_meta(),
-                "config": asdict(self.cfg),
-                "encoder": self.encoder_spec,
-                "encoder_identifier": self._drugs.encoder.identifier,
-                "dose_lo": self._drugs.dose_lo,
-                "dose_span": self._drugs.dose_span,
-                "obs_drug": self._obs["drug"].tolist(),
-                "obs_line": self._obs["line"].tolist(),
-                "cost": self._cost,
-            },
-            files=["c3tl.safetensors"],
-        )
+        meta = {"obs_drug": self._obs["drug"].tolist(), "obs_line": self._obs["line"].tolist(), "cost": self._cost}
+        return Saved(meta, arrays, featurizer=self._drugs, encoder=self.encoder_spec)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> C3TLModel:
-        from safetensors.numpy import load_file
-
-        folder = Path(path)
-        if not (folder / "c3tl.safetensors").exists():
-            raise ScdcaInputError(
-                f"model: {str(folder)!r} lacks c3tl.safetensors; is it a folder written by C3TLModel.save?"
-            )
-        meta = storage.read_model_json(folder)
-        arrays = load_file(str(folder / "c3tl.safetensors"))
-        model = cls(encoder=meta["encoder"], device=device, **meta["config"])
-        model._basis, model._mean_change = arrays["basis"], arrays["mean_change"]
-        model._ctrl_centre = arrays["ctrl_centre"]
-        model._drugs = DrugFeaturizer(model.encoder_spec).restore(
-            mean=arrays["emb_mean"],
-            std=arrays["emb_std"],
-            dose_lo=meta["dose_lo"],
-            dose_span=meta["dose_span"],
-            identifier=meta["encoder_identifier"],
-        )
-        model._restore_fitted(meta, arrays["control_mean"])
-        model._obs = {
+    def _restored(self, saved: Saved, folder: Path, overrides: dict[str, Any]) -> None:
+        a, meta = saved.arrays, saved.meta
+        self._basis, self._mean_change, self._ctrl_centre = a["basis"], a["mean_change"], a["ctrl_centre"]
+        self._drugs = saved.featurizer
+        self._obs = {
             "drug": np.array(meta["obs_drug"]),
             "line": np.array(meta["obs_line"]),
-            **{k: arrays[f"obs.{k}"] for k in ("scores", "t", "ctx")},
+            **{k: a[f"obs.{k}"] for k in ("scores", "t", "ctx")},
         }
-        model.net = C3TLNet(model.cfg, model._drugs.dim).to(model.device)
-        model.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("net.")})
-        model.net.eval()
-        model._cost = meta.get("cost", {})
-        return model
+        self.net = C3TLNet(self.cfg, self._drugs.dim).to(self.device)
+        self.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in a.items() if k.startswith("net.")})
+        self.net.eval()
+        self._cost = meta["cost"]

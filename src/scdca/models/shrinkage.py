@@ -57,9 +57,16 @@ class ScaledMeanBaseline(PerturbationModel):
         scales = np.array([max(proj[logd == x].mean(), 0.0) for x in levels])
         return mean, levels, scales
 
+    def to_json(self) -> dict:
+        """Its fits as JSON, {line or 'None': {mean, levels, scales}}, for models that keep one inside them."""
+        return {
+            str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
+            for k, (m, lv, sc) in self._fits.items()
+        }
+
     @classmethod
     def from_fits(cls, fits: dict) -> ScaledMeanBaseline:
-        """Rebuild from saved fits {line or 'None': {mean, levels, scales}} (what ScDCARouted saves)."""
+        """Rebuild from saved fits (`to_json`)."""
         model = cls()
         model._fits = {
             None if k == "None" else k: (np.asarray(v["mean"]), np.asarray(v["levels"]), np.asarray(v["scales"]))

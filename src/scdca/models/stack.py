@@ -40,7 +40,7 @@ from scdca import storage
 from scdca.data.screen import PerturbationData
 from scdca.data.splits import Split, fold_splits
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel
+from scdca.models.base import MODELS, PerturbationModel, Saved
 from scdca.models.scdca.routed import HEADS, ScDCARouted
 from scdca.models.shrinkage import ScaledMeanBaseline, worse_than_anchor
 
@@ -310,11 +310,15 @@ class ScDCAStack(PerturbationModel):
             f"out-of-fold mse: {mse}; rank: {rank}"
         )
 
-    # -- saving ----------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Savable experts in subfolders; closed-form ones refit on load from the training changes
-        saved beside them (`train.npz`); then model.json (written last)."""
-        folder = Path(path)
+    # -- saving (`models.base.save_folder`): savable experts in subfolders; closed-form ones refit on
+    # -- load from the training changes saved beside them (`train.npz`)
+    def settings(self) -> dict[str, Any]:
+        plain = (str, int, float, bool, type(None))
+        options = {k: v for k, v in self._options.items() if k not in ("seed", "scdca_heads") and isinstance(v, plain)}
+        return {"experts": list(self.experts), "task": self.task, "seed": self.seed, "backbone": None, "device": None,
+                **options}  # fmt: skip
+
+    def _saved(self, folder: Path) -> Saved:
         files = []
         for name, model in self._fitted.items():
             if type(model).savable:
@@ -323,47 +327,22 @@ class ScDCAStack(PerturbationModel):
         if any(not type(m).savable for m in self._fitted.values()):
             _save_training(self._train_for_save, folder / "train.npz")
             files.append("train.npz")
-        anchor = {
-            str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
-            for k, (m, lv, sc) in self._anchor._fits.items()
-        }
-        meta = {
-            **self._fitted_meta(),
-            "experts": list(self.experts),
-            "task": self.task,
-            "seed": self.seed,
-            "options": {k: v for k, v in self._options.items() if isinstance(v, (str, int, float, bool, type(None)))},
-            "weights": self.weights_,
-            "evidence": self.evidence_,
-            "anchor": anchor,
-            "control_mean": np.asarray(self._controls[1]).tolist(),
-        }
-        storage.write_model_json(folder, meta, files=files)
+        meta = {"weights": self.weights_, "evidence": self.evidence_, "anchor": self._anchor.to_json()}
+        return Saved(meta, files=files)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCAStack:
-        folder = Path(path)
-        meta = storage.read_model_json(folder)
-        options = {k: v for k, v in meta["options"].items() if k != "seed"}
-        options.update({k: v for k, v in (("backbone", backbone), ("device", device)) if v})
-        seed = int(meta["seed"])
-        model = cls(experts=tuple(meta["experts"]), task=meta["task"], seed=seed, **options)
-        model.weights_ = {k: float(v) for k, v in meta["weights"].items()}
-        model.evidence_, model._parts = dict(meta["evidence"]), []
-        model._anchor = ScaledMeanBaseline.from_fits(meta["anchor"])
-        model._restore_fitted(meta, np.asarray(meta["control_mean"], np.float32))
+    def _restored(self, saved: Saved, folder: Path, overrides: dict[str, Any]) -> None:
+        meta = saved.meta
+        self.weights_ = {k: float(v) for k, v in meta["weights"].items()}
+        self.evidence_, self._parts = dict(meta["evidence"]), []
+        self._anchor = ScaledMeanBaseline.from_fits(meta["anchor"])
         train = _load_training(folder / "train.npz") if (folder / "train.npz").is_file() else None
-        model._fitted = {}
-        for name, w in model.weights_.items():
+        self._fitted = {}
+        for name, w in self.weights_.items():
             if w <= 0:
                 continue
-            proto = expert(name, model._options, seed)
-            if type(proto).savable:
-                kwargs = {"backbone": backbone, "device": device} if isinstance(proto, ScDCARouted) else {}
-                model._fitted[name] = type(proto).load(folder / name, **kwargs)
-            else:
-                model._fitted[name] = proto.fit(train)
-        return model
+            proto = expert(name, self._options, self.seed)
+            cls = type(proto)
+            self._fitted[name] = cls.load(folder / name, **overrides) if cls.savable else proto.fit(train)
 
     @property
     def _train_for_save(self) -> PerturbationData:

@@ -14,11 +14,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from scdca import storage
 from scdca.chem.featurizer import DrugFeaturizer
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel
+from scdca.models.base import PerturbationModel, Saved
 from scdca.models.scdca.config import ScDCAConfig
 from scdca.models.scdca.net import ScDCANet
 from scdca.nn import distributed
@@ -400,90 +399,47 @@ class ScDCAModel(PerturbationModel):
     def cost(self) -> dict[str, Any]:
         return dict(self._cost)
 
-    # -- save / load -------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Save only what was trained (safetensors) + config, genes, encoder id, backbone hash."""
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self._trainable_state().items()}
-        with storage.atomic_path(folder / "trained.safetensors") as tmp:
-            save_file(state, str(tmp))
-        meta = {
-            **self._fitted_meta(),
-            "config": asdict(self.cfg),
+    # -- save / load (`models.base.save_folder`): only what was trained, with the backbone's hash --
+    def settings(self) -> dict[str, Any]:
+        config = {k: v for k, v in asdict(self.cfg).items() if k != "variant"}
+        return {
             "backbone": backbone_reference(self.backbone_path),
-            "backbone_sha256": self._backbone_hash,
             "encoder": self.encoder_spec,
-            "encoder_identifier": self._drugs.encoder.identifier,
-            "kept": self._kept.tolist(),
-            "emb_mean": self._drugs.mean.tolist(),
-            "emb_std": self._drugs.std.tolist(),
-            "dose_lo": self._drugs.dose_lo,
-            "dose_span": self._drugs.dose_span,
-            "cost": self._cost,
+            "device": None,
+            **config,
         }
-        lines, ctrl = self._controls
-        with storage.atomic_path(folder / "controls.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(
-                    fh,
-                    cell_lines=np.array(lines),
-                    control_mean=ctrl.astype(np.float32),
-                    offset_lines=np.array(list(self._offsets)),
-                    global_offset=self._global_offset,
-                    offsets=np.stack(list(self._offsets.values())),
-                    dose_grid=self._dose_grid,
-                    dose_profile=self._dose_profile,
-                )
-        storage.write_model_json(folder, meta, files=["trained.safetensors", "controls.npz"])  # last: marks it complete
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCAModel:
-        """Load a saved model; refuses a backbone whose weights differ from the one it was trained on."""
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        meta = storage.read_model_json(folder)
-        klass = MODELS.get(meta["model"])
-        model = klass(
-            backbone=backbone or meta["backbone"],
-            encoder=meta["encoder"],
-            device=device,
-            **{k: v for k, v in meta["config"].items() if k != "variant"},
+    def _saved(self, folder: Path) -> Saved:
+        arrays = {f"net.{k}": v.detach().cpu().float().numpy() for k, v in self._trainable_state().items()}
+        arrays.update(
+            kept=self._kept,
+            global_offset=self._global_offset,
+            offsets=np.stack(list(self._offsets.values())),
+            dose_grid=self._dose_grid,
+            dose_profile=self._dose_profile,
         )
-        bb = resolve_backbone(model.backbone_path, genes=meta["genes"], device=model.device)
+        meta = {"backbone_sha256": self._backbone_hash, "offset_lines": list(self._offsets), "cost": self._cost}
+        return Saved(meta, arrays, featurizer=self._drugs, encoder=self.encoder_spec)
+
+    def _restored(self, saved: Saved, folder: Path, overrides: dict[str, Any]) -> None:
+        """Refuses a backbone whose weights differ from the one the model was trained on."""
+        a, meta = saved.arrays, saved.meta
+        bb = resolve_backbone(self.backbone_path, genes=self.genes, device=self.device)
         if weights_hash(bb) != meta["backbone_sha256"]:
             raise ScdcaInputError(
-                f"backbone {model.backbone_path!r} differs from the one this model was trained on "
+                f"backbone {self.backbone_path!r} differs from the one this model was trained on "
                 f"(weights hash mismatch); pass the original backbone folder"
             )
-        model._backbone_hash = meta["backbone_sha256"]
-        model._kept = np.array(meta["kept"], dtype=bool)
-        model._drugs = DrugFeaturizer(model.encoder_spec).restore(
-            mean=meta["emb_mean"],
-            std=meta["emb_std"],
-            dose_lo=meta["dose_lo"],
-            dose_span=meta["dose_span"],
-            identifier=meta["encoder_identifier"],
-        )
-        mapping = bb.vocab.map_genes(np.array(meta["genes"], dtype=object))
-        model.net = ScDCANet(bb, torch.from_numpy(mapping.ids), model._drugs.dim + 1, model.cfg).to(model.device)
-        missing = model.net.load_state_dict(load_file(str(folder / "trained.safetensors")), strict=False)
+        self._backbone_hash, self._kept, self._drugs = meta["backbone_sha256"], a["kept"].astype(bool), saved.featurizer
+        mapping = bb.vocab.map_genes(self.genes)
+        self.net = ScDCANet(bb, torch.from_numpy(mapping.ids), self._drugs.dim + 1, self.cfg).to(self.device)
+        state = {k[4:]: torch.from_numpy(v) for k, v in a.items() if k.startswith("net.")}
+        missing = self.net.load_state_dict(state, strict=False)
         if missing.unexpected_keys:
             raise ScdcaInputError(f"saved weights do not fit this model: {missing.unexpected_keys[:5]}")
-        model._cost = meta.get("cost", {})
-        with np.load(folder / "controls.npz") as z:
-            model._restore_fitted({**meta, "control_lines": z["cell_lines"].tolist()}, z["control_mean"])
-            model._offsets = dict(zip(z["offset_lines"].tolist(), z["offsets"]))
-            model._global_offset = z["global_offset"]
-            # models saved before the dose profile existed have none (and dose_profile=False)
-            model._dose_grid = z["dose_grid"] if "dose_grid" in z else np.zeros(1, np.float32)
-            model._dose_profile = (
-                z["dose_profile"] if "dose_profile" in z else np.zeros((1, int(model._kept.sum())), np.float32)
-            )
-        return model
+        self._cost = meta["cost"]
+        self._offsets = dict(zip(meta["offset_lines"], a["offsets"]))
+        self._global_offset, self._dose_grid, self._dose_profile = a["global_offset"], a["dose_grid"], a["dose_profile"]
 
 
 def dose_levels(t: np.ndarray, max_levels: int = 10) -> tuple[np.ndarray, np.ndarray]:

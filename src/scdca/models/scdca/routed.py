@@ -16,7 +16,7 @@ from scdca.chem.molecules import canonical_smiles
 from scdca.data.screen import PerturbationData
 from scdca.data.splits import Split
 from scdca.errors import ScdcaInputError
-from scdca.models.base import MODELS, PerturbationModel
+from scdca.models.base import MODELS, PerturbationModel, Saved
 from scdca.models.scdca.presets import ScDCALowRank
 from scdca.models.shrinkage import ScaledMeanBaseline, cv_weights, trust_or_stack
 
@@ -186,61 +186,43 @@ class ScDCARouted(PerturbationModel):
             "shrinkage_seconds": self._shrinkage_seconds,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Its heads in subfolders `seen/` and `new/`, then model.json (written last)."""
-        folder = Path(path)
-        for kind in self.heads:
-            getattr(self, kind).save(folder / kind)
-        anchor = {
-            str(k): {"mean": m.tolist(), "levels": lv.tolist(), "scales": sc.tolist()}
-            for k, (m, lv, sc) in self._anchor._fits.items()
-        }
-        files = [f"{kind}/model.json" for kind in self.heads]
-        if self._ridge is not None:
-            with storage.atomic_path(folder / "ridge.npz") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, **self._ridge.to_arrays())
-            files.append("ridge.npz")
-        settings = {
+    # -- save / load (`models.base.save_folder`): its heads in subfolders `seen/` and `new/` ---------
+    def settings(self) -> dict[str, Any]:
+        head = self.seen.settings()  # both heads share every setting but the new head's dropout
+        return {
+            **head,
             "new_dropout": self.new_dropout,
             "new_shrinkage": self.new_shrinkage,
             "shrinkage_folds": self.shrinkage_folds,
             "stack_ridge": self.stack_ridge,
             "heads": list(self.heads),
         }
-        storage.write_model_json(
-            folder,
-            {
-                "model": self.name,
-                **settings,
-                "settings": settings,
-                "molecules": self._molecules,
-                "weights": self.weights_,
-                "shrinkage_cv": self.shrinkage_cv_,
-                "anchor": anchor,
-            },
-            files=files,
-        )
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, backbone: str | None = None, device: str | None = None) -> ScDCARouted:
-        folder = Path(path)
-        meta = storage.read_model_json(folder)
-        # folders saved before settings were kept hold both heads and their new_dropout only
-        settings = meta.get("settings") or {"new_dropout": meta["new_dropout"]}
-        first = Path(folder) / settings.get("heads", HEADS)[0]
-        model = cls(**settings, backbone=backbone or storage.read_model_json(first)["backbone"], device=device)
-        for kind in model.heads:
-            setattr(model, kind, ScDCALowRank.load(folder / kind, backbone=backbone, device=device))
-        model._restore_fitted_from(getattr(model, model.heads[0]))
-        model._molecules = list(meta["molecules"])
-        # models saved before the stack existed have no weights: their new head, unshrunk
-        model.weights_ = {k: float(v) for k, v in (meta.get("weights") or {"scdca": 1.0}).items()}
-        model._shrinkage_seconds, model._oof = 0.0, {}
-        model.shrinkage_cv_ = meta.get("shrinkage_cv", {})
-        model._anchor = ScaledMeanBaseline.from_fits(meta.get("anchor") or {})
-        model._ridge = None
-        if (folder / "ridge.npz").exists():
+    def _saved(self, folder: Path) -> Saved:
+        for kind in self.heads:
+            getattr(self, kind).save(folder / kind)
+        files = [f"{kind}/model.json" for kind in self.heads]
+        if self._ridge is not None:  # its arrays include text (its lines): an npz, not safetensors
+            storage.write_npz(folder / "ridge.npz", **self._ridge.to_arrays())
+            files.append("ridge.npz")
+        meta = {
+            "molecules": self._molecules,
+            "weights": self.weights_,
+            "shrinkage_cv": self.shrinkage_cv_,
+            "anchor": self._anchor.to_json(),
+        }
+        return Saved(meta, files=files)
+
+    def _restored(self, saved: Saved, folder: Path, overrides: dict[str, Any]) -> None:
+        meta = saved.meta
+        for kind in self.heads:
+            setattr(self, kind, ScDCALowRank.load(folder / kind, **overrides))
+        self._molecules = list(meta["molecules"])
+        self.weights_ = {k: float(v) for k, v in meta["weights"].items()}
+        self._shrinkage_seconds, self._oof = 0.0, {}
+        self.shrinkage_cv_ = meta["shrinkage_cv"]
+        self._anchor = ScaledMeanBaseline.from_fits(meta["anchor"])
+        self._ridge = None
+        if (folder / "ridge.npz").is_file():
             with np.load(folder / "ridge.npz") as z:
-                model._ridge = MODELS.get("ridge").from_arrays(dict(z))
-        return model
+                self._ridge = MODELS.get("ridge").from_arrays(dict(z))
