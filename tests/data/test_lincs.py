@@ -242,6 +242,19 @@ def test_level_5_signatures_load_as_changes_in_their_65_lines():
     assert (pred < 0).any()  # signed changes are not clipped as log1p expression would be
 
 
+
+def test_files_of_two_schemas_read_together_each_keep_their_own_treatment_time():
+    """The level 4 plate gives its time as pert_time (24), the level 5 file as pert_itime ('6 h',
+    '24 h'): read together, each well's time comes from its own file's field."""
+    _shared(LEVEL4, LEVEL5, PERTINFO)
+    both = read_lincs([LEVEL4, LEVEL5], compounds=PERTINFO, cell_id="A375")
+    treated = both.obs[~both.obs["control"]]
+    assert treated["pert_time_h"].notna().all()
+    plate = treated["plate"].astype(str)
+    assert set(treated.loc[plate.str.startswith("LJP009"), "cell_type"]) == {"A375_24h"}
+    assert set(treated.loc[~plate.str.startswith("LJP009"), "pert_time_h"]) == {"6h", "24h"}
+
+
 def test_the_perturbagen_table_is_read_as_it_ships():
     _shared(PERTINFO)
     from scdca.data.lincs import read_compounds

@@ -180,3 +180,36 @@ def test_audit_catches_leaks_in_the_new_tasks(task):
         leaky = Split(s.task, s.seed, s.held_out, s.train + (moved,), s.test)
     with pytest.raises(LeakageError):
         audit(leaky, data)
+
+
+@pytest.mark.parametrize("task", ["unseen_cell_zeroshot", "unseen_cell_fewshot"])
+def test_line_folds_pool_small_lines_into_two_folds_until_enough_conditions_are_held_out(task):
+    """A LINCS signature file has 2-3 conditions per line: two lines would hold out a handful.
+    The folds then pool more lines (each held out as the task's rule does) into two folds."""
+    from scdca.data.splits import MAX_FOLD_LINES, fold_splits, make_splits
+
+    from ..conftest import make_pb
+
+    rng = np.random.default_rng(0)
+    drugs = ["aspirin", "caffeine", "ibuprofen", "paracetamol"]
+    delta = {(f"L{i:02d}", d, 1.0): rng.normal(size=4) for i in range(30) for d in drugs[: 2 + i % 3]}
+    small = make_pb(delta, control={f"L{i:02d}": np.ones(4) for i in range(30)})
+    folds = fold_splits(small, task, 0)
+    assert len(folds) == 2
+    lines = [line for f in folds for line in f.held_out.split("|")]
+    assert len(lines) == len(set(lines)) and 2 < len(lines) <= MAX_FOLD_LINES
+    cond = small.conditions
+    for f in folds:
+        assert not set(f.train) & set(f.test) and f.test
+        for line in f.held_out.split("|"):  # each line held out by its own split's rule
+            own = make_splits(small, task, 0, lines=[line])[0]
+            assert set(own.test) <= set(f.test) and set(f.train) <= set(own.train)
+        if task == "unseen_cell_zeroshot":
+            assert not set(cond.loc[list(f.train), "cell_line"]) & set(f.held_out.split("|"))
+    # lines with many conditions: one line per fold, as before
+    big = make_pb(
+        {(f"L{i}", d, x): rng.normal(size=4) for i in range(3) for d in drugs for x in range(1, 13)},
+        control={f"L{i}": np.ones(4) for i in range(3)},
+    )
+    plain = fold_splits(big, task, 0)
+    assert all("|" not in f.held_out for f in plain) and len(plain) == 2

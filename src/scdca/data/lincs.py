@@ -604,31 +604,25 @@ def _one_structure(drug: np.ndarray, smiles: pd.Series, rows: np.ndarray) -> np.
     return out
 
 
+UNIT_HOURS = {"h": 1.0, "hr": 1.0, "hrs": 1.0, "hour": 1.0, "hours": 1.0, "m": 1 / 60, "min": 1 / 60,
+              "d": 24.0, "day": 24.0, "days": 24.0}  # fmt: skip
+
+
 def _times(cols: pd.DataFrame) -> pd.Series:
-    """Treatment time per well as text in hours ('24h'); missing when the file has none."""
-    if "pert_time" in cols:
-        value = pd.to_numeric(cols["pert_time"].astype(object), errors="coerce")
-        unit = cols.get("pert_time_unit", pd.Series("h", index=cols.index)).astype(object).fillna("h")
-    elif "pert_itime" in cols:  # '24 h'
+    """Treatment time per well as text in hours ('24h'); missing when the well has none. A well's
+    `pert_time` (+ `pert_time_unit`) is read where it has one, else its `pert_itime` ('24 h'):
+    files of two schemas read together each keep their own."""
+    value = pd.Series(np.nan, index=cols.index, dtype=float)
+    unit = pd.Series("h", index=cols.index, dtype=object)
+    if "pert_itime" in cols:
         parts = cols["pert_itime"].astype(str).str.extract(r"^\s*([0-9.]+)\s*([A-Za-z]*)")
         value, unit = pd.to_numeric(parts[0], errors="coerce"), parts[1].fillna("h").replace("", "h")
-    else:
-        return pd.Series(np.nan, index=cols.index, dtype=object)
-    unit = unit.astype(str).str.lower().str.strip()
-    hours = value * unit.map(
-        {
-            "h": 1.0,
-            "hr": 1.0,
-            "hrs": 1.0,
-            "hour": 1.0,
-            "hours": 1.0,
-            "m": 1 / 60,
-            "min": 1 / 60,
-            "d": 24.0,
-            "day": 24.0,
-            "days": 24.0,
-        }
-    ).fillna(1.0)
+    if "pert_time" in cols:
+        own = pd.to_numeric(cols["pert_time"].astype(object), errors="coerce")
+        own_unit = cols.get("pert_time_unit", pd.Series("h", index=cols.index)).astype(object).fillna("h")
+        unit = own_unit.where(own.notna(), unit)
+        value = own.fillna(value.astype(float))
+    hours = value * unit.astype(str).str.lower().str.strip().map(UNIT_HOURS).fillna(1.0)
     return hours.map(lambda h: np.nan if pd.isna(h) else f"{h:g}h")
 
 

@@ -314,12 +314,48 @@ def fold_splits(train: PerturbationData, task: str, seed: int, *, exclude: str =
         candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
         lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
     try:
-        return make_splits(train, task, seed, lines=lines)
+        splits = make_splits(train, task, seed, lines=lines)
     except ScdcaInputError as err:
         raise ScdcaInputError(
             f"folds: cannot make {task!r} folds of the training conditions alone ({err}); "
             f"add training data (or turn intervals off for this task)"
         ) from None
+    if lines is None or sum(len(s.test) for s in splits) >= MIN_GROUPS:
+        return splits
+    rest = [c for c in candidates if c not in lines]
+    return _pooled_line_folds(train, task, seed, splits, list(rng.permutation(rest)), max_lines)
+
+
+MAX_FOLD_LINES = 12  # lines a line task's folds may hold out when each line has few conditions
+
+
+def _pooled_line_folds(train, task: str, seed: int, splits: list[Split], rest: list, n_folds: int) -> list[Split]:
+    """Line folds on small lines (a LINCS signature file has 2-3 conditions per line): more lines,
+    drawn in the order `rest`, until `MIN_GROUPS` held-out conditions or `MAX_FOLD_LINES` lines,
+    pooled into `n_folds` folds, so the fits stay as many as with one line per fold. A pooled fold
+    holds out each of its lines as the task's rule does (its training part: what every one of the
+    lines' own splits trains on)."""
+    splits = [s for s in splits if s.test]
+    for line in rest:
+        if sum(len(s.test) for s in splits) >= MIN_GROUPS or len(splits) >= MAX_FOLD_LINES:
+            break
+        try:
+            splits += [s for s in make_splits(train, task, seed, lines=[line]) if s.test]
+        except ScdcaInputError:  # a line the rule cannot hold out (one drug, say): the next one
+            continue
+    if not splits:
+        raise ScdcaInputError(
+            f"folds: cannot make {task!r} folds of the training conditions alone: no training line has "
+            f"conditions the task's rule holds out; add training data (or turn intervals off for this task)"
+        )
+    folds = [splits[i::n_folds] for i in range(min(n_folds, len(splits)))]
+    out = []
+    for group in folds:
+        train_ids = set.intersection(*(set(s.train) for s in group))
+        test = tuple(i for s in group for i in s.test)
+        keep = tuple(i for i in train.ids if i in train_ids)
+        out.append(Split(task, seed, "|".join(s.held_out for s in group), keep, test))
+    return out
 
 
 def held_out_units(cond, task: str) -> np.ndarray:

@@ -165,8 +165,9 @@ class ScDCAStack(PerturbationModel):
                 f"e.g. {','.join(EXPERTS)}"
             )
         self.experts, self.task, self.held_out, self.seed = names, task, held_out, seed
-        # the scDCA head a task's test molecules need: the new-molecule head where they are new
-        heads = ("new",) if task in NEW_DRUG_TASKS else ("seen",)
+        # the scDCA heads a task's test molecules need: the new-molecule head where they are new,
+        # both on pairs (a drug tested only in held-out pairs is new), the seen head on lines
+        heads = ("new",) if task in NEW_DRUG_TASKS else HEADS if task == "unseen_pair" else ("seen",)
         self._options = {**options, "seed": seed, "scdca_heads": heads}
         self._progress, self._checkpoint = progress, checkpoint_dir
 
