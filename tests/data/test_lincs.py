@@ -242,7 +242,6 @@ def test_level_5_signatures_load_as_changes_in_their_65_lines():
     assert (pred < 0).any()  # signed changes are not clipped as log1p expression would be
 
 
-
 def test_files_of_two_schemas_read_together_each_keep_their_own_treatment_time():
     """The level 4 plate gives its time as pert_time (24), the level 5 file as pert_itime ('6 h',
     '24 h'): read together, each well's time comes from its own file's field."""
