@@ -88,6 +88,7 @@ test: lint docs $(STATE_STAMP)
 lint: $(BIN)/scdca
 	$(BIN)/ruff format --check src tests bench docs
 	$(BIN)/ruff check src tests bench docs
+	$(BIN)/mypy
 
 docs: $(BIN)/scdca
 	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html

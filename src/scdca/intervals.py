@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,7 @@ class Calibration:
     scale_coef: np.ndarray | None = None  # (S,) the scale's log-mse fit on the first S features (None: coef)
     scale_smear: float | None = None
     training_smiles: np.ndarray | None = None  # (T,) the molecules the calibrated model trained on
-    _regressor: object = field(default=None, repr=False, compare=False)
+    _regressor: Any = field(default=None, repr=False, compare=False)  # crepes' ConformalRegressor
     _similarity: Callable | None = field(default=None, repr=False, compare=False)  # built on first use
 
     def __post_init__(self):
@@ -139,7 +140,7 @@ class Calibration:
     def _scale_fit(self) -> tuple[np.ndarray, float]:
         """The scale's log-mse coefficients and smearing factor (a file from before D36's dose-only
         scale has none: its scale used the expected-mse fit)."""
-        if self.scale_coef is None:
+        if self.scale_coef is None or self.scale_smear is None:
             return np.asarray(self.coef), float(self.smear)
         return np.asarray(self.scale_coef), float(self.scale_smear)
 
@@ -318,14 +319,14 @@ def fit_calibration(oof: OutOfFold, task: str = "", training_smiles=None) -> Cal
         fit = _difficulty(res[~own], Xs[~own]) if (~own).sum() >= 3 else (gene_scale, scale_coef, scale_smear)
         sigma[own] = _sigma(*fit, Xs[own], mean_expected)
     rows = np.repeat(np.arange(len(res)), oof.top.shape[1])
-    cols = oof.top.ravel()
+    top = oof.top.ravel()
     return Calibration(
         gene_scale=gene_scale,
         coef=coef,
         smear=smear,
         mean_expected=mean_expected,
-        residuals=res[rows, cols],
-        sigmas=sigma[rows, cols],
+        residuals=res[rows, top],
+        sigmas=sigma[rows, top],
         calibration_mse=(res**2).mean(1),
         task=task,
         scale_coef=scale_coef,
@@ -408,7 +409,7 @@ def _held_out(train: PerturbationData, ids, pred, k: int, task: str, seen) -> Ou
     control = held.control_for(cond["cell_line"])
     similarity = nearest_training(seen)(cond["smiles"])
     return OutOfFold(
-        pred, held.mean, control, cond["dose"].to_numpy(float), top, held_out_units(cond, task), similarity
+        pred, held.observed, control, cond["dose"].to_numpy(float), top, held_out_units(cond, task), similarity
     )
 
 

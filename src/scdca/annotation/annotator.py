@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import anndata as ad
 import numpy as np
@@ -201,7 +202,7 @@ class Annotator:
     def _choose_genes(self, reference: ad.AnnData, layer: str | None) -> list[str]:
         names = reference.var_names.astype(str)
         if is_random(self.backbone_spec):  # an untrained backbone gets the reference's genes as vocabulary
-            known = set(names)
+            known: set[str] | GeneVocab = set(names)
         else:
             vocab_file = Path(self.backbone_spec) / "vocab.json"
             if not vocab_file.exists():
@@ -289,7 +290,9 @@ class Annotator:
                 for m in attns:
                     m.cls_attention = []
                 self.net(ids[s : s + batch].to(self.device), values[s : s + batch].to(self.device))
-                a = torch.stack([m.cls_attention[0] for m in attns]).mean((0, 2))[:, 1:]  # (B, G): layers, heads
+                a = torch.stack([cast(list, m.cls_attention)[0] for m in attns]).mean((0, 2))[
+                    :, 1:
+                ]  # (B, G): layers, heads
                 per_cell.append((a / a.sum(1, keepdim=True)).cpu().numpy())
         finally:
             for m in attns:

@@ -72,7 +72,8 @@ class MoleculeEncoder(ABC):
                 f"smiles: RDKit cannot parse {len(bad)} molecule(s): {', '.join(bad[:20])}. Fix or remove them."
             )
         self._load_disk()
-        missing = sorted({c for c in canon if c not in self._memory})
+        parsed = [c for c in canon if c is not None]  # all of them: an unparseable one raised above
+        missing = sorted({c for c in parsed if c not in self._memory})
         if missing:
             emb = np.asarray(self._embed(missing), dtype=np.float32)
             if emb.shape != (len(missing), self.dim):
@@ -80,9 +81,9 @@ class MoleculeEncoder(ABC):
             self.n_computed += len(missing)
             self._memory.update(zip(missing, emb))
             self._save_disk()
-        if not canon:
+        if not parsed:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([self._memory[c] for c in canon]).astype(np.float32)
+        return np.stack([self._memory[c] for c in parsed]).astype(np.float32)
 
     # -- cache ----------------------------------------------------------------------------
     def _cache_file(self) -> Path | None:

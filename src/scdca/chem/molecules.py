@@ -36,11 +36,11 @@ def canonical_smiles(smiles: str) -> str | None:
     return Chem.MolToSmiles(mol)
 
 
-def canonicalize(drug_smiles: Mapping[str, str], *, arg: str = "SMILES") -> dict[str, str]:
+def canonicalize(drug_smiles: Mapping[str, str | None], *, arg: str = "SMILES") -> dict[str, str]:
     """Canonicalise every drug's SMILES; one error lists every drug that fails.
 
     Args:
-        drug_smiles: drug name -> SMILES.
+        drug_smiles: drug name -> SMILES (None or empty: missing, listed in the error).
         arg: the column or argument the SMILES came from, named in the error.
     Returns:
         drug name -> canonical SMILES.

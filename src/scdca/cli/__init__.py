@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from scdca.cli import annotate, bench, data, models
 from scdca.errors import GridError, LeakageError, ScdcaInputError
@@ -17,10 +18,16 @@ from scdca.errors import GridError, LeakageError, ScdcaInputError
 GROUPS = (data, bench, models, annotate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scdca", description="Drug perturbation prediction with scDCA.")
+class Parser(argparse.ArgumentParser):
+    """The `scdca` parser, which also knows its sub-commands (`Command`s, for `--config`)."""
+
+    commands: dict[str, Any]
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="scdca", description="Drug perturbation prediction with scDCA.")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub: Any = parser.add_subparsers(dest="command", required=True)
     sub.commands = parser.commands = {}  # name -> Command, filled as each group adds its commands
     for group in GROUPS:
         group.add_commands(sub)

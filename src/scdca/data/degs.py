@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -15,16 +15,27 @@ class Screen(Protocol):
     """What these functions read of a `scdca.data.screen.PerturbationData` (a protocol, so that
     the screen may import this module without this module importing the screen)."""
 
-    ids: Sequence[str]
-    genes: Sequence[str]
-    degs: dict[str, np.ndarray]
-    mean: np.ndarray  # (N, G)
-    std: np.ndarray  # (N, G)
-    space: str
-    conditions: pd.DataFrame
-    controls: pd.DataFrame
-    control_mean: np.ndarray  # (L, G)
-    control_std: np.ndarray  # (L, G)
+    @property
+    def ids(self) -> Sequence[str]: ...
+    @property
+    def genes(self) -> Any: ...  # (G,) names
+    @property
+    def space(self) -> str: ...
+
+    @property
+    def degs(self) -> Any: ...  # condition id -> gene positions by |t|
+    @property
+    def mean(self) -> np.ndarray | None: ...  # (N, G)
+    @property
+    def std(self) -> np.ndarray | None: ...  # (N, G)
+    @property
+    def conditions(self) -> pd.DataFrame: ...
+    @property
+    def controls(self) -> pd.DataFrame: ...
+    @property
+    def control_mean(self) -> np.ndarray: ...  # (L, G)
+    @property
+    def control_std(self) -> np.ndarray: ...  # (L, G)
 
 
 log = logging.getLogger(__name__)
@@ -66,6 +77,8 @@ def deg_statistics(data: Screen) -> dict[str, np.ndarray]:
     from scipy import stats
 
     n1, n0, m0, s0 = _versus_control(data)
+    if data.mean is None or data.std is None:
+        raise ValueError("deg_statistics: the conditions need their observed means and standard deviations")
     m1, s1, m0, s0 = (x.astype(np.float64) for x in (data.mean, data.std, m0, s0))
     with np.errstate(invalid="ignore", divide="ignore"):
         v1, v0 = s1**2 / n1, s0**2 / n0
@@ -138,7 +151,7 @@ def rank_genes_groups_uns(table: pd.DataFrame) -> dict:
     """
     groups = list(pd.unique(table["group"].astype(str)))
     by_group = {g: t for g, t in table.groupby(table["group"].astype(str), sort=False)}
-    out = {
+    out: dict[str, Any] = {
         "params": {
             "groupby": "condition_id",
             "reference": "control of the same cell line",

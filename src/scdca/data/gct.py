@@ -161,14 +161,14 @@ def read_gctx_matrix(
         matrix = _node(f, "0/DATA/0/matrix", path)
         n_cols, n_rows = matrix.shape
         columns = np.arange(n_cols) if columns is None else np.asarray(columns, dtype=np.int64)
-        rows = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
-        width = n_rows if isinstance(rows, slice) else len(rows)
+        picked: slice | np.ndarray = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+        width = n_rows if isinstance(picked, slice) else len(picked)
         out = np.empty((len(columns), width), dtype=np.float32)
         order = np.argsort(columns, kind="stable")
         done = 0
         for start, stop, want in _blocks(columns[order], matrix.chunks, n_cols):
             block = matrix[start:stop]  # (stop - start, n_rows): whole chunks, one contiguous read
-            out[order[done : done + len(want)]] = block[want - start][:, rows]
+            out[order[done : done + len(want)]] = block[want - start][:, picked]
             done += len(want)
     return out
 

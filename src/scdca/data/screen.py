@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -80,6 +80,13 @@ class PerturbationData:
     truth: np.ndarray | None = None
     cells: CellSample | None = None
     space: Literal["expression", "change"] = "expression"
+
+    @property
+    def observed(self) -> np.ndarray:
+        """`mean`, the observed (N, G) means; an error on a query, whose observations were withheld."""
+        if self.mean is None:
+            raise ScdcaInputError("data: these conditions carry no observations (a query); subset with observed=True")
+        return self.mean
 
     @property
     def n_genes(self) -> int:
@@ -201,7 +208,7 @@ class PerturbationData:
 
 
 def read(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     what: str = "data",
     backed: str | None = None,
@@ -215,7 +222,10 @@ def read(
     or not AnnData. `what` names the argument in the error message.
     """
     if not isinstance(path, (str, os.PathLike)) or "," in os.fspath(path) or os.path.isdir(path):
-        paths = [p.strip() for p in path.split(",")] if isinstance(path, str) else path
+        if isinstance(path, str):
+            paths: list = [p.strip() for p in path.split(",")]
+        else:  # a folder as a Path, or a list of files
+            paths = [path] if isinstance(path, os.PathLike) else list(path)
         if not is_lincs(paths if len(paths) > 1 else paths[0]):
             raise ScdcaInputError(
                 f"{what}: {path!r} names several files or a folder; only LINCS .gct/.gctx plates are read together"
@@ -336,7 +346,7 @@ def _expression(adata, keys: DataKeys, genes, n_top_genes, normalize, seed: int,
     if chunk_size is None:
         X = norm(X)
         keep = select_genes(X, gene_names, genes=genes, n_top_genes=n_top_genes)
-        chunks = [(0, X[:, keep])]
+        chunks: Iterable[tuple[int, Any]] = [(0, X[:, keep])]
     else:
         sample = None
         if genes is None and n_top_genes is not None and n_top_genes < len(gene_names):
@@ -396,8 +406,11 @@ def _aggregate(obs, is_ctrl, lines_all, codes, conditions, n_genes: int, chunks,
     }
     groupings = {"cond": cond_code, "a": half_code["a"], "b": half_code["b"], "ctrl": ctrl_code}
     group = np.where(cond_code >= 0, cond_code, np.where(ctrl_code >= 0, n_cond + ctrl_code, -1))
-    limits = np.r_[np.full(n_cond, ks[0]), np.full(len(lines_all), ks[1])] if ks else None
-    keep = sample_cells(group, limits, seed=seed) if ks else np.zeros(len(obs), dtype=bool)
+    if ks:
+        limits = np.r_[np.full(n_cond, ks[0]), np.full(len(lines_all), ks[1])]
+        keep = sample_cells(group, limits, seed=seed)
+    else:
+        keep = np.zeros(len(obs), dtype=bool)
     kept = []
     for start, A in chunks:
         picked = keep[start : start + A.shape[0]]
@@ -473,6 +486,7 @@ def _validated_obs(adata: ad.AnnData, keys: DataKeys) -> pd.DataFrame:
     obs["_cell_line"] = _str_categorical(adata.obs[keys.cell_line])
     obs["_drug"] = _str_categorical(adata.obs[keys.drug])
     is_ctrl = control_flags(adata, keys)
+    assert is_ctrl is not None  # None only without a drug column, which was checked above
     obs["_control"] = is_ctrl
     dup = adata.obs_names[adata.obs_names.duplicated()].unique()
     if len(dup):

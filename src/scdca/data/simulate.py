@@ -152,7 +152,7 @@ def assign_mechanism(mol) -> str:
         return mol.HasSubstructMatch(Chem.MolFromSmarts(_SMARTS[name]))
 
     n_arom = rdMolDescriptors.CalcNumAromaticRings(mol)
-    logp = Descriptors.MolLogP(mol)
+    logp = Descriptors.MolLogP(mol)  # type: ignore[attr-defined]  # RDKit defines it at import
     has_n = any(a.GetSymbol() == "N" for a in mol.GetAtoms())
     if has("hydroxamic") or (has("anilide") and n_arom >= 2):
         return "hdac_like"
@@ -194,7 +194,7 @@ def _choose_drugs(cfg: SimulationConfig, rng: np.random.Generator):
 
     if cfg.smiles is not None:
         chosen = []
-        bad = []
+        bad: list[str] = []
         for i, smi in enumerate(cfg.smiles):
             mol = Chem.MolFromSmiles(smi)
             if mol is None:
@@ -221,7 +221,7 @@ def _choose_drugs(cfg: SimulationConfig, rng: np.random.Generator):
     names = [c[0] for c in chosen]
     smiles = [c[1] for c in chosen]
     mechs = [assign_mechanism(c[2]) for c in chosen]
-    logp = np.array([Descriptors.MolLogP(c[2]) for c in chosen])
+    logp = np.array([Descriptors.MolLogP(c[2]) for c in chosen])  # type: ignore[attr-defined]  # (as above)
     return names, smiles, mechs, logp
 
 
@@ -335,10 +335,11 @@ def _condition_rates(cfg: SimulationConfig, rng, lines, names, drugs, base, line
     G, D = cfg.n_genes, len(names)
     m_idx, amplitude, log10_ec50 = drugs["m_idx"], drugs["amplitude"], drugs["log10_ec50"]
     hill_n, drug_vec = drugs["hill_n"], drugs["drug_vec"]
-    rows, logits = [], []
+    rows: list[tuple[str, str, float, int | None]] = []
+    logit_rows: list[np.ndarray] = []
     for c, line in enumerate(lines):
         rows.append((line, "control", 0.0, None))
-        logits.append(base + line_shift[c])
+        logit_rows.append(base + line_shift[c])
     for c, line in enumerate(lines):
         for d in range(D):
             eta = rng.normal(0, cfg.interaction_sd, G) * (drug_vec[d] != 0)
@@ -346,8 +347,8 @@ def _condition_rates(cfg: SimulationConfig, rng, lines, names, drugs, base, line
                 hill = dose ** hill_n[d] / (dose ** hill_n[d] + (10 ** log10_ec50[d]) ** hill_n[d])
                 effect = sensitivity[c, m_idx[d]] * amplitude[d] * hill * (drug_vec[d] + eta)
                 rows.append((line, names[d], float(dose), d))
-                logits.append(base + line_shift[c] + effect)
-    logits = np.asarray(logits)
+                logit_rows.append(base + line_shift[c] + effect)
+    logits = np.asarray(logit_rows)
     prop = np.exp(logits - logits.max(1, keepdims=True))
     prop /= prop.sum(1, keepdims=True)  # (K, G)
 
@@ -417,7 +418,8 @@ def write_in_chunks(
     from anndata.io import sparse_dataset, write_elem
 
     shell = ad.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns)
-    pending, n_pending, written = [], 0, False
+    pending: list = []
+    n_pending, written = 0, False
     with storage.atomic_path(path) as tmp:
         shell.write_h5ad(tmp)
         with h5py.File(tmp, "a") as f:

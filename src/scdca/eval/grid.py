@@ -433,8 +433,9 @@ def compute_cell(
 def _fit_predict(data: PerturbationData, model_name: str, split: Split, test: PerturbationData, cfg, seed):
     """(test, prediction, observation, cost extras, fitted model or None) for a model or a reference row."""
     if model_name == "ceiling":
-        ok = ~np.isnan(test.half_a).any(1)
-        test = data.subset(np.asarray(split.test)[ok])
+        halves = test.half_a if test.half_a is not None else np.full((len(test.ids), test.n_genes), np.nan)
+        ok = ~np.isnan(halves).any(1)
+        test = data.subset(list(np.asarray(split.test)[ok]))
         test.degs = half_b_degs(test)
         return test, test.half_a, test.half_b, {}, None
     if model_name == "oracle":

@@ -134,7 +134,7 @@ def _r2_top(n: int):
         out = np.full(inp.pred.shape[0], np.nan)
         ok = np.flatnonzero([len(d) >= n for d in inp.degs])
         if len(ok):
-            cols = np.stack([np.asarray(inp.degs[i][:n]) for i in ok])  # (n_ok, n)
+            cols = np.stack([np.asarray(inp.degs[int(i)][:n]) for i in ok])  # (n_ok, n)
             rows = ok[:, None]
             out[ok] = r2_rows(inp.observed[rows, cols].astype(float), inp.pred[rows, cols].astype(float))
         return out
@@ -198,13 +198,20 @@ def _rank(inp: ScoringInput) -> np.ndarray:
 _ranks = distance_ranks  # one definition: scdca_stack scores its committees by the same rank
 
 
+def _needed(value, name: str):
+    """A ScoringInput field a metric needs (`Metric.needs`: `score` runs the metric only when set)."""
+    if value is None:
+        raise ValueError(f"metric: ScoringInput.{name} is needed and missing")
+    return value
+
+
 def _versus_mean(score_fn):
     """score_fn(observed - reference, predicted - reference) over each condition's top-k DEGs, where
     reference = control + the average perturbed response (`ScoringInput.reference`)."""
 
     def f(s: ScoringInput, i: int) -> float:
         g = s.top(i)
-        ref = s.control[i, g] + s.reference[i, g]
+        ref = s.control[i, g] + _needed(s.reference, "reference")[i, g]
         return score_fn(s.observed[i, g] - ref, s.pred[i, g] - ref)
 
     return f
@@ -268,7 +275,8 @@ def _rank_dose(inp: ScoringInput) -> np.ndarray:
 def _interval(inp: ScoringInput, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(observed, lower, upper) on each condition's top-k DEGs, (N, k), at this level; lower clipped at 0."""
     rows, cols = inp.top_entries()
-    pred, half = inp.pred[rows, cols], inp.alphas[level] * inp.sigma[rows, cols]
+    pred = inp.pred[rows, cols]
+    half = _needed(inp.alphas, "alphas")[level] * _needed(inp.sigma, "sigma")[rows, cols]
     return inp.observed[rows, cols], np.maximum(pred - half, 0), pred + half
 
 

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from scdca.chem.featurizer import DrugFeaturizer
+from scdca.data.cells import CellSample
 from scdca.data.screen import PerturbationData
 from scdca.errors import ScdcaInputError
 from scdca.models.base import MODELS, PerturbationModel, Saved, parameter_counts
@@ -207,9 +208,11 @@ class StatePeer(PerturbationModel):
         self.mode = self._mode(train)
         drugs = train.drug_smiles()
         self._drugs = DrugFeaturizer(self.encoder_spec).fit(drugs, train.conditions["dose"])
-        with_controls = (
-            train.cell_lines if self.mode == "pseudobulk" else train.cells.cell_line[train.cells.condition == ""]
-        )
+        if self.mode == "pseudobulk":
+            with_controls = train.cell_lines
+        else:  # set mode (`_mode`) is chosen only for data with cells
+            cells = _cells(train)
+            with_controls = cells.cell_line[cells.condition == ""]
         self._sets = self._control_sets(train, with_controls)  # kept for a query without control cells
         pert = self._drug_attribute(train)
         self.net = self._network(train.n_genes, pert.shape[1])
@@ -242,17 +245,17 @@ class StatePeer(PerturbationModel):
                 yield {
                     "pert_emb": torch.from_numpy(pert[b]).to(device),
                     "ctrl_cell_emb": torch.from_numpy(ctrl[b]).to(device),
-                    "pert_cell_emb": torch.from_numpy(train.mean[b].astype(np.float32)).to(device),
+                    "pert_cell_emb": torch.from_numpy(train.observed[b].astype(np.float32)).to(device),
                 }
-        S, ids = self.set_size, train.ids
-        cells = {i: train.cells.of_condition(ids[i]) for i in rows}
-        ctrl = {c: train.cells.of_control(c) for c in set(lines[rows])}
+        S, ids, sample = self.set_size, train.ids, _cells(train)
+        cells = {i: sample.of_condition(ids[i]) for i in rows}
+        ctrl_cells = {c: sample.of_control(c) for c in set(lines[rows])}
         rows = np.asarray([i for i in rows if len(cells[i])])
         while True:
             b = rng.choice(rows, size=min(self.batch_size, len(rows)), replace=False)
             target, basal = [], []
             for i in b:
-                x, c = cells[i], ctrl[lines[i]]
+                x, c = cells[i], ctrl_cells[lines[i]]
                 target.append(x[rng.choice(len(x), S, replace=len(x) < S)])
                 basal.append(c[rng.choice(len(c), S, replace=len(c) < S)])
             yield {
@@ -342,10 +345,17 @@ class StatePeer(PerturbationModel):
         import torch
 
         a, meta = saved.arrays, saved.meta
-        self.mode, self._drugs, self._cost = meta["mode"], saved.featurizer, meta["cost"]
+        self.mode, self._drugs, self._cost = meta["mode"], saved.restored_featurizer, meta["cost"]
         self._sets = {c: a[f"set.{i}"] for i, c in enumerate(meta["set_lines"])}
         self.net = self._network(len(self.genes), self._drugs.dim)
         self.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in a.items() if k.startswith("net.")})
+
+
+def _cells(data: PerturbationData) -> CellSample:
+    """The data's single cells, which STATE's set mode reads; an error naming the fix without them."""
+    if data.cells is None:
+        raise ScdcaInputError("state: set mode reads single cells and the data has none; use state_pseudobulk")
+    return data.cells
 
 
 @MODELS.register("state_pseudobulk")

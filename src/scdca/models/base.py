@@ -6,7 +6,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 import numpy as np
 
@@ -164,7 +164,7 @@ class PerturbationModel(ABC):
         `overrides` (backbone, device) replace the saved settings of the same name."""
         if not cls.savable:
             raise ScdcaInputError(f"model: {cls.name!r} models cannot be loaded from a folder")
-        return load_folder(cls, Path(path), **overrides)
+        return cast(Self, load_folder(cls, Path(path), **overrides))
 
     def _after_fit(self, attribute: str):
         if not hasattr(self, attribute):
@@ -197,6 +197,13 @@ class Saved:
     files: list[str] = field(default_factory=list)  # files the model wrote itself (its parts' model.json)
     featurizer: DrugFeaturizer | None = None  # its molecule featurizer, kept (and restored) whole
     encoder: str | None = None  # the featurizer's encoder spec
+
+    @property
+    def restored_featurizer(self) -> DrugFeaturizer:
+        """The featurizer `load_folder` restored; an error for a folder saved without one."""
+        if self.featurizer is None:
+            raise ScdcaInputError("model: the folder has no featurizer state; retrain it with `scdca train`")
+        return self.featurizer
 
 
 def save_folder(model: PerturbationModel, folder: Path) -> None:

@@ -46,6 +46,7 @@ from scdca.models.base import (
     Saved,
     principal_directions,
 )
+from scdca.nn.adapters import zero_output
 from scdca.nn.train import optimizer_step
 
 
@@ -75,8 +76,7 @@ class C3TLNet(nn.Module):
         self.psi = _mlp(mol_dim, H, H)  # molecule -> (H)
         self.shared = _mlp(H + 1, H, K)  # S(r, t)
         self.modulation = _mlp(2 * H + 1, H, K)  # M(r, t, c)
-        nn.init.zeros_(self.modulation[-1].weight)
-        nn.init.zeros_(self.modulation[-1].bias)
+        zero_output(self.modulation)
 
     def drug_code(
         self,
@@ -190,7 +190,7 @@ class C3TLModel(PerturbationModel):
         self.net.train()
         for _ in range(cfg.steps):
             keep = (torch.rand(len(unique_drugs), generator=gen) >= cfg.pool_dropout).float().to(self.device)
-            r = self.net.drug_code(mol, pool, *obs, select=select, keep=select @ keep)
+            r = self.net.drug_code(mol, pool, obs[0], obs[1], obs[2], select=select, keep=select @ keep)
             loss = ((self.net(r, t, ctx) - target) ** 2).mean()
             optimizer_step(loss, opt)
         self.net.eval()
@@ -254,7 +254,7 @@ class C3TLModel(PerturbationModel):
     def _restored(self, saved: Saved, folder: Path, overrides: dict[str, Any]) -> None:
         a, meta = saved.arrays, saved.meta
         self._basis, self._mean_change, self._ctrl_centre = a["basis"], a["mean_change"], a["ctrl_centre"]
-        self._drugs = saved.featurizer
+        self._drugs = saved.restored_featurizer
         self._obs = {
             "drug": np.array(meta["obs_drug"]),
             "line": np.array(meta["obs_line"]),

@@ -173,7 +173,7 @@ class BiolordPeer(PerturbationModel):
         import pandas as pd
 
         lines = train.cell_lines
-        X = np.vstack([train.mean, train.control_mean]).astype(np.float32)  # (N + L, G)
+        X = np.vstack([train.observed, train.control_mean]).astype(np.float32)  # (N + L, G)
         drug_attr = np.vstack([self._drug_attribute(train), np.zeros((len(lines), self._drugs.dim), np.float32)])
         rng = np.random.default_rng(self.seed)
         names = sorted(drugs)

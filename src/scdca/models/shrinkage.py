@@ -156,7 +156,7 @@ def cv_weights(
         keep.update(
             ids=ids,
             fold=fold,
-            base=train.subset(ids).delta() - target + train.control_for(train.conditions["cell_line"]),
+            base=train.subset(list(ids)).delta() - target + train.control_for(train.conditions["cell_line"]),
         )
         keep["deviation"] = {name: dev[j] for j, name in enumerate(names)}
     details = {

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,7 @@ from scdca.data.screen import PerturbationData
 from scdca.data.splits import Split, fold_splits
 from scdca.errors import ScdcaInputError
 from scdca.models.base import MODELS, PerturbationModel, Saved
+from scdca.models.baselines import RidgeBaseline
 from scdca.models.scdca.routed import HEADS, ScDCARouted
 from scdca.models.shrinkage import ScaledMeanBaseline, worse_than_anchor
 
@@ -87,7 +88,7 @@ def expert(name: str, options: dict, seed: int, **head) -> PerturbationModel:
         scdca = {k: v for k, v in {**options, "seed": seed}.items() if k in ScDCARouted.options}
         return ScDCARouted(new_shrinkage=1.0, heads=options.get("scdca_heads", HEADS), **scdca, **head)
     if name == "ridge":
-        return MODELS.get("ridge")(penalty_folds=3, seed=seed)
+        return RidgeBaseline(penalty_folds=3, seed=seed)
     cls = MODELS.get(name)
     return cls(**{k: v for k, v in {**options, "seed": seed}.items() if k in cls.options})
 
@@ -100,7 +101,7 @@ class _Fits:
     if its expert, options and training data (hashed) are the same. Bounded, oldest out first."""
 
     def __init__(self, size: int = 4):
-        self.size, self._fits = size, OrderedDict()
+        self.size, self._fits = size, OrderedDict[tuple, PerturbationModel]()
 
     def get(self, key: tuple, fit):
         if key in self._fits:
@@ -210,7 +211,7 @@ class ScDCAStack(PerturbationModel):
             ids += list(split.test)
             fold.append(np.full(len(split.test), k))
             base.append(anchor)
-            observed.append(train.subset(split.test).mean.astype(np.float64))
+            observed.append(train.subset(split.test).observed.astype(np.float64))
         sub = train.subset(ids)
         return {
             "ids": np.asarray(ids),
@@ -233,7 +234,8 @@ class ScDCAStack(PerturbationModel):
         scores = {"anchor": _scores(ev["base"], ev["observed"], groups)}
         scores.update({e: _scores(ev["pred"][e], ev["observed"], groups) for e in self.experts})
         aware = [e for e in self.experts if e == "scdca_head" or not MODELS.get(e).drug_blind]
-        best, best_score = (), 2.0  # the anchor's own score: mse ratio 1 + rank 0.5 / 0.5
+        best: tuple[str, ...] = ()
+        best_score = 2.0  # the anchor's own score: mse ratio 1 + rank 0.5 / 0.5
         for size in range(1, min(MAX_COMMITTEE, len(aware)) + 1):
             for members in combinations(aware, size):
                 pred = np.mean([ev["pred"][e] for e in members], axis=0)
@@ -302,7 +304,7 @@ class ScDCAStack(PerturbationModel):
         mse = ", ".join(f"{n} {e[f'oof_mse_{n}']:.4g}" for n in names)
         rank = ", ".join(f"{n} {e[f'oof_rank_{n}']:.3f}" for n in names)
         what = (
-            f"the mean of {e['committee'].replace('+', ', ')}"
+            f"the mean of {str(e['committee']).replace('+', ', ')}"
             if e["used"]
             else "the drug-blind anchor (scaled_mean): no committee of experts beats it out of fold"
         )
@@ -338,12 +340,17 @@ class ScDCAStack(PerturbationModel):
         self._anchor = ScaledMeanBaseline.from_fits(meta["anchor"])
         train = _load_training(folder / "train.npz") if (folder / "train.npz").is_file() else None
         self._fitted = {}
+        closed_form = [
+            n for n, w in self.weights_.items() if w > 0 and not type(expert(n, self._options, self.seed)).savable
+        ]
+        if train is None and closed_form:
+            raise ScdcaInputError(f"model: {str(folder)!r} lacks train.npz, which its closed-form experts refit from")
         for name, w in self.weights_.items():
             if w <= 0:
                 continue
             proto = expert(name, self._options, self.seed)
             cls = type(proto)
-            self._fitted[name] = cls.load(folder / name, **overrides) if cls.savable else proto.fit(train)
+            self._fitted[name] = cls.load(folder / name, **overrides) if cls.savable else proto.fit(cast(Any, train))
 
     @property
     def _train_for_save(self) -> PerturbationData:

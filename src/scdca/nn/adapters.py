@@ -66,8 +66,7 @@ class DrugConditionalAdapter(nn.Module):
         self.mid = BottleneckResBlock(cfg.bottleneck) if cfg.residual else nn.GELU()
         self.up = nn.Linear(cfg.bottleneck, cfg.d_model, bias=False)
         nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.mol_proj[-1].weight)
-        nn.init.zeros_(self.mol_proj[-1].bias)
+        zero_output(self.mol_proj)
 
     def forward(self, h: Tensor, cond: Tensor) -> Tensor:  # (B, T, D), (B, C) -> (B, T, D)
         r, D = self.cfg.bottleneck, self.cfg.d_model
@@ -128,8 +127,7 @@ class DrugGeneHead(nn.Module):
         self.drug_proj = nn.Sequential(
             nn.Linear(cfg.cond_dim - 1, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.rank + 2)
         )
-        nn.init.zeros_(self.drug_proj[-1].weight)
-        nn.init.zeros_(self.drug_proj[-1].bias)
+        zero_output(self.drug_proj)
 
     def forward(
         self, h: Tensor, cond: Tensor, rows: Tensor | None = None, molecules: MoleculeGroups | None = None
@@ -216,6 +214,17 @@ def group_molecules(cond: Tensor) -> MoleculeGroups:
         molecules, index = x, torch.arange(len(x), device=x.device)
     select = nn.functional.one_hot(index, len(molecules)).to(x.dtype)  # (B, M)
     return MoleculeGroups(molecules, select)
+
+
+def zero_output(module: nn.Module) -> None:
+    """Zero a Linear layer, or a Sequential's last one: the module then outputs its zero (a
+    bias-free nothing) until it trains, so whatever it is added to starts unchanged."""
+    last = module[-1] if isinstance(module, nn.Sequential) else module
+    if not isinstance(last, nn.Linear):
+        raise TypeError(f"zero_output: {type(last).__name__} is not a Linear layer")
+    nn.init.zeros_(last.weight)
+    if last.bias is not None:
+        nn.init.zeros_(last.bias)
 
 
 def count_parameters(module: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict[str, float]:

@@ -224,6 +224,10 @@ class MVCDecoder(nn.Module):
 class Backbone(nn.Module):
     """scGPT-architecture transformer over (gene token, continuous value) pairs."""
 
+    vocab: GeneVocab  # attached by `load` and `random_backbone`
+    peft_method: str  # attached by `scdca.nn.peft.apply`
+    load_report: LoadReport
+
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.cfg = cfg
@@ -268,7 +272,7 @@ class GeneVocab:
     token_to_id: dict[str, int]
 
     @classmethod
-    def from_genes(cls, genes: Sequence[str]) -> GeneVocab:
+    def from_genes(cls, genes: Sequence[str] | np.ndarray) -> GeneVocab:
         tokens = list(dict.fromkeys(str(g) for g in genes))
         return cls({t: i for i, t in enumerate(tokens + [t for t in SPECIAL_TOKENS if t not in tokens])})
 
@@ -289,7 +293,7 @@ class GeneVocab:
     def __contains__(self, token: str) -> bool:
         return token in self.token_to_id
 
-    def map_genes(self, genes: Sequence[str]) -> GeneMapping:
+    def map_genes(self, genes: Sequence[str] | np.ndarray) -> GeneMapping:
         """Map gene symbols to ids. Genes not in the vocabulary are excluded, and reported."""
         genes = [str(g) for g in genes]
         kept = np.array([g in self.token_to_id and g not in SPECIAL_TOKENS for g in genes])
@@ -409,7 +413,7 @@ def reference(spec: str | os.PathLike) -> str:
 
 
 def resolve(
-    spec: str | os.PathLike, *, genes: Sequence[str] | None = None, device: str | torch.device = "cpu"
+    spec: str | os.PathLike, *, genes: Sequence[str] | np.ndarray | None = None, device: str | torch.device = "cpu"
 ) -> Backbone:
     """A checkpoint folder (see `load`) or 'random:<layers>x<dim>': an untrained backbone.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # buffers are never trained here, and syncing them would put a collective in every forward
     # (torch 2.13 renamed the switch); find_unused_parameters: some variants leave parts unused
-    no_sync = (
+    no_sync: dict[str, Any] = (
         {"forward_sync_buffers": False}
         if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
         else {"broadcast_buffers": False}

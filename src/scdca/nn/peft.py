@@ -27,7 +27,7 @@ is what a saved model needs besides the frozen backbone it names.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ def apply(backbone: Backbone, cfg: PeftConfig) -> Backbone:
     for p in backbone.parameters():
         p.requires_grad_(cfg.method == "full")
     d = backbone.cfg.d_model
-    layers = backbone.transformer_encoder.layers
+    layers: Any = backbone.transformer_encoder.layers  # torch's encoder layers (typed as plain modules)
     if cfg.method == "lora":
         _lora(backbone, cfg)
     elif cfg.method == "prefix":
@@ -145,7 +145,7 @@ def apply(backbone: Backbone, cfg: PeftConfig) -> Backbone:
             layer.self_attn = AdaptedOutput(layer.self_attn, d, width)
             layer.linear2 = AdaptedOutput(layer.linear2, d, width)
     elif cfg.method == "token":
-        backbone.value_encoder = AdaptedOutput(backbone.value_encoder, d, d)
+        cast(Any, backbone).value_encoder = AdaptedOutput(backbone.value_encoder, d, d)
     backbone.peft_method = cfg.method
     return backbone
 
@@ -157,7 +157,7 @@ def _lora(backbone: Backbone, cfg: PeftConfig) -> None:
     params = ["self_attn.in_proj_weight"] if "attention" in cfg.lora_on else None
     config = LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates an int; it is a float scale
         lora_dropout=0.0,
         bias="none",
         target_modules=modules or [],

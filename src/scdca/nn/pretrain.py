@@ -26,6 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -211,6 +212,24 @@ def _cells(data, keys: DataKeys, cfg: PretrainConfig, compounds) -> tuple[np.nda
 class _Run:
     """One pretraining run's state: the model, its optimiser and schedule, the fixed validation
     batch with its two references (gene means, PCA), the step counter and the history."""
+
+    cfg: PretrainConfig
+    ctx: Any  # distributed.Context
+    n_genes: int
+    val_cells: np.ndarray
+    train_cells: np.ndarray
+    vocab: GeneVocab
+    batches: _Batches
+    model: Backbone
+    opt: torch.optim.Optimizer
+    runner: Any  # the model, or its DDP wrapper
+    sched: torch.optim.lr_scheduler.LambdaLR
+    val: tuple  # (ids, values, mask, target, gene positions) of the fixed validation batch
+    baseline: float
+    linear: Any
+    step: int
+    best: float
+    history: list
 
     @classmethod
     def build(cls, X: np.ndarray, genes: np.ndarray, cfg: PretrainConfig, ctx) -> _Run:

@@ -37,6 +37,8 @@ def optimizer_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip is not None:
+        if params is None:
+            raise ValueError("optimizer_step: clip needs the params to clip over")
         torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     if schedule is not None:

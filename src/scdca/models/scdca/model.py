@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class ScDCAModel(PerturbationModel):
 
     name = "scdca"
     savable = True
-    options = (
+    options: ClassVar[tuple[str, ...]] = (
         "backbone", "encoder", "epochs", "max_steps", "lr", "device", "seed", "precision", "frozen_dtype",
         "recompute_frozen",
     )  # fmt: skip
@@ -114,7 +114,7 @@ class ScDCAModel(PerturbationModel):
         cfg = self.cfg
         rows = _TrainingRows(
             cond=torch.from_numpy(self._conditions(train)),
-            target=torch.from_numpy(train.mean[:, self._kept]),  # (N, T)
+            target=torch.from_numpy(train.observed[:, self._kept]),  # (N, T)
             lines=torch.from_numpy(train.controls.index.get_indexer(train.conditions["cell_line"])),
             controls=torch.from_numpy(train.control_mean[:, self._kept]),  # (L, T)
         )
@@ -155,10 +155,11 @@ class ScDCAModel(PerturbationModel):
             unit="epoch",
         )
         runner = distributed.wrap(self.net, ctx)  # DDP with several processes: gradients averaged over ranks
-        self.loss_history_ = []  # training loss of every optimiser step (the whole global batch)
+        self.loss_history_: list[float] = []  # training loss of every optimiser step (the whole global batch)
 
         # a full batch sums the same rows in any order: one order, its inputs kept (`_train_epoch`)
-        full, fixed = cfg.batch_size <= 0 or cfg.batch_size >= len(tr_idx), {}
+        full = cfg.batch_size <= 0 or cfg.batch_size >= len(tr_idx)
+        fixed: dict[str, Any] = {}
 
         def run_epoch(epoch: int) -> tuple[float, bool]:
             if _stop_after_epochs is not None and epoch - start >= _stop_after_epochs:
@@ -378,7 +379,7 @@ class ScDCAModel(PerturbationModel):
             # finetune changed its backbone, so its 'no change' reference comes from the checkpoint
             if self.cfg.trains_backbone:
                 pretrained = resolve_backbone(self.backbone_path, genes=self._genes, device=self.device)
-                cache = (
+                cache: tuple[Tensor | None, ...] = (
                     None,
                     self.net.reference_output(line_controls.to(self.device), pretrained),
                     self._offset_rows(list(query.controls.index)),
@@ -430,7 +431,11 @@ class ScDCAModel(PerturbationModel):
                 f"backbone {self.backbone_path!r} differs from the one this model was trained on "
                 f"(weights hash mismatch); pass the original backbone folder"
             )
-        self._backbone_hash, self._kept, self._drugs = meta["backbone_sha256"], a["kept"].astype(bool), saved.featurizer
+        self._backbone_hash, self._kept, self._drugs = (
+            meta["backbone_sha256"],
+            a["kept"].astype(bool),
+            saved.restored_featurizer,
+        )
         mapping = bb.vocab.map_genes(self.genes)
         self.net = ScDCANet(bb, torch.from_numpy(mapping.ids), self._drugs.dim + 1, self.cfg).to(self.device)
         state = {k[4:]: torch.from_numpy(v) for k, v in a.items() if k.startswith("net.")}

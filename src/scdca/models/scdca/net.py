@@ -16,12 +16,16 @@ from scdca.nn.adapters import (
     DrugGeneHead,
     MoleculeGroups,
     freeze,
+    zero_output,
 )
 from scdca.nn.backbone import Backbone
 
 
 class ScDCANet(nn.Module):
     """The torch module: backbone (shared, frozen unless finetune) + the variant's trainable parts."""
+
+    gene_ids: Tensor  # (T,) the backbone's token of each gene read (a buffer)
+    head: nn.Module  # the read-out: the pretrained decoder (adapter), or an MLP (concat, feature)
 
     def __init__(self, backbone: Backbone, gene_ids: Tensor, cond_dim: int, cfg: ScDCAConfig):
         super().__init__()
@@ -75,8 +79,7 @@ class ScDCANet(nn.Module):
                 )
             )
         if cfg.variant in ("concat", "feature"):
-            nn.init.zeros_(self.head[-1].weight)
-            nn.init.zeros_(self.head[-1].bias)
+            zero_output(self.head)
 
     def train(self, mode: bool = True) -> ScDCANet:
         """Frozen backbone layers stay in eval mode (no dropout) while the trainable parts train.

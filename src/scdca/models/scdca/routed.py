@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from scdca.data.screen import PerturbationData
 from scdca.data.splits import Split
 from scdca.errors import ScdcaInputError
 from scdca.models.base import MODELS, PerturbationModel, Saved
+from scdca.models.baselines import RidgeBaseline
 from scdca.models.scdca.presets import ScDCALowRank
 from scdca.models.shrinkage import ScaledMeanBaseline, cv_weights, trust_or_stack
 
@@ -90,7 +91,8 @@ class ScDCARouted(PerturbationModel):
         self._molecules = sorted({canonical_smiles(s) or s for s in train.drug_smiles().values()})
         self._anchor = ScaledMeanBaseline().fit(train)
         self.shrinkage_cv_: dict = {}
-        self._ridge, self._shrinkage_seconds, self._oof = None, 0.0, {}
+        self._ridge: RidgeBaseline | None = None
+        self._shrinkage_seconds, self._oof = 0.0, cast(dict[str, Any], {})
         for kind in self.heads:
             getattr(self, kind).fit(train)
         fixed = {"scdca": float(self.new_shrinkage)} if self.new_shrinkage is not None else None
@@ -118,7 +120,7 @@ class ScDCARouted(PerturbationModel):
             )
             weights = trust_or_stack(stacked, self.shrinkage_cv_, "scdca")
             if weights.get("ridge", 0.0) > 0.0:
-                self._ridge = MODELS.get("ridge")().fit(train)
+                self._ridge = RidgeBaseline().fit(train)
         self._shrinkage_seconds = time.perf_counter() - t0
         return weights
 
@@ -163,6 +165,8 @@ class ScDCARouted(PerturbationModel):
             anchor = new.control_for(new.conditions["cell_line"]) + self._anchor.change(new)
             blend = anchor + self.weights_["scdca"] * (out[shrunk] - anchor)
             if self.weights_.get("ridge", 0.0) > 0:
+                if self._ridge is None:
+                    raise RuntimeError("scdca_routed: a ridge weight without its fitted ridge")
                 blend += self.weights_["ridge"] * (self._ridge.predict(new) - anchor)
             out[shrunk] = blend
         return out
@@ -225,4 +229,4 @@ class ScDCARouted(PerturbationModel):
         self._ridge = None
         if (folder / "ridge.npz").is_file():
             with np.load(folder / "ridge.npz") as z:
-                self._ridge = MODELS.get("ridge").from_arrays(dict(z))
+                self._ridge = RidgeBaseline.from_arrays(dict(z))
