@@ -176,3 +176,28 @@ def test_dose_mean_is_the_lines_mean_change_at_that_dose_with_fallbacks():
     np.testing.assert_allclose(model.change(query)[2], [1.0, 0.0])  # new line, dose 3 -> nearest (log) 1.0, pooled
     np.testing.assert_allclose(model.predict(query)[2], [3.0, 2.0])  # + the line's control
     np.testing.assert_allclose(PooledMeanBaseline().fit(data).change(query)[0], [1.0, 0.0])  # all lines at 1.0
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS.names() if MODELS.get(n).baseline])
+def test_every_fitted_baseline_knows_its_genes_control_lines_and_training_molecules(name, tiny_data):
+    """The contract every model keeps (`PerturbationModel.fit`): a fitted baseline answers
+    genes, control_lines and training_molecules as a trained scDCA model does."""
+    model = make_model(name).fit(tiny_data)
+    assert list(model.genes) == list(tiny_data.genes)
+    assert sorted(model.control_lines) == sorted(tiny_data.cell_lines)
+    line = tiny_data.cell_lines[0]
+    np.testing.assert_array_equal(model.control_lines[line], tiny_data.control_mean[0])
+    assert model.training_molecules == {str(d): str(s) for d, s in tiny_data.drug_smiles().items()}
+    assert model.calibration is None and model.out_of_fold("unseen_drug") is None
+
+
+def test_the_reports_baseline_and_drug_blind_lists_come_from_the_model_classes():
+    from scdca.eval.tables import BASELINES, MEAN_BASELINES
+
+    assert set(BASELINES) == {n for n in MODELS.names() if MODELS.get(n).baseline}
+    assert set(MEAN_BASELINES) == {n for n in MODELS.names() if MODELS.get(n).mean_change}
+    assert all(MODELS.get(n).drug_blind for n in MEAN_BASELINES)  # a mean of training changes ignores the drug
+    assert {"control", "dose_mean", "scaled_mean", "dominant"} <= {
+        n for n in MODELS.names() if MODELS.get(n).drug_blind
+    }
+    assert not MODELS.get("ridge").drug_blind and not MODELS.get("scdca_stack").baseline

@@ -619,6 +619,7 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
     train = tiny_data.subset(split.train)
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=30, seed=0)
     model = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, **opts).fit(train)
+    assert model.cost()["steps"] == 60  # `fit` trained both heads (30 epochs each), before any predict
     seen_ids = list(split.train[:6])
     new_ids = list(split.test[:6])
     q = tiny_data.subset(seen_ids + new_ids, observed=False)

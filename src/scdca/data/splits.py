@@ -309,40 +309,49 @@ def fold_splits(train: PerturbationData, task: str, seed: int, *, exclude: str =
         enough = np.cumsum([len(f) for f in folds]) >= MIN_GROUPS
         folds = folds[: int(np.argmax(enough)) + 1] if enough.any() else folds
         return [Split(task, seed, "", tuple(ids[~np.isin(units, f)]), tuple(ids[np.isin(units, f)])) for f in folds]
-    lines = None  # unseen_dose: the rule itself (each pair's top remaining dose)
-    if task in LINE_TASKS:
-        candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
-        lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
-    try:
-        splits = make_splits(train, task, seed, lines=lines)
-    except ScdcaInputError as err:
-        raise ScdcaInputError(
-            f"folds: cannot make {task!r} folds of the training conditions alone ({err}); "
-            f"add training data (or turn intervals off for this task)"
-        ) from None
-    if lines is None or sum(len(s.test) for s in splits) >= MIN_GROUPS:
+    if task not in LINE_TASKS:  # unseen_dose: the rule itself (each pair's top remaining dose)
+        try:
+            return make_splits(train, task, seed)
+        except ScdcaInputError as err:
+            raise ScdcaInputError(
+                f"folds: cannot make {task!r} folds of the training conditions alone ({err}); "
+                f"add training data (or turn intervals off for this task)"
+            ) from None
+    candidates = sorted(set(train.conditions["cell_line"]) - {exclude})
+    lines = sorted(rng.choice(candidates, size=min(max_lines, len(candidates)), replace=False))
+    splits = _held_out_lines(train, task, seed, lines)
+    if len(splits) == len(lines) and sum(len(s.test) for s in splits) >= MIN_GROUPS:
         return splits
     rest = [c for c in candidates if c not in lines]
     return _pooled_line_folds(train, task, seed, splits, list(rng.permutation(rest)), max_lines)
+
+
+def _held_out_lines(train, task: str, seed: int, lines) -> list[Split]:
+    """The task's own split of each line that its rule can hold out (a line with one drug has no
+    few-shot split: it is skipped)."""
+    out = []
+    for line in lines:
+        try:
+            out += [s for s in make_splits(train, task, seed, lines=[line]) if s.test]
+        except ScdcaInputError:
+            continue
+    return out
 
 
 MAX_FOLD_LINES = 12  # lines a line task's folds may hold out when each line has few conditions
 
 
 def _pooled_line_folds(train, task: str, seed: int, splits: list[Split], rest: list, n_folds: int) -> list[Split]:
-    """Line folds on small lines (a LINCS signature file has 2-3 conditions per line): more lines,
+    """Line folds on small lines (a LINCS signature file has 2-3 conditions per line, and a line
+    with one drug has no few-shot split): more lines,
     drawn in the order `rest`, until `MIN_GROUPS` held-out conditions or `MAX_FOLD_LINES` lines,
     pooled into `n_folds` folds, so the fits stay as many as with one line per fold. A pooled fold
     holds out each of its lines as the task's rule does (its training part: what every one of the
     lines' own splits trains on)."""
-    splits = [s for s in splits if s.test]
     for line in rest:
         if sum(len(s.test) for s in splits) >= MIN_GROUPS or len(splits) >= MAX_FOLD_LINES:
             break
-        try:
-            splits += [s for s in make_splits(train, task, seed, lines=[line]) if s.test]
-        except ScdcaInputError:  # a line the rule cannot hold out (one drug, say): the next one
-            continue
+        splits += _held_out_lines(train, task, seed, [line])
     if not splits:
         raise ScdcaInputError(
             f"folds: cannot make {task!r} folds of the training conditions alone: no training line has "
