@@ -31,7 +31,7 @@ from scipy import stats
 from scdca.data.lincs import read_lincs
 from scdca.data.screen import PerturbationData, load
 from scdca.data.splits import Split, fold_splits, make_splits
-from scdca.eval.grid import BenchmarkConfig, _make, score_conditions, scoring_extras
+from scdca.eval.grid import _make, score_conditions, scoring_extras
 from scdca.eval.stats import per_seed
 from scdca.models.stack import distance_ranks
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     added = len(pooled.ids) - len(alone.ids)
     print(f"plate alone: {len(alone.ids)} conditions; pooled: {len(pooled.ids)} (+{added}), plate line {line!r}, "
           f"lines {sorted(pooled.conditions['cell_line'].astype(str).unique())}")  # fmt: skip
-    options = BenchmarkConfig(data="", backbone=args.backbone, encoder=args.encoder).model_options
+    options = {"backbone": args.backbone, "encoder": args.encoder}
     models = args.models.split(",")
     results, choices = [], {}
     for seed in range(args.seeds):
