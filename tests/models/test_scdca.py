@@ -618,7 +618,7 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
     split = make_splits(tiny_data, "unseen_drug", 0)[0]
     train = tiny_data.subset(split.train)
     opts = dict(backbone=tiny_backbone, encoder="morgan:bits=128", epochs=30, seed=0)
-    model = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, **opts).fit(train)
+    model = make_model("scdca_routed", new_dropout=0.5, new_shrinkage=1.0, shrinkage_folds=4, **opts).fit(train)
     assert model.cost()["steps"] == 60  # `fit` trained both heads (30 epochs each), before any predict
     seen_ids = list(split.train[:6])
     new_ids = list(split.test[:6])
@@ -651,6 +651,13 @@ def test_routed_gives_seen_molecules_the_plain_head_and_new_ones_the_dropout_hea
 
     again = load_model(tmp_path / "routed")
     np.testing.assert_allclose(again.predict(q), pred, rtol=1e-5, atol=1e-5)
+    # rebuilt from its saved settings, not from defaults written into `load`
+    assert (again.new_dropout, again.new_shrinkage, again.shrinkage_folds, again.heads) == (
+        0.5,
+        1.0,
+        4,
+        ("seen", "new"),
+    )
     from scdca.predict import predict
 
     line = q.conditions["cell_line"].iloc[0]
