@@ -66,10 +66,10 @@ def pooled_split(split: Split, alone: PerturbationData, pooled: PerturbationData
     return Split(split.task, split.seed, "", tuple(ids[is_train]), tuple(ids[is_test]))
 
 
-def ordered_like(test_ids, alone, pooled) -> list[str]:
-    """The pooled test ids in the order of the alone split's test ids (matched by drug and dose)."""
+def ordered_like(test_ids, reference: PerturbationData, pooled: PerturbationData) -> list[str]:
+    """The pooled test ids in the order of `reference`'s conditions (matched by drug and dose)."""
     by_key = dict(zip(key(pooled.conditions.loc[list(test_ids)]), test_ids))
-    return [by_key[k] for k in key(alone.conditions.loc[list(alone.ids)])]
+    return [by_key[k] for k in key(reference.conditions)]
 
 
 def oof_score(data: PerturbationData, split: Split, extra: list[str], options: dict, seed: int) -> float:
