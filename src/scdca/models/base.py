@@ -26,6 +26,7 @@ class PerturbationModel(ABC):
     read test data even by mistake.
 
     The contract every model keeps, with defaults true for all of them:
+
     - `fit(train)` fits (subclasses implement `_fit`), and records what every fitted model
       knows: `genes`, `control_lines` and `training_molecules`.
     - class flags: `drug_blind` (the same change for every drug: a reference that the report
@@ -140,7 +141,7 @@ class PerturbationModel(ABC):
     # -- saving: savable models say what they keep (`settings`, `_saved`, `_restored`); the helper
     # -- `save_folder`/`load_folder` owns model.json, the arrays file and the featurizer
     def settings(self) -> dict[str, Any]:
-        """JSON-able keyword arguments that rebuild this model unfitted: `load` calls cls(**settings)."""
+        """JSON-able keyword arguments that rebuild this model unfitted: `load` calls ``cls(**settings)``."""
         raise NotImplementedError(f"{self.name}: a savable model says how to rebuild itself")
 
     def _saved(self, folder: Path) -> Saved:
