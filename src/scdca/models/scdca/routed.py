@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -92,14 +92,14 @@ class ScDCARouted(PerturbationModel):
         self._anchor = ScaledMeanBaseline().fit(train)
         self.shrinkage_cv_: dict = {}
         self._ridge: RidgeBaseline | None = None
-        self._shrinkage_seconds, self._oof = 0.0, cast(dict[str, Any], {})
+        self._shrinkage_seconds = 0.0
+        self._oof: dict[str, Any] = {}  # the shrinkage folds' predictions (`cv_weights`' keep)
         for kind in self.heads:
             getattr(self, kind).fit(train)
         fixed = {"scdca": float(self.new_shrinkage)} if self.new_shrinkage is not None else None
         self.weights_ = fixed or (self._choose_weights(train) if "new" in self.heads else {"scdca": 1.0})
 
     def _choose_weights(self, train: PerturbationData) -> dict[str, float]:
-
         t0 = time.perf_counter()
         n_drugs = train.conditions["drug"].nunique()
         if n_drugs < 2 * self.shrinkage_folds:
