@@ -343,11 +343,10 @@ MAX_FOLD_LINES = 12  # lines a line task's folds may hold out when each line has
 
 def _pooled_line_folds(train, task: str, seed: int, splits: list[Split], rest: list, n_folds: int) -> list[Split]:
     """Line folds on small lines (a LINCS signature file has 2-3 conditions per line, and a line
-    with one drug has no few-shot split): more lines,
-    drawn in the order `rest`, until `MIN_GROUPS` held-out conditions or `MAX_FOLD_LINES` lines,
-    pooled into `n_folds` folds, so the fits stay as many as with one line per fold. A pooled fold
-    holds out each of its lines as the task's rule does (its training part: what every one of the
-    lines' own splits trains on)."""
+    with one drug has no few-shot split): more lines, drawn in the order `rest`, until
+    `MIN_GROUPS` held-out conditions or `MAX_FOLD_LINES` lines, pooled into `n_folds` folds, so
+    the fits stay as many as with one line per fold. A pooled fold holds out each of its lines as
+    the task's rule does (its training part: what every one of the lines' own splits trains on)."""
     for line in rest:
         if sum(len(s.test) for s in splits) >= MIN_GROUPS or len(splits) >= MAX_FOLD_LINES:
             break
