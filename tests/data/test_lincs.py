@@ -416,3 +416,18 @@ def test_a_release_streams_into_changes_each_well_against_its_own_plates_vehicle
         wells = np.flatnonzero(cols["pert_id"].str[:13] == pid)
         own = np.stack([X[:, vehicle & (plate == plate[w])].mean(1) for w in wells])  # each well's own plate
         np.testing.assert_allclose(out.X[i], (X[:, wells].T - own).mean(0), atol=1e-5)
+
+
+def test_a_folder_of_plates_reads_whether_named_by_text_or_by_path(tmp_path):
+    """`read` takes a folder as a str or a pathlib.Path (a Path used to raise TypeError)."""
+    import shutil
+    from pathlib import Path
+
+    _shared(LEVEL4, PERTINFO)
+    folder = tmp_path / "plates"
+    folder.mkdir()
+    shutil.copy(LEVEL4, folder)
+    by_text = read(str(folder), compounds=PERTINFO)
+    by_path = read(Path(folder), compounds=PERTINFO)
+    assert by_path.n_obs == by_text.n_obs == read(LEVEL4, compounds=PERTINFO).n_obs
+    np.testing.assert_array_equal(by_path.X, by_text.X)
