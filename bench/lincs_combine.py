@@ -2,7 +2,7 @@
 another file's signatures of the same line added to its training data, on the same test drugs.
 
     python bench/lincs_combine.py PLATE.gct OTHER.gct COMPOUNDS [--cell-id A375] [--seeds 5]
-        [--models dose_mean,additive,ridge,knn,c3tl,scdca_stack] [--backbone random:4x128] [--encoder chemnet]
+        [--models control,dose_mean,additive,ridge,knn,c3tl,scdca_stack] [--backbone random:4x128] [--encoder chemnet]
 
 For each seed, the unseen-drug split of the plate alone holds out its test drugs. Each model is then
 fitted twice: on the plate's other drugs ("alone"), and on those plus every condition of OTHER in
@@ -36,7 +36,7 @@ from scdca.eval.stats import per_seed
 from scdca.models.stack import distance_ranks
 
 JUDGED = ("pearson_delta_deg", "rank", "mse", "pearson_vs_mean_deg")
-MODELS = "dose_mean,additive,ridge,knn,c3tl,scdca_stack"
+MODELS = "control,dose_mean,additive,ridge,knn,c3tl,scdca_stack"
 
 
 def key(cond: pd.DataFrame) -> pd.Series:

@@ -3,11 +3,11 @@
 How a model is calibrated (`calibrate`):
 
 1. **Out-of-fold predictions that mimic the task.** The training conditions are split the way the
-   task splits the data (`calibration_splits`: folds of the training drugs for unseen_drug, of
+   task splits the data (`data.splits.fold_splits`: folds of the training drugs for unseen_drug, of
    the training pairs for unseen_pair, the task's own rule on two training lines for the line
-   tasks). A fresh copy of the model is fitted on each calibration split's training part and
-   predicts its held-out part. Test drugs and lines are not in `train`, so they never reach
-   calibration.
+   tasks, more lines pooled into two folds where lines are small: D48). A fresh copy of the
+   model is fitted on each calibration split's training part and predicts its held-out part.
+   Test drugs and lines are not in `train`, so they never reach calibration.
 2. **Difficulty.** Each condition gets an expected mse `E[c]`, a log-linear fit of the realised
    out-of-fold mse on the log dose and the molecule's max Tanimoto similarity to the molecules
    its model trained on, plus the log size of the predicted change and the squared log dose

@@ -162,10 +162,7 @@ class TrainingSimilarity:
         train = model.training_molecules
         self.available = bool(train)
         if not self.available:
-            log.info(
-                "the model does not record its training molecules (saved by an older version): "
-                "no similarity-to-training columns"
-            )
+            log.info("the model records no training molecules: no similarity-to-training columns")
             return
         self._nearest = NearestTraining(train)
 

@@ -127,16 +127,10 @@ class PerturbationModel(ABC):
         }
 
     def _restore_fitted(self, meta: dict, control_mean: np.ndarray) -> None:
-        """Put back what `fit` recorded, from `_fitted_meta`'s fields and the (L, G) control means
-        (folders saved before training molecules were kept have none: None)."""
+        """Put back what `fit` recorded, from `_fitted_meta`'s fields and the (L, G) control means."""
         self._genes = np.asarray(meta["genes"], dtype=object)
         self._controls = (list(meta["control_lines"]), np.asarray(control_mean))
-        self.training_molecules = meta.get("training_molecules")
-
-    def _restore_fitted_from(self, other: PerturbationModel) -> None:
-        """Take what `fit` recorded from a fitted part of this model trained on the same data."""
-        self._genes, self._controls = other._genes, other._controls
-        self.training_molecules = other.training_molecules
+        self.training_molecules = meta["training_molecules"]
 
     # -- saving: savable models say what they keep (`settings`, `_saved`, `_restored`); the helper
     # -- `save_folder`/`load_folder` owns model.json, the arrays file and the featurizer

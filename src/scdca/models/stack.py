@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from itertools import combinations
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -340,17 +340,17 @@ class ScDCAStack(PerturbationModel):
         self._anchor = ScaledMeanBaseline.from_fits(meta["anchor"])
         train = _load_training(folder / "train.npz") if (folder / "train.npz").is_file() else None
         self._fitted = {}
-        closed_form = [
-            n for n, w in self.weights_.items() if w > 0 and not type(expert(n, self._options, self.seed)).savable
-        ]
-        if train is None and closed_form:
-            raise ScdcaInputError(f"model: {str(folder)!r} lacks train.npz, which its closed-form experts refit from")
         for name, w in self.weights_.items():
             if w <= 0:
                 continue
             proto = expert(name, self._options, self.seed)
             cls = type(proto)
-            self._fitted[name] = cls.load(folder / name, **overrides) if cls.savable else proto.fit(cast(Any, train))
+            if cls.savable:
+                self._fitted[name] = cls.load(folder / name, **overrides)
+            elif train is None:
+                raise ScdcaInputError(f"model: {str(folder)!r} lacks train.npz, which its {name!r} expert refits from")
+            else:
+                self._fitted[name] = proto.fit(train)
 
     @property
     def _train_for_save(self) -> PerturbationData:
